@@ -1,0 +1,469 @@
+//! Frames the server sends (PROTOCOL.md section 2, "Server to client").
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+/// A request `id`: a string or a number, echoed verbatim.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Id {
+    /// A numeric id.
+    Num(serde_json::Number),
+    /// A string id.
+    Str(String),
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Id::Num(n) => write!(f, "{n}"),
+            Id::Str(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Error codes of PROTOCOL.md section 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, not an object, unknown type, missing or invalid field, bad room.
+    BadRequest,
+    /// No grant to join or publish that room.
+    Forbidden,
+    /// Publishing faster than the connection's limit; the message was dropped.
+    RateLimited,
+    /// The connection is at its room limit.
+    TooManyRooms,
+    /// The broker could not take the message or the join.
+    Unavailable,
+    /// A `refresh` token was rejected.
+    InvalidToken,
+    /// A code this version does not know (forward compatibility).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The code as written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+/// `welcome`: the first frame after the upgrade.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Connection id.
+    pub conn: String,
+    /// The token's `sub`.
+    pub user: String,
+    /// The node's id.
+    pub node: String,
+    /// Server Ping interval in milliseconds.
+    pub heartbeat_ms: u64,
+}
+
+/// `joined`: answer to `join`, or an unsolicited epoch change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Joined {
+    /// Room name.
+    pub room: String,
+    /// The room's latest seq when joining.
+    pub seq: u64,
+    /// The room's history epoch.
+    pub epoch: String,
+    /// Present when `since` was given (or the epoch changed): whether the replay covers the gap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+    /// Echo of the request id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Id>,
+}
+
+/// `message`: a room message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Message {
+    /// Room name.
+    pub room: String,
+    /// Per-room sequence number.
+    pub seq: u64,
+    /// Publisher's `sub`.
+    pub from: String,
+    /// The payload, as published.
+    pub data: Box<RawValue>,
+    /// Publish time, Unix milliseconds.
+    pub ts: u64,
+}
+
+impl PartialEq for Message {
+    fn eq(&self, other: &Self) -> bool {
+        self.room == other.room
+            && self.seq == other.seq
+            && self.from == other.from
+            && self.data.get() == other.data.get()
+            && self.ts == other.ts
+    }
+}
+
+/// `ack`: the broker took a published message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    /// Echo of the request id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Id>,
+    /// Room name.
+    pub room: String,
+    /// The message's seq.
+    pub seq: u64,
+}
+
+/// `left`: answer to `leave`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Left {
+    /// Room name.
+    pub room: String,
+    /// Echo of the request id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Id>,
+}
+
+/// `refreshed`: the new token is in force.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refreshed {
+    /// The new token's expiry, Unix seconds.
+    pub exp: u64,
+    /// Echo of the request id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Id>,
+}
+
+/// `pong`: answer to an application-level `ping`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pong {
+    /// Echo of the request id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Id>,
+}
+
+/// `error`: a refused request; never closes the connection by itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable reason.
+    pub message: String,
+    /// Echo of the request id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Id>,
+}
+
+/// Any frame the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ServerFrame {
+    /// See [`Welcome`].
+    Welcome(Welcome),
+    /// See [`Joined`].
+    Joined(Joined),
+    /// See [`Message`].
+    Message(Message),
+    /// See [`Ack`].
+    Ack(Ack),
+    /// See [`Left`].
+    Left(Left),
+    /// See [`Refreshed`].
+    Refreshed(Refreshed),
+    /// See [`Pong`].
+    Pong(Pong),
+    /// See [`ErrorFrame`].
+    Error(ErrorFrame),
+}
+
+impl ServerFrame {
+    /// The JSON text of this frame.
+    pub fn to_json(&self) -> String {
+        // Serializing these plain types into a String cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parse a server frame (client side).
+    pub fn parse(text: &str) -> Result<ServerFrame, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// The `id` this frame echoes, if any.
+    pub fn id(&self) -> Option<&Id> {
+        match self {
+            ServerFrame::Joined(f) => f.id.as_ref(),
+            ServerFrame::Ack(f) => f.id.as_ref(),
+            ServerFrame::Left(f) => f.id.as_ref(),
+            ServerFrame::Refreshed(f) => f.id.as_ref(),
+            ServerFrame::Pong(f) => f.id.as_ref(),
+            ServerFrame::Error(f) => f.id.as_ref(),
+            ServerFrame::Welcome(_) | ServerFrame::Message(_) => None,
+        }
+    }
+}
+
+/// Internally tagged enums cannot hold a `RawValue`, so frames are read
+/// through this flat form and then checked per type.
+#[derive(Deserialize)]
+struct FlatFrame {
+    #[serde(rename = "type")]
+    kind: String,
+    conn: Option<String>,
+    user: Option<String>,
+    node: Option<String>,
+    heartbeat_ms: Option<u64>,
+    room: Option<String>,
+    seq: Option<u64>,
+    epoch: Option<String>,
+    recovered: Option<bool>,
+    from: Option<String>,
+    #[serde(default, deserialize_with = "some_boxed_raw")]
+    data: Option<Box<RawValue>>,
+    ts: Option<u64>,
+    id: Option<Id>,
+    exp: Option<u64>,
+    code: Option<ErrorCode>,
+    message: Option<String>,
+}
+
+fn some_boxed_raw<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
+}
+
+impl<'de> Deserialize<'de> for ServerFrame {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let f = FlatFrame::deserialize(d)?;
+        fn need<T, E: Error>(v: Option<T>, name: &'static str) -> Result<T, E> {
+            v.ok_or_else(|| E::missing_field(name))
+        }
+        Ok(match f.kind.as_str() {
+            "welcome" => ServerFrame::Welcome(Welcome {
+                conn: need(f.conn, "conn")?,
+                user: need(f.user, "user")?,
+                node: need(f.node, "node")?,
+                heartbeat_ms: need(f.heartbeat_ms, "heartbeat_ms")?,
+            }),
+            "joined" => ServerFrame::Joined(Joined {
+                room: need(f.room, "room")?,
+                seq: need(f.seq, "seq")?,
+                epoch: need(f.epoch, "epoch")?,
+                recovered: f.recovered,
+                id: f.id,
+            }),
+            "message" => ServerFrame::Message(Message {
+                room: need(f.room, "room")?,
+                seq: need(f.seq, "seq")?,
+                from: need(f.from, "from")?,
+                data: need(f.data, "data")?,
+                ts: need(f.ts, "ts")?,
+            }),
+            "ack" => ServerFrame::Ack(Ack {
+                id: f.id,
+                room: need(f.room, "room")?,
+                seq: need(f.seq, "seq")?,
+            }),
+            "left" => ServerFrame::Left(Left {
+                room: need(f.room, "room")?,
+                id: f.id,
+            }),
+            "refreshed" => ServerFrame::Refreshed(Refreshed {
+                exp: need(f.exp, "exp")?,
+                id: f.id,
+            }),
+            "pong" => ServerFrame::Pong(Pong { id: f.id }),
+            "error" => ServerFrame::Error(ErrorFrame {
+                code: need(f.code, "code")?,
+                message: need(f.message, "message")?,
+                id: f.id,
+            }),
+            other => {
+                return Err(D::Error::unknown_variant(
+                    other,
+                    &[
+                        "welcome",
+                        "joined",
+                        "message",
+                        "ack",
+                        "left",
+                        "refreshed",
+                        "pong",
+                        "error",
+                    ],
+                ))
+            }
+        })
+    }
+}
+
+/// A `message` frame encoded once, around the seq the broker assigns.
+///
+/// The frame is `head` + seq + `tail`:
+/// `{"type":"message","room":R,"seq":` `58` `,"from":U,"data":D,"ts":T}`.
+/// The publishing node encodes it once; the broker splices in the seq and
+/// every receiver (local or on another node) gets the same bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageParts {
+    head: String,
+    tail: String,
+}
+
+impl MessageParts {
+    /// Encode a message's parts. `data` is written verbatim.
+    pub fn new(room: &str, from: &str, data: &RawValue, ts_ms: u64) -> MessageParts {
+        let mut head = String::with_capacity(32 + room.len());
+        head.push_str(r#"{"type":"message","room":"#);
+        push_json_str(&mut head, room);
+        head.push_str(r#","seq":"#);
+        let data = data.get();
+        let mut tail = String::with_capacity(32 + from.len() + data.len());
+        tail.push_str(r#","from":"#);
+        push_json_str(&mut tail, from);
+        tail.push_str(r#","data":"#);
+        tail.push_str(data);
+        tail.push_str(r#","ts":"#);
+        tail.push_str(&ts_ms.to_string());
+        tail.push('}');
+        MessageParts { head, tail }
+    }
+
+    /// Everything before the seq.
+    pub fn head(&self) -> &str {
+        &self.head
+    }
+
+    /// Everything after the seq.
+    pub fn tail(&self) -> &str {
+        &self.tail
+    }
+
+    /// The complete frame for `seq`.
+    pub fn frame(&self, seq: u64) -> String {
+        let seq = seq.to_string();
+        let mut out = String::with_capacity(self.head.len() + seq.len() + self.tail.len());
+        out.push_str(&self.head);
+        out.push_str(&seq);
+        out.push_str(&self.tail);
+        out
+    }
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    // Serializing a &str cannot fail.
+    out.push_str(&serde_json::to_string(s).unwrap_or_default());
+}
+
+/// The room and seq of a `message` frame that this crate (or the broker)
+/// encoded, read without parsing the payload: for hot paths that only need
+/// those two fields. Returns `None` for any other text.
+pub fn peek_message(frame: &str) -> Option<(&str, u64)> {
+    let rest = frame.strip_prefix(r#"{"type":"message","room":""#)?;
+    let end = rest.find('"')?;
+    let room = &rest[..end];
+    let rest = rest[end..].strip_prefix(r#"","seq":"#)?;
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let seq = rest[..digits].parse().ok()?;
+    Some((room, seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every server example of PROTOCOL.md.
+    const EXAMPLES: &[&str] = &[
+        r#"{"type":"welcome","conn":"c-7f3a","user":"alice","node":"node-1","heartbeat_ms":30000}"#,
+        r#"{"type":"joined","room":"lobby","seq":57,"epoch":"k3Xb"}"#,
+        r#"{"type":"joined","room":"lobby","seq":57,"epoch":"k3Xb","recovered":true}"#,
+        r#"{"type":"message","room":"lobby","seq":58,"from":"alice","data":{"text":"hi"},"ts":1764043200123}"#,
+        r#"{"type":"ack","id":"c1","room":"lobby","seq":58}"#,
+        r#"{"type":"left","room":"lobby"}"#,
+        r#"{"type":"refreshed","exp":1764046800}"#,
+        r#"{"type":"pong","id":"p1"}"#,
+        r#"{"type":"error","code":"forbidden","message":"not allowed to join room 'admin'","id":"c2"}"#,
+        r#"{"type":"joined","room":"lobby","seq":12,"epoch":"NEW","recovered":false}"#,
+    ];
+
+    #[test]
+    fn protocol_examples_round_trip() {
+        for example in EXAMPLES {
+            let frame = ServerFrame::parse(example).unwrap();
+            let again = frame.to_json();
+            let a: serde_json::Value = serde_json::from_str(example).unwrap();
+            let b: serde_json::Value = serde_json::from_str(&again).unwrap();
+            assert_eq!(a, b, "{example} came back as {again}");
+        }
+    }
+
+    #[test]
+    fn every_error_code_round_trips() {
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::Forbidden,
+            ErrorCode::RateLimited,
+            ErrorCode::TooManyRooms,
+            ErrorCode::Unavailable,
+            ErrorCode::InvalidToken,
+        ] {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
+        }
+        assert_eq!(
+            serde_json::from_str::<ErrorCode>("\"brand_new\"").unwrap(),
+            ErrorCode::Unknown
+        );
+    }
+
+    #[test]
+    fn message_parts_match_the_protocol_example() {
+        let data = RawValue::from_string(r#"{"text":"hi"}"#.to_owned()).unwrap();
+        let parts = MessageParts::new("lobby", "alice", &data, 1764043200123);
+        assert_eq!(
+            parts.frame(58),
+            r#"{"type":"message","room":"lobby","seq":58,"from":"alice","data":{"text":"hi"},"ts":1764043200123}"#
+        );
+        assert_eq!(peek_message(&parts.frame(58)), Some(("lobby", 58)));
+    }
+
+    #[test]
+    fn message_parts_escape_the_sender() {
+        let data = RawValue::from_string("1".to_owned()).unwrap();
+        let parts = MessageParts::new("r", "a\"b\\c", &data, 1);
+        match ServerFrame::parse(&parts.frame(3)).unwrap() {
+            ServerFrame::Message(m) => {
+                assert_eq!(m.from, "a\"b\\c");
+                assert_eq!(m.seq, 3);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn peek_rejects_other_frames() {
+        assert_eq!(peek_message(r#"{"type":"ack","room":"a","seq":1}"#), None);
+        assert_eq!(
+            peek_message(r#"{"type":"message","room":"a","seq":x}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn unknown_type_is_an_error() {
+        assert!(ServerFrame::parse(r#"{"type":"bogus"}"#).is_err());
+        assert!(ServerFrame::parse(r#"{"type":"ack","room":"a"}"#).is_err());
+    }
+}

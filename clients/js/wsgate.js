@@ -1,0 +1,988 @@
+// wsgate.js: dependency-free client for the wsgate protocol, version 1.
+//
+// Runs in browsers and in Node 20+ (Node 22 has a global WebSocket; on Node 20
+// pass one in, e.g. `new WsgateClient({ WebSocket: (await import('ws')).WebSocket, ... })`).
+//
+// What it does for the application:
+// - connects to one of several `ws(s)://host/ws` URLs with `?token=` (browsers
+//   cannot set headers on a WebSocket), the token given as a string or fetched
+//   by an async `getToken()` (called again after close 4001, when the token is
+//   expired, and before `exp` to send a `refresh` frame);
+// - on any drop (close 1001/1006/1008/1011/1013..., a network error, or no
+//   frame within `heartbeat_ms` + `heartbeatTimeoutMs`, probed with an
+//   application-level `ping` since browsers cannot see WebSocket Pongs) it
+//   reconnects with capped exponential backoff and full jitter, trying the next
+//   URL, and re-joins every room with `since` + `epoch`;
+// - never delivers a seq twice to the application, and reports every gap
+//   (`recovered: false`, a seq jump, an epoch change) as a `gap` event;
+// - in browsers, reconnects at once when the page comes back online or visible.
+//
+// The pure parts (`backoffDelay`, `Backoff`, `RoomTracker`) are exported for
+// tests and for applications that want the same logic elsewhere.
+
+/** Protocol version this client speaks. */
+export const PROTOCOL_VERSION = 1;
+
+const WS_CONNECTING = 0;
+const WS_OPEN = 1;
+
+/** Default options; every timing is in milliseconds. */
+export const DEFAULTS = Object.freeze({
+  backoffBaseMs: 500,
+  backoffCapMs: 30000,
+  stableMs: 10000,
+  connectTimeoutMs: 10000,
+  heartbeatMs: 30000,
+  heartbeatTimeoutMs: 10000,
+  requestTimeoutMs: 10000,
+  refreshMarginMs: 60000,
+});
+
+/**
+ * An error from the gateway (an `error` frame) or from the client itself.
+ * `code` is one of the protocol's error codes (`bad_request`, `forbidden`,
+ * `rate_limited`, `too_many_rooms`, `unavailable`, `invalid_token`) or a
+ * client-side code (`not_connected`, `disconnected`, `timeout`, `closed`,
+ * `token_unavailable`, `token_expired`).
+ */
+export class WsgateError extends Error {
+  constructor(code, message, details = {}) {
+    super(message || code);
+    this.name = 'WsgateError';
+    this.code = code;
+    for (const [k, v] of Object.entries(details)) {
+      if (v !== undefined && k !== 'message' && k !== 'code') this[k] = v;
+    }
+  }
+}
+
+/**
+ * Full-jitter backoff: a uniformly random delay in [0, min(cap, base * 2^attempt)).
+ * `attempt` counts from 0 (the first retry).
+ */
+export function backoffDelay(attempt, { baseMs = DEFAULTS.backoffBaseMs, capMs = DEFAULTS.backoffCapMs } = {}, random = Math.random) {
+  const a = Math.max(0, Math.min(Math.floor(attempt), 52));
+  const ceiling = Math.min(capMs, baseMs * 2 ** a);
+  const r = Math.min(Math.max(random(), 0), 1);
+  return Math.floor(r * ceiling);
+}
+
+/**
+ * Reconnect schedule: `next()` gives the delay before the next attempt and
+ * counts it; `connected(now)` / `disconnected(now)` reset the count when the
+ * connection stayed up for at least `stableMs` (so a flapping link keeps
+ * backing off, a stable one starts again from `baseMs`).
+ */
+export class Backoff {
+  constructor({ baseMs = DEFAULTS.backoffBaseMs, capMs = DEFAULTS.backoffCapMs, stableMs = DEFAULTS.stableMs, random = Math.random } = {}) {
+    if (!(baseMs > 0) || !(capMs >= baseMs)) throw new RangeError('backoff needs 0 < baseMs <= capMs');
+    this.baseMs = baseMs;
+    this.capMs = capMs;
+    this.stableMs = stableMs;
+    this.random = random;
+    this.attempt = 0;
+    this._upSince = null;
+  }
+
+  /** The delay before the next attempt; increments the attempt count. */
+  next() {
+    const d = backoffDelay(this.attempt, this, this.random);
+    this.attempt += 1;
+    return d;
+  }
+
+  /** The highest delay the next call to `next()` can return. */
+  ceiling() {
+    return Math.min(this.capMs, this.baseMs * 2 ** Math.min(this.attempt, 52));
+  }
+
+  /** A connection was established (welcome received) at `now`. */
+  connected(now) {
+    this._upSince = now;
+  }
+
+  /** The connection ended at `now`; resets the schedule if it had been stable. */
+  disconnected(now) {
+    if (this._upSince !== null && now - this._upSince >= this.stableMs) this.attempt = 0;
+    this._upSince = null;
+  }
+
+  reset() {
+    this.attempt = 0;
+  }
+}
+
+/**
+ * Per-room seq/epoch bookkeeping, free of I/O. The client feeds it the frames
+ * it receives; it answers whether to deliver a message and which gaps to report.
+ *
+ * Room state: `{ room, epoch, lastSeq, joined }`. `lastSeq` is the last seq
+ * delivered to the application (or the room's seq when it was joined).
+ */
+export class RoomTracker {
+  constructor() {
+    this.rooms = new Map();
+  }
+
+  /** Start tracking `room` (idempotent). `since`/`epoch` seed a resume point, e.g. from storage. */
+  want(room, { since, epoch } = {}) {
+    let st = this.rooms.get(room);
+    if (!st) {
+      st = { room, epoch: null, lastSeq: null, joined: false, replayUntil: null, askedSince: null };
+      this.rooms.set(room, st);
+    }
+    if (since !== undefined && since !== null) {
+      st.lastSeq = since;
+      st.epoch = epoch ?? null;
+    }
+    return st;
+  }
+
+  /** Stop tracking `room`. */
+  unwant(room) {
+    this.rooms.delete(room);
+  }
+
+  has(room) {
+    return this.rooms.has(room);
+  }
+
+  get(room) {
+    const st = this.rooms.get(room);
+    return st ? { room, epoch: st.epoch, lastSeq: st.lastSeq, joined: st.joined } : undefined;
+  }
+
+  list() {
+    return [...this.rooms.keys()];
+  }
+
+  /** The `join` frame for `room`: with `since` (+ `epoch`) once a seq is known. */
+  joinFrame(room, id) {
+    const st = this.want(room);
+    const f = { type: 'join', room };
+    if (st.lastSeq !== null) {
+      f.since = st.lastSeq;
+      if (st.epoch) f.epoch = st.epoch;
+      st.askedSince = st.lastSeq;
+    } else {
+      st.askedSince = null;
+    }
+    if (id !== undefined) f.id = id;
+    return f;
+  }
+
+  /** The connection dropped: every room must be joined again. */
+  disconnected() {
+    for (const st of this.rooms.values()) {
+      st.joined = false;
+      st.replayUntil = null;
+    }
+  }
+
+  /**
+   * A `joined` frame (an answer, or unsolicited after an epoch change).
+   * Returns `{ tracked, resumed, gap }` where `gap` is `null` or
+   * `{ room, reason, lastSeq, seq, epoch, previousEpoch }` with reason
+   * `epoch_change` or `not_recovered`.
+   */
+  onJoined(f) {
+    const st = this.rooms.get(f.room);
+    if (!st) return { tracked: false, resumed: false, gap: null };
+    const prevEpoch = st.epoch;
+    const prevSeq = st.lastSeq;
+    const asked = st.askedSince !== null;
+    st.askedSince = null;
+    let gap = null;
+    let resumed = false;
+    const mkGap = (reason) => ({
+      room: f.room, reason, recovered: false, lastSeq: prevSeq, seq: f.seq, epoch: f.epoch, previousEpoch: prevEpoch,
+    });
+    if (prevEpoch !== null && f.epoch !== prevEpoch) {
+      gap = mkGap('epoch_change');
+      st.lastSeq = f.seq;
+    } else if (f.recovered === false) {
+      if (asked || prevSeq !== null) gap = mkGap('not_recovered');
+      st.lastSeq = f.seq;
+    } else if (f.recovered === true && prevSeq !== null) {
+      resumed = true;
+      // The replay of (lastSeq, f.seq] follows; live messages after it.
+      st.replayUntil = f.seq;
+    } else if (prevSeq === null) {
+      st.lastSeq = f.seq;
+    } else if (f.seq > prevSeq) {
+      // Answer without `recovered` although we had a seq: messages in between are not coming.
+      gap = mkGap('not_recovered');
+      st.lastSeq = f.seq;
+    }
+    st.epoch = f.epoch;
+    st.joined = true;
+    return { tracked: true, resumed, gap };
+  }
+
+  /**
+   * A `message` frame. Returns `{ deliver, duplicate, replayed, gap }`;
+   * `gap` is `null` or `{ room, reason: 'seq_jump', from, to, epoch }`
+   * (the missing seqs, inclusive).
+   */
+  onMessage(f) {
+    const st = this.rooms.get(f.room);
+    if (!st) return { deliver: false, duplicate: false, replayed: false, gap: null };
+    if (typeof f.seq !== 'number') return { deliver: true, duplicate: false, replayed: false, gap: null };
+    if (st.lastSeq === null) {
+      st.lastSeq = f.seq;
+      return { deliver: true, duplicate: false, replayed: false, gap: null };
+    }
+    if (f.seq <= st.lastSeq) return { deliver: false, duplicate: true, replayed: false, gap: null };
+    let gap = null;
+    if (f.seq > st.lastSeq + 1) {
+      gap = { room: f.room, reason: 'seq_jump', recovered: false, from: st.lastSeq + 1, to: f.seq - 1, lastSeq: st.lastSeq, seq: f.seq, epoch: st.epoch };
+    }
+    st.lastSeq = f.seq;
+    const replayed = st.replayUntil !== null && f.seq <= st.replayUntil;
+    if (st.replayUntil !== null && f.seq >= st.replayUntil) st.replayUntil = null;
+    return { deliver: true, duplicate: false, replayed, gap };
+  }
+}
+
+/** The `exp` claim (seconds) of a JWT, or `null` when it cannot be read. */
+export function jwtExp(token) {
+  try {
+    const part = String(token).split('.')[1];
+    if (!part) return null;
+    let b64 = part.replace(/-/g, '+').replace(/_/g, '/');
+    while (b64.length % 4) b64 += '=';
+    const bin = atob(b64);
+    const bytes = Uint8Array.from(bin, (c) => c.charCodeAt(0));
+    const claims = JSON.parse(new TextDecoder().decode(bytes));
+    return typeof claims.exp === 'number' ? claims.exp : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Normalize a gateway URL: `ws(s)://host/ws`, `http(s)://...`, `host:port`, or `/ws` (relative to the page). */
+export function normalizeUrl(u, base = globalThis.location?.href) {
+  let s = String(u).trim();
+  if (!/^[a-z][a-z0-9+.-]*:\/\//i.test(s) && !s.startsWith('/')) s = `ws://${s}`;
+  const url = base ? new URL(s, base) : new URL(s);
+  if (url.protocol === 'http:') url.protocol = 'ws:';
+  else if (url.protocol === 'https:') url.protocol = 'wss:';
+  if (url.protocol !== 'ws:' && url.protocol !== 'wss:') throw new TypeError(`not a WebSocket URL: ${u}`);
+  if (url.pathname === '' || url.pathname === '/') url.pathname = '/ws';
+  return url.toString();
+}
+
+/** Appends (or replaces) the `token` query parameter. */
+export function withToken(url, token) {
+  const u = new URL(url);
+  u.searchParams.set('token', token);
+  return u.toString();
+}
+
+function dataToText(d) {
+  if (typeof d === 'string') return d;
+  if (d instanceof ArrayBuffer || ArrayBuffer.isView(d)) return new TextDecoder().decode(d);
+  return String(d);
+}
+
+// setTimeout cannot wait longer than 2^31-1 ms.
+const MAX_TIMER_MS = 2147483647;
+
+/**
+ * The client. See README.md for the full API; in short:
+ *
+ * ```js
+ * const c = new WsgateClient({ urls: ['wss://a.example/ws', 'wss://b.example/ws'], getToken });
+ * c.on('message', (m) => console.log(m.room, m.seq, m.from, m.data));
+ * c.on('gap', (g) => reloadFromServer(g.room));
+ * c.connect();
+ * await c.join('lobby');
+ * const seq = await c.publish('lobby', { text: 'hi' });
+ * ```
+ */
+export class WsgateClient {
+  constructor(options = {}) {
+    const o = { ...DEFAULTS, ...options };
+    const urls = o.urls ?? o.url;
+    const list = (Array.isArray(urls) ? urls : [urls]).filter((u) => u !== undefined && u !== null && u !== '');
+    if (list.length === 0) throw new TypeError('WsgateClient needs `url` or `urls`');
+    this._urls = list.map((u) => normalizeUrl(u));
+    if (typeof o.token !== 'string' && typeof o.getToken !== 'function') {
+      throw new TypeError('WsgateClient needs `token` (string) or `getToken` (function)');
+    }
+    this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
+    if (typeof this._WebSocket !== 'function') {
+      throw new TypeError('no WebSocket available: pass `WebSocket` in the options (Node 20: the `ws` package)');
+    }
+    this._opts = o;
+    this._now = o.now ?? (() => Date.now());
+    this._setTimeout = o.setTimeout ?? ((fn, ms) => setTimeout(fn, ms));
+    this._clearTimeout = o.clearTimeout ?? ((t) => clearTimeout(t));
+    this._getToken = typeof o.getToken === 'function' ? o.getToken : null;
+    this._token = typeof o.token === 'string' ? o.token : null;
+    this._tokenExp = this._token ? jwtExp(this._token) : null;
+    this._forceToken = false;
+
+    this.backoff = new Backoff({ baseMs: o.backoffBaseMs, capMs: o.backoffCapMs, stableMs: o.stableMs, random: o.random ?? Math.random });
+    this.tracker = new RoomTracker();
+    this.stats = { connects: 0, reconnects: 0, duplicatesDropped: 0, gaps: 0, messages: 0 };
+
+    this._listeners = new Map();
+    this._state = 'idle';
+    this._urlIndex = Math.min(Math.max(o.startIndex ?? 0, 0), this._urls.length - 1);
+    this._ws = null;
+    this._gen = 0;
+    this._welcome = null;
+    this._heartbeatMs = o.heartbeatMs;
+    this._lastFrameAt = 0;
+    this._frames = 0;
+    this._pingSentAt = null;
+    this._probeAt = null;
+    this._everConnected = false;
+    this._closedByApp = false;
+    this._idSeq = 0;
+    this._pending = new Map(); // id -> { kind, room, resolve, reject, timer }
+    this._roomWaiters = new Map(); // room -> [{ resolve, reject }]
+    this._joinRetry = new Map(); // room -> { timer, attempt }
+    this._connectWaiters = [];
+    this._timers = { reconnect: null, connect: null, watchdog: null, refresh: null, probe: null };
+    this._retryAt = null;
+
+    this._win = o.window ?? (typeof window !== 'undefined' ? window : null);
+    this._doc = o.document ?? (typeof document !== 'undefined' ? document : null);
+    this._hooks = [];
+  }
+
+  // ---------------------------------------------------------------- events
+
+  /** Subscribe to an event; returns a function that unsubscribes. */
+  on(type, fn) {
+    if (!this._listeners.has(type)) this._listeners.set(type, new Set());
+    this._listeners.get(type).add(fn);
+    return () => this.off(type, fn);
+  }
+
+  off(type, fn) {
+    this._listeners.get(type)?.delete(fn);
+  }
+
+  once(type, fn) {
+    const off = this.on(type, (ev) => {
+      off();
+      fn(ev);
+    });
+    return off;
+  }
+
+  _emit(type, ev) {
+    const set = this._listeners.get(type);
+    if (!set) return;
+    for (const fn of [...set]) {
+      try {
+        fn(ev);
+      } catch (e) {
+        // A listener's bug must not break the connection logic; surface it anyway.
+        queueMicrotask(() => {
+          throw e;
+        });
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- accessors
+
+  /** `idle`, `connecting`, `connected`, `reconnecting` or `closed`. */
+  get state() {
+    return this._state;
+  }
+
+  /** The `welcome` frame of the current connection (or `null`). */
+  get welcome() {
+    return this._state === 'connected' ? this._welcome : null;
+  }
+
+  /** The node id of the current connection (or `null`). */
+  get node() {
+    return this.welcome?.node ?? null;
+  }
+
+  /** The URL in use (without the token). */
+  get url() {
+    return this._urls[this._urlIndex];
+  }
+
+  get urls() {
+    return [...this._urls];
+  }
+
+  /** Rooms the client is (or will be, once connected) in. */
+  get rooms() {
+    return this.tracker.list();
+  }
+
+  /** `{ room, epoch, lastSeq, joined }` for a room, or `undefined`. */
+  roomState(room) {
+    return this.tracker.get(room);
+  }
+
+  // ---------------------------------------------------------------- public API
+
+  /** Start connecting; resolves with the `welcome` frame (or `null` if closed first). */
+  connect() {
+    const p = new Promise((resolve) => {
+      if (this._state === 'connected') resolve(this._welcome);
+      else this._connectWaiters.push(resolve);
+    });
+    if (this._state === 'idle' || this._state === 'closed') {
+      this._closedByApp = false;
+      if (!this._hooks || this._hooks.length === 0) this._installBrowserHooks(this._win, this._doc);
+      this._open();
+    }
+    return p;
+  }
+
+  /** Drop the current connection (if any) and connect again at once, e.g. for a "reconnect now" button. */
+  reconnect() {
+    if (this._closedByApp) return this.connect();
+    if (this._state === 'reconnecting') {
+      this._clearTimer('reconnect');
+      this._open();
+    } else if (this._ws) {
+      this._drop({ code: 4000, reason: 'reconnect requested', local: true }, { immediate: true });
+    }
+    return this.connect();
+  }
+
+  /** Replace the token used for the next connection (and for `refresh`, see `refreshToken`). */
+  setToken(token) {
+    this._token = token;
+    this._tokenExp = jwtExp(token);
+  }
+
+  /**
+   * Join `room` (kept across reconnects). Resolves with
+   * `{ room, seq, epoch, recovered, resumed }` once joined; rejects with a
+   * WsgateError (`forbidden`, `too_many_rooms`, `bad_request`, `closed`).
+   * `since`/`epoch` ask for the messages after `since` (e.g. a seq stored by the app).
+   */
+  join(room, { since, epoch } = {}) {
+    if (this._closedByApp && this._state === 'closed') return Promise.reject(new WsgateError('closed', 'client is closed', { room }));
+    const p = new Promise((resolve, reject) => {
+      if (!this._roomWaiters.has(room)) this._roomWaiters.set(room, []);
+      this._roomWaiters.get(room).push({ resolve, reject });
+    });
+    this.tracker.want(room, { since, epoch });
+    if (this._state === 'connected') this._sendJoin(room);
+    return p;
+  }
+
+  /** Leave `room`; resolves once the server confirms (at once when not connected). */
+  leave(room) {
+    this.tracker.unwant(room);
+    this._cancelJoinRetry(room);
+    this._rejectRoomWaiters(room, new WsgateError('left', `left room '${room}'`, { room }));
+    if (this._state !== 'connected') return Promise.resolve();
+    // Sent even while our join is unanswered: the server handles frames in order.
+    return this._request({ type: 'leave', room }, 'leave', room).then(
+      () => undefined,
+      (err) => {
+        // Gone with the connection is as good as left: rooms are only re-joined if wanted.
+        if (err.code === 'not_connected' || err.code === 'disconnected') return undefined;
+        throw err;
+      },
+    );
+  }
+
+  /**
+   * Publish `data` (any JSON value) to `room`. Resolves with the message's seq
+   * (from the `ack`); rejects with a WsgateError carrying `code`
+   * (`forbidden`, `rate_limited`, `unavailable`, `bad_request`,
+   * `not_connected`, `disconnected` — delivery unknown —, `timeout`).
+   */
+  publish(room, data, { timeoutMs } = {}) {
+    if (this._state !== 'connected') {
+      return Promise.reject(new WsgateError('not_connected', `not connected (state ${this._state})`, { room }));
+    }
+    return this._request({ type: 'publish', room, data }, 'publish', room, timeoutMs).then((f) => f.seq);
+  }
+
+  /** Application-level ping; resolves with the round-trip time in ms. */
+  ping({ timeoutMs } = {}) {
+    if (this._state !== 'connected') return Promise.reject(new WsgateError('not_connected', 'not connected'));
+    const t0 = this._now();
+    return this._request({ type: 'ping' }, 'ping', undefined, timeoutMs).then(() => this._now() - t0);
+  }
+
+  /** Fetch a new token with `getToken()` and send it as a `refresh` frame; resolves with the new `exp`. */
+  async refreshToken() {
+    if (!this._getToken) throw new WsgateError('token_unavailable', 'no getToken callback');
+    const gen = this._gen;
+    const token = await this._getToken();
+    if (gen !== this._gen || this._state !== 'connected') throw new WsgateError('disconnected', 'connection changed during refresh');
+    const f = await this._request({ type: 'refresh', token }, 'refresh');
+    this._token = token;
+    this._tokenExp = typeof f.exp === 'number' ? f.exp : jwtExp(token);
+    this._emit('refreshed', { exp: this._tokenExp });
+    this._scheduleRefresh();
+    return this._tokenExp;
+  }
+
+  /** Close for good (code 1000 by default); no reconnect follows. */
+  close(code = 1000, reason = '') {
+    this._closedByApp = true;
+    this._clearTimer('reconnect');
+    const ws = this._ws;
+    if (ws) {
+      this._drop({ code, reason, wasClean: true, local: true }, { closeCode: code, closeReason: reason });
+    } else {
+      this._finishClosed();
+    }
+    this._removeBrowserHooks();
+  }
+
+  // ---------------------------------------------------------------- connection
+
+  _setState(state, extra = {}) {
+    const previous = this._state;
+    this._state = state;
+    this._emit('state', { state, previous, url: this.url, node: this.node, attempt: this.backoff.attempt, ...extra });
+  }
+
+  _clearTimer(name) {
+    if (this._timers[name] !== null) {
+      this._clearTimeout(this._timers[name]);
+      this._timers[name] = null;
+    }
+  }
+
+  _tokenUsable() {
+    if (!this._token) return false;
+    if (this._tokenExp === null) return true;
+    return this._tokenExp * 1000 > this._now() + 1000;
+  }
+
+  async _open() {
+    this._clearTimer('reconnect');
+    this._retryAt = null;
+    const gen = ++this._gen;
+    this._setState('connecting');
+    let token = this._token;
+    if (this._getToken && (this._forceToken || !this._tokenUsable())) {
+      try {
+        token = await this._getToken();
+        if (gen !== this._gen || this._closedByApp) return;
+        this.setToken(token);
+        this._forceToken = false;
+      } catch (err) {
+        if (gen !== this._gen || this._closedByApp) return;
+        this._emit('error', new WsgateError('token_unavailable', `getToken failed: ${err?.message ?? err}`, { cause: err }));
+        if (!this._tokenUsable()) {
+          this._scheduleReconnect({ code: 0, reason: 'token unavailable' });
+          return;
+        }
+        token = this._token;
+      }
+    }
+    if (!token) {
+      this._scheduleReconnect({ code: 0, reason: 'no token' });
+      return;
+    }
+    let ws;
+    try {
+      ws = new this._WebSocket(withToken(this.url, token));
+    } catch (err) {
+      this._emit('error', new WsgateError('connect_failed', String(err?.message ?? err), { cause: err }));
+      this._scheduleReconnect({ code: 1006, reason: 'connect failed' });
+      return;
+    }
+    this._ws = ws;
+    this._lastFrameAt = this._now();
+    ws.onmessage = (ev) => {
+      if (gen === this._gen) this._onFrame(dataToText(ev.data));
+    };
+    ws.onclose = (ev) => {
+      if (gen === this._gen) this._drop({ code: ev?.code ?? 1006, reason: ev?.reason ?? '', wasClean: !!ev?.wasClean });
+    };
+    // An error event is always followed by a close event (which carries the
+    // code); the connect timeout and the watchdog cover a close that never comes.
+    ws.onerror = () => {};
+    this._timers.connect = this._setTimeout(() => {
+      this._timers.connect = null;
+      if (gen === this._gen) this._drop({ code: 4000, reason: 'connect timeout', local: true });
+    }, this._opts.connectTimeoutMs);
+  }
+
+  _onFrame(text) {
+    this._lastFrameAt = this._now();
+    this._frames += 1;
+    this._pingSentAt = null;
+    let f;
+    try {
+      f = JSON.parse(text);
+    } catch {
+      this._emit('error', new WsgateError('bad_frame', 'frame from server is not JSON'));
+      return;
+    }
+    if (!f || typeof f !== 'object') return;
+    switch (f.type) {
+      case 'welcome':
+        return this._onWelcome(f);
+      case 'joined':
+        return this._onJoined(f);
+      case 'message':
+        return this._onMessage(f);
+      case 'left':
+        this._resolvePending(f);
+        this._emit('left', f);
+        return;
+      case 'ack':
+        this._resolvePending(f);
+        this._emit('ack', f);
+        return;
+      case 'pong':
+        this._resolvePending(f);
+        this._emit('pong', f);
+        return;
+      case 'refreshed':
+        this._resolvePending(f);
+        return;
+      case 'error':
+        return this._onError(f);
+      default:
+        this._emit('frame', f);
+    }
+  }
+
+  _onWelcome(f) {
+    this._clearTimer('connect');
+    this._welcome = f;
+    if (typeof f.heartbeat_ms === 'number' && f.heartbeat_ms > 0) this._heartbeatMs = f.heartbeat_ms;
+    const reconnected = this._everConnected;
+    this._everConnected = true;
+    this.stats.connects += 1;
+    if (reconnected) this.stats.reconnects += 1;
+    this.backoff.connected(this._now());
+    this._setState('connected', { node: f.node, reconnected });
+    this._emit('welcome', { ...f, url: this.url, reconnected });
+    this._armWatchdog();
+    this._scheduleRefresh();
+    for (const room of this.tracker.list()) this._sendJoin(room, reconnected);
+    const waiters = this._connectWaiters;
+    this._connectWaiters = [];
+    for (const w of waiters) w(f);
+  }
+
+  _onJoined(f) {
+    const pending = f.id !== undefined ? this._pending.get(String(f.id)) : undefined;
+    const rejoin = pending?.rejoin ?? false;
+    if (pending) this._resolvePending(f);
+    if (!this.tracker.has(f.room)) return;
+    this._cancelJoinRetry(f.room);
+    const { resumed, gap } = this.tracker.onJoined(f);
+    const ev = { room: f.room, seq: f.seq, epoch: f.epoch, recovered: f.recovered, resumed, rejoin, unsolicited: f.id === undefined && !pending };
+    this._emit('joined', ev);
+    if (gap) {
+      this.stats.gaps += 1;
+      this._emit('gap', gap);
+    }
+    const waiters = this._roomWaiters.get(f.room);
+    if (waiters) {
+      this._roomWaiters.delete(f.room);
+      for (const w of waiters) w.resolve(ev);
+    }
+  }
+
+  _onMessage(f) {
+    const r = this.tracker.onMessage(f);
+    if (r.duplicate) {
+      this.stats.duplicatesDropped += 1;
+      return;
+    }
+    if (r.gap) {
+      this.stats.gaps += 1;
+      this._emit('gap', r.gap);
+    }
+    if (!r.deliver) return;
+    this.stats.messages += 1;
+    f.replayed = r.replayed;
+    this._emit('message', f);
+  }
+
+  _onError(f) {
+    const err = new WsgateError(f.code ?? 'unknown', f.message ?? f.code, { id: f.id });
+    const pending = f.id !== undefined ? this._pending.get(String(f.id)) : undefined;
+    if (pending) {
+      err.room = pending.room;
+      err.request = pending.kind;
+      this._pending.delete(String(f.id));
+      this._clearTimeout(pending.timer);
+      if (pending.kind === 'join') this._onJoinError(pending.room, err);
+      else pending.reject(err);
+    }
+    this._emit('error', err);
+  }
+
+  _onJoinError(room, err) {
+    if (!this.tracker.has(room)) return;
+    if (err.code === 'unavailable' || err.code === 'rate_limited') {
+      // The broker could not take the join: try again later, keep the promise pending.
+      const r = this._joinRetry.get(room) ?? { timer: null, attempt: 0 };
+      if (r.timer !== null) this._clearTimeout(r.timer);
+      const delay = Math.max(backoffDelay(r.attempt, { baseMs: this.backoff.baseMs, capMs: this.backoff.capMs }, this.backoff.random), this.backoff.baseMs / 2);
+      r.attempt += 1;
+      r.timer = this._setTimeout(() => {
+        r.timer = null;
+        if (this._state === 'connected' && this.tracker.has(room)) this._sendJoin(room, true);
+      }, delay);
+      this._joinRetry.set(room, r);
+      return;
+    }
+    this.tracker.unwant(room);
+    this._cancelJoinRetry(room);
+    this._rejectRoomWaiters(room, err);
+  }
+
+  _cancelJoinRetry(room) {
+    const r = this._joinRetry.get(room);
+    if (r) {
+      if (r.timer !== null) this._clearTimeout(r.timer);
+      this._joinRetry.delete(room);
+    }
+  }
+
+  _rejectRoomWaiters(room, err) {
+    const waiters = this._roomWaiters.get(room);
+    if (!waiters) return;
+    this._roomWaiters.delete(room);
+    for (const w of waiters) w.reject(err);
+  }
+
+  _sendJoin(room, rejoin = false) {
+    const id = this._nextId();
+    const frame = this.tracker.joinFrame(room, id);
+    this._pending.set(id, { kind: 'join', room, rejoin, resolve: () => {}, reject: () => {}, timer: null });
+    this._send(frame);
+  }
+
+  _nextId() {
+    this._idSeq += 1;
+    return `c${this._idSeq}`;
+  }
+
+  _send(frame) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== WS_OPEN) return false;
+    try {
+      ws.send(JSON.stringify(frame));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  _request(frame, kind, room, timeoutMs) {
+    return new Promise((resolve, reject) => {
+      const id = this._nextId();
+      const entry = { kind, room, resolve, reject, timer: null };
+      entry.timer = this._setTimeout(() => {
+        if (this._pending.get(id) === entry) {
+          this._pending.delete(id);
+          reject(new WsgateError('timeout', `no answer to ${kind} within ${timeoutMs ?? this._opts.requestTimeoutMs} ms`, { room, request: kind }));
+        }
+      }, timeoutMs ?? this._opts.requestTimeoutMs);
+      this._pending.set(id, entry);
+      if (!this._send({ ...frame, id })) {
+        this._pending.delete(id);
+        this._clearTimeout(entry.timer);
+        reject(new WsgateError('not_connected', 'not connected', { room, request: kind }));
+      }
+    });
+  }
+
+  _resolvePending(f) {
+    if (f.id === undefined) return;
+    const id = String(f.id);
+    const p = this._pending.get(id);
+    if (!p) return;
+    this._pending.delete(id);
+    this._clearTimeout(p.timer);
+    p.resolve(f);
+  }
+
+  // Watchdog: any frame proves the connection alive. After `heartbeat_ms` of
+  // silence send an app-level ping; after `heartbeatTimeoutMs` more, drop.
+  _armWatchdog() {
+    this._clearTimer('watchdog');
+    const gen = this._gen;
+    const tick = () => {
+      this._timers.watchdog = null;
+      if (gen !== this._gen || this._state !== 'connected') return;
+      const now = this._now();
+      const idle = now - this._lastFrameAt;
+      const hb = this._heartbeatMs;
+      if (idle >= hb + this._opts.heartbeatTimeoutMs) {
+        this._drop({ code: 4000, reason: 'heartbeat timeout', local: true });
+        return;
+      }
+      if (idle >= hb && this._pingSentAt === null) {
+        this._pingSentAt = now;
+        this._send({ type: 'ping', id: this._nextId() });
+      }
+      const due = idle >= hb ? hb + this._opts.heartbeatTimeoutMs - idle : hb - idle;
+      this._timers.watchdog = this._setTimeout(tick, Math.max(1, due));
+    };
+    this._timers.watchdog = this._setTimeout(tick, this._heartbeatMs);
+  }
+
+  // Quick liveness check (page back online / visible): ping, drop if nothing arrives soon.
+  _probe() {
+    if (this._state !== 'connected' || this._timers.probe !== null) return;
+    const gen = this._gen;
+    const framesBefore = this._frames;
+    this._send({ type: 'ping', id: this._nextId() });
+    this._timers.probe = this._setTimeout(() => {
+      this._timers.probe = null;
+      if (gen === this._gen && this._state === 'connected' && this._frames === framesBefore) {
+        this._drop({ code: 4000, reason: 'probe timeout', local: true });
+      }
+    }, this._opts.heartbeatTimeoutMs);
+  }
+
+  _scheduleRefresh() {
+    this._clearTimer('refresh');
+    if (!this._getToken || this._tokenExp === null || this._state !== 'connected') return;
+    const remaining = this._tokenExp * 1000 - this._now();
+    if (remaining <= 0) return;
+    const margin = Math.min(this._opts.refreshMarginMs, remaining / 2);
+    const delay = Math.min(Math.max(0, remaining - margin), MAX_TIMER_MS);
+    const gen = this._gen;
+    this._timers.refresh = this._setTimeout(() => {
+      this._timers.refresh = null;
+      if (gen !== this._gen) return;
+      this.refreshToken().catch((err) => {
+        if (gen !== this._gen || this._state !== 'connected') return;
+        this._emit('error', err instanceof WsgateError ? err : new WsgateError('token_unavailable', String(err?.message ?? err), { cause: err }));
+        // Try again halfway to expiry; if that fails too, close 4001 brings a fresh token.
+        const left = this._tokenExp * 1000 - this._now();
+        if (left > 2000) {
+          this._timers.refresh = this._setTimeout(() => {
+            this._timers.refresh = null;
+            if (gen === this._gen) this._scheduleRefresh();
+          }, Math.min(left / 2, MAX_TIMER_MS));
+        }
+      });
+    }, delay);
+  }
+
+  _drop(info, { closeCode = 4000, closeReason = '', immediate = false } = {}) {
+    const ws = this._ws;
+    this._ws = null;
+    this._gen += 1;
+    for (const name of ['connect', 'watchdog', 'refresh', 'probe']) this._clearTimer(name);
+    for (const r of this._joinRetry.values()) if (r.timer !== null) this._clearTimeout(r.timer);
+    this._joinRetry.clear();
+    if (ws) {
+      ws.onmessage = null;
+      ws.onclose = null;
+      ws.onerror = null;
+      ws.onopen = null;
+      if (ws.readyState === WS_OPEN || ws.readyState === WS_CONNECTING) {
+        try {
+          ws.close(closeCode, closeReason);
+        } catch {
+          // Browsers only accept 1000 and 3000-4999 from scripts.
+          try {
+            ws.close();
+          } catch {
+            /* already closing */
+          }
+        }
+      }
+    }
+    const wasConnected = this._state === 'connected';
+    this._welcome = wasConnected ? this._welcome : null;
+    this.tracker.disconnected();
+    const pending = [...this._pending.values()];
+    this._pending.clear();
+    for (const p of pending) {
+      this._clearTimeout(p.timer);
+      if (p.kind !== 'join') p.reject(new WsgateError('disconnected', `connection closed (${info.code}) before the answer`, { room: p.room, request: p.kind }));
+    }
+    this.backoff.disconnected(this._now());
+    this._emit('close', { code: info.code, reason: info.reason ?? '', wasClean: !!info.wasClean, local: !!info.local, url: this.url, node: this._welcome?.node ?? null });
+    this._welcome = null;
+    if (this._closedByApp) {
+      this._finishClosed();
+      return;
+    }
+    if (info.code === 4001) {
+      if (this._getToken) this._forceToken = true;
+      else {
+        this._emit('error', new WsgateError('token_expired', 'token expired (close 4001) and no getToken callback to renew it'));
+        this._closedByApp = true;
+        this._finishClosed();
+        return;
+      }
+    }
+    this._scheduleReconnect(info, immediate);
+  }
+
+  _scheduleReconnect(info, immediate = false) {
+    if (this._closedByApp) return;
+    if (this._urls.length > 1) this._urlIndex = (this._urlIndex + 1) % this._urls.length;
+    const attempt = this.backoff.attempt;
+    const delayMs = immediate ? 0 : this.backoff.next();
+    this._retryAt = this._now() + delayMs;
+    this._timers.reconnect = this._setTimeout(() => {
+      this._timers.reconnect = null;
+      this._open();
+    }, delayMs);
+    this._setState('reconnecting', { attempt, delayMs, retryAt: this._retryAt, code: info.code, reason: info.reason ?? '', nextUrl: this.url });
+  }
+
+  _finishClosed() {
+    this._clearTimer('reconnect');
+    for (const name of ['connect', 'watchdog', 'refresh', 'probe']) this._clearTimer(name);
+    for (const room of [...this._roomWaiters.keys()]) this._rejectRoomWaiters(room, new WsgateError('closed', 'client closed', { room }));
+    const waiters = this._connectWaiters;
+    this._connectWaiters = [];
+    for (const w of waiters) w(null);
+    if (this._state !== 'closed') this._setState('closed');
+  }
+
+  // ---------------------------------------------------------------- browser awareness
+
+  _installBrowserHooks(win, doc) {
+    if (this._opts.browserEvents === false) return;
+    this._hooks = [];
+    const add = (target, type, fn) => {
+      if (target && typeof target.addEventListener === 'function') {
+        target.addEventListener(type, fn);
+        this._hooks.push(() => target.removeEventListener(type, fn));
+      }
+    };
+    const wake = (why) => {
+      if (this._closedByApp) return;
+      if (this._state === 'reconnecting') {
+        // Back online / visible: try now instead of waiting out the backoff.
+        this._emit('wake', { reason: why });
+        this._clearTimer('reconnect');
+        this._open();
+      } else if (this._state === 'connected') {
+        this._probe();
+      }
+    };
+    add(win, 'online', () => wake('online'));
+    add(win, 'offline', () => this._probe());
+    add(doc, 'visibilitychange', () => {
+      if (doc.visibilityState === 'visible') wake('visible');
+    });
+  }
+
+  _removeBrowserHooks() {
+    for (const off of this._hooks ?? []) off();
+    this._hooks = [];
+  }
+}
+
+export default WsgateClient;

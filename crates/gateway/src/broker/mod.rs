@@ -1,0 +1,169 @@
+//! The broker: assigns each room's seq, keeps its history, and relays
+//! messages to every node subscribed to the room.
+//!
+//! Two implementations: [`memory::MemoryBroker`] for a single node, and
+//! [`redis::RedisBroker`] for a cluster. Both hand inbound messages to the
+//! node's [`Rooms`](crate::rooms::Rooms) registry.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use wsgate_protocol::MessageParts;
+
+pub mod memory;
+pub mod redis;
+
+/// A boxed, sendable future (the trait is used as `dyn Broker`).
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The broker could not do what was asked; the request had no effect.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker is down or unreachable.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A room's position and, for a resume, the messages after it.
+#[derive(Debug, Clone)]
+pub struct RoomHistory {
+    /// The room's history epoch.
+    pub epoch: Arc<str>,
+    /// The room's latest seq (0 for a room with no messages).
+    pub latest: u64,
+    /// For a resume: whether `frames` covers every seq in `(since, latest]`.
+    pub recovered: bool,
+    /// For a recovered resume: the frames with seq in `(since, latest]`, in order.
+    pub frames: Vec<Utf8Bytes>,
+}
+
+/// A resume request: after seq `since`, seen in `epoch` when given.
+#[derive(Debug, Clone, Copy)]
+pub struct Since<'a> {
+    /// The last seq the client saw.
+    pub seq: u64,
+    /// The epoch it saw it in.
+    pub epoch: Option<&'a str>,
+}
+
+/// What the gateway needs from a broker.
+pub trait Broker: Send + Sync + 'static {
+    /// Assign the next seq of `room`, keep the frame in the room's history
+    /// and deliver it to every subscribed node. Returns the seq only once
+    /// the broker has the message.
+    fn publish<'a>(
+        &'a self,
+        room: &'a str,
+        parts: MessageParts,
+    ) -> BoxFut<'a, Result<u64, BrokerError>>;
+
+    /// Take one reference on this node's subscription to `room`; resolves
+    /// once messages of the room are being received. One subscription per
+    /// room per node, however many references.
+    fn subscribe<'a>(&'a self, room: &'a str) -> BoxFut<'a, Result<(), BrokerError>>;
+
+    /// Drop one reference taken by `subscribe`; the last one ends the
+    /// node's subscription.
+    fn unsubscribe(&self, room: &str);
+
+    /// The room's epoch and latest seq, and with `since` the messages after it.
+    fn history<'a>(
+        &'a self,
+        room: &'a str,
+        since: Option<Since<'a>>,
+    ) -> BoxFut<'a, Result<RoomHistory, BrokerError>>;
+
+    /// Whether the broker is reachable now.
+    fn is_up(&self) -> bool;
+}
+
+/// Whether a resume from `since` is covered by a history that holds seqs
+/// `oldest..=latest` in `epoch`.
+pub fn covers(since: Since<'_>, epoch: &str, oldest: Option<u64>, latest: u64) -> bool {
+    if since.epoch.is_some_and(|e| e != epoch) || since.seq > latest {
+        return false;
+    }
+    since.seq == latest || oldest.is_some_and(|o| o <= since.seq + 1)
+}
+
+/// A random epoch name.
+pub fn new_epoch() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..10)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// Hide the password of a URL (or an error message containing one).
+pub fn redact_url(text: &str) -> String {
+    // redis://user:password@host -> redis://user:***@host
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(scheme) = rest.find("://") {
+        let (head, tail) = rest.split_at(scheme + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '/' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..colon]);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str("***"),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coverage_rules_of_protocol_resuming() {
+        let s = |seq, epoch| Since { seq, epoch };
+        assert!(covers(s(5, None), "e", Some(1), 9));
+        assert!(covers(s(9, Some("e")), "e", Some(5), 9), "since == latest");
+        assert!(covers(s(0, None), "e", Some(1), 3));
+        assert!(covers(s(0, None), "e", None, 0), "empty room, since 0");
+        assert!(!covers(s(10, None), "e", Some(1), 9), "since above latest");
+        assert!(!covers(s(3, None), "e", Some(5), 9), "history too short");
+        assert!(!covers(s(5, Some("old")), "e", Some(1), 9), "other epoch");
+    }
+
+    #[test]
+    fn epochs_are_distinct_and_non_empty() {
+        let a = new_epoch();
+        assert_eq!(a.len(), 10);
+        assert_ne!(a, new_epoch());
+    }
+
+    #[test]
+    fn urls_lose_their_password() {
+        assert_eq!(
+            redact_url("redis://:hunter2@h:6379/0"),
+            "redis://:***@h:6379/0"
+        );
+        assert_eq!(redact_url("redis://u:p@h"), "redis://u:***@h");
+        assert_eq!(redact_url("redis://h:1/"), "redis://h:1/");
+        assert_eq!(
+            redact_url("bad url redis://tok@h x"),
+            "bad url redis://***@h x"
+        );
+    }
+}

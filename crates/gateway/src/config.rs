@@ -1,0 +1,557 @@
+//! Command line and environment (OPERATING.md), and the validated [`Config`].
+//!
+//! Every flag can also be set as `WSGATE_<FLAG>`. Parsing is clap derive;
+//! [`ServeArgs::into_config`] turns the raw flags into a checked
+//! configuration (keys loaded, TLS prepared) or one clear error line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::auth::{Verifier, VerifierSettings};
+
+/// `wsgate`: horizontally scaled WebSocket gateway.
+#[derive(Debug, Parser)]
+#[command(
+    name = "wsgate",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Flags of `serve`, accepted without the subcommand name.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Subcommands.
+// Parsed once at start-up: the size difference between variants is irrelevant.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a gateway node (the default).
+    Serve(ServeArgs),
+    /// Mint a token with the configured HMAC secret and print it on stdout.
+    Token(TokenArgs),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// JSON when stdout is not a terminal, pretty otherwise.
+    Auto,
+    /// One JSON object a line.
+    Json,
+    /// Human-readable lines.
+    Pretty,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 2m)"))
+}
+
+/// Flags of `wsgate serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Public listener: /ws and /api/...
+    #[arg(long, env = "WSGATE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Operations listener: /health, /ready, /metrics.
+    #[arg(long, env = "WSGATE_OPS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub ops_listen: SocketAddr,
+    /// Node id shown in `welcome` and metrics (default: host name).
+    #[arg(long, env = "WSGATE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Redis URL for the cross-node relay; unset means the in-process broker.
+    #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// HMAC key for HS256/384/512 tokens.
+    #[arg(long, env = "WSGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Path to a PEM public key (RS256 or ES256).
+    #[arg(long, env = "WSGATE_JWT_PUBLIC_KEY", conflicts_with = "jwt_secret")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, env = "WSGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "WSGATE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Comma list of exact origins allowed to connect; `*` allows any.
+    #[arg(
+        long,
+        env = "WSGATE_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        default_value = "http://localhost:8080,http://127.0.0.1:8080"
+    )]
+    pub allowed_origins: Vec<String>,
+    /// Refuse connections that carry no Origin header (browsers always send one).
+    #[arg(long, env = "WSGATE_REQUIRE_ORIGIN")]
+    pub require_origin: bool,
+    /// Larger client frames close with 1009; larger API bodies get 413.
+    #[arg(long, env = "WSGATE_MAX_MESSAGE_BYTES", default_value_t = 1_048_576)]
+    pub max_message_bytes: usize,
+    /// WebSocket Ping interval.
+    #[arg(long, env = "WSGATE_HEARTBEAT", default_value = "30s", value_parser = duration)]
+    pub heartbeat: Duration,
+    /// Close a connection silent this long after a Ping.
+    #[arg(long, env = "WSGATE_PONG_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub pong_timeout: Duration,
+    /// Connections per node; beyond it the upgrade gets 503.
+    #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Messages kept per room for resume (at least this many).
+    #[arg(long, env = "WSGATE_HISTORY", default_value_t = 1000)]
+    pub history: usize,
+    /// Leeway on exp, nbf and iat.
+    #[arg(long, env = "WSGATE_JWT_LEEWAY", default_value = "5s", value_parser = duration)]
+    pub jwt_leeway: Duration,
+    /// Per-connection queue of unwritten frames; overflow closes with 1008.
+    #[arg(long, env = "WSGATE_MAX_OUTBOUND_BYTES", default_value_t = 1_048_576)]
+    pub max_outbound_bytes: usize,
+    /// Per-connection publish limit, messages per second.
+    #[arg(long, env = "WSGATE_PUBLISH_RATE", default_value_t = 100.0)]
+    pub publish_rate: f64,
+    /// Per-connection publish burst.
+    #[arg(long, env = "WSGATE_PUBLISH_BURST", default_value_t = 200)]
+    pub publish_burst: u32,
+    /// Rooms one connection may be in.
+    #[arg(long, env = "WSGATE_MAX_ROOMS", default_value_t = 100)]
+    pub max_rooms: usize,
+    /// Longest a graceful shutdown waits for connections to close.
+    #[arg(long, env = "WSGATE_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub drain_timeout: Duration,
+    /// Time allowed for the TLS handshake, the HTTP upgrade request and its headers.
+    #[arg(long, env = "WSGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+    /// Idle rooms' history lives this long in Redis after the last message.
+    #[arg(long, env = "WSGATE_HISTORY_TTL", default_value = "24h", value_parser = duration)]
+    pub history_ttl: Duration,
+    /// PEM certificate chain; with --tls-key the public listener speaks TLS.
+    #[arg(long, env = "WSGATE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "WSGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Development mode: random key when none is set, printed token, chat page at /.
+    #[arg(long, env = "WSGATE_DEV")]
+    pub dev: bool,
+    /// Log format.
+    #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+    /// Log filter, RUST_LOG syntax (e.g. `info`, `wsgate=debug`).
+    #[arg(long, env = "WSGATE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// Flags of `wsgate token`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// HMAC key the token is signed with.
+    #[arg(long, env = "WSGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+    /// The user id (`sub`).
+    #[arg(long)]
+    pub sub: String,
+    /// Comma list of room patterns the user may join.
+    #[arg(long, value_delimiter = ',')]
+    pub rooms: Vec<String>,
+    /// Comma list of room patterns the user may publish to.
+    #[arg(long, value_delimiter = ',')]
+    pub publish: Vec<String>,
+    /// Lifetime of the token.
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    pub ttl: Duration,
+    /// `iss` claim.
+    #[arg(long, env = "WSGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// `aud` claim.
+    #[arg(long, env = "WSGATE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+}
+
+/// A start-up error: printed as one line, exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No JWT key outside dev mode.
+    #[error("no JWT key configured: set --jwt-secret or --jwt-public-key (or use --dev)")]
+    NoKey,
+    /// The public key could not be read or parsed.
+    #[error("cannot use JWT public key {path}: {reason}")]
+    PublicKey {
+        /// Path given.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// TLS files could not be read or parsed.
+    #[error("cannot use TLS certificate/key: {0}")]
+    Tls(String),
+    /// The Redis URL is malformed.
+    #[error("malformed --redis-url: {0}")]
+    RedisUrl(String),
+    /// A value out of range.
+    #[error("invalid {flag}: {reason}")]
+    Invalid {
+        /// The flag.
+        flag: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Which origins may open a WebSocket.
+#[derive(Debug, Clone)]
+pub enum OriginPolicy {
+    /// `*`: any origin.
+    Any,
+    /// Exact origins.
+    List(Vec<String>),
+}
+
+impl OriginPolicy {
+    /// Whether a request with this `Origin` header value is allowed.
+    pub fn allows(&self, origin: &str) -> bool {
+        match self {
+            OriginPolicy::Any => true,
+            OriginPolicy::List(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+        }
+    }
+}
+
+/// The validated configuration a node runs with.
+#[derive(Clone)]
+pub struct Config {
+    /// Node id.
+    pub node_id: Arc<str>,
+    /// Redis URL, when relaying through Redis.
+    pub redis_url: Option<String>,
+    /// Token verifier.
+    pub verifier: Arc<Verifier>,
+    /// HMAC secret (dev mode mints tokens with it).
+    pub hmac_secret: Option<Arc<[u8]>>,
+    /// Required `iss` (dev tokens carry it too).
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` (dev tokens carry it too).
+    pub jwt_audience: Option<String>,
+    /// Allowed origins.
+    pub origins: OriginPolicy,
+    /// Refuse requests without Origin.
+    pub require_origin: bool,
+    /// Largest client frame / API body.
+    pub max_message_bytes: usize,
+    /// Ping interval.
+    pub heartbeat: Duration,
+    /// Silence allowed after a Ping.
+    pub pong_timeout: Duration,
+    /// Connection cap.
+    pub max_connections: usize,
+    /// History kept per room.
+    pub history: usize,
+    /// TTL of idle rooms' history in Redis.
+    pub history_ttl: Duration,
+    /// Outbound queue cap per connection.
+    pub max_outbound_bytes: usize,
+    /// Publish rate per connection (messages/s).
+    pub publish_rate: f64,
+    /// Publish burst per connection.
+    pub publish_burst: u32,
+    /// Rooms per connection.
+    pub max_rooms: usize,
+    /// Drain bound.
+    pub drain_timeout: Duration,
+    /// Handshake bound.
+    pub handshake_timeout: Duration,
+    /// TLS for the public listener.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Dev mode.
+    pub dev: bool,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("node_id", &self.node_id)
+            .field("redis", &self.redis_url.is_some())
+            .field("dev", &self.dev)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `into_config` made up in dev mode, to tell the operator.
+#[derive(Debug, Default)]
+pub struct DevNotes {
+    /// A random secret was generated.
+    pub generated_secret: bool,
+}
+
+impl ServeArgs {
+    /// Check the flags and load keys and certificates.
+    pub fn into_config(self) -> Result<(Config, DevNotes), ConfigError> {
+        let mut notes = DevNotes::default();
+        let settings = VerifierSettings {
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            leeway: self.jwt_leeway,
+        };
+        let (verifier, hmac_secret) = match (&self.jwt_secret, &self.jwt_public_key) {
+            (Some(secret), _) => {
+                if secret.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        flag: "--jwt-secret",
+                        reason: "empty".into(),
+                    });
+                }
+                let bytes: Arc<[u8]> = Arc::from(secret.as_bytes());
+                (Verifier::hmac(&bytes, settings), Some(bytes))
+            }
+            (None, Some(path)) => {
+                let pem = std::fs::read(path).map_err(|e| ConfigError::PublicKey {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                let v = Verifier::public_key_pem(&pem, settings).map_err(|e| {
+                    ConfigError::PublicKey {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                (v, None)
+            }
+            (None, None) if self.dev => {
+                notes.generated_secret = true;
+                let secret: [u8; 32] = rand::random();
+                let bytes: Arc<[u8]> = Arc::from(&secret[..]);
+                (Verifier::hmac(&bytes, settings), Some(bytes))
+            }
+            (None, None) => return Err(ConfigError::NoKey),
+        };
+        let origins = if self.allowed_origins.iter().any(|o| o.trim() == "*") {
+            OriginPolicy::Any
+        } else {
+            OriginPolicy::List(
+                self.allowed_origins
+                    .iter()
+                    .map(|o| o.trim().trim_end_matches('/').to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect(),
+            )
+        };
+        if let Some(url) = &self.redis_url {
+            redis::Client::open(url.as_str())
+                .map_err(|e| ConfigError::RedisUrl(crate::broker::redact_url(&e.to_string())))?;
+        }
+        let positive = |flag: &'static str, v: usize| {
+            if v == 0 {
+                Err(ConfigError::Invalid {
+                    flag,
+                    reason: "must be greater than 0".into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        positive("--max-message-bytes", self.max_message_bytes)?;
+        positive("--max-outbound-bytes", self.max_outbound_bytes)?;
+        positive("--history", self.history)?;
+        positive("--max-rooms", self.max_rooms)?;
+        if self.heartbeat.is_zero() || self.pong_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                flag: "--heartbeat/--pong-timeout",
+                reason: "must be greater than 0".into(),
+            });
+        }
+        if !(self.publish_rate.is_finite() && self.publish_rate > 0.0) || self.publish_burst == 0 {
+            return Err(ConfigError::Invalid {
+                flag: "--publish-rate/--publish-burst",
+                reason: "must be greater than 0".into(),
+            });
+        }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::listener::load_tls(cert, key)?),
+            _ => None,
+        };
+        let node_id = match self.node_id {
+            Some(id) if !id.trim().is_empty() => id,
+            _ => hostname(),
+        };
+        Ok((
+            Config {
+                node_id: Arc::from(node_id),
+                redis_url: self.redis_url,
+                verifier: Arc::new(verifier),
+                hmac_secret,
+                jwt_issuer: self.jwt_issuer.filter(|s| !s.is_empty()),
+                jwt_audience: self.jwt_audience.filter(|s| !s.is_empty()),
+                origins,
+                require_origin: self.require_origin,
+                max_message_bytes: self.max_message_bytes,
+                heartbeat: self.heartbeat,
+                pong_timeout: self.pong_timeout,
+                max_connections: self.max_connections,
+                history: self.history,
+                history_ttl: self.history_ttl,
+                max_outbound_bytes: self.max_outbound_bytes,
+                publish_rate: self.publish_rate,
+                publish_burst: self.publish_burst,
+                max_rooms: self.max_rooms,
+                drain_timeout: self.drain_timeout,
+                handshake_timeout: self.handshake_timeout,
+                tls,
+                dev: self.dev,
+            },
+            notes,
+        ))
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "wsgate".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let mut all = vec!["wsgate", "serve"];
+        all.extend_from_slice(args);
+        let cli = Cli::try_parse_from(all)?;
+        match cli.command {
+            Some(Command::Serve(s)) => Ok(s),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_match_operating_md() {
+        let s = serve(&[]).unwrap();
+        assert_eq!(s.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(s.ops_listen, "0.0.0.0:9090".parse().unwrap());
+        assert_eq!(
+            s.allowed_origins,
+            vec!["http://localhost:8080", "http://127.0.0.1:8080"]
+        );
+        assert_eq!(s.max_message_bytes, 1_048_576);
+        assert_eq!(s.heartbeat, Duration::from_secs(30));
+        assert_eq!(s.pong_timeout, Duration::from_secs(10));
+        assert_eq!(s.max_connections, 100_000);
+        assert_eq!(s.history, 1000);
+        assert_eq!(s.jwt_leeway, Duration::from_secs(5));
+        assert_eq!(s.max_outbound_bytes, 1_048_576);
+        assert_eq!(s.publish_rate, 100.0);
+        assert_eq!(s.publish_burst, 200);
+        assert_eq!(s.max_rooms, 100);
+        assert_eq!(s.drain_timeout, Duration::from_secs(10));
+        assert!(!s.dev);
+    }
+
+    #[test]
+    fn serve_is_the_default_subcommand() {
+        let cli = Cli::try_parse_from(["wsgate", "--dev", "--heartbeat", "500ms"]).unwrap();
+        assert!(cli.command.is_none());
+        assert!(cli.serve.dev);
+        assert_eq!(cli.serve.heartbeat, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn human_durations_and_bad_values() {
+        assert_eq!(
+            serve(&["--drain-timeout", "2m"]).unwrap().drain_timeout,
+            Duration::from_secs(120)
+        );
+        assert!(serve(&["--heartbeat", "soon"]).is_err());
+        assert!(serve(&["--listen", "nowhere"]).is_err());
+        assert!(
+            serve(&["--tls-cert", "a.pem"]).is_err(),
+            "cert requires key"
+        );
+    }
+
+    #[test]
+    fn no_key_is_an_error_outside_dev_mode() {
+        let err = serve(&[]).unwrap().into_config().unwrap_err();
+        assert!(matches!(err, ConfigError::NoKey), "{err}");
+        let (cfg, notes) = serve(&["--dev"]).unwrap().into_config().unwrap();
+        assert!(notes.generated_secret);
+        assert!(cfg.hmac_secret.is_some());
+    }
+
+    #[test]
+    fn malformed_redis_url_and_missing_key_file_are_errors() {
+        let err = serve(&["--jwt-secret", "s", "--redis-url", "nope://x"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::RedisUrl(_)), "{err}");
+        let err = serve(&["--jwt-public-key", "/nonexistent/key.pem"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/key.pem"), "{err}");
+    }
+
+    #[test]
+    fn origin_policy() {
+        let (cfg, _) = serve(&[
+            "--jwt-secret",
+            "s",
+            "--allowed-origins",
+            "https://a.example, https://b.example/",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        assert!(cfg.origins.allows("https://a.example"));
+        assert!(cfg.origins.allows("https://b.example"));
+        assert!(!cfg.origins.allows("https://c.example"));
+        let (cfg, _) = serve(&["--jwt-secret", "s", "--allowed-origins", "*"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert!(cfg.origins.allows("https://anything.example"));
+    }
+
+    #[test]
+    fn token_subcommand_parses() {
+        let cli = Cli::try_parse_from([
+            "wsgate",
+            "token",
+            "--jwt-secret",
+            "s",
+            "--sub",
+            "alice",
+            "--rooms",
+            "lobby,team.*",
+            "--publish",
+            "lobby",
+            "--ttl",
+            "1h",
+        ])
+        .unwrap();
+        match cli.command {
+            Some(Command::Token(t)) => {
+                assert_eq!(t.rooms, vec!["lobby", "team.*"]);
+                assert_eq!(t.ttl, Duration::from_secs(3600));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The wsgate gateway: terminates WebSocket connections, authenticates them
+//! with JWTs, serves rooms, and relays room messages between nodes through a
+//! broker (Redis, or in-process for a single node).
+//!
+//! The binary (`src/main.rs`) parses flags, sets up logging, binds the two
+//! listeners and calls [`run`]; tests call [`run`] the same way.
+//!
+//! # Layout
+//! - [`config`]: flags, environment and the validated [`Config`].
+//! - [`auth`]: JWT verification, room grants, token minting.
+//! - [`http`]: the public router: WebSocket upgrade checks, HTTP publish API, dev pages.
+//! - [`listener`]: accept loop, TLS, HTTP/1 connections.
+//! - [`session`]: one WebSocket connection (reader, writer, protocol).
+//! - [`outbound`]: a connection's bounded outbound queue.
+//! - [`rooms`]: local room registry and fan-out.
+//! - [`broker`]: the broker trait, in-process and Redis implementations.
+//! - [`ops`]: `/health`, `/ready`, `/metrics` on the operations listener.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`logging`]: tracing set-up.
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod http;
+pub mod listener;
+pub mod logging;
+pub mod metrics;
+pub mod ops;
+pub mod outbound;
+pub mod rooms;
+pub mod session;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use wsgate_protocol::MessageParts;
+
+pub use config::Config;
+
+use broker::{Broker, BrokerError};
+use metrics::Metrics;
+use outbound::{CloseReason, ConnHandle};
+use rooms::Rooms;
+
+/// The two bound listeners a node serves.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Public: `/ws`, `/api/...` (and dev pages).
+    pub public: TcpListener,
+    /// Operations: `/health`, `/ready`, `/metrics`.
+    pub ops: TcpListener,
+}
+
+/// Why a node could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The broker could not be set up.
+    #[error("{0}")]
+    Broker(#[from] BrokerError),
+}
+
+/// Open connections, for the drain on shutdown.
+#[derive(Default)]
+struct Conns {
+    map: Mutex<HashMap<usize, Arc<ConnHandle>>>,
+}
+
+impl Conns {
+    fn key(h: &Arc<ConnHandle>) -> usize {
+        Arc::as_ptr(h) as usize
+    }
+    fn insert(&self, h: &Arc<ConnHandle>) {
+        self.lock().insert(Self::key(h), h.clone());
+    }
+    fn remove(&self, h: &Arc<ConnHandle>) {
+        self.lock().remove(&Self::key(h));
+    }
+    fn all(&self) -> Vec<Arc<ConnHandle>> {
+        self.lock().values().cloned().collect()
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Arc<ConnHandle>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// State shared by every part of a running node.
+pub struct App {
+    /// Configuration.
+    pub config: Config,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Local rooms.
+    pub rooms: Arc<Rooms>,
+    /// The broker.
+    pub broker: Arc<dyn Broker>,
+    conns: Conns,
+    draining: AtomicBool,
+    active: AtomicUsize,
+    conn_seq: AtomicU64,
+    conn_prefix: u32,
+    sessions: TaskTracker,
+}
+
+/// A reserved connection slot; released when dropped.
+pub struct Slot(Arc<App>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.connections_active.dec();
+    }
+}
+
+impl App {
+    /// Whether the node is draining for shutdown.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Whether the node should receive traffic.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.broker.is_up()
+    }
+
+    /// Reserve a connection slot, unless at the cap or draining.
+    pub fn try_slot(self: &Arc<Self>) -> Option<Slot> {
+        if self.is_draining() {
+            return None;
+        }
+        let max = self.config.max_connections;
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        self.metrics.connections_active.inc();
+        Some(Slot(self.clone()))
+    }
+
+    fn next_conn_id(&self) -> String {
+        let n = self.conn_seq.fetch_add(1, Ordering::Relaxed);
+        format!("c-{:x}{:x}", self.conn_prefix, n)
+    }
+
+    /// Hand a message to the broker; counts and times it.
+    pub async fn publish(&self, room: &str, parts: MessageParts) -> Result<u64, BrokerError> {
+        let started = Instant::now();
+        let seq = self.broker.publish(room, parts).await?;
+        self.metrics
+            .publish_latency
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.messages_published.inc();
+        Ok(seq)
+    }
+
+    /// Track a session task so that shutdown waits for it.
+    pub fn track_session<F>(&self, fut: F) -> tokio_util::task::task_tracker::TrackedFuture<F>
+    where
+        F: std::future::Future,
+    {
+        self.sessions.track_future(fut)
+    }
+}
+
+/// Run a node on bound listeners until `stop` is cancelled, then drain:
+/// `/ready` turns 503, new upgrades get 503, open connections are closed
+/// with 1001 spread over half of `--drain-timeout`, and the function
+/// returns within `--drain-timeout`.
+pub async fn run(
+    listeners: Listeners,
+    config: Config,
+    stop: CancellationToken,
+) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new(&config.node_id));
+    let rooms = Arc::new(Rooms::new(metrics.clone()));
+    let background = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let broker: Arc<dyn Broker> = match &config.redis_url {
+        Some(url) => {
+            broker::redis::RedisBroker::start(
+                url,
+                broker::redis::Settings {
+                    history: config.history,
+                    history_ttl: config.history_ttl,
+                },
+                rooms.clone(),
+                metrics.clone(),
+                background.clone(),
+                &tasks,
+            )
+            .await?
+        }
+        None => {
+            let memory = Arc::new(broker::memory::MemoryBroker::new(
+                config.history,
+                rooms.clone(),
+            ));
+            metrics.broker_up.set(1);
+            let sweeper = memory.clone();
+            let ttl = config.history_ttl;
+            let cancel = background.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tick.tick() => sweeper.sweep(ttl),
+                    }
+                }
+            });
+            memory
+        }
+    };
+    let app = Arc::new(App {
+        conns: Conns::default(),
+        draining: AtomicBool::new(false),
+        active: AtomicUsize::new(0),
+        conn_seq: AtomicU64::new(0),
+        conn_prefix: rand::random::<u32>() & 0xfff,
+        sessions: TaskTracker::new(),
+        config,
+        metrics,
+        rooms,
+        broker,
+    });
+    let public_addr = listeners.public.local_addr().ok();
+    let ops_addr = listeners.ops.local_addr().ok();
+    tasks.spawn(listener::serve(
+        listeners.public,
+        app.clone(),
+        background.clone(),
+    ));
+    tasks.spawn(ops::serve(listeners.ops, app.clone(), background.clone()));
+    info!(
+        node = %app.config.node_id,
+        public = ?public_addr,
+        ops = ?ops_addr,
+        tls = app.config.tls.is_some(),
+        broker = if app.config.redis_url.is_some() { "redis" } else { "memory" },
+        "wsgate serving"
+    );
+
+    stop.cancelled().await;
+    drain(&app).await;
+    background.cancel();
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_millis(500), tasks.wait()).await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn drain(app: &Arc<App>) {
+    let started = Instant::now();
+    let budget = app.config.drain_timeout;
+    app.draining.store(true, Ordering::Release);
+    let conns = app.conns.all();
+    info!(connections = conns.len(), "draining");
+    // Spread the closes over half the budget, in up to 20 waves, so that
+    // the reconnects do not reach the other nodes as one stampede.
+    let waves = conns.len().clamp(1, 20);
+    let per_wave = conns.len().div_ceil(waves).max(1);
+    let gap = (budget / 2) / waves as u32;
+    for (i, chunk) in conns.chunks(per_wave).enumerate() {
+        if i > 0 {
+            tokio::time::sleep(gap).await;
+        }
+        for c in chunk {
+            c.close(CloseReason {
+                code: wsgate_protocol::close::GOING_AWAY,
+                reason: "server shutting down",
+            });
+        }
+    }
+    app.sessions.close();
+    let left = budget
+        .saturating_sub(started.elapsed())
+        .saturating_sub(Duration::from_millis(700));
+    if tokio::time::timeout(left, app.sessions.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = app.sessions.len(),
+            "drain timeout: connections still open are dropped"
+        );
+    }
+}

@@ -1,0 +1,112 @@
+//! The `wsgate` binary: parses flags, sets up logging, binds the listeners
+//! and runs the gateway library until SIGTERM or SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use wsgate::auth::{mint_hs256, MintRequest};
+use wsgate::config::{Cli, Command, ServeArgs, TokenArgs};
+use wsgate::{logging, Listeners};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Token(args)) => token(&args),
+        Some(Command::Serve(args)) => serve(args),
+        None => serve(cli.serve),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("wsgate: error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn token(args: &TokenArgs) -> Result<(), String> {
+    let token = mint_hs256(
+        args.jwt_secret.as_bytes(),
+        &MintRequest {
+            sub: &args.sub,
+            rooms: &args.rooms,
+            publish: &args.publish,
+            ttl: args.ttl,
+            issuer: args.jwt_issuer.as_deref(),
+            audience: args.jwt_audience.as_deref(),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    println!("{token}");
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    let (listen, ops_listen) = (args.listen, args.ops_listen);
+    let (log_format, log_filter) = (args.log_format, args.log.clone());
+    let (config, notes) = args.into_config().map_err(|e| e.to_string())?;
+    logging::init(log_format, &log_filter)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let public = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot bind --listen {listen}: {e}"))?;
+        let ops = TcpListener::bind(ops_listen)
+            .await
+            .map_err(|e| format!("cannot bind --ops-listen {ops_listen}: {e}"))?;
+        if config.dev {
+            dev_banner(&config, notes.generated_secret, &public);
+        }
+        let stop = CancellationToken::new();
+        tokio::spawn(on_signal(stop.clone()));
+        wsgate::run(Listeners { public, ops }, config, stop)
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Dev mode: say what was made up, and print a ready token on stderr.
+fn dev_banner(config: &wsgate::Config, generated: bool, public: &TcpListener) {
+    if generated {
+        tracing::warn!(
+            "dev mode: no JWT key configured, using a random HMAC secret for this process"
+        );
+    }
+    let Some(secret) = &config.hmac_secret else {
+        return;
+    };
+    let all = ["*".to_owned()];
+    match mint_hs256(secret, &wsgate::http::dev_mint_request("dev", &all, config)) {
+        Ok(token) => {
+            let addr = public
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            eprintln!("wsgate dev mode: chat page at http://{addr}/");
+            eprintln!("wsgate dev mode: token (sub \"dev\", all rooms, 1 h):\n{token}");
+        }
+        Err(e) => tracing::warn!(error = %e, "dev mode: could not mint a token"),
+    }
+}
+
+async fn on_signal(stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+    }
+    stop.cancel();
+}

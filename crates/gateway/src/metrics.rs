@@ -1,0 +1,239 @@
+//! Prometheus metrics, served on the operations listener only.
+//!
+//! Every metric is prefixed `wsgate_`, carries the constant label `node`, and
+//! has low-cardinality labels only (never a room or a user). The standard
+//! `process_*` metrics (resident memory, CPU seconds, open files) are exported
+//! unprefixed, as Prometheus client libraries do.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Reasons a handshake is refused before the upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Origin not allowed (403).
+    Origin,
+    /// Token missing or invalid (401).
+    Auth,
+    /// Connection cap or draining (503).
+    Capacity,
+    /// Not a valid WebSocket upgrade (400).
+    BadRequest,
+}
+
+impl Rejection {
+    fn label(self) -> &'static str {
+        match self {
+            Rejection::Origin => "origin",
+            Rejection::Auth => "auth",
+            Rejection::Capacity => "capacity",
+            Rejection::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// All metrics of a node.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Open WebSocket connections.
+    pub connections_active: IntGauge,
+    /// Upgrades accepted.
+    pub connections_accepted: IntCounter,
+    handshake_rejections: IntCounterVec,
+    /// Text frames received from clients.
+    pub messages_received: IntCounter,
+    /// Message frames handed to clients' outbound queues.
+    pub messages_delivered: IntCounter,
+    /// Messages the broker took (WebSocket and HTTP).
+    pub messages_published: IntCounter,
+    /// Connections closed 1008 because their queue overflowed.
+    pub slow_consumer_closes: IntCounter,
+    closes: IntCounterVec,
+    /// Rooms with at least one local member.
+    pub rooms_active: IntGauge,
+    /// Time from a publish request to the broker's seq.
+    pub publish_latency: Histogram,
+    /// 1 when the broker is reachable.
+    pub broker_up: IntGauge,
+    /// Broker reconnections.
+    pub broker_reconnects: IntCounter,
+    /// Messages received from the broker's relay (other nodes' publishes too).
+    pub relayed_in: IntCounter,
+    /// Messages recovered from history to fill a relay gap.
+    pub gaps_filled: IntCounter,
+    /// Broker subscriptions (rooms) held by this node.
+    pub subscriptions: IntGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Metrics labelled with this node's id.
+    pub fn new(node: &str) -> Metrics {
+        let registry = Registry::new();
+        let opts = |name: &str, help: &str| {
+            Opts::new(name, help)
+                .namespace("wsgate")
+                .const_label("node", node)
+        };
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            // Only a duplicate name can fail, and every name below is distinct.
+            let _ = registry.register(c);
+        };
+        let counter = |name: &str, help: &str| {
+            let c = must(IntCounter::with_opts(opts(name, help)));
+            reg(Box::new(c.clone()));
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = must(IntGauge::with_opts(opts(name, help)));
+            reg(Box::new(g.clone()));
+            g
+        };
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let c = must(IntCounterVec::new(opts(name, help), &[label]));
+            reg(Box::new(c.clone()));
+            c
+        };
+        let publish_latency = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "publish_latency_seconds",
+                "Time from a publish request until the broker assigned its seq",
+            )
+            .namespace("wsgate")
+            .const_label("node", node)
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+        ));
+        reg(Box::new(publish_latency.clone()));
+        #[cfg(target_os = "linux")]
+        reg(Box::new(
+            prometheus::process_collector::ProcessCollector::new(std::process::id() as i32, ""),
+        ));
+        let m = Metrics {
+            connections_active: gauge("connections_active", "Open WebSocket connections"),
+            connections_accepted: counter(
+                "connections_accepted_total",
+                "WebSocket upgrades accepted",
+            ),
+            handshake_rejections: counter_vec(
+                "handshake_rejections_total",
+                "Upgrade requests refused before the upgrade, by reason",
+                "reason",
+            ),
+            messages_received: counter(
+                "messages_received_total",
+                "Text frames received from clients",
+            ),
+            messages_delivered: counter(
+                "messages_delivered_total",
+                "Room messages handed to clients' outbound queues",
+            ),
+            messages_published: counter(
+                "messages_published_total",
+                "Messages the broker accepted from this node (WebSocket and HTTP)",
+            ),
+            slow_consumer_closes: counter(
+                "slow_consumer_closes_total",
+                "Connections closed with 1008 because their outbound queue overflowed",
+            ),
+            closes: counter_vec(
+                "connection_closes_total",
+                "Connections closed by the server, by close code",
+                "code",
+            ),
+            rooms_active: gauge(
+                "rooms_active",
+                "Rooms with at least one member on this node",
+            ),
+            publish_latency,
+            broker_up: gauge("broker_up", "1 when the broker is reachable, else 0"),
+            broker_reconnects: counter(
+                "broker_reconnects_total",
+                "Reconnections to the broker after a failure",
+            ),
+            relayed_in: counter(
+                "messages_relayed_in_total",
+                "Messages received from the broker relay",
+            ),
+            gaps_filled: counter(
+                "relay_gap_messages_filled_total",
+                "Messages read back from history to fill a gap in the relay",
+            ),
+            subscriptions: gauge(
+                "broker_subscriptions",
+                "Rooms this node is subscribed to at the broker",
+            ),
+            registry,
+        };
+        for r in [
+            Rejection::Origin,
+            Rejection::Auth,
+            Rejection::Capacity,
+            Rejection::BadRequest,
+        ] {
+            m.handshake_rejections.with_label_values(&[r.label()]);
+        }
+        m
+    }
+
+    /// Count a refused handshake.
+    pub fn reject(&self, why: Rejection) {
+        self.handshake_rejections
+            .with_label_values(&[why.label()])
+            .inc();
+    }
+
+    /// Count a close the server initiated.
+    pub fn closed(&self, code: u16) {
+        self.closes
+            .with_label_values(&[code.to_string().as_str()])
+            .inc();
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(8192);
+        // Encoding into a Vec only fails on a malformed metric family, which
+        // the registry never holds.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Metric definitions are static and valid, so building them cannot fail;
+/// no input reaches this.
+#[allow(clippy::expect_used)]
+fn must<T>(r: prometheus::Result<T>) -> T {
+    r.expect("static metric definition")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_prefixed_names_and_node_label() {
+        let m = Metrics::new("n1");
+        m.connections_accepted.inc();
+        m.reject(Rejection::Origin);
+        m.closed(1008);
+        let text = m.render();
+        assert!(
+            text.contains("wsgate_connections_accepted_total{node=\"n1\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("wsgate_handshake_rejections_total{node=\"n1\",reason=\"origin\"} 1"));
+        assert!(text.contains("wsgate_handshake_rejections_total{node=\"n1\",reason=\"auth\"} 0"));
+        assert!(text.contains("wsgate_connection_closes_total{code=\"1008\",node=\"n1\"} 1"));
+        assert!(text.contains("wsgate_publish_latency_seconds_bucket"));
+    }
+}

@@ -1,0 +1,513 @@
+//! One WebSocket connection: a reader task that runs the protocol and a
+//! writer task that drains the connection's outbound queue in batches.
+//!
+//! The reader owns the connection's state (claims, rooms, rate bucket,
+//! heartbeat and expiry timers) and answers every frame; everything it and
+//! the rooms send goes through the same bounded queue ([`ConnHandle`]), so
+//! answers and room messages keep their order. Closing is started by setting
+//! a close reason on the handle; the writer then sends the Close frame.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::value::RawValue;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::time::{sleep_until, timeout, Instant};
+use tracing::{debug, info, Instrument};
+use wsgate_protocol::server::Id;
+use wsgate_protocol::{
+    close, parse_client_frame, Ack, ClientCommand, ErrorCode, ErrorFrame, Joined, Left,
+    MessageParts, Pong, Refreshed, ServerFrame, Welcome,
+};
+
+use crate::auth::Claims;
+use crate::broker::Since;
+use crate::outbound::{CloseReason, ConnHandle, Outgoing};
+use crate::App;
+
+/// How long a closing connection waits for the client's Close reply.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Frames the writer takes from the queue per batch (one flush per batch).
+const WRITE_BATCH: usize = 128;
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Token bucket for the per-connection publish limit: starts full, only
+/// accepted publishes take from it.
+#[derive(Debug)]
+pub struct Bucket {
+    tokens: f64,
+    burst: f64,
+    rate: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// A full bucket.
+    pub fn new(rate: f64, burst: u32) -> Bucket {
+        Bucket {
+            tokens: f64::from(burst),
+            burst: f64::from(burst),
+            rate,
+            last: Instant::now(),
+        }
+    }
+
+    /// Take one token if there is one.
+    pub fn try_take(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Serve an upgraded connection until it closes.
+pub(crate) async fn serve(ws: WebSocket, app: Arc<App>, claims: Claims, remote: String) {
+    let conn_id = app.next_conn_id();
+    let span = tracing::info_span!(
+        "conn",
+        conn = %conn_id,
+        user = %claims.sub,
+        node = %app.config.node_id,
+        remote = %remote,
+    );
+    run(ws, app, claims, conn_id).instrument(span).await;
+}
+
+async fn run(ws: WebSocket, app: Arc<App>, claims: Claims, conn_id: String) {
+    let (handle, rx) = ConnHandle::new(
+        conn_id.clone(),
+        app.config.max_outbound_bytes,
+        app.metrics.clone(),
+    );
+    app.conns.insert(&handle);
+    if app.is_draining() {
+        // Upgraded just as the drain began: close like the others.
+        handle.close(CloseReason {
+            code: close::GOING_AWAY,
+            reason: "server shutting down",
+        });
+    }
+    info!("connection opened");
+    let (sink, stream) = ws.split();
+    let writer = tokio::spawn(write_loop(sink, rx, handle.clone(), app.clone()).in_current_span());
+    let mut session = Session {
+        bucket: Bucket::new(app.config.publish_rate, app.config.publish_burst),
+        expires: expiry_instant(claims.exp, app.config.verifier.leeway()),
+        rooms: HashSet::new(),
+        handle: handle.clone(),
+        claims,
+        app: app.clone(),
+    };
+    session.send(ServerFrame::Welcome(Welcome {
+        conn: conn_id,
+        user: session.claims.sub.clone(),
+        node: app.config.node_id.to_string(),
+        heartbeat_ms: app.config.heartbeat.as_millis() as u64,
+    }));
+    let ended = session.read_loop(stream).await;
+    session.leave_all();
+    handle.closing().cancel();
+    let _ = writer.await;
+    app.conns.remove(&handle);
+    match handle.close_reason() {
+        Some(r) => info!(
+            code = r.code,
+            reason = r.reason,
+            "connection closed by server"
+        ),
+        None => info!(why = ended, "connection closed by client"),
+    }
+}
+
+fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
+    let deadline = Duration::from_secs(exp).saturating_add(leeway);
+    let now = Duration::from_secs(now_secs());
+    Instant::now() + deadline.saturating_sub(now)
+}
+
+/// Writes queued frames, one flush per batch, until the connection closes;
+/// then sends the Close frame if the server is the one closing.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut rx: UnboundedReceiver<Outgoing>,
+    handle: Arc<ConnHandle>,
+    app: Arc<App>,
+) {
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = handle.closing().cancelled() => break,
+            n = rx.recv_many(&mut batch, WRITE_BATCH) => {
+                if n == 0 {
+                    break;
+                }
+                let written = tokio::select! {
+                    biased;
+                    _ = handle.closing().cancelled() => break,
+                    r = write_batch(&mut sink, &mut batch, &handle) => r,
+                };
+                if written.is_err() {
+                    handle.closing().cancel();
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(reason) = handle.close_reason() {
+        app.metrics.closed(reason.code);
+        let frame = CloseFrame {
+            code: reason.code,
+            reason: Utf8Bytes::from_static(reason.reason),
+        };
+        let _ = timeout(
+            Duration::from_secs(1),
+            sink.send(Message::Close(Some(frame))),
+        )
+        .await;
+    }
+}
+
+async fn write_batch(
+    sink: &mut SplitSink<WebSocket, Message>,
+    batch: &mut Vec<Outgoing>,
+    handle: &ConnHandle,
+) -> Result<(), axum::Error> {
+    for item in batch.drain(..) {
+        match item {
+            Outgoing::Text(text) => {
+                let len = text.len();
+                sink.feed(Message::Text(text)).await?;
+                handle.written(len);
+            }
+            Outgoing::Ping => sink.feed(Message::Ping(bytes::Bytes::new())).await?,
+        }
+    }
+    sink.flush().await
+}
+
+struct Session {
+    app: Arc<App>,
+    handle: Arc<ConnHandle>,
+    claims: Claims,
+    rooms: HashSet<Arc<str>>,
+    bucket: Bucket,
+    expires: Instant,
+}
+
+/// What ended the read loop, for the log.
+type Ended = &'static str;
+
+impl Session {
+    fn send(&self, frame: ServerFrame) {
+        self.handle.send(Utf8Bytes::from(frame.to_json()));
+    }
+
+    fn error(&self, code: ErrorCode, message: impl Into<String>, id: Option<Id>) {
+        self.send(ServerFrame::Error(ErrorFrame {
+            code,
+            message: message.into(),
+            id,
+        }));
+    }
+
+    fn close(&self, code: u16, reason: &'static str) {
+        self.handle.close(CloseReason { code, reason });
+    }
+
+    async fn read_loop(&mut self, mut stream: SplitStream<WebSocket>) -> Ended {
+        let heartbeat = self.app.config.heartbeat;
+        let pong_timeout = self.app.config.pong_timeout;
+        let mut next_ping = Instant::now() + heartbeat;
+        // When a Ping went out with nothing heard since.
+        let mut awaiting: Option<Instant> = None;
+        let mut closing_since: Option<Instant> = None;
+        loop {
+            let hb_at = match awaiting {
+                Some(sent) => (sent + pong_timeout).min(next_ping),
+                None => next_ping,
+            };
+            let linger_until = closing_since.map(|t| t + CLOSE_LINGER);
+            tokio::select! {
+                biased;
+                _ = self.handle.closing().cancelled(), if closing_since.is_none() => {
+                    if self.handle.close_reason().is_none() {
+                        return "write side ended";
+                    }
+                    closing_since = Some(Instant::now());
+                }
+                _ = sleep_until(linger_until.unwrap_or(hb_at)), if linger_until.is_some() => {
+                    return "closing handshake timed out";
+                }
+                _ = sleep_until(self.expires), if closing_since.is_none() => {
+                    self.close(close::TOKEN_EXPIRED, "token expired");
+                }
+                _ = sleep_until(hb_at), if closing_since.is_none() => {
+                    let now = Instant::now();
+                    if awaiting.is_some_and(|sent| now >= sent + pong_timeout) {
+                        self.close(close::POLICY, "heartbeat timeout");
+                        // Do not wait for a silent peer's reply.
+                        let _ = timeout(Duration::from_secs(1), self.handle.closing().cancelled()).await;
+                        return "heartbeat timeout";
+                    }
+                    if now >= next_ping {
+                        self.handle.ping();
+                        awaiting.get_or_insert(now);
+                        next_ping = now + heartbeat;
+                    }
+                }
+                msg = stream.next() => {
+                    let Some(msg) = msg else { return "connection ended" };
+                    if closing_since.is_some() {
+                        if msg.is_err() {
+                            return "connection ended";
+                        }
+                        continue;
+                    }
+                    awaiting = None;
+                    match msg {
+                        Ok(Message::Text(text)) => self.on_text(text).await,
+                        Ok(Message::Binary(_)) => {
+                            self.close(close::UNSUPPORTED_DATA, "binary frames are not supported");
+                        }
+                        Ok(Message::Ping(_) | Message::Pong(_)) => {}
+                        // The library answers the Close; the next read ends the stream.
+                        Ok(Message::Close(_)) => {}
+                        Err(e) => {
+                            if let Some((code, reason)) = classify(e) {
+                                self.close(code, reason);
+                            } else {
+                                return "connection error";
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_text(&mut self, text: Utf8Bytes) {
+        self.app.metrics.messages_received.inc();
+        let frame = match parse_client_frame(text.as_str()) {
+            Ok(f) => f,
+            Err(e) => {
+                debug!(error = %e.message, "bad frame");
+                return self.error(ErrorCode::BadRequest, e.message, e.id);
+            }
+        };
+        let id = frame.id;
+        match frame.cmd {
+            ClientCommand::Join { room, since, epoch } => self.join(room, since, epoch, id).await,
+            ClientCommand::Leave { room } => self.leave(&room, id),
+            ClientCommand::Publish { room, data } => self.publish(&room, data, id).await,
+            ClientCommand::Refresh { token } => self.refresh(&token, id),
+            ClientCommand::Ping => self.send(ServerFrame::Pong(Pong { id })),
+        }
+    }
+
+    async fn join(
+        &mut self,
+        room: Cow<'_, str>,
+        since: Option<u64>,
+        epoch: Option<Cow<'_, str>>,
+        id: Option<Id>,
+    ) {
+        if !self.claims.rooms.allows(&room) {
+            return self.error(
+                ErrorCode::Forbidden,
+                format!("not allowed to join room '{room}'"),
+                id,
+            );
+        }
+        let member = self.rooms.contains(room.as_ref());
+        if !member && self.rooms.len() >= self.app.config.max_rooms {
+            return self.error(
+                ErrorCode::TooManyRooms,
+                format!(
+                    "connection is at its limit of {} rooms",
+                    self.app.config.max_rooms
+                ),
+                id,
+            );
+        }
+        let app = self.app.clone();
+        app.rooms.add_pending(&room, &self.handle);
+        if !member {
+            if let Err(e) = app.broker.subscribe(&room).await {
+                app.rooms.remove(&room, &self.handle);
+                return self.error(ErrorCode::Unavailable, format!("{e}; retry later"), id);
+            }
+            self.rooms.insert(Arc::from(room.as_ref()));
+        }
+        let since = since.map(|seq| Since {
+            seq,
+            epoch: epoch.as_deref(),
+        });
+        match app.broker.history(&room, since).await {
+            Ok(h) => {
+                self.send(ServerFrame::Joined(Joined {
+                    room: room.to_string(),
+                    seq: h.latest,
+                    epoch: h.epoch.to_string(),
+                    recovered: since.map(|_| h.recovered),
+                    id,
+                }));
+                let mut replayed = 0;
+                for f in h.frames {
+                    replayed += u64::from(self.handle.send(f));
+                }
+                app.metrics.messages_delivered.inc_by(replayed);
+                app.rooms
+                    .go_live(&room, &self.handle, Some((&*h.epoch, h.latest)));
+            }
+            Err(e) => {
+                if member {
+                    app.rooms.go_live(&room, &self.handle, None);
+                } else {
+                    self.rooms.remove(room.as_ref());
+                    app.rooms.remove(&room, &self.handle);
+                    app.broker.unsubscribe(&room);
+                }
+                self.error(ErrorCode::Unavailable, format!("{e}; retry later"), id);
+            }
+        }
+    }
+
+    fn leave(&mut self, room: &str, id: Option<Id>) {
+        if self.rooms.remove(room) {
+            self.app.rooms.remove(room, &self.handle);
+            self.app.broker.unsubscribe(room);
+        }
+        self.send(ServerFrame::Left(Left {
+            room: room.to_owned(),
+            id,
+        }));
+    }
+
+    fn leave_all(&mut self) {
+        for room in self.rooms.drain() {
+            self.app.rooms.remove(&room, &self.handle);
+            self.app.broker.unsubscribe(&room);
+        }
+    }
+
+    async fn publish(&mut self, room: &str, data: &RawValue, id: Option<Id>) {
+        if !self.claims.publish.allows(room) {
+            return self.error(
+                ErrorCode::Forbidden,
+                format!("not allowed to publish to room '{room}'"),
+                id,
+            );
+        }
+        if !self.bucket.try_take() {
+            return self.error(
+                ErrorCode::RateLimited,
+                "publish rate limit exceeded; message dropped",
+                id,
+            );
+        }
+        let parts = MessageParts::new(room, &self.claims.sub, data, now_ms());
+        match self.app.publish(room, parts).await {
+            Ok(seq) => self.send(ServerFrame::Ack(Ack {
+                id,
+                room: room.to_owned(),
+                seq,
+            })),
+            Err(e) => self.error(
+                ErrorCode::Unavailable,
+                format!("{e}; message not delivered"),
+                id,
+            ),
+        }
+    }
+
+    fn refresh(&mut self, token: &str, id: Option<Id>) {
+        match self.app.config.verifier.verify(token) {
+            Ok(claims) if claims.sub == self.claims.sub => {
+                self.expires = expiry_instant(claims.exp, self.app.config.verifier.leeway());
+                let exp = claims.exp;
+                self.claims = claims;
+                self.send(ServerFrame::Refreshed(Refreshed { exp, id }));
+            }
+            Ok(_) => self.error(
+                ErrorCode::InvalidToken,
+                "refresh token is for another subject",
+                id,
+            ),
+            Err(e) => self.error(
+                ErrorCode::InvalidToken,
+                format!("refresh token rejected: {}", e.reason()),
+                id,
+            ),
+        }
+    }
+}
+
+/// Map a read error to the close code PROTOCOL.md gives it; `None` when
+/// the connection is simply gone.
+fn classify(e: axum::Error) -> Option<(u16, &'static str)> {
+    use tungstenite::error::{CapacityError, Error as WsError};
+    let inner = e.into_inner();
+    let ws = inner.downcast_ref::<WsError>()?;
+    match ws {
+        WsError::Utf8(_) => Some((close::INVALID_PAYLOAD, "invalid UTF-8 in text frame")),
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+            Some((close::TOO_BIG, "message too big"))
+        }
+        WsError::Capacity(_) => Some((close::TOO_BIG, "message too big")),
+        WsError::Protocol(_) => Some((close::PROTOCOL_ERROR, "protocol error")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn bucket_starts_full_and_refills_at_rate() {
+        let mut b = Bucket::new(10.0, 3);
+        assert!(b.try_take() && b.try_take() && b.try_take());
+        assert!(!b.try_take());
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(b.try_take(), "one token after 1/rate");
+        assert!(!b.try_take());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let taken = (0..10).filter(|_| b.try_take()).count();
+        assert_eq!(taken, 3, "never more than the burst");
+    }
+
+    #[test]
+    fn expiry_includes_leeway() {
+        let now = now_secs();
+        let soon = expiry_instant(now + 10, Duration::from_secs(5));
+        let left = soon.duration_since(Instant::now());
+        assert!(left > Duration::from_secs(13) && left <= Duration::from_secs(15));
+        let past = expiry_instant(now.saturating_sub(100), Duration::from_secs(5));
+        assert!(past <= Instant::now());
+    }
+}

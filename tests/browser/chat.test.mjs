@@ -232,6 +232,34 @@ test('without /dev/token (404) the page asks for a token and works with a pasted
   await ctx.close();
 });
 
+test('a node that comes back with its history lost: the page reports the gap, never hides it', { timeout: 60000 }, async () => {
+  // One node with the in-process broker: killing it loses the room's history,
+  // so the restarted node has a new epoch and the resume cannot be recovered.
+  const [port, opsPort] = await freePorts(2);
+  const opts = { id: 'solo', port, opsPort, secret: SECRET, origins: [`http://127.0.0.1:${port}`] };
+  nodes.solo = await startNode(BIN, opts);
+  const ctx = await browser.newContext({ viewport: { width: 1000, height: 600 } });
+  const page = await ctx.newPage();
+  await page.goto(`http://127.0.0.1:${port}/?name=frank&room=history&autoconnect=1&backoff_base_ms=100&backoff_cap_ms=500`, { timeout: T });
+  await waitConnected(page, 'solo');
+  await send(page, 'before the restart 1');
+  await send(page, 'before the restart 2');
+  await stop(nodes.solo, 'SIGKILL');
+  nodes.solo = await startNode(BIN, opts);
+  await waitConnected(page, 'solo');
+  await page.locator('[data-testid=notice][data-kind=gap]').waitFor({ timeout: T });
+  const st = await status(page);
+  assert.ok(st.gaps >= 1, `status shows the gap: ${JSON.stringify(st)}`);
+  await page.getByTestId('badge-gap').waitFor({ timeout: T });
+  const gapEvent = await page.locator('[data-testid=event][data-kind=gap]').first().textContent();
+  assert.match(gapEvent, /history was reset|could not resume/);
+  await send(page, 'after the restart');
+  const list = await messages(page);
+  assert.deepEqual(list.map((m) => m.text), ['before the restart 1', 'before the restart 2', 'after the restart']);
+  await ctx.close();
+  await stop(nodes.solo);
+});
+
 test('the page and the client are served by the node in --dev mode', { timeout: 30000 }, async () => {
   await waitFor(async () => {
     const res = await fetch(`${httpUrl(1)}/wsgate.js`, { signal: AbortSignal.timeout(3000) });

@@ -92,10 +92,24 @@ function tail(file, n = 20) {
 export async function stop(child, signal = 'SIGKILL', timeoutMs = 10000) {
   if (!child || child.exitCode !== null || child.signalCode !== null) return;
   child.kill(signal);
-  const t = new Promise((r) => setTimeout(r, timeoutMs, 'timeout'));
-  if ((await Promise.race([child.exited, t])) === 'timeout') {
+  if ((await within(child.exited, timeoutMs)) === TIMEOUT) {
     child.kill('SIGKILL');
-    await Promise.race([child.exited, new Promise((r) => setTimeout(r, 2000))]);
+    await within(child.exited, 2000);
+  }
+}
+
+const TIMEOUT = Symbol('timeout');
+
+/** `promise`, or TIMEOUT after `ms`; the timer never outlives the race. */
+async function within(promise, ms) {
+  let timer;
+  const t = new Promise((r) => {
+    timer = setTimeout(r, ms, TIMEOUT);
+  });
+  try {
+    return await Promise.race([promise, t]);
+  } finally {
+    clearTimeout(timer);
   }
 }
 

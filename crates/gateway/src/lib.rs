@@ -261,11 +261,16 @@ async fn drain(app: &Arc<App>) {
     app.draining.store(true, Ordering::Release);
     let conns = app.conns.all();
     info!(connections = conns.len(), "draining");
-    // Spread the closes over half the budget, in up to 20 waves, so that
-    // the reconnects do not reach the other nodes as one stampede.
-    let waves = conns.len().clamp(1, 20);
+    // Spread the closes so that the reconnects do not reach the other nodes
+    // as one stampede: at most RECONNECTS_PER_SEC, and never over more than
+    // half the budget (a larger node closes faster).
+    const RECONNECTS_PER_SEC: f64 = 2000.0;
+    let spread = (budget / 2).min(Duration::from_secs_f64(
+        conns.len() as f64 / RECONNECTS_PER_SEC,
+    ));
+    let waves = conns.len().clamp(1, 50);
     let per_wave = conns.len().div_ceil(waves).max(1);
-    let gap = (budget / 2) / waves as u32;
+    let gap = spread / waves as u32;
     for (i, chunk) in conns.chunks(per_wave).enumerate() {
         if i > 0 {
             tokio::time::sleep(gap).await;

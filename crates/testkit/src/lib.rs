@@ -743,3 +743,92 @@ impl Ws {
         let _ = self.stream.send(Message::Close(Some(frame))).await;
     }
 }
+
+/// A TCP forwarder on a free loopback port, to cut one client off a server
+/// (for example one node off Redis) while the server keeps running.
+pub struct TcpProxy {
+    pub port: u16,
+    enabled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    task: JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Forward 127.0.0.1:`port` to `target`.
+    pub async fn start(target: SocketAddr) -> TcpProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let enabled = Arc::new(AtomicBool::new(true));
+        let generation = Arc::new(tokio::sync::watch::channel(0u64).0);
+        let (en, gen) = (enabled.clone(), generation.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !en.load(Ordering::Acquire) {
+                    drop(inbound);
+                    continue;
+                }
+                let mut cut = gen.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        TcpProxy {
+            port,
+            enabled,
+            generation,
+            task,
+        }
+    }
+
+    /// Drop every forwarded connection and refuse new ones.
+    pub fn cut(&self) {
+        self.enabled
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Forward again.
+    pub fn restore(&self) {
+        self.enabled
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// A redis:// URL through this proxy.
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A collector of one member's room messages: (seq, from, data).
+pub async fn messages(ws: &mut Ws, n: usize) -> Vec<(u64, String, serde_json::Value)> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let v = ws.json().await;
+        if v["type"] == "message" {
+            out.push((
+                v["seq"].as_u64().unwrap(),
+                v["from"].as_str().unwrap().to_owned(),
+                v["data"].clone(),
+            ));
+        }
+    }
+    out
+}

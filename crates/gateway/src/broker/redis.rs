@@ -1,37 +1,656 @@
-//! Redis relay (being written).
+//! The Redis relay: seq, history and cross-node delivery through Redis.
+//!
+//! Per room `R` (the `{R}` hash tag keeps a room's keys on one cluster slot):
+//! - `wsgate:{R}:seq`: the last seq (`INCR`).
+//! - `wsgate:{R}:epoch`: the history epoch, created beside the seq when
+//!   missing (a Redis that lost its data shows a new epoch).
+//! - `wsgate:{R}:log`: a Stream of the last `--history` frames (at least),
+//!   entry id `<seq>-0`, field `f` = the complete message frame.
+//! - channel `wsgate:room:R`: `<epoch> <seq> <frame>` for every message.
+//!
+//! A publish is one Lua script (EVALSHA, re-loaded on NOSCRIPT by
+//! `redis::Script`): INCR, XADD (trimmed with `MAXLEN ~`), EXPIRE, PUBLISH,
+//! so seq order, history order and delivery order cannot disagree. The
+//! frame is encoded once by the publishing node; the script only splices
+//! in the seq.
+//!
+//! Each node holds one pub/sub connection and one `SUBSCRIBE` per room with
+//! local members, reference counted here so that interleaved joins and
+//! leaves can never leave a room unsubscribed. When the connection drops,
+//! the node reconnects with capped, jittered exponential backoff,
+//! re-subscribes every room and reads back from the log what it missed; a
+//! seq gap seen on the live relay is filled from the log the same way.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use axum::extract::ws::Utf8Bytes;
+use futures_util::StreamExt;
+use rand::Rng;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use redis::{Script, Value};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+use wsgate_protocol::MessageParts;
 
-use super::BrokerError;
+use super::{covers, new_epoch, redact_url, BoxFut, Broker, BrokerError, RoomHistory, Since};
 use crate::metrics::Metrics;
 use crate::rooms::Rooms;
 
 /// Redis broker settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Messages kept per room.
+    /// Messages kept per room (at least).
     pub history: usize,
     /// TTL of an idle room's keys.
     pub history_ttl: Duration,
 }
 
+const PUBLISH_LUA: &str = r"
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('DEL', KEYS[1], KEYS[3])
+  redis.call('SET', KEYS[2], epoch)
+end
+local seq = redis.call('INCR', KEYS[1])
+local frame = ARGV[1] .. seq .. ARGV[2]
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'f', frame)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+redis.call('PUBLISH', ARGV[6], epoch .. ' ' .. seq .. ' ' .. frame)
+return seq
+";
+
+const HISTORY_LUA: &str = r"
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = ARGV[2]
+  redis.call('DEL', KEYS[1], KEYS[3])
+  redis.call('SET', KEYS[2], epoch, 'EX', ARGV[3])
+end
+local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
+local since = tonumber(ARGV[1])
+local oldest = -1
+local first = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
+if #first > 0 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
+local out = {epoch, latest, oldest}
+if since >= 0 and since < latest and oldest ~= -1 and oldest <= since + 1 then
+  local entries = redis.call('XRANGE', KEYS[3], (since + 1) .. '-0', '+')
+  for _, e in ipairs(entries) do
+    out[#out + 1] = e[1]
+    out[#out + 1] = e[2][2]
+  end
+end
+return out
+";
+
+const CHANNEL_PREFIX: &str = "wsgate:room:";
+
+fn keys(room: &str) -> [String; 3] {
+    [
+        format!("wsgate:{{{room}}}:seq"),
+        format!("wsgate:{{{room}}}:epoch"),
+        format!("wsgate:{{{room}}}:log"),
+    ]
+}
+
+fn channel(room: &str) -> String {
+    format!("{CHANNEL_PREFIX}{room}")
+}
+
+/// A room's log as read by the history script.
+struct Log {
+    epoch: Arc<str>,
+    latest: u64,
+    oldest: Option<u64>,
+    /// (seq, frame) after the requested seq, when the log covers it.
+    entries: Vec<(u64, Utf8Bytes)>,
+}
+
+enum SubCmd {
+    Subscribe(Arc<str>),
+    Unsubscribe(Arc<str>),
+}
+
+struct SubState {
+    refs: usize,
+    ready: watch::Sender<bool>,
+}
+
+struct Inner {
+    client: redis::Client,
+    conn: ConnectionManager,
+    publish: Script,
+    history: Script,
+    settings: Settings,
+    rooms: Arc<Rooms>,
+    metrics: Arc<Metrics>,
+    subs: Mutex<HashMap<Arc<str>, SubState>>,
+    commands: mpsc::UnboundedSender<SubCmd>,
+    relay_up: AtomicBool,
+    commands_up: AtomicBool,
+}
+
 /// Broker relaying through Redis.
-pub struct RedisBroker;
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(redact_url(&e.to_string()))
+}
+
+/// How long a join waits for its room's subscription while Redis is away.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
+/// Bound on any single Redis command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reconnect backoff: first delay and cap (full jitter below the cap).
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
 impl RedisBroker {
-    /// Connect and start the subscriber task.
+    /// Set up the broker and start its relay and health tasks on `tasks`;
+    /// they stop with `stop`. Redis need not be up yet: the node starts
+    /// not ready and connects when Redis appears.
     pub async fn start(
-        _url: &str,
-        _settings: Settings,
-        _rooms: Arc<Rooms>,
-        _metrics: Arc<Metrics>,
-        _stop: CancellationToken,
-        _tasks: &TaskTracker,
-    ) -> Result<std::sync::Arc<dyn super::Broker>, BrokerError> {
-        Err(BrokerError::Unavailable("redis relay not built yet".into()))
+        url: &str,
+        settings: Settings,
+        rooms: Arc<Rooms>,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<Arc<dyn Broker>, BrokerError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_min_delay(BACKOFF_BASE)
+            .set_max_delay(BACKOFF_CAP);
+        let conn =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            client,
+            conn,
+            publish: Script::new(PUBLISH_LUA),
+            history: Script::new(HISTORY_LUA),
+            settings,
+            rooms,
+            metrics,
+            subs: Mutex::new(HashMap::new()),
+            commands,
+            relay_up: AtomicBool::new(false),
+            commands_up: AtomicBool::new(false),
+        });
+        inner.metrics.broker_up.set(0);
+        tasks.spawn(relay(inner.clone(), command_rx, stop.clone()));
+        tasks.spawn(health(inner.clone(), stop));
+        Ok(Arc::new(RedisBroker { inner }))
+    }
+}
+
+impl Inner {
+    fn subs(&self) -> MutexGuard<'_, HashMap<Arc<str>, SubState>> {
+        self.subs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_relay_up(&self, up: bool) {
+        self.relay_up.store(up, Ordering::Release);
+        self.update_up();
+    }
+
+    fn update_up(&self) {
+        let up = self.is_up();
+        self.metrics.broker_up.set(i64::from(up));
+    }
+
+    fn is_up(&self) -> bool {
+        self.relay_up.load(Ordering::Acquire) && self.commands_up.load(Ordering::Acquire)
+    }
+
+    fn ttl_secs(&self) -> u64 {
+        self.settings.history_ttl.as_secs().max(1)
+    }
+
+    async fn read_log(&self, room: &str, since: Option<u64>) -> Result<Log, BrokerError> {
+        let [seq, epoch, log] = keys(room);
+        let mut conn = self.conn.clone();
+        let mut call = self.history.prepare_invoke();
+        call.key(seq)
+            .key(epoch)
+            .key(log)
+            .arg(since.map_or(-1, |s| s as i64))
+            .arg(new_epoch())
+            .arg(self.ttl_secs());
+        let value: Value = tokio::time::timeout(COMMAND_TIMEOUT, call.invoke_async(&mut conn))
+            .await
+            .map_err(|_| unavailable("redis timed out"))?
+            .map_err(unavailable)?;
+        parse_log(value).ok_or_else(|| unavailable("unexpected reply from the history script"))
+    }
+
+    /// Deliver what the log holds after `last` (in `epoch`) for `room`;
+    /// before `before` when given. Returns how many were delivered.
+    async fn fill(&self, room: &str, epoch: &str, last: u64, before: Option<u64>) -> u64 {
+        let log = match self.read_log(room, Some(last)).await {
+            Ok(log) => log,
+            Err(e) => {
+                warn!(room, error = %e, "cannot read history to fill a relay gap");
+                return 0;
+            }
+        };
+        let (entries, log_epoch) = if &*log.epoch == epoch {
+            if !covers(
+                Since {
+                    seq: last,
+                    epoch: None,
+                },
+                &log.epoch,
+                log.oldest,
+                log.latest,
+            ) {
+                warn!(room, last, oldest = ?log.oldest, "relay gap is older than the history");
+            }
+            (log.entries, log.epoch)
+        } else {
+            // A new epoch: everything its log holds is new to this node.
+            match self.read_log(room, Some(0)).await {
+                Ok(all) => (all.entries, all.epoch),
+                Err(_) => return 0,
+            }
+        };
+        let mut n = 0;
+        for (seq, frame) in entries {
+            if before.is_some_and(|b| seq >= b) {
+                break;
+            }
+            self.rooms.deliver(room, &log_epoch, seq, &frame);
+            n += 1;
+        }
+        self.metrics.gaps_filled.inc_by(n);
+        n
+    }
+
+    async fn on_message(&self, msg: redis::Msg) {
+        let Some(room) = msg.get_channel_name().strip_prefix(CHANNEL_PREFIX) else {
+            return;
+        };
+        let Some((epoch, seq, frame)) = parse_relay(msg.get_payload_bytes()) else {
+            warn!(room, "malformed relay message ignored");
+            return;
+        };
+        self.metrics.relayed_in.inc();
+        if let Some((known, last)) = self.rooms.position(room) {
+            if &*known == epoch && seq > last + 1 {
+                let filled = self.fill(room, epoch, last, Some(seq)).await;
+                debug!(room, last, seq, filled, "relay gap filled from history");
+            }
+        }
+        self.rooms.deliver(room, epoch, seq, &frame);
+    }
+}
+
+fn parse_relay(payload: &[u8]) -> Option<(&str, u64, Utf8Bytes)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let (epoch, rest) = text.split_once(' ')?;
+    let (seq, frame) = rest.split_once(' ')?;
+    Some((epoch, seq.parse().ok()?, Utf8Bytes::from(frame.to_owned())))
+}
+
+fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+fn as_string(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn parse_log(value: Value) -> Option<Log> {
+    let Value::Array(items) = value else {
+        return None;
+    };
+    let mut items = items.into_iter();
+    let epoch = as_string(items.next()?)?;
+    let latest = as_u64(&items.next()?)?;
+    let oldest = match items.next()? {
+        Value::Int(n) if n >= 0 => Some(n as u64),
+        _ => None,
+    };
+    let mut entries = Vec::new();
+    while let (Some(id), Some(frame)) = (items.next(), items.next()) {
+        let id = as_string(id)?;
+        let seq = id.split('-').next()?.parse().ok()?;
+        entries.push((seq, Utf8Bytes::from(as_string(frame)?)));
+    }
+    Some(Log {
+        epoch: Arc::from(epoch),
+        latest,
+        oldest,
+        entries,
+    })
+}
+
+fn jittered(backoff: Duration) -> Duration {
+    let ms = backoff.as_millis().max(1) as u64;
+    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
+}
+
+/// The relay task: holds the pub/sub connection, applies subscription
+/// changes in the order they were made, and forwards messages to the rooms.
+async fn relay(
+    inner: Arc<Inner>,
+    mut commands: mpsc::UnboundedReceiver<SubCmd>,
+    stop: CancellationToken,
+) {
+    let mut backoff = BACKOFF_BASE;
+    let mut connected_before = false;
+    loop {
+        let pubsub = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(COMMAND_TIMEOUT, inner.client.get_async_pubsub()) => r,
+        };
+        let (mut sink, mut stream) = match pubsub {
+            Ok(Ok(ps)) => ps.split(),
+            Ok(Err(e)) => {
+                debug!(error = %redact_url(&e.to_string()), "redis relay connect failed");
+                sleep_backoff(&mut backoff, &stop).await;
+                continue;
+            }
+            Err(_) => {
+                sleep_backoff(&mut backoff, &stop).await;
+                continue;
+            }
+        };
+        // The subscription map is the truth: queued commands are already
+        // reflected in it.
+        while commands.try_recv().is_ok() {}
+        let rooms: Vec<Arc<str>> = inner.subs().keys().cloned().collect();
+        if let Err(e) = subscribe_all(&mut sink, &rooms).await {
+            warn!(error = %redact_url(&e.to_string()), "redis re-subscribe failed");
+            sleep_backoff(&mut backoff, &stop).await;
+            continue;
+        }
+        backoff = BACKOFF_BASE;
+        inner.set_relay_up(true);
+        for state in inner.subs().values() {
+            state.ready.send_replace(true);
+        }
+        inner.metrics.subscriptions.set(rooms.len() as i64);
+        if connected_before {
+            inner.metrics.broker_reconnects.inc();
+            info!(rooms = rooms.len(), "redis relay reconnected; catching up");
+            for room in &rooms {
+                if let Some((epoch, last)) = inner.rooms.position(room) {
+                    inner.fill(room, &epoch, last, None).await;
+                }
+            }
+        } else {
+            info!("redis relay connected");
+        }
+        connected_before = true;
+
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                cmd = commands.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    if let Err(e) = apply(&inner, &mut sink, cmd).await {
+                        warn!(error = %redact_url(&e.to_string()), "redis subscription change failed");
+                        break;
+                    }
+                }
+                msg = stream.next() => match msg {
+                    Some(msg) => inner.on_message(msg).await,
+                    None => break,
+                },
+            }
+        }
+        warn!("redis relay connection lost; reconnecting");
+        inner.set_relay_up(false);
+        for state in inner.subs().values() {
+            state.ready.send_replace(false);
+        }
+    }
+}
+
+async fn sleep_backoff(backoff: &mut Duration, stop: &CancellationToken) {
+    let delay = jittered(*backoff);
+    *backoff = (*backoff * 2).min(BACKOFF_CAP);
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = tokio::time::sleep(delay) => {}
+    }
+}
+
+async fn subscribe_all(sink: &mut PubSubSink, rooms: &[Arc<str>]) -> redis::RedisResult<()> {
+    for chunk in rooms.chunks(500) {
+        let channels: Vec<String> = chunk.iter().map(|r| channel(r)).collect();
+        tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(channels))
+            .await
+            .map_err(|_| {
+                redis::RedisError::from((redis::ErrorKind::Io, "subscribe timed out"))
+            })??;
+    }
+    Ok(())
+}
+
+async fn apply(inner: &Inner, sink: &mut PubSubSink, cmd: SubCmd) -> redis::RedisResult<()> {
+    let timed_out = || redis::RedisError::from((redis::ErrorKind::Io, "redis timed out"));
+    match cmd {
+        SubCmd::Subscribe(room) => {
+            tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(channel(&room)))
+                .await
+                .map_err(|_| timed_out())??;
+            if let Some(state) = inner.subs().get(&room) {
+                state.ready.send_replace(true);
+            }
+        }
+        SubCmd::Unsubscribe(room) => {
+            tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(channel(&room)))
+                .await
+                .map_err(|_| timed_out())??;
+        }
+    }
+    inner.metrics.subscriptions.set(inner.subs().len() as i64);
+    Ok(())
+}
+
+/// Checks the command connection every second.
+async fn health(inner: Arc<Inner>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut conn = inner.conn.clone();
+        let ok = matches!(
+            tokio::time::timeout(
+                COMMAND_TIMEOUT,
+                redis::cmd("PING").query_async::<String>(&mut conn)
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        let was = inner.commands_up.swap(ok, Ordering::AcqRel);
+        if was != ok {
+            if ok {
+                info!("redis reachable");
+            } else {
+                warn!("redis unreachable");
+            }
+        }
+        inner.update_up();
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish<'a>(
+        &'a self,
+        room: &'a str,
+        parts: MessageParts,
+    ) -> BoxFut<'a, Result<u64, BrokerError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let [seq, epoch, log] = keys(room);
+            let mut call = inner.publish.prepare_invoke();
+            call.key(seq)
+                .key(epoch)
+                .key(log)
+                .arg(parts.head())
+                .arg(parts.tail())
+                .arg(inner.settings.history)
+                .arg(new_epoch())
+                .arg(inner.ttl_secs())
+                .arg(channel(room));
+            let mut conn = inner.conn.clone();
+            let seq: u64 = tokio::time::timeout(COMMAND_TIMEOUT, call.invoke_async(&mut conn))
+                .await
+                .map_err(|_| unavailable("redis timed out"))?
+                .map_err(unavailable)?;
+            Ok(seq)
+        })
+    }
+
+    fn subscribe<'a>(&'a self, room: &'a str) -> BoxFut<'a, Result<(), BrokerError>> {
+        let mut ready = {
+            let mut subs = self.inner.subs();
+            let key: Arc<str> = Arc::from(room);
+            let state = subs.entry(key.clone()).or_insert_with(|| SubState {
+                refs: 0,
+                ready: watch::channel(false).0,
+            });
+            state.refs += 1;
+            if state.refs == 1 {
+                let _ = self.inner.commands.send(SubCmd::Subscribe(key));
+            }
+            state.ready.subscribe()
+        };
+        Box::pin(async move {
+            let wait = tokio::time::timeout(SUBSCRIBE_WAIT, ready.wait_for(|r| *r)).await;
+            match wait {
+                Ok(Ok(_)) => Ok(()),
+                _ => {
+                    self.unsubscribe(room);
+                    Err(unavailable("redis subscription not available"))
+                }
+            }
+        })
+    }
+
+    fn unsubscribe(&self, room: &str) {
+        let mut subs = self.inner.subs();
+        let Some(state) = subs.get_mut(room) else {
+            return;
+        };
+        state.refs = state.refs.saturating_sub(1);
+        if state.refs == 0 {
+            if let Some((key, _)) = subs.remove_entry(room) {
+                let _ = self.inner.commands.send(SubCmd::Unsubscribe(key));
+            }
+        }
+    }
+
+    fn history<'a>(
+        &'a self,
+        room: &'a str,
+        since: Option<Since<'a>>,
+    ) -> BoxFut<'a, Result<RoomHistory, BrokerError>> {
+        Box::pin(async move {
+            let log = self.inner.read_log(room, since.map(|s| s.seq)).await?;
+            let mut out = RoomHistory {
+                epoch: log.epoch.clone(),
+                latest: log.latest,
+                recovered: false,
+                frames: Vec::new(),
+            };
+            if let Some(since) = since {
+                if covers(since, &log.epoch, log.oldest, log.latest) {
+                    out.recovered = true;
+                    out.frames = log
+                        .entries
+                        .into_iter()
+                        .filter(|(s, _)| *s > since.seq && *s <= log.latest)
+                        .map(|(_, f)| f)
+                        .collect();
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn is_up(&self) -> bool {
+        self.inner.is_up()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_payload_parses() {
+        let (epoch, seq, frame) = parse_relay(b"abc 42 {\"x\":\"a b\"}").unwrap();
+        assert_eq!(epoch, "abc");
+        assert_eq!(seq, 42);
+        assert_eq!(frame.as_str(), "{\"x\":\"a b\"}");
+        assert!(parse_relay(b"abc x {}").is_none());
+        assert!(parse_relay(b"abc").is_none());
+    }
+
+    #[test]
+    fn keys_share_a_hash_tag() {
+        let [a, b, c] = keys("team.1");
+        for k in [&a, &b, &c] {
+            assert!(k.contains("{team.1}"), "{k}");
+        }
+        assert_eq!(channel("team.1"), "wsgate:room:team.1");
+    }
+
+    #[test]
+    fn log_reply_parses() {
+        let v = Value::Array(vec![
+            Value::BulkString(b"ep".to_vec()),
+            Value::Int(5),
+            Value::Int(3),
+            Value::BulkString(b"4-0".to_vec()),
+            Value::BulkString(b"f4".to_vec()),
+            Value::BulkString(b"5-0".to_vec()),
+            Value::BulkString(b"f5".to_vec()),
+        ]);
+        let log = parse_log(v).unwrap();
+        assert_eq!(&*log.epoch, "ep");
+        assert_eq!((log.latest, log.oldest), (5, Some(3)));
+        let seqs: Vec<u64> = log.entries.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, [4, 5]);
+        let empty = Value::Array(vec![
+            Value::BulkString(b"ep".to_vec()),
+            Value::Int(0),
+            Value::Int(-1),
+        ]);
+        assert_eq!(parse_log(empty).unwrap().oldest, None);
+    }
+
+    #[test]
+    fn backoff_jitter_stays_within_bounds() {
+        for _ in 0..100 {
+            let d = jittered(Duration::from_millis(400));
+            assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(400));
+        }
     }
 }

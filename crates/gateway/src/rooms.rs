@@ -30,6 +30,11 @@ type Pending = Vec<(u64, Utf8Bytes)>;
 struct Member {
     conn: Arc<ConnHandle>,
     pending: Option<Pending>,
+    /// The seq this member's `joined` reported (or its replay reached):
+    /// live messages at or below it were already sent or predate the join.
+    /// With Redis, a message published just before the join's history read
+    /// can reach the relay after the member went live.
+    after: u64,
 }
 
 #[derive(Default)]
@@ -106,6 +111,7 @@ impl Rooms {
             state.members.push(Member {
                 conn: conn.clone(),
                 pending: Some(Vec::new()),
+                after: 0,
             });
             true
         }
@@ -126,6 +132,7 @@ impl Rooms {
             .iter_mut()
             .find(|m| Arc::ptr_eq(&m.conn, conn))
         {
+            m.after = if same_epoch { after } else { 0 };
             let mut sent = 0;
             for (seq, frame) in m.pending.take().unwrap_or_default() {
                 if !same_epoch || seq > after {
@@ -183,6 +190,7 @@ impl Rooms {
                     .to_json(),
                 );
                 for m in &mut state.members {
+                    m.after = 0;
                     match &mut m.pending {
                         // A pending member learns the epoch from its `joined`.
                         Some(p) => p.clear(),
@@ -200,6 +208,7 @@ impl Rooms {
         for m in &mut state.members {
             match &mut m.pending {
                 Some(p) => p.push((seq, frame.clone())),
+                None if seq <= m.after => {}
                 None => sent += u64::from(m.conn.send(frame.clone())),
             }
         }
@@ -261,6 +270,18 @@ mod tests {
         rooms.go_live("r", &c, Some(("e", 5)));
         rooms.deliver("r", "e", 7, &Utf8Bytes::from("m7"));
         assert_eq!(texts(&mut rx), ["m6", "m7"]);
+    }
+
+    #[test]
+    fn a_late_relay_message_already_covered_by_the_join_is_not_sent_again() {
+        let (rooms, m) = setup();
+        let (c, mut rx) = conn(&m);
+        rooms.add_pending("r", &c);
+        // joined reported seq 8 (replay up to 8); seq 8 reaches the relay late.
+        rooms.go_live("r", &c, Some(("e", 8)));
+        rooms.deliver("r", "e", 8, &Utf8Bytes::from("m8"));
+        rooms.deliver("r", "e", 9, &Utf8Bytes::from("m9"));
+        assert_eq!(texts(&mut rx), ["m9"]);
     }
 
     #[test]

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The whole wsgate test suite, as CI runs it. Installs what it needs when
+# missing (redis-server here; nginx, prometheus, chromium, node packages in
+# the sub-suites), then runs: format and lint checks, every Rust test of the
+# workspace (unit, integration against real redis-server, doc tests), and the
+# deployment and browser sub-suites against the release binary.
+#
+#   scripts/test.sh            everything
+#   scripts/test.sh --rust     only the Rust checks and tests
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+only_rust=false
+[ "${1:-}" = "--rust" ] && only_rust=true
+
+apt_updated=false
+apt_install() {
+  if ! $apt_updated; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+    apt_updated=true
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+command -v redis-server >/dev/null || apt_install redis-server
+command -v cargo >/dev/null || { echo "cargo is required (rustup)"; exit 2; }
+
+failed=()
+passed=()
+step() {
+  local name=$1; shift
+  echo "==> $name"
+  if "$@"; then passed+=("$name"); else failed+=("$name"); echo "!!! $name failed"; fi
+}
+
+step "cargo fmt" cargo fmt --all -- --check
+step "cargo clippy" cargo clippy --workspace --all-targets --quiet -- -D warnings
+step "cargo test" cargo test --workspace
+if ! $only_rust; then
+  if cargo build --release -p wsgate --quiet; then
+    export WSGATE_BIN="$PWD/target/release/wsgate"
+    for suite in tests/deploy tests/browser; do
+      [ -f "$suite/run.sh" ] && step "$suite" bash "$suite/run.sh"
+    done
+  else
+    failed+=("release build")
+  fi
+fi
+
+echo
+echo "passed: ${passed[*]:-none}"
+[ ${#failed[@]} -gt 0 ] && echo "failed: ${failed[*]}"
+echo "suites: ${#passed[@]} passed, ${#failed[@]} failed"
+[ ${#failed[@]} -eq 0 ]

@@ -1,6 +1,8 @@
 //! The Redis relay against a real redis-server: cross-node delivery, total
 //! order, resume on another node, subscription bookkeeping, and Redis faults.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use serde_json::json;
 use wsgate_testkit::{any_token, eventually, http, http_get, messages, Node, Redis, TcpProxy, Ws};
 

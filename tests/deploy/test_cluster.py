@@ -93,6 +93,21 @@ def test_origin_passes_through_nginx(cluster):
     assert "403" in str(exc.value)
 
 
+def test_gateway_logs_the_client_address_forwarded_by_nginx(cluster):
+    """nginx's X-Forwarded-For reaches the gateway: its log lines for a
+    connection made through nginx name the client's own address, not nginx's."""
+    source = "127.0.0.9"
+    c = cluster.client("lou", source=source)
+    conn, node_id = c.welcome["conn"], c.node
+    c.close()
+    node = next(n for n in cluster.nodes if n.node_id == node_id)
+
+    def lines():
+        return [ln for ln in node.proc.log.read_text(errors="replace").splitlines() if conn in ln]
+    found = wait_for(f"a log line of {conn} on {node_id}", lines, timeout=10)
+    assert any(source in ln for ln in found), found
+
+
 def test_ops_endpoints_are_not_proxied(cluster):
     status, _, body = http_get(cluster.nginx_http + "/metrics")
     assert not (status == 200 and b"wsgate_" in body), "/metrics must not be reachable through nginx"

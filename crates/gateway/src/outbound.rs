@@ -8,23 +8,15 @@
 //! else waits for a client that does not read. The connection's writer task
 //! drains the queue in batches.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-
-/// An item for the writer task.
-#[derive(Debug)]
-pub enum Outgoing {
-    /// A text frame.
-    Text(Utf8Bytes),
-    /// A WebSocket Ping (heartbeat).
-    Ping,
-}
 
 /// Why and how the server closes a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,11 +27,21 @@ pub struct CloseReason {
     pub reason: &'static str,
 }
 
+/// Frames waiting for the writer. A plain deque under a lock rather than a
+/// channel: it allocates nothing until used, which matters for the memory
+/// of idle connections.
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Utf8Bytes>,
+    ping: bool,
+}
+
 /// The sending side of one connection.
 #[derive(Debug)]
 pub struct ConnHandle {
     id: Box<str>,
-    tx: mpsc::UnboundedSender<Outgoing>,
+    queue: Mutex<Queue>,
+    wake: Notify,
     queued: AtomicUsize,
     max: usize,
     close: OnceLock<CloseReason>,
@@ -48,23 +50,26 @@ pub struct ConnHandle {
 }
 
 impl ConnHandle {
-    /// A handle and the receiver its writer task drains.
+    /// A handle whose queue holds at most `max_bytes` of unwritten frames.
     pub fn new(
         id: impl Into<Box<str>>,
         max_bytes: usize,
         metrics: Arc<Metrics>,
-    ) -> (Arc<ConnHandle>, mpsc::UnboundedReceiver<Outgoing>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let handle = ConnHandle {
+    ) -> Arc<ConnHandle> {
+        Arc::new(ConnHandle {
             id: id.into(),
-            tx,
+            queue: Mutex::new(Queue::default()),
+            wake: Notify::new(),
             queued: AtomicUsize::new(0),
             max: max_bytes,
             close: OnceLock::new(),
             closing: CancellationToken::new(),
             metrics,
-        };
-        (Arc::new(handle), rx)
+        })
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The connection id.
@@ -90,16 +95,44 @@ impl ConnHandle {
             }
             return false;
         }
-        if self.tx.send(Outgoing::Text(frame)).is_err() {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
-            return false;
+        let was_empty = {
+            let mut q = self.queue();
+            let was_empty = q.frames.is_empty();
+            q.frames.push_back(frame);
+            was_empty
+        };
+        if was_empty {
+            self.wake.notify_one();
         }
         true
     }
 
     /// Queue a WebSocket Ping.
     pub fn ping(&self) {
-        let _ = self.tx.send(Outgoing::Ping);
+        self.queue().ping = true;
+        self.wake.notify_one();
+    }
+
+    /// Wait for queued frames, then move them all into `batch` (which must
+    /// be empty; its allocation is kept for the next turn). Returns whether
+    /// a Ping is due too.
+    pub async fn take(&self, batch: &mut VecDeque<Utf8Bytes>) -> bool {
+        loop {
+            if let Some(ping) = self.try_take(batch) {
+                return ping;
+            }
+            self.wake.notified().await;
+        }
+    }
+
+    /// [`take`](Self::take) without waiting: `None` when nothing is queued.
+    pub fn try_take(&self, batch: &mut VecDeque<Utf8Bytes>) -> Option<bool> {
+        let mut q = self.queue();
+        if q.frames.is_empty() && !q.ping {
+            return None;
+        }
+        std::mem::swap(&mut q.frames, batch);
+        Some(std::mem::take(&mut q.ping))
     }
 
     /// The writer wrote `len` bytes of queued frames to the socket.
@@ -135,8 +168,8 @@ impl ConnHandle {
 mod tests {
     use super::*;
 
-    fn handle(max: usize) -> (Arc<ConnHandle>, mpsc::UnboundedReceiver<Outgoing>) {
-        ConnHandle::new("c-1", max, Arc::new(Metrics::new("t")))
+    fn handle(max: usize) -> (Arc<ConnHandle>, ()) {
+        (ConnHandle::new("c-1", max, Arc::new(Metrics::new("t"))), ())
     }
 
     #[test]
@@ -171,6 +204,21 @@ mod tests {
         h.written(10);
         assert!(h.send(Utf8Bytes::from("0123456789")));
         assert!(h.close_reason().is_none());
+    }
+
+    #[tokio::test]
+    async fn take_moves_everything_queued_in_order() {
+        let (h, _) = handle(100);
+        h.send(Utf8Bytes::from("a"));
+        h.send(Utf8Bytes::from("b"));
+        h.ping();
+        let mut batch = VecDeque::new();
+        assert!(h.take(&mut batch).await, "ping due");
+        assert_eq!(batch, ["a", "b"]);
+        batch.clear();
+        h.send(Utf8Bytes::from("c"));
+        assert!(!h.take(&mut batch).await);
+        assert_eq!(batch, ["c"]);
     }
 
     #[test]

@@ -239,24 +239,22 @@ impl Rooms {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbound::Outgoing;
-    use tokio::sync::mpsc::UnboundedReceiver;
+    use std::collections::VecDeque;
 
     fn setup() -> (Rooms, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new("t"));
         (Rooms::new(metrics.clone()), metrics)
     }
 
-    fn conn(m: &Arc<Metrics>) -> (Arc<ConnHandle>, UnboundedReceiver<Outgoing>) {
-        ConnHandle::new("c", 1 << 20, m.clone())
+    fn conn(m: &Arc<Metrics>) -> (Arc<ConnHandle>, Arc<ConnHandle>) {
+        let h = ConnHandle::new("c", 1 << 20, m.clone());
+        (h.clone(), h)
     }
 
-    fn texts(rx: &mut UnboundedReceiver<Outgoing>) -> Vec<String> {
-        let mut out = vec![];
-        while let Ok(Outgoing::Text(t)) = rx.try_recv() {
-            out.push(t.as_str().to_owned());
-        }
-        out
+    fn texts(h: &mut Arc<ConnHandle>) -> Vec<String> {
+        let mut batch = VecDeque::new();
+        h.try_take(&mut batch);
+        batch.iter().map(|t| t.as_str().to_owned()).collect()
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! a close reason on the handle; the writer then sends the Close frame.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,7 +16,6 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::{debug, info, Instrument};
 use wsgate_protocol::server::Id;
@@ -27,13 +26,11 @@ use wsgate_protocol::{
 
 use crate::auth::Claims;
 use crate::broker::Since;
-use crate::outbound::{CloseReason, ConnHandle, Outgoing};
+use crate::outbound::{CloseReason, ConnHandle};
 use crate::App;
 
 /// How long a closing connection waits for the client's Close reply.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
-/// Frames the writer takes from the queue per batch (one flush per batch).
-const WRITE_BATCH: usize = 128;
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
@@ -98,7 +95,7 @@ pub(crate) async fn serve(ws: WebSocket, app: Arc<App>, claims: Claims, remote: 
 }
 
 async fn run(ws: WebSocket, app: Arc<App>, claims: Claims, conn_id: String) {
-    let (handle, rx) = ConnHandle::new(
+    let handle = ConnHandle::new(
         conn_id.clone(),
         app.config.max_outbound_bytes,
         app.metrics.clone(),
@@ -113,7 +110,7 @@ async fn run(ws: WebSocket, app: Arc<App>, claims: Claims, conn_id: String) {
     }
     info!("connection opened");
     let (sink, stream) = ws.split();
-    let writer = tokio::spawn(write_loop(sink, rx, handle.clone(), app.clone()).in_current_span());
+    let writer = tokio::spawn(write_loop(sink, handle.clone(), app.clone()).in_current_span());
     let mut session = Session {
         bucket: Bucket::new(app.config.publish_rate, app.config.publish_burst),
         expires: expiry_instant(claims.exp, app.config.verifier.leeway()),
@@ -153,23 +150,19 @@ fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
 /// then sends the Close frame if the server is the one closing.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut rx: UnboundedReceiver<Outgoing>,
     handle: Arc<ConnHandle>,
     app: Arc<App>,
 ) {
-    let mut batch = Vec::new();
+    let mut batch = VecDeque::new();
     loop {
         tokio::select! {
             biased;
             _ = handle.closing().cancelled() => break,
-            n = rx.recv_many(&mut batch, WRITE_BATCH) => {
-                if n == 0 {
-                    break;
-                }
+            ping = handle.take(&mut batch) => {
                 let written = tokio::select! {
                     biased;
                     _ = handle.closing().cancelled() => break,
-                    r = write_batch(&mut sink, &mut batch, &handle) => r,
+                    r = write_batch(&mut sink, &mut batch, ping, &handle) => r,
                 };
                 if written.is_err() {
                     handle.closing().cancel();
@@ -194,18 +187,17 @@ async fn write_loop(
 
 async fn write_batch(
     sink: &mut SplitSink<WebSocket, Message>,
-    batch: &mut Vec<Outgoing>,
+    batch: &mut VecDeque<Utf8Bytes>,
+    ping: bool,
     handle: &ConnHandle,
 ) -> Result<(), axum::Error> {
-    for item in batch.drain(..) {
-        match item {
-            Outgoing::Text(text) => {
-                let len = text.len();
-                sink.feed(Message::Text(text)).await?;
-                handle.written(len);
-            }
-            Outgoing::Ping => sink.feed(Message::Ping(bytes::Bytes::new())).await?,
-        }
+    if ping {
+        sink.feed(Message::Ping(bytes::Bytes::new())).await?;
+    }
+    while let Some(text) = batch.pop_front() {
+        let len = text.len();
+        sink.feed(Message::Text(text)).await?;
+        handle.written(len);
     }
     sink.flush().await
 }

@@ -1,0 +1,443 @@
+//! `wsgate client`: connect, join rooms, print every event as one JSON line
+//! on stdout, and publish each line read from stdin.
+//!
+//! Input lines are `ROOM JSON` (publish `JSON` to `ROOM`) or plain `JSON`
+//! (publish to the first `--room`); empty lines are skipped. Each publish is
+//! answered by an `ack` line (`{"event":"ack","line":N,"room":..,"seq":..}`)
+//! or an `error` line carrying the input line number. The tool reconnects by
+//! itself (printing `disconnected`, `reconnecting`, `connected`, `resumed`
+//! and `gap` events) and stops on SIGINT or SIGTERM, or, with
+//! `--exit-on-eof`, once stdin ends and every publish is answered.
+//!
+//! ```text
+//! $ wsgate client --url ws://127.0.0.1:8080/ws --token "$TOKEN" --room lobby
+//! {"event":"connected","url":"ws://127.0.0.1:8080/ws","node":"n1","conn":"c-1a0","user":"alice","heartbeat_ms":30000}
+//! {"event":"joined","room":"lobby","seq":0,"epoch":"k3Xb","recovered":null}
+//! {"text":"hi"}
+//! {"event":"ack","line":1,"room":"lobby","seq":1}
+//! {"event":"message","room":"lobby","seq":1,"from":"alice","data":{"text":"hi"},"ts":1764043200123}
+//! ```
+
+use std::future::Future;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use serde_json::json;
+use serde_json::value::RawValue;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+use tokio::sync::mpsc;
+
+use crate::{Backoff, Client, ClientConfig, ClientError, TokenSource};
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 2m)"))
+}
+
+/// Flags of `wsgate client`.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// WebSocket URL of a node's /ws endpoint; repeat (or comma-separate)
+    /// for fail-over, tried round-robin.
+    #[arg(
+        long = "url",
+        env = "WSGATE_URL",
+        value_delimiter = ',',
+        required = true,
+        value_name = "URL"
+    )]
+    pub urls: Vec<String>,
+    /// The JWT, sent as `Authorization: Bearer`.
+    #[arg(
+        long,
+        env = "WSGATE_TOKEN",
+        hide_env_values = true,
+        required_unless_present = "token_command"
+    )]
+    pub token: Option<String>,
+    /// A shell command that prints a fresh JWT; run at connect, before
+    /// reconnecting after the token expired (4001), and before `exp` to
+    /// refresh the open connection.
+    #[arg(long, env = "WSGATE_TOKEN_COMMAND", conflicts_with = "token")]
+    pub token_command: Option<String>,
+    /// Room to join; repeat (or comma-separate) for several. Plain JSON
+    /// input lines are published to the first.
+    #[arg(
+        long = "room",
+        env = "WSGATE_ROOM",
+        value_delimiter = ',',
+        value_name = "ROOM"
+    )]
+    pub rooms: Vec<String>,
+    /// `Origin` header to send (when the gateway requires one).
+    #[arg(long, env = "WSGATE_ORIGIN")]
+    pub origin: Option<String>,
+    /// First reconnect delay ceiling (full jitter below it).
+    #[arg(long, env = "WSGATE_BACKOFF_BASE", default_value = "500ms", value_parser = duration)]
+    pub backoff_base: Duration,
+    /// Largest reconnect delay.
+    #[arg(long, env = "WSGATE_BACKOFF_CAP", default_value = "30s", value_parser = duration)]
+    pub backoff_cap: Duration,
+    /// PEM file of extra root certificates for wss:// (for example a
+    /// private CA or a self-signed development certificate).
+    #[cfg(feature = "tls")]
+    #[arg(long, env = "WSGATE_CA_CERT", value_name = "PEM")]
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// Close and exit once stdin ends and every publish is answered
+    /// (default: keep printing events until SIGINT or SIGTERM).
+    #[arg(long, env = "WSGATE_EXIT_ON_EOF")]
+    pub exit_on_eof: bool,
+}
+
+impl ClientArgs {
+    /// The client configuration these flags describe.
+    pub fn config(&self) -> anyhow::Result<ClientConfig> {
+        let token = match (&self.token, &self.token_command) {
+            (_, Some(cmd)) => command_token_source(cmd.clone()),
+            (Some(t), None) => TokenSource::Static(t.trim().to_owned()),
+            (None, None) => anyhow::bail!("give --token or --token-command"),
+        };
+        let mut config = ClientConfig::new(self.urls.clone(), token);
+        config.origin = self.origin.clone();
+        config.backoff = Backoff::new(self.backoff_base, self.backoff_cap);
+        #[cfg(feature = "tls")]
+        if let Some(path) = &self.ca_cert {
+            config.tls = Some(tls_config(path)?);
+        }
+        config.validate()?;
+        for room in &self.rooms {
+            if !wsgate_protocol::is_valid_room(room) {
+                return Err(ClientError::InvalidRoom(room.clone()).into());
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// A token source running `sh -c CMD` and taking its trimmed stdout.
+fn command_token_source(cmd: String) -> TokenSource {
+    let cmd = Arc::new(cmd);
+    TokenSource::callback(move || {
+        let cmd = cmd.clone();
+        async move {
+            let out = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd.as_str())
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .await?;
+            if !out.status.success() {
+                return Err(format!("--token-command exited with {}", out.status).into());
+            }
+            let token = String::from_utf8(out.stdout)?.trim().to_owned();
+            if token.is_empty() {
+                return Err("--token-command printed nothing".into());
+            }
+            Ok(token)
+        }
+    })
+}
+
+#[cfg(feature = "tls")]
+fn tls_config(path: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
+        let cert: rustls::pki_types::CertificateDer<'static> =
+            cert.with_context(|| format!("bad PEM in {}", path.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("unusable certificate in {}", path.display()))?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "no certificate in {}", path.display());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS set-up")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// What to publish for one input line.
+#[derive(Debug)]
+enum Input {
+    Skip,
+    Publish { room: String, data: Box<RawValue> },
+}
+
+/// `ROOM JSON`, or plain `JSON` for `default_room`.
+fn parse_line(line: &str, default_room: Option<&str>) -> Result<Input, String> {
+    let line = line.trim();
+    if line.is_empty() {
+        return Ok(Input::Skip);
+    }
+    if let Ok(data) = serde_json::from_str::<Box<RawValue>>(line) {
+        let room = default_room
+            .ok_or("no --room given: write `ROOM JSON` to choose the room")?
+            .to_owned();
+        return Ok(Input::Publish { room, data });
+    }
+    let Some((room, rest)) = line.split_once(char::is_whitespace) else {
+        return Err("expected `ROOM JSON` or a JSON value".into());
+    };
+    if !wsgate_protocol::is_valid_room(room) {
+        return Err(format!(
+            "not JSON, and {room:?} is not a room name (expected `ROOM JSON` or a JSON value)"
+        ));
+    }
+    let data = serde_json::from_str::<Box<RawValue>>(rest.trim())
+        .map_err(|e| format!("invalid JSON after room {room:?}: {e}"))?;
+    Ok(Input::Publish {
+        room: room.to_owned(),
+        data,
+    })
+}
+
+/// Run `wsgate client` on stdin and stdout until SIGINT/SIGTERM (or the end
+/// of stdin with `--exit-on-eof`).
+pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
+    let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    run_with(args, stdin, std::io::stdout(), shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Like [`run`], with the input, output and stop signal given (for tests
+/// and embedding).
+pub async fn run_with<R, W, S>(
+    args: ClientArgs,
+    input: R,
+    mut out: W,
+    stop: S,
+) -> anyhow::Result<()>
+where
+    R: AsyncBufRead + Unpin + Send + 'static,
+    W: Write,
+    S: Future<Output = ()>,
+{
+    let config = args.config()?;
+    let (client, mut events) = Client::connect(config).await?;
+    let mut emit = |v: serde_json::Value| -> anyhow::Result<()> {
+        writeln!(out, "{v}").context("cannot write to stdout")?;
+        out.flush().context("cannot write to stdout")
+    };
+    // Events (the `connected` one first) go out before the join answers.
+    while let Some(event) = events.try_next() {
+        emit(serde_json::to_value(&event)?)?;
+    }
+    for room in &args.rooms {
+        match client.join(room).await {
+            Ok(info) => emit(json!({
+                "event": "joined", "room": info.room, "seq": info.seq,
+                "epoch": info.epoch, "recovered": info.recovered,
+            }))?,
+            Err(e) => emit(error_json(None, Some(room), &e))?,
+        }
+    }
+    // Publishing runs beside the event loop; its answers come back here so
+    // that one writer prints every line.
+    let (answers_tx, mut answers) = mpsc::unbounded_channel::<serde_json::Value>();
+    let publisher = tokio::spawn(publish_lines(
+        client.clone(),
+        input,
+        args.rooms.first().cloned(),
+        answers_tx,
+    ));
+    let mut input_done = false;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                Some(event) => emit(serde_json::to_value(&event)?)?,
+                None => break,
+            },
+            answer = answers.recv(), if !input_done => match answer {
+                Some(v) => emit(v)?,
+                None => {
+                    input_done = true;
+                    if args.exit_on_eof {
+                        break;
+                    }
+                }
+            },
+            _ = &mut stop => break,
+        }
+    }
+    publisher.abort();
+    client.close().await;
+    while let Some(event) = events.try_next() {
+        emit(serde_json::to_value(&event)?)?;
+    }
+    Ok(())
+}
+
+/// Publish every input line in order, each after the previous one's answer.
+async fn publish_lines<R: AsyncBufRead + Unpin>(
+    client: Client,
+    input: R,
+    default_room: Option<String>,
+    answers: mpsc::UnboundedSender<serde_json::Value>,
+) {
+    let mut lines = input.lines();
+    let mut n: u64 = 0;
+    loop {
+        let line = match lines.next_line().await {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(e) => {
+                let _ = answers.send(json!({"event": "error", "code": "bad_input", "message": format!("cannot read stdin: {e}")}));
+                break;
+            }
+        };
+        n += 1;
+        let answer = match parse_line(&line, default_room.as_deref()) {
+            Ok(Input::Skip) => continue,
+            Ok(Input::Publish { room, data }) => match client.publish_raw(&room, data).await {
+                Ok(seq) => json!({"event": "ack", "line": n, "room": room, "seq": seq}),
+                Err(e) => error_json(Some(n), Some(&room), &e),
+            },
+            Err(message) => {
+                json!({"event": "error", "line": n, "code": "bad_input", "message": message})
+            }
+        };
+        if answers.send(answer).is_err() {
+            break;
+        }
+    }
+}
+
+fn error_json(line: Option<u64>, room: Option<&str>, e: &ClientError) -> serde_json::Value {
+    let code = match e {
+        ClientError::Server { code, .. } => code.as_str(),
+        ClientError::Disconnected => "disconnected",
+        ClientError::Timeout => "timeout",
+        ClientError::Closed | ClientError::Cancelled => "closed",
+        _ => "client_error",
+    };
+    let mut v = json!({"event": "error", "code": code, "message": e.to_string()});
+    if let Some(line) = line {
+        v["line"] = json!(line);
+    }
+    if let Some(room) = room {
+        v["room"] = json!(room);
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ClientArgs,
+    }
+
+    #[test]
+    fn flags_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_repeated_and_comma_separated_flags() {
+        let cli = Cli::try_parse_from([
+            "client",
+            "--url",
+            "ws://a/ws,ws://b/ws",
+            "--url",
+            "ws://c/ws",
+            "--token",
+            "t",
+            "--room",
+            "lobby",
+            "--room",
+            "x,y",
+            "--backoff-base",
+            "100ms",
+        ])
+        .unwrap();
+        assert_eq!(cli.args.urls, ["ws://a/ws", "ws://b/ws", "ws://c/ws"]);
+        assert_eq!(cli.args.rooms, ["lobby", "x", "y"]);
+        assert_eq!(cli.args.backoff_base, Duration::from_millis(100));
+        let config = cli.args.config().unwrap();
+        assert_eq!(config.urls.len(), 3);
+        assert_eq!(config.backoff.base(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn needs_a_url_and_a_token() {
+        assert!(Cli::try_parse_from(["client", "--token", "t"]).is_err());
+        assert!(Cli::try_parse_from(["client", "--url", "ws://a/ws"]).is_err());
+        assert!(Cli::try_parse_from([
+            "client",
+            "--url",
+            "ws://a/ws",
+            "--token",
+            "t",
+            "--token-command",
+            "echo t"
+        ])
+        .is_err());
+        let bad_room = Cli::try_parse_from([
+            "client",
+            "--url",
+            "ws://a/ws",
+            "--token",
+            "t",
+            "--room",
+            "a b",
+        ])
+        .unwrap();
+        assert!(bad_room.args.config().is_err());
+        let bad_url = Cli::try_parse_from(["client", "--url", "http://a", "--token", "t"]).unwrap();
+        assert!(bad_url.args.config().is_err());
+    }
+
+    fn publish(line: &str, default: Option<&str>) -> (String, String) {
+        match parse_line(line, default).unwrap() {
+            Input::Publish { room, data } => (room, data.get().to_owned()),
+            Input::Skip => panic!("skipped {line:?}"),
+        }
+    }
+
+    #[test]
+    fn input_lines() {
+        assert_eq!(
+            publish(r#"{"text":"hi"}"#, Some("lobby")),
+            ("lobby".into(), r#"{"text":"hi"}"#.into())
+        );
+        assert_eq!(
+            publish(r#"  team.1 {"a": [1, 2]} "#, Some("lobby")),
+            ("team.1".into(), r#"{"a": [1, 2]}"#.into())
+        );
+        assert_eq!(publish("r 42", None), ("r".into(), "42".into()));
+        assert_eq!(
+            publish(r#""just text""#, Some("l")),
+            ("l".into(), r#""just text""#.into())
+        );
+        assert!(matches!(parse_line("   ", None).unwrap(), Input::Skip));
+        assert!(parse_line(r#"{"a":1}"#, None).is_err(), "no default room");
+        assert!(parse_line("lobby", Some("l")).is_err());
+        assert!(parse_line("lobby hello there", Some("l")).is_err());
+        assert!(parse_line("bad/room {}", Some("l")).is_err());
+    }
+}

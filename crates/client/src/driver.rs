@@ -1,0 +1,989 @@
+//! The connection task behind a [`Client`](crate::Client): connects, runs
+//! one WebSocket session at a time, and reconnects with backoff.
+//!
+//! One task owns all state (rooms, pending requests, token, backoff); the
+//! `Client` handles talk to it through a command channel and the application
+//! hears from it through the event channel. Each session has a small writer
+//! task so that the reading side never waits on a socket write.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::value::RawValue;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tracing::debug;
+use wsgate_protocol::{close, ClientRequest, ErrorCode, ErrorFrame, Id, ServerFrame, Welcome};
+
+use crate::backoff::Backoff;
+use crate::config::{ClientConfig, TokenSource};
+use crate::error::ClientError;
+use crate::event::{Event, JoinInfo};
+use crate::jwt::jwt_exp;
+use crate::tracker::RoomTracker;
+
+type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
+
+/// A request from a [`Client`](crate::Client) handle.
+pub(crate) enum Command {
+    Join {
+        room: String,
+        resume: Option<(u64, Option<String>)>,
+        reply: Reply<JoinInfo>,
+    },
+    Leave {
+        room: String,
+        reply: Reply<()>,
+    },
+    Publish {
+        room: String,
+        data: Box<RawValue>,
+        reply: Reply<u64>,
+    },
+    Position {
+        room: String,
+        reply: oneshot::Sender<Option<(u64, String)>>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Whether the driver goes on.
+enum Flow {
+    Continue,
+    /// The application closed (with a reply to send when done), or every
+    /// handle was dropped.
+    Stop(Option<oneshot::Sender<()>>),
+}
+
+/// How a session ended.
+enum SessionEnd {
+    Dropped { code: Option<u16>, reason: String },
+    Stop(Option<oneshot::Sender<()>>),
+}
+
+/// Why a connection attempt failed.
+struct Failure {
+    status: Option<u16>,
+    reason: String,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// When to refresh a token expiring at `exp` (Unix seconds): `margin` before
+/// it, but never earlier than half its remaining life.
+pub(crate) fn refresh_delay(exp: u64, now_ms: u64, margin: Duration) -> Duration {
+    let remaining = Duration::from_millis(exp.saturating_mul(1000).saturating_sub(now_ms));
+    remaining.saturating_sub(margin.min(remaining / 2))
+}
+
+/// The cached token and whether it must be replaced before the next connect.
+struct Tokens {
+    source: TokenSource,
+    cached: Option<String>,
+    stale: bool,
+}
+
+impl Tokens {
+    /// The token for a connection attempt; calls the callback when there is
+    /// none yet, it was marked stale (4001, 401) or it has expired.
+    async fn for_connect(&mut self, limit: Duration) -> Result<String, Failure> {
+        let cb = match &self.source {
+            TokenSource::Static(t) => return Ok(t.clone()),
+            TokenSource::Callback(cb) => cb.clone(),
+        };
+        let expired = self
+            .cached
+            .as_deref()
+            .and_then(jwt_exp)
+            .is_some_and(|exp| exp.saturating_mul(1000) <= now_ms());
+        match &self.cached {
+            Some(t) if !self.stale && !expired => Ok(t.clone()),
+            _ => {
+                let token = match timeout(limit, cb()).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        return Err(Failure {
+                            status: None,
+                            reason: format!("token callback failed: {e}"),
+                        })
+                    }
+                    Err(_) => {
+                        return Err(Failure {
+                            status: None,
+                            reason: "token callback timed out".into(),
+                        })
+                    }
+                };
+                self.cached = Some(token.clone());
+                self.stale = false;
+                Ok(token)
+            }
+        }
+    }
+
+    fn is_callback(&self) -> bool {
+        matches!(self.source, TokenSource::Callback(_))
+    }
+}
+
+/// The state the application sees, kept across sessions.
+struct AppSide {
+    tracker: RoomTracker,
+    /// Application joins waiting for a `joined`, by room; kept across
+    /// reconnects (the re-join answers them).
+    waiters: HashMap<String, Vec<Reply<JoinInfo>>>,
+    events: UnboundedSender<Event>,
+}
+
+impl AppSide {
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    fn answer_waiters(&mut self, room: &str, result: impl Fn() -> Result<JoinInfo, ClientError>) {
+        for w in self.waiters.remove(room).unwrap_or_default() {
+            let _ = w.send(result());
+        }
+    }
+
+    /// A command while there is no connection.
+    fn offline(&mut self, cmd: Option<Command>) -> Flow {
+        let Some(cmd) = cmd else {
+            return Flow::Stop(None);
+        };
+        match cmd {
+            Command::Join {
+                room,
+                resume,
+                reply,
+            } => {
+                // Joined (with `since` when known) as soon as a connection is up.
+                self.tracker.want(&room, resume);
+                self.waiters.entry(room).or_default().push(reply);
+            }
+            Command::Leave { room, reply } => {
+                self.tracker.unwant(&room);
+                self.answer_waiters(&room, || Err(ClientError::Cancelled));
+                let _ = reply.send(Ok(()));
+            }
+            Command::Publish { reply, .. } => {
+                let _ = reply.send(Err(ClientError::Disconnected));
+            }
+            Command::Position { room, reply } => {
+                let _ = reply.send(self.position(&room));
+            }
+            Command::Close { reply } => return Flow::Stop(Some(reply)),
+        }
+        Flow::Continue
+    }
+
+    fn position(&self, room: &str) -> Option<(u64, String)> {
+        match self.tracker.position(room) {
+            Some((Some(seq), Some(epoch))) => Some((seq, epoch)),
+            _ => None,
+        }
+    }
+
+    /// Fail every waiting join (the client is closing).
+    fn close_all(&mut self) {
+        for (_, ws) in self.waiters.drain() {
+            for w in ws {
+                let _ = w.send(Err(ClientError::Closed));
+            }
+        }
+    }
+}
+
+/// A request sent on the current connection, waiting for its answer.
+enum Pending {
+    Join { room: String },
+    Leave { reply: Reply<()> },
+    Publish { reply: Reply<u64> },
+    Refresh,
+}
+
+/// The connection task.
+pub(crate) struct Driver {
+    cfg: ClientConfig,
+    cmds: UnboundedReceiver<Command>,
+    app: AppSide,
+    tokens: Tokens,
+    backoff: Backoff,
+    rng: StdRng,
+    next_url: usize,
+    next_id: u64,
+    /// Told the outcome of the first connection round (for `connect`).
+    first: Option<oneshot::Sender<Result<(), ClientError>>>,
+    first_failures: usize,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        cfg: ClientConfig,
+        cmds: UnboundedReceiver<Command>,
+        events: UnboundedSender<Event>,
+        first: Option<oneshot::Sender<Result<(), ClientError>>>,
+    ) -> Driver {
+        let rng = match cfg.rng_seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Driver {
+            tokens: Tokens {
+                source: cfg.token.clone(),
+                cached: None,
+                stale: false,
+            },
+            backoff: cfg.backoff.clone(),
+            cmds,
+            app: AppSide {
+                tracker: RoomTracker::default(),
+                waiters: HashMap::new(),
+                events,
+            },
+            rng,
+            next_url: 0,
+            next_id: 0,
+            first,
+            first_failures: 0,
+            cfg,
+        }
+    }
+
+    /// Connect, serve, reconnect, until the application closes.
+    pub(crate) async fn run(mut self) {
+        let done = loop {
+            let url = self.cfg.urls[self.next_url % self.cfg.urls.len()].clone();
+            self.next_url = self.next_url.wrapping_add(1);
+            let attempt = {
+                let connecting = establish(&self.cfg, &mut self.tokens, &url);
+                tokio::pin!(connecting);
+                loop {
+                    tokio::select! {
+                        r = &mut connecting => break Ok(r),
+                        cmd = self.cmds.recv() => {
+                            if let Flow::Stop(reply) = self.app.offline(cmd) {
+                                break Err(reply);
+                            }
+                        }
+                    }
+                }
+            };
+            let attempt = match attempt {
+                Ok(a) => a,
+                Err(reply) => break reply,
+            };
+            match attempt {
+                Ok((ws, welcome)) => {
+                    if let Some(first) = self.first.take() {
+                        let _ = first.send(Ok(()));
+                    }
+                    let up_since = Instant::now();
+                    match self.session(ws, welcome, &url).await {
+                        SessionEnd::Stop(reply) => break reply,
+                        SessionEnd::Dropped { code, reason } => {
+                            debug!(?code, %reason, "connection ended");
+                            if code == Some(close::TOKEN_EXPIRED) && self.tokens.is_callback() {
+                                self.tokens.stale = true;
+                            }
+                            self.app.emit(Event::Disconnected { code, reason });
+                            self.backoff.connection_lasted(up_since.elapsed());
+                        }
+                    }
+                }
+                Err(f) => {
+                    debug!(%url, reason = %f.reason, "connection attempt failed");
+                    if f.status == Some(401) && self.tokens.is_callback() {
+                        self.tokens.stale = true;
+                    }
+                    self.first_failures += 1;
+                    if self.first_failures >= self.cfg.urls.len() {
+                        if let Some(first) = self.first.take() {
+                            let _ = first.send(Err(ClientError::Connect {
+                                url,
+                                status: f.status,
+                                reason: f.reason,
+                            }));
+                            break None;
+                        }
+                    }
+                    self.app.emit(Event::ConnectFailed {
+                        url,
+                        status: f.status,
+                        reason: f.reason,
+                    });
+                }
+            }
+            let delay = self.backoff.next_delay(&mut self.rng);
+            self.app.emit(Event::Reconnecting {
+                attempt: self.backoff.attempt(),
+                delay,
+            });
+            let wake = Instant::now() + delay;
+            let stop = loop {
+                tokio::select! {
+                    _ = sleep_until(wake) => break None,
+                    cmd = self.cmds.recv() => {
+                        if let Flow::Stop(reply) = self.app.offline(cmd) {
+                            break Some(reply);
+                        }
+                    }
+                }
+            };
+            if let Some(reply) = stop {
+                break reply;
+            }
+        };
+        self.app.close_all();
+        // Fail whatever is still queued, then let `close` return.
+        self.cmds.close();
+        while let Ok(cmd) = self.cmds.try_recv() {
+            refuse(cmd);
+        }
+        if let Some(reply) = done {
+            let _ = reply.send(());
+        }
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Serve one connection until it ends.
+    async fn session(&mut self, ws: WsStream, welcome: Welcome, url: &str) -> SessionEnd {
+        let (sink, mut stream) = ws.split();
+        let (out, out_rx) = mpsc::unbounded_channel();
+        let writer: JoinHandle<()> = tokio::spawn(write_loop(sink, out_rx));
+        let mut s = Session {
+            out,
+            pending: HashMap::new(),
+            deadlines: HashMap::new(),
+            retry_joins: HashMap::new(),
+            request_timeout: self.cfg.request_timeout,
+        };
+        self.app.emit(Event::Connected {
+            url: url.to_owned(),
+            node: welcome.node.clone(),
+            conn: welcome.conn.clone(),
+            user: welcome.user.clone(),
+            heartbeat_ms: welcome.heartbeat_ms,
+        });
+        for room in self.app.tracker.rooms() {
+            let id = self.id();
+            s.send_join(&mut self.app.tracker, &room, id);
+        }
+        let silence = Duration::from_millis(welcome.heartbeat_ms) + self.cfg.heartbeat_margin;
+        let mut last_frame = Instant::now();
+        let mut refresh_at = self.next_refresh();
+        let mut refreshing: Option<JoinHandle<Result<String, String>>> = None;
+        let mut close_frame: Option<(u16, String)> = None;
+        let far = || Instant::now() + Duration::from_secs(86_400 * 365);
+
+        let end = loop {
+            let next_deadline = s.deadlines.values().min().copied();
+            let next_retry = s.retry_joins.values().min().copied();
+            tokio::select! {
+                msg = stream.next() => {
+                    last_frame = Instant::now();
+                    match msg {
+                        Some(Ok(WsMessage::Text(text))) => {
+                            match ServerFrame::parse(text.as_str()) {
+                                Ok(frame) => {
+                                    if let Some(next) = self.on_frame(&mut s, frame) {
+                                        refresh_at = next;
+                                    }
+                                }
+                                Err(e) => debug!(error = %e, "unreadable frame ignored"),
+                            }
+                        }
+                        Some(Ok(WsMessage::Close(frame))) => {
+                            close_frame = Some(frame.map_or((1005, String::new()), |f| {
+                                (u16::from(f.code), f.reason.to_string())
+                            }));
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            break match close_frame.take() {
+                                Some((code, reason)) => SessionEnd::Dropped { code: Some(code), reason },
+                                None => SessionEnd::Dropped { code: None, reason: format!("connection error: {e}") },
+                            };
+                        }
+                        None => {
+                            break match close_frame.take() {
+                                Some((code, reason)) => SessionEnd::Dropped { code: Some(code), reason },
+                                None => SessionEnd::Dropped { code: None, reason: "connection ended without a Close frame".into() },
+                            };
+                        }
+                    }
+                }
+                _ = sleep_until(last_frame + silence) => {
+                    break SessionEnd::Dropped {
+                        code: None,
+                        reason: format!("no frame for {} ms (heartbeat timeout)", silence.as_millis()),
+                    };
+                }
+                cmd = self.cmds.recv() => {
+                    match cmd {
+                        None => break self.close_session(&mut s, &mut stream, None).await,
+                        Some(Command::Close { reply }) => {
+                            break self.close_session(&mut s, &mut stream, Some(reply)).await;
+                        }
+                        Some(cmd) => self.online(&mut s, cmd),
+                    }
+                }
+                _ = sleep_until(next_deadline.unwrap_or_else(far)), if next_deadline.is_some() => {
+                    self.expire(&mut s);
+                }
+                _ = sleep_until(next_retry.unwrap_or_else(far)), if next_retry.is_some() => {
+                    let now = Instant::now();
+                    let due: Vec<String> = s.retry_joins.iter().filter(|(_, t)| **t <= now).map(|(r, _)| r.clone()).collect();
+                    for room in due {
+                        s.retry_joins.remove(&room);
+                        if self.app.tracker.has(&room) {
+                            let id = self.id();
+                            s.send_join(&mut self.app.tracker, &room, id);
+                        }
+                    }
+                }
+                _ = sleep_until(refresh_at.unwrap_or_else(far)), if refresh_at.is_some() && refreshing.is_none() => {
+                    refresh_at = None;
+                    if let TokenSource::Callback(cb) = &self.tokens.source {
+                        let fut = cb();
+                        let limit = self.cfg.connect_timeout;
+                        refreshing = Some(tokio::spawn(async move {
+                            match timeout(limit, fut).await {
+                                Ok(Ok(t)) => Ok(t),
+                                Ok(Err(e)) => Err(format!("token callback failed: {e}")),
+                                Err(_) => Err("token callback timed out".to_owned()),
+                            }
+                        }));
+                    }
+                }
+                got = async { match refreshing.as_mut() { Some(h) => h.await, None => std::future::pending().await } } => {
+                    refreshing = None;
+                    match got {
+                        Ok(Ok(token)) => {
+                            self.tokens.cached = Some(token.clone());
+                            let id = self.id();
+                            s.send(ClientRequest::Refresh { token, id: Some(num(id)) });
+                            s.pending.insert(id, Pending::Refresh);
+                        }
+                        Ok(Err(reason)) => {
+                            self.app.emit(Event::TokenRefreshFailed { reason });
+                            refresh_at = self.retry_refresh();
+                        }
+                        Err(e) => {
+                            self.app.emit(Event::TokenRefreshFailed { reason: format!("token callback panicked: {e}") });
+                            refresh_at = self.retry_refresh();
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(h) = refreshing {
+            h.abort();
+        }
+        drop(s.out);
+        let _ = timeout(Duration::from_secs(1), writer).await;
+        for (_, p) in s.pending {
+            match p {
+                Pending::Publish { reply } => {
+                    let _ = reply.send(Err(ClientError::Disconnected));
+                }
+                // The room is not joined any more on a closed connection.
+                Pending::Leave { reply } => {
+                    let _ = reply.send(Ok(()));
+                }
+                Pending::Join { .. } | Pending::Refresh => {}
+            }
+        }
+        self.app.tracker.disconnected();
+        end
+    }
+
+    /// Send Close 1000 and wait (briefly) for the server's reply.
+    async fn close_session(
+        &mut self,
+        s: &mut Session,
+        stream: &mut SplitStream<WsStream>,
+        reply: Option<oneshot::Sender<()>>,
+    ) -> SessionEnd {
+        let _ = s.out.send(WsMessage::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "client closing".into(),
+        })));
+        let _ = timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = stream.next().await {}
+        })
+        .await;
+        for (_, p) in s.pending.drain() {
+            match p {
+                Pending::Publish { reply } => {
+                    let _ = reply.send(Err(ClientError::Closed));
+                }
+                Pending::Leave { reply } => {
+                    let _ = reply.send(Err(ClientError::Closed));
+                }
+                Pending::Join { .. } | Pending::Refresh => {}
+            }
+        }
+        SessionEnd::Stop(reply)
+    }
+
+    /// When to refresh the cached token, if refreshing early is on.
+    fn next_refresh(&self) -> Option<Instant> {
+        let margin = self.cfg.refresh_margin?;
+        if !self.tokens.is_callback() {
+            return None;
+        }
+        let exp = jwt_exp(self.tokens.cached.as_deref()?)?;
+        Some(Instant::now() + refresh_delay(exp, now_ms(), margin))
+    }
+
+    /// After a failed refresh: try again in a few seconds while the token
+    /// still has that long to live.
+    fn retry_refresh(&self) -> Option<Instant> {
+        let exp = jwt_exp(self.tokens.cached.as_deref()?)?;
+        let left = Duration::from_millis(exp.saturating_mul(1000).saturating_sub(now_ms()));
+        let wait = Duration::from_secs(5).min(left / 2);
+        (wait >= Duration::from_millis(100)).then(|| Instant::now() + wait)
+    }
+
+    /// A command while connected.
+    fn online(&mut self, s: &mut Session, cmd: Command) {
+        match cmd {
+            Command::Join {
+                room,
+                resume,
+                reply,
+            } => {
+                let fresh = resume.is_none();
+                if fresh && self.app.tracker.is_joined(&room) {
+                    if let Some((seq, epoch)) = self.app.position(&room) {
+                        let _ = reply.send(Ok(JoinInfo {
+                            room,
+                            seq,
+                            epoch,
+                            recovered: None,
+                        }));
+                        return;
+                    }
+                }
+                self.app.tracker.want(&room, resume);
+                self.app
+                    .waiters
+                    .entry(room.clone())
+                    .or_default()
+                    .push(reply);
+                let in_flight = s
+                    .pending
+                    .values()
+                    .any(|p| matches!(p, Pending::Join { room: r } if *r == room));
+                if !in_flight || !fresh {
+                    let id = self.id();
+                    s.send_join(&mut self.app.tracker, &room, id);
+                }
+            }
+            Command::Leave { room, reply } => {
+                if !self.app.tracker.unwant(&room) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                self.app
+                    .answer_waiters(&room, || Err(ClientError::Cancelled));
+                s.retry_joins.remove(&room);
+                let id = self.id();
+                s.send(ClientRequest::Leave {
+                    room,
+                    id: Some(num(id)),
+                });
+                s.track(id, Pending::Leave { reply });
+            }
+            Command::Publish { room, data, reply } => {
+                let id = self.id();
+                s.send(ClientRequest::Publish {
+                    room,
+                    data,
+                    id: Some(num(id)),
+                });
+                s.track(id, Pending::Publish { reply });
+            }
+            Command::Position { room, reply } => {
+                let _ = reply.send(self.app.position(&room));
+            }
+            // Handled by the session loop.
+            Command::Close { reply } => {
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Requests whose answer is overdue get `Timeout`.
+    fn expire(&mut self, s: &mut Session) {
+        let now = Instant::now();
+        let overdue: Vec<u64> = s
+            .deadlines
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overdue {
+            s.deadlines.remove(&id);
+            match s.pending.remove(&id) {
+                Some(Pending::Publish { reply }) => {
+                    let _ = reply.send(Err(ClientError::Timeout));
+                }
+                Some(Pending::Leave { reply }) => {
+                    let _ = reply.send(Err(ClientError::Timeout));
+                }
+                Some(Pending::Join { room }) => {
+                    // The room stays wanted: a late answer (or the next
+                    // connection) still joins it.
+                    self.app.answer_waiters(&room, || Err(ClientError::Timeout));
+                    s.pending.insert(id, Pending::Join { room });
+                }
+                Some(Pending::Refresh) | None => {}
+            }
+        }
+    }
+
+    /// Handle one server frame; returns a new refresh time after `refreshed`.
+    fn on_frame(&mut self, s: &mut Session, frame: ServerFrame) -> Option<Option<Instant>> {
+        let id = frame.id().and_then(id_num);
+        let pending = id.and_then(|id| {
+            s.deadlines.remove(&id);
+            s.pending.remove(&id)
+        });
+        match frame {
+            ServerFrame::Message(m) => {
+                let effect = self.app.tracker.on_message(&m);
+                if let Some(gap) = effect.gap {
+                    self.app.emit(Event::Gap(gap));
+                }
+                if effect.deliver {
+                    self.app.emit(Event::Message(m));
+                }
+            }
+            ServerFrame::Joined(j) => {
+                let effect = self.app.tracker.on_joined(&j);
+                if let Some(gap) = effect.gap {
+                    self.app.emit(Event::Gap(gap));
+                }
+                if let Some(recovered) = effect.resumed {
+                    self.app.emit(Event::Resumed {
+                        room: j.room.clone(),
+                        recovered,
+                    });
+                }
+                if j.id.is_some() && self.app.tracker.has(&j.room) {
+                    let info = JoinInfo {
+                        room: j.room.clone(),
+                        seq: j.seq,
+                        epoch: j.epoch.clone(),
+                        recovered: j.recovered,
+                    };
+                    self.app.answer_waiters(&j.room, || Ok(info.clone()));
+                }
+            }
+            ServerFrame::Ack(a) => {
+                if let Some(Pending::Publish { reply }) = pending {
+                    let _ = reply.send(Ok(a.seq));
+                }
+            }
+            ServerFrame::Left(_) => {
+                if let Some(Pending::Leave { reply }) = pending {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            ServerFrame::Refreshed(r) => {
+                self.app.emit(Event::TokenRefreshed { exp: r.exp });
+                return Some(self.next_refresh());
+            }
+            ServerFrame::Error(e) => return self.on_error(s, pending, e),
+            ServerFrame::Welcome(_) | ServerFrame::Pong(_) => {}
+        }
+        None
+    }
+
+    fn on_error(
+        &mut self,
+        s: &mut Session,
+        pending: Option<Pending>,
+        e: ErrorFrame,
+    ) -> Option<Option<Instant>> {
+        let err = || ClientError::Server {
+            code: e.code,
+            message: e.message.clone(),
+        };
+        match pending {
+            Some(Pending::Publish { reply }) => {
+                let _ = reply.send(Err(err()));
+            }
+            Some(Pending::Leave { reply }) => {
+                let _ = reply.send(Err(err()));
+            }
+            Some(Pending::Join { room }) => {
+                let app_waiting = self.app.waiters.contains_key(&room);
+                let retry =
+                    e.code == ErrorCode::Unavailable && self.app.tracker.has_position(&room);
+                if app_waiting {
+                    self.app.answer_waiters(&room, || Err(err()));
+                }
+                if retry {
+                    // A room joined before: keep it and try again.
+                    s.retry_joins
+                        .insert(room.clone(), Instant::now() + self.cfg.backoff.base() * 2);
+                    if !app_waiting {
+                        self.app.emit(Event::JoinFailed {
+                            room,
+                            code: e.code,
+                            message: e.message.clone(),
+                            retrying: true,
+                        });
+                    }
+                } else if self.app.tracker.unwant(&room) && !app_waiting {
+                    self.app.emit(Event::JoinFailed {
+                        room,
+                        code: e.code,
+                        message: e.message.clone(),
+                        retrying: false,
+                    });
+                }
+            }
+            Some(Pending::Refresh) => {
+                self.app.emit(Event::TokenRefreshFailed {
+                    reason: format!("{}: {}", e.code.as_str(), e.message),
+                });
+                return Some(self.retry_refresh());
+            }
+            None => debug!(code = e.code.as_str(), message = %e.message, "error frame"),
+        }
+        None
+    }
+}
+
+/// Per-connection request bookkeeping.
+struct Session {
+    out: UnboundedSender<WsMessage>,
+    pending: HashMap<u64, Pending>,
+    deadlines: HashMap<u64, Instant>,
+    /// Rooms whose re-join got `unavailable`, with when to try again.
+    retry_joins: HashMap<String, Instant>,
+    request_timeout: Duration,
+}
+
+impl Session {
+    fn send(&self, req: ClientRequest) {
+        let _ = self.out.send(WsMessage::text(req.to_json()));
+    }
+
+    fn track(&mut self, id: u64, p: Pending) {
+        self.deadlines
+            .insert(id, Instant::now() + self.request_timeout);
+        self.pending.insert(id, p);
+    }
+
+    fn send_join(&mut self, tracker: &mut RoomTracker, room: &str, id: u64) {
+        let (since, epoch) = tracker.join_args(room);
+        self.send(ClientRequest::Join {
+            room: room.to_owned(),
+            since,
+            epoch,
+            id: Some(num(id)),
+        });
+        self.track(
+            id,
+            Pending::Join {
+                room: room.to_owned(),
+            },
+        );
+    }
+}
+
+fn num(id: u64) -> Id {
+    Id::Num(id.into())
+}
+
+fn id_num(id: &Id) -> Option<u64> {
+    match id {
+        Id::Num(n) => n.as_u64(),
+        Id::Str(_) => None,
+    }
+}
+
+/// Answer a command that arrives after the driver stopped.
+fn refuse(cmd: Command) {
+    match cmd {
+        Command::Join { reply, .. } => {
+            let _ = reply.send(Err(ClientError::Closed));
+        }
+        Command::Leave { reply, .. } => {
+            let _ = reply.send(Err(ClientError::Closed));
+        }
+        Command::Publish { reply, .. } => {
+            let _ = reply.send(Err(ClientError::Closed));
+        }
+        Command::Position { reply, .. } => {
+            let _ = reply.send(None);
+        }
+        Command::Close { reply } => {
+            let _ = reply.send(());
+        }
+    }
+}
+
+/// Writes queued frames, one flush per batch, until the queue closes or a
+/// write fails.
+async fn write_loop(
+    mut sink: SplitSink<WsStream, WsMessage>,
+    mut rx: UnboundedReceiver<WsMessage>,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 64).await > 0 {
+        for m in batch.drain(..) {
+            if sink.feed(m).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One connection attempt: token, TCP (+TLS), upgrade, `welcome`.
+async fn establish(
+    cfg: &ClientConfig,
+    tokens: &mut Tokens,
+    url: &str,
+) -> Result<(WsStream, Welcome), Failure> {
+    let token = tokens.for_connect(cfg.connect_timeout).await?;
+    let fail = |reason: String| Failure {
+        status: None,
+        reason,
+    };
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| fail(format!("bad URL: {e}")))?;
+    let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| fail("the token is not a valid header value".into()))?;
+    req.headers_mut().insert("authorization", bearer);
+    if let Some(origin) = &cfg.origin {
+        let origin =
+            HeaderValue::from_str(origin).map_err(|_| fail("bad origin header value".into()))?;
+        req.headers_mut().insert("origin", origin);
+    }
+    let attempt = async {
+        let (mut ws, _) = connect(cfg, req).await.map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(resp) => Failure {
+                status: Some(resp.status().as_u16()),
+                reason: format!("upgrade refused: HTTP {}", resp.status()),
+            },
+            e => fail(e.to_string()),
+        })?;
+        loop {
+            match ws.next().await {
+                Some(Ok(WsMessage::Text(text))) => {
+                    return match ServerFrame::parse(text.as_str()) {
+                        Ok(ServerFrame::Welcome(w)) => Ok((ws, w)),
+                        Ok(other) => {
+                            Err(fail(format!("expected welcome, got {}", other.to_json())))
+                        }
+                        Err(e) => Err(fail(format!("unreadable first frame: {e}"))),
+                    };
+                }
+                Some(Ok(WsMessage::Close(frame))) => {
+                    let (code, reason) = frame.map_or((1005, String::new()), |f| {
+                        (u16::from(f.code), f.reason.to_string())
+                    });
+                    return Err(fail(format!("closed before welcome: {code} {reason}")));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(fail(format!("connection error before welcome: {e}"))),
+                None => return Err(fail("connection ended before welcome".into())),
+            }
+        }
+    };
+    match timeout(cfg.connect_timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(fail(format!(
+            "no welcome within {} ms",
+            cfg.connect_timeout.as_millis()
+        ))),
+    }
+}
+
+#[cfg(feature = "tls")]
+async fn connect(
+    cfg: &ClientConfig,
+    req: tokio_tungstenite::tungstenite::handshake::client::Request,
+) -> Result<
+    (
+        WsStream,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
+    let connector = cfg.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+    tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector).await
+}
+
+#[cfg(not(feature = "tls"))]
+async fn connect(
+    _cfg: &ClientConfig,
+    req: tokio_tungstenite::tungstenite::handshake::client::Request,
+) -> Result<
+    (
+        WsStream,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
+    tokio_tungstenite::connect_async_with_config(req, None, true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_comes_a_margin_before_exp_but_not_before_half_life() {
+        let now = 1_000_000_000;
+        // An hour left, margin 60 s: refresh after 59 minutes.
+        assert_eq!(
+            refresh_delay(now / 1000 + 3600, now, Duration::from_secs(60)),
+            Duration::from_secs(3540)
+        );
+        // 4 s left: half of it, not "already late".
+        assert_eq!(
+            refresh_delay(now / 1000 + 4, now, Duration::from_secs(60)),
+            Duration::from_secs(2)
+        );
+        // Expired: at once.
+        assert_eq!(
+            refresh_delay(now / 1000 - 10, now, Duration::from_secs(60)),
+            Duration::ZERO
+        );
+    }
+}

@@ -11,7 +11,10 @@ use wsgate::config::{Cli, Command, ServeArgs, TokenArgs};
 use wsgate::{logging, Listeners};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let result = match cli.command {
         Some(Command::Token(args)) => token(&args),
         Some(Command::Serve(args)) => serve(args),
@@ -24,6 +27,33 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `--help` and `--version` print as clap does; a bad flag or value is one
+/// line on stderr (OPERATING.md), not clap's multi-line report.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    // The first paragraph holds the message (and, for missing arguments,
+    // their names on the following lines); usage and tips follow it.
+    let text = e.to_string();
+    let message = text
+        .split("\n\n")
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    eprintln!("wsgate: error: {message} (see --help)");
+    ExitCode::from(2)
 }
 
 #[allow(clippy::print_stdout)]

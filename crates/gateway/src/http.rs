@@ -168,10 +168,7 @@ async fn upgrade(
         .max_frame_size(max)
         .on_failed_upgrade(|e| warn!(error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| {
-            app.track_session(async move {
-                session::serve(socket, session_app, claims, remote).await;
-                drop(slot);
-            })
+            app.track_session(session::start(socket, session_app, claims, &remote, slot))
         })
 }
 

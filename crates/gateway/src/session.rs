@@ -27,7 +27,7 @@ use wsgate_protocol::{
 use crate::auth::Claims;
 use crate::broker::Since;
 use crate::outbound::{CloseReason, ConnHandle};
-use crate::App;
+use crate::{App, Slot};
 
 /// How long a closing connection waits for the client's Close reply.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -81,8 +81,19 @@ impl Bucket {
     }
 }
 
-/// Serve an upgraded connection until it closes.
-pub(crate) async fn serve(ws: WebSocket, app: Arc<App>, claims: Claims, remote: String) {
+type Sink = SplitSink<WebSocket, Message>;
+type Stream = SplitStream<WebSocket>;
+
+/// Build a connection's state from an upgraded socket. Synchronous on
+/// purpose: the socket is split here, so that no copy of the (large)
+/// `WebSocket` value is kept alive inside the connection's future.
+pub(crate) fn start(
+    ws: WebSocket,
+    app: Arc<App>,
+    claims: Claims,
+    remote: &str,
+    slot: Slot,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let conn_id = app.next_conn_id();
     let span = tracing::info_span!(
         "conn",
@@ -91,53 +102,22 @@ pub(crate) async fn serve(ws: WebSocket, app: Arc<App>, claims: Claims, remote: 
         node = %app.config.node_id,
         remote = %remote,
     );
-    run(ws, app, claims, conn_id).instrument(span).await;
-}
-
-async fn run(ws: WebSocket, app: Arc<App>, claims: Claims, conn_id: String) {
     let handle = ConnHandle::new(
-        conn_id.clone(),
+        conn_id.as_str(),
         app.config.max_outbound_bytes,
         app.metrics.clone(),
     );
-    app.conns.insert(&handle);
-    if app.is_draining() {
-        // Upgraded just as the drain began: close like the others.
-        handle.close(CloseReason {
-            code: close::GOING_AWAY,
-            reason: "server shutting down",
-        });
-    }
-    info!("connection opened");
     let (sink, stream) = ws.split();
-    let writer = tokio::spawn(write_loop(sink, handle.clone(), app.clone()).in_current_span());
-    let mut session = Session {
+    let session = Box::new(Session {
         bucket: Bucket::new(app.config.publish_rate, app.config.publish_burst),
         expires: expiry_instant(claims.exp, app.config.verifier.leeway()),
         rooms: HashSet::new(),
-        handle: handle.clone(),
+        handle,
         claims,
-        app: app.clone(),
-    };
-    session.send(ServerFrame::Welcome(Welcome {
-        conn: conn_id,
-        user: session.claims.sub.clone(),
-        node: app.config.node_id.to_string(),
-        heartbeat_ms: app.config.heartbeat.as_millis() as u64,
-    }));
-    let ended = session.read_loop(stream).await;
-    session.leave_all();
-    handle.closing().cancel();
-    let _ = writer.await;
-    app.conns.remove(&handle);
-    match handle.close_reason() {
-        Some(r) => info!(
-            code = r.code,
-            reason = r.reason,
-            "connection closed by server"
-        ),
-        None => info!(why = ended, "connection closed by client"),
-    }
+        app,
+        _slot: slot,
+    });
+    session.run(sink, stream, conn_id).instrument(span)
 }
 
 fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
@@ -148,11 +128,7 @@ fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
 
 /// Writes queued frames, one flush per batch, until the connection closes;
 /// then sends the Close frame if the server is the one closing.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
-    handle: Arc<ConnHandle>,
-    app: Arc<App>,
-) {
+async fn write_loop(mut sink: Sink, handle: &ConnHandle, app: &App) {
     let mut batch = VecDeque::new();
     loop {
         tokio::select! {
@@ -162,7 +138,7 @@ async fn write_loop(
                 let written = tokio::select! {
                     biased;
                     _ = handle.closing().cancelled() => break,
-                    r = write_batch(&mut sink, &mut batch, ping, &handle) => r,
+                    r = write_batch(&mut sink, &mut batch, ping, handle) => r,
                 };
                 if written.is_err() {
                     handle.closing().cancel();
@@ -186,7 +162,7 @@ async fn write_loop(
 }
 
 async fn write_batch(
-    sink: &mut SplitSink<WebSocket, Message>,
+    sink: &mut Sink,
     batch: &mut VecDeque<Utf8Bytes>,
     ping: bool,
     handle: &ConnHandle,
@@ -203,6 +179,8 @@ async fn write_batch(
 }
 
 struct Session {
+    /// The connection's place under `--max-connections`, released with the session.
+    _slot: Slot,
     app: Arc<App>,
     handle: Arc<ConnHandle>,
     claims: Claims,
@@ -215,6 +193,49 @@ struct Session {
 type Ended = &'static str;
 
 impl Session {
+    /// The connection's one task: the reader and the writer run side by
+    /// side in it (joined, not spawned), which saves a task per connection.
+    async fn run(mut self: Box<Self>, sink: Sink, stream: Stream, conn_id: String) {
+        let app = self.app.clone();
+        let handle = self.handle.clone();
+        app.conns.insert(&handle);
+        if app.is_draining() {
+            // Upgraded just as the drain began: close like the others.
+            handle.close(CloseReason {
+                code: close::GOING_AWAY,
+                reason: "server shutting down",
+            });
+        }
+        info!("connection opened");
+        self.send(ServerFrame::Welcome(Welcome {
+            conn: conn_id,
+            user: self.claims.sub.clone(),
+            node: app.config.node_id.to_string(),
+            heartbeat_ms: app.config.heartbeat.as_millis() as u64,
+        }));
+        // Both futures are built inside the join: a named local would keep a
+        // second, moved-from copy of the reader alive in this future's state.
+        let (ended, ()) = tokio::join!(
+            async {
+                let ended = self.read_loop(stream).await;
+                // Ends the writer (which sends our Close frame, if any).
+                handle.closing().cancel();
+                ended
+            },
+            write_loop(sink, &handle, &app)
+        );
+        self.leave_all();
+        app.conns.remove(&handle);
+        match handle.close_reason() {
+            Some(r) => info!(
+                code = r.code,
+                reason = r.reason,
+                "connection closed by server"
+            ),
+            None => info!(why = ended, "connection closed by client"),
+        }
+    }
+
     fn send(&self, frame: ServerFrame) {
         self.handle.send(Utf8Bytes::from(frame.to_json()));
     }
@@ -231,42 +252,51 @@ impl Session {
         self.handle.close(CloseReason { code, reason });
     }
 
-    async fn read_loop(&mut self, mut stream: SplitStream<WebSocket>) -> Ended {
+    async fn read_loop(&mut self, mut stream: Stream) -> Ended {
         let heartbeat = self.app.config.heartbeat;
         let pong_timeout = self.app.config.pong_timeout;
         let mut next_ping = Instant::now() + heartbeat;
         // When a Ping went out with nothing heard since.
         let mut awaiting: Option<Instant> = None;
         let mut closing_since: Option<Instant> = None;
+        // One timer for heartbeat, expiry and the closing linger, and one
+        // cancellation future, created once: an idle connection's state
+        // stays small.
+        let closing = self.handle.closing().clone();
+        let cancelled = closing.cancelled();
+        tokio::pin!(cancelled);
+        let timer = sleep_until(next_ping);
+        tokio::pin!(timer);
         loop {
-            let hb_at = match awaiting {
-                Some(sent) => (sent + pong_timeout).min(next_ping),
-                None => next_ping,
+            let deadline = match closing_since {
+                Some(since) => since + CLOSE_LINGER,
+                None => awaiting
+                    .map_or(next_ping, |sent| (sent + pong_timeout).min(next_ping))
+                    .min(self.expires),
             };
-            let linger_until = closing_since.map(|t| t + CLOSE_LINGER);
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
             tokio::select! {
                 biased;
-                _ = self.handle.closing().cancelled(), if closing_since.is_none() => {
+                _ = &mut cancelled, if closing_since.is_none() => {
                     if self.handle.close_reason().is_none() {
                         return "write side ended";
                     }
                     closing_since = Some(Instant::now());
                 }
-                _ = sleep_until(linger_until.unwrap_or(hb_at)), if linger_until.is_some() => {
-                    return "closing handshake timed out";
-                }
-                _ = sleep_until(self.expires), if closing_since.is_none() => {
-                    self.close(close::TOKEN_EXPIRED, "token expired");
-                }
-                _ = sleep_until(hb_at), if closing_since.is_none() => {
-                    let now = Instant::now();
-                    if awaiting.is_some_and(|sent| now >= sent + pong_timeout) {
-                        self.close(close::POLICY, "heartbeat timeout");
-                        // Do not wait for a silent peer's reply.
-                        let _ = timeout(Duration::from_secs(1), self.handle.closing().cancelled()).await;
-                        return "heartbeat timeout";
+                _ = &mut timer => {
+                    if closing_since.is_some() {
+                        return "closing handshake timed out";
                     }
-                    if now >= next_ping {
+                    let now = Instant::now();
+                    if now >= self.expires {
+                        self.close(close::TOKEN_EXPIRED, "token expired");
+                    } else if awaiting.is_some_and(|sent| now >= sent + pong_timeout) {
+                        // Do not wait for a silent peer's reply.
+                        self.close(close::POLICY, "heartbeat timeout");
+                        return "heartbeat timeout";
+                    } else if now >= next_ping {
                         self.handle.ping();
                         awaiting.get_or_insert(now);
                         next_ping = now + heartbeat;
@@ -313,9 +343,13 @@ impl Session {
         };
         let id = frame.id;
         match frame.cmd {
-            ClientCommand::Join { room, since, epoch } => self.join(room, since, epoch, id).await,
+            // Boxed: these futures are large and only live while a join or a
+            // publish is in flight, not in every idle connection's state.
+            ClientCommand::Join { room, since, epoch } => {
+                Box::pin(self.join(room, since, epoch, id)).await
+            }
             ClientCommand::Leave { room } => self.leave(&room, id),
-            ClientCommand::Publish { room, data } => self.publish(&room, data, id).await,
+            ClientCommand::Publish { room, data } => Box::pin(self.publish(&room, data, id)).await,
             ClientCommand::Refresh { token } => self.refresh(&token, id),
             ClientCommand::Ping => self.send(ServerFrame::Pong(Pong { id })),
         }

@@ -124,6 +124,25 @@ async fn token_expiry_closes_with_4001() {
 }
 
 #[tokio::test]
+async fn the_4001_close_waits_for_the_leeway() {
+    // Expired a second ago, but within the 30 s leeway: accepted, and not
+    // closed at once; a short leeway closes it as soon as it has passed.
+    let node = Node::start(&["--jwt-leeway", "30s"]).await;
+    let mut c = wsgate_testkit::claims("alice");
+    let now = wsgate_testkit::now_secs();
+    c["exp"] = json!(now - 1);
+    c["iat"] = json!(now - 60);
+    let t = wsgate_testkit::sign_hs256(&c);
+    let (mut ws, _) = Ws::open_with(&node.ws_url(), &t).await;
+    ws.send(json!({"type":"ping","id":1})).await;
+    assert_eq!(ws.json().await["type"], "pong");
+
+    let node = Node::start(&["--jwt-leeway", "2s"]).await;
+    let (mut ws, _) = Ws::open_with(&node.ws_url(), &t).await;
+    assert_eq!(ws.ended().await, Ended::Close(4001));
+}
+
+#[tokio::test]
 async fn heartbeat_timeout_closes_with_1008_and_drops_the_silent_peer() {
     let node = Node::start(&["--heartbeat", "200ms", "--pong-timeout", "300ms"]).await;
     // A client that answers Pings (tungstenite does, while it is read)

@@ -94,6 +94,21 @@ async fn configured_origins_and_the_wildcard() {
 }
 
 #[tokio::test]
+async fn require_origin_refuses_clients_without_one() {
+    let node = Node::start(&["--require-origin"]).await;
+    let t = any_token("alice");
+    let r = Ws::connect(&node.ws_url(), Some(&t), None)
+        .await
+        .err()
+        .expect("no Origin accepted with --require-origin");
+    assert_eq!(r.status, 403);
+    let mut ws = Ws::connect(&node.ws_url(), Some(&t), Some("http://localhost:8080"))
+        .await
+        .unwrap();
+    assert!(matches!(ws.frame().await, ServerFrame::Welcome(_)));
+}
+
+#[tokio::test]
 async fn origin_is_checked_before_the_token() {
     let node = Node::start(&[]).await;
     let r = Ws::connect(&node.ws_url(), None, Some("https://evil.example"))

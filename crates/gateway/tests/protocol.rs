@@ -379,7 +379,13 @@ async fn publish_rate_limit_drops_with_rate_limited() {
     let node = Node::start(&["--publish-rate", "1", "--publish-burst", "2"]).await;
     let (mut member, _) = Ws::open(&node.ws_url(), "member").await;
     member.join("lobby").await;
-    let (mut ws, _) = Ws::open(&node.ws_url(), "alice").await;
+    let t = token("alice", &["*"], &["lobby"], Duration::from_secs(600));
+    let (mut ws, _) = Ws::open_with(&node.ws_url(), &t).await;
+    // Refused publishes take nothing from the bucket.
+    for _ in 0..5 {
+        let v = ws.publish("elsewhere", json!(0)).await;
+        assert_error(&v, "forbidden", "publish without the grant");
+    }
     assert_eq!(ws.publish("lobby", json!(1)).await["seq"], 1);
     assert_eq!(ws.publish("lobby", json!(2)).await["seq"], 2);
     let v = ws.publish("lobby", json!("dropped")).await;

@@ -229,8 +229,9 @@ pub async fn run(
         rooms,
         broker,
     });
-    let public_addr = listeners.public.local_addr().ok();
-    let ops_addr = listeners.ops.local_addr().ok();
+    let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let public_addr = addr(&listeners.public);
+    let ops_addr = addr(&listeners.ops);
     tasks.spawn(listener::serve(
         listeners.public,
         app.clone(),
@@ -239,8 +240,8 @@ pub async fn run(
     tasks.spawn(ops::serve(listeners.ops, app.clone(), background.clone()));
     info!(
         node = %app.config.node_id,
-        public = ?public_addr,
-        ops = ?ops_addr,
+        public = %public_addr,
+        ops = %ops_addr,
         tls = app.config.tls.is_some(),
         broker = if app.config.redis_url.is_some() { "redis" } else { "memory" },
         "wsgate serving"

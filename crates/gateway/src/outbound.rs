@@ -42,6 +42,7 @@ pub struct ConnHandle {
     id: Box<str>,
     queue: Mutex<Queue>,
     wake: Notify,
+    drained: Notify,
     queued: AtomicUsize,
     max: usize,
     close: OnceLock<CloseReason>,
@@ -60,6 +61,7 @@ impl ConnHandle {
             id: id.into(),
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
+            drained: Notify::new(),
             queued: AtomicUsize::new(0),
             max: max_bytes,
             close: OnceLock::new(),
@@ -107,6 +109,31 @@ impl ConnHandle {
         true
     }
 
+    /// Queue a frame the client asked for in bulk (a resume's replay):
+    /// instead of overflowing, wait while the queue is over its limit until
+    /// the writer makes room. Returns false when the connection closes.
+    pub async fn send_paced(&self, frame: Utf8Bytes) -> bool {
+        loop {
+            let progress = self.drained.notified();
+            if self.closing.is_cancelled() {
+                return false;
+            }
+            let queued = self.queued_bytes();
+            if queued == 0 || queued + frame.len() <= self.max {
+                return self.send(frame);
+            }
+            tokio::select! {
+                _ = progress => {}
+                _ = self.closing.cancelled() => return false,
+            }
+        }
+    }
+
+    /// The most bytes this connection may have queued.
+    pub fn max_bytes(&self) -> usize {
+        self.max
+    }
+
     /// Queue a WebSocket Ping.
     pub fn ping(&self) {
         self.queue().ping = true;
@@ -138,6 +165,11 @@ impl ConnHandle {
     /// The writer wrote `len` bytes of queued frames to the socket.
     pub fn written(&self, len: usize) {
         self.queued.fetch_sub(len, Ordering::AcqRel);
+    }
+
+    /// The writer finished a batch: wake paced senders.
+    pub fn batch_written(&self) {
+        self.drained.notify_waiters();
     }
 
     /// Bytes queued and not yet written.
@@ -219,6 +251,27 @@ mod tests {
         h.send(Utf8Bytes::from("c"));
         assert!(!h.take(&mut batch).await);
         assert_eq!(batch, ["c"]);
+    }
+
+    #[tokio::test]
+    async fn paced_sends_wait_for_the_writer_instead_of_overflowing() {
+        let (h, _) = handle(10);
+        assert!(h.send(Utf8Bytes::from("0123456789")));
+        let paced = {
+            let h = h.clone();
+            tokio::spawn(async move { h.send_paced(Utf8Bytes::from("abcdef")).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!paced.is_finished(), "waits while the queue is full");
+        let mut batch = VecDeque::new();
+        h.take(&mut batch).await;
+        h.written(10);
+        h.batch_written();
+        assert!(paced.await.unwrap());
+        assert!(h.close_reason().is_none(), "no slow-consumer close");
+        batch.clear();
+        h.take(&mut batch).await;
+        assert_eq!(batch, ["abcdef"]);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use axum::extract::ws::Utf8Bytes;
 use wsgate_protocol::{Joined, ServerFrame};
 
 use crate::metrics::Metrics;
-use crate::outbound::ConnHandle;
+use crate::outbound::{CloseReason, ConnHandle};
 
 const SHARDS: usize = 64;
 
@@ -30,6 +30,8 @@ type Pending = Vec<(u64, Utf8Bytes)>;
 struct Member {
     conn: Arc<ConnHandle>,
     pending: Option<Pending>,
+    /// Bytes in `pending`: bounded like the outbound queue.
+    pending_bytes: usize,
     /// The seq this member's `joined` reported (or its replay reached):
     /// live messages at or below it were already sent or predate the join.
     /// With Redis, a message published just before the join's history read
@@ -111,6 +113,7 @@ impl Rooms {
             state.members.push(Member {
                 conn: conn.clone(),
                 pending: Some(Vec::new()),
+                pending_bytes: 0,
                 after: 0,
             });
             true
@@ -133,6 +136,7 @@ impl Rooms {
             .find(|m| Arc::ptr_eq(&m.conn, conn))
         {
             m.after = if same_epoch { after } else { 0 };
+            m.pending_bytes = 0;
             let mut sent = 0;
             for (seq, frame) in m.pending.take().unwrap_or_default() {
                 if !same_epoch || seq > after {
@@ -207,7 +211,21 @@ impl Rooms {
         let mut sent = 0u64;
         for m in &mut state.members {
             match &mut m.pending {
-                Some(p) => p.push((seq, frame.clone())),
+                Some(p) => {
+                    m.pending_bytes += frame.len();
+                    if m.pending_bytes > m.conn.max_bytes() && !p.is_empty() {
+                        // Joining into a room busier than the client can take.
+                        p.clear();
+                        if m.conn.close(CloseReason {
+                            code: wsgate_protocol::close::POLICY,
+                            reason: "slow consumer",
+                        }) {
+                            self.metrics.slow_consumer_closes.inc();
+                        }
+                    } else {
+                        p.push((seq, frame.clone()));
+                    }
+                }
                 None if seq <= m.after => {}
                 None => sent += u64::from(m.conn.send(frame.clone())),
             }

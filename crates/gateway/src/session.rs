@@ -66,6 +66,12 @@ impl Bucket {
         }
     }
 
+    /// Give back a token taken for a publish the broker then refused: only
+    /// accepted publishes take from the bucket.
+    pub fn refund(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(self.burst);
+    }
+
     /// Take one token if there is one.
     pub fn try_take(&mut self) -> bool {
         let now = Instant::now();
@@ -175,7 +181,9 @@ async fn write_batch(
         sink.feed(Message::Text(text)).await?;
         handle.written(len);
     }
-    sink.flush().await
+    sink.flush().await?;
+    handle.batch_written();
+    Ok(())
 }
 
 struct Session {
@@ -402,9 +410,14 @@ impl Session {
                     recovered: since.map(|_| h.recovered),
                     id,
                 }));
+                // Paced: a replay may be larger than the outbound limit; it
+                // waits for the client to read instead of closing it.
                 let mut replayed = 0;
                 for f in h.frames {
-                    replayed += u64::from(self.handle.send(f));
+                    if !self.handle.send_paced(f).await {
+                        break;
+                    }
+                    replayed += 1;
                 }
                 app.metrics.messages_delivered.inc_by(replayed);
                 app.rooms
@@ -463,11 +476,14 @@ impl Session {
                 room: room.to_owned(),
                 seq,
             })),
-            Err(e) => self.error(
-                ErrorCode::Unavailable,
-                format!("{e}; message not delivered"),
-                id,
-            ),
+            Err(e) => {
+                self.bucket.refund();
+                self.error(
+                    ErrorCode::Unavailable,
+                    format!("{e}; message not delivered"),
+                    id,
+                )
+            }
         }
     }
 
@@ -525,6 +541,9 @@ mod tests {
         tokio::time::advance(Duration::from_secs(60)).await;
         let taken = (0..10).filter(|_| b.try_take()).count();
         assert_eq!(taken, 3, "never more than the burst");
+        b.refund();
+        assert!(b.try_take(), "a refunded token can be taken again");
+        assert!(!b.try_take());
     }
 
     #[test]

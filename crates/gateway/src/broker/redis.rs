@@ -473,6 +473,7 @@ async fn apply(inner: &Inner, sink: &mut PubSubSink, cmd: SubCmd) -> redis::Redi
 async fn health(inner: Arc<Inner>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut first = true;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -488,13 +489,14 @@ async fn health(inner: Arc<Inner>, stop: CancellationToken) {
             Ok(Ok(_))
         );
         let was = inner.commands_up.swap(ok, Ordering::AcqRel);
-        if was != ok {
+        if was != ok || (first && !ok) {
             if ok {
                 info!("redis reachable");
             } else {
-                warn!("redis unreachable");
+                warn!("redis unreachable; not ready until it answers");
             }
         }
+        first = false;
         inner.update_up();
     }
 }

@@ -144,7 +144,7 @@ async fn the_4001_close_waits_for_the_leeway() {
 
 #[tokio::test]
 async fn heartbeat_timeout_closes_with_1008_and_drops_the_silent_peer() {
-    let node = Node::start(&["--heartbeat", "200ms", "--pong-timeout", "300ms"]).await;
+    let node = Node::start(&["--heartbeat", "200ms", "--pong-timeout", "1s"]).await;
     // A client that answers Pings (tungstenite does, while it is read)
     // stays: it sees several Pings and is still served.
     let (mut good, welcome) = Ws::open(&node.ws_url(), "good").await;
@@ -209,7 +209,7 @@ async fn any_client_frame_counts_as_alive() {
 async fn slow_consumer_is_closed_while_the_others_get_everything() {
     let node = Node::start(&[
         "--max-outbound-bytes",
-        "65536",
+        "262144",
         "--publish-rate",
         "1000000",
         "--publish-burst",

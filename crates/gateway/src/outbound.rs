@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::Notify;
@@ -89,12 +90,7 @@ impl ConnHandle {
         let before = self.queued.fetch_add(len, Ordering::AcqRel);
         if before != 0 && before + len > self.max {
             self.queued.fetch_sub(len, Ordering::AcqRel);
-            if self.close(CloseReason {
-                code: wsgate_protocol::close::POLICY,
-                reason: "slow consumer",
-            }) {
-                self.metrics.slow_consumer_closes.inc();
-            }
+            self.slow_consumer();
             return false;
         }
         let was_empty = {
@@ -109,10 +105,25 @@ impl ConnHandle {
         true
     }
 
+    /// Close with 1008 ("slow consumer"), counted once.
+    fn slow_consumer(&self) {
+        if self.close(CloseReason {
+            code: wsgate_protocol::close::POLICY,
+            reason: "slow consumer",
+        }) {
+            self.metrics.slow_consumer_closes.inc();
+        }
+    }
+
     /// Queue a frame the client asked for in bulk (a resume's replay):
     /// instead of overflowing, wait while the queue is over its limit until
     /// the writer makes room. Returns false when the connection closes.
-    pub async fn send_paced(&self, frame: Utf8Bytes) -> bool {
+    ///
+    /// While it waits nothing else of the connection runs (its heartbeat
+    /// included), so the wait is bounded: a client that lets `patience` go
+    /// by without the writer making any room is not reading, and is closed
+    /// as a slow consumer (1008) instead of holding its session forever.
+    pub async fn send_paced(&self, frame: Utf8Bytes, patience: Duration) -> bool {
         loop {
             let progress = self.drained.notified();
             if self.closing.is_cancelled() {
@@ -125,6 +136,10 @@ impl ConnHandle {
             tokio::select! {
                 _ = progress => {}
                 _ = self.closing.cancelled() => return false,
+                _ = tokio::time::sleep(patience) => {
+                    self.slow_consumer();
+                    return false;
+                }
             }
         }
     }
@@ -259,7 +274,10 @@ mod tests {
         assert!(h.send(Utf8Bytes::from("0123456789")));
         let paced = {
             let h = h.clone();
-            tokio::spawn(async move { h.send_paced(Utf8Bytes::from("abcdef")).await })
+            tokio::spawn(async move {
+                h.send_paced(Utf8Bytes::from("abcdef"), Duration::from_secs(60))
+                    .await
+            })
         };
         tokio::task::yield_now().await;
         assert!(!paced.is_finished(), "waits while the queue is full");
@@ -272,6 +290,22 @@ mod tests {
         batch.clear();
         h.take(&mut batch).await;
         assert_eq!(batch, ["abcdef"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paced_send_that_never_gets_room_closes_as_a_slow_consumer() {
+        let (h, _) = handle(10);
+        assert!(h.send(Utf8Bytes::from("0123456789")));
+        let patience = Duration::from_secs(5);
+        assert!(!h.send_paced(Utf8Bytes::from("x"), patience).await);
+        assert_eq!(
+            h.close_reason(),
+            Some(CloseReason {
+                code: 1008,
+                reason: "slow consumer"
+            })
+        );
+        assert_eq!(h.metrics.slow_consumer_closes.get(), 1);
     }
 
     #[test]

@@ -223,3 +223,51 @@ async fn replay_and_concurrent_live_traffic_have_no_gap_or_duplicate() {
         assert!(seqs_until_pong(ws).await.is_empty());
     }
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_during_a_replay_is_still_closed() {
+    // A paced replay must not keep a dead client's session alive (its
+    // heartbeat does not run meanwhile): it is closed as a slow consumer.
+    let node = Node::start(&[
+        "--max-outbound-bytes",
+        "16384",
+        "--heartbeat",
+        "200ms",
+        "--pong-timeout",
+        "1s",
+        "--publish-rate",
+        "100000",
+        "--publish-burst",
+        "100000",
+    ])
+    .await;
+    let (mut pubr, _) = Ws::open(&node.ws_url(), "pub").await;
+    let blob = "x".repeat(32_000);
+    for k in 1..=250u64 {
+        pubr.publish("big", json!({"k": k, "blob": blob})).await;
+    }
+    pubr.close(1000).await;
+    drop(pubr);
+    let mut raw = wsgate_testkit::RawWs::connect_with(
+        node.addr,
+        &wsgate_testkit::any_token("dead"),
+        Some(4096),
+    )
+    .await;
+    raw.send_text(r#"{"type":"join","room":"big","since":0}"#)
+        .await;
+    // Never read, never answer a Ping: the server must give up on it.
+    let ops = node.ops_url();
+    wsgate_testkit::eventually("the dead client is closed", || {
+        let ops = ops.clone();
+        async move {
+            let m = wsgate_testkit::metrics(&ops).await;
+            (m.value("wsgate_slow_consumer_closes_total", &[]) == 1.0).then_some(())
+        }
+    })
+    .await;
+    match raw.ended().await {
+        wsgate_testkit::Ended::Close(1008) | wsgate_testkit::Ended::Dropped => {}
+        other => panic!("ended with {other:?}"),
+    }
+}

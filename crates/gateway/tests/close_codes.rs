@@ -206,6 +206,29 @@ async fn any_client_frame_counts_as_alive() {
 }
 
 #[tokio::test]
+async fn an_empty_queue_accepts_a_frame_larger_than_the_limit() {
+    let node = Node::start(&["--max-outbound-bytes", "1024"]).await;
+    let (mut member, _) = Ws::open(&node.ws_url(), "member").await;
+    member.join("r").await;
+    let (mut pubr, _) = Ws::open(&node.ws_url(), "pub").await;
+    let big = "y".repeat(8192);
+    for k in 0..3 {
+        pubr.publish("r", json!({"k": k, "big": big})).await;
+        let m = member.json().await;
+        assert_eq!(
+            (&m["type"], &m["data"]["k"]),
+            (&json!("message"), &json!(k))
+        );
+    }
+    assert_eq!(
+        node.metrics()
+            .await
+            .value("wsgate_slow_consumer_closes_total", &[]),
+        0.0
+    );
+}
+
+#[tokio::test]
 async fn slow_consumer_is_closed_while_the_others_get_everything() {
     let node = Node::start(&[
         "--max-outbound-bytes",

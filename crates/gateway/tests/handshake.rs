@@ -311,6 +311,23 @@ async fn connection_cap_answers_503_with_retry_after() {
 }
 
 #[tokio::test]
+async fn a_client_that_never_sends_its_request_is_dropped() {
+    use tokio::io::AsyncReadExt;
+    let node = Node::start(&["--handshake-timeout", "300ms"]).await;
+    let mut tcp = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let mut buf = [0u8; 256];
+    // No request line at all: the server ends the connection by itself.
+    let n = tokio::time::timeout(wsgate_testkit::WAIT, tcp.read(&mut buf))
+        .await
+        .expect("the silent connection was kept open")
+        .unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+    // A prompt client is served as usual.
+    Ws::open(&node.ws_url(), "alice").await;
+}
+
+#[tokio::test]
 async fn not_a_websocket_upgrade_is_400_or_426() {
     let node = Node::start(&[]).await;
     let auth = format!("Bearer {}", any_token("alice"));

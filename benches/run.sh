@@ -1,0 +1,237 @@
+#!/usr/bin/env bash
+# Reproduce the benchmark table of issue 5 on this machine.
+#
+# Starts a private redis-server and wsgate nodes from target/release, pins
+# them (and Redis) to one CPU and the load tool to another with taskset,
+# runs every scenario RUNS times (default 3) on fresh servers, and prints a
+# markdown table of the medians. Raw JSON lines stay in $OUT (a temporary
+# directory unless set); nothing is written into the repository.
+#
+#   benches/run.sh                       # the whole table (about 10 minutes)
+#   ONLY=fanout,rooms RUNS=1 benches/run.sh
+#
+# Environment: RUNS, ONLY (comma list of: connect idle fanout rooms ramp
+# reconnect), OUT, SERVER_CPU (default 0), TOOL_CPU (default 1),
+# SKIP_BUILD=1 (use the binaries already in target/release), QUICK=1 (a
+# tenth of the load and short phases: checks the script, not the figures).
+# Everything listens on 127.0.0.1 on free ports; nothing else is touched.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RUNS=${RUNS:-3}
+ONLY=${ONLY:-connect,idle,fanout,rooms,ramp,reconnect}
+SERVER_CPU=${SERVER_CPU:-0}
+TOOL_CPU=${TOOL_CPU:-1}
+OUT=${OUT:-$(mktemp -d /tmp/wsgate-bench.XXXXXX)}
+SECRET="bench-$RANDOM$RANDOM"
+WSGATE="$ROOT/target/release/wsgate"
+BENCH="$ROOT/target/release/wsgate-bench"
+mkdir -p "$OUT"
+
+# The table's sizes; QUICK=1 shrinks them to check the script itself.
+if [[ "${QUICK:-0}" == 1 ]]; then
+    N_CONNECT=1000 N_IDLE=1000 N_SUBS=100 N_ROOMS=200 N_CLIENTS=1500
+    D=2s WARMUP=1s STEP=1s HOLD=4s BEFORE=1s
+else
+    N_CONNECT=10000 N_IDLE=10000 N_SUBS=1000 N_ROOMS=2000 N_CLIENTS=15000
+    D=10s WARMUP=3s STEP=5s HOLD=20s BEFORE=5s
+fi
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+command -v redis-server >/dev/null || die "redis-server is not installed (apt-get install -y --no-install-recommends redis-server)"
+command -v python3 >/dev/null || die "python3 is needed"
+command -v curl >/dev/null || die "curl is needed"
+
+if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+    log "building wsgate and wsgate-bench (release)"
+    (cd "$ROOT" && cargo build --release -p wsgate -p wsgate-bench)
+fi
+[[ -x "$WSGATE" && -x "$BENCH" ]] || die "missing $WSGATE or $BENCH"
+
+# Pinning: servers and Redis on SERVER_CPU, the load tool on TOOL_CPU.
+if command -v taskset >/dev/null && [[ $(nproc) -ge 2 ]]; then
+    PIN_SERVER=(taskset -c "$SERVER_CPU")
+    PIN_TOOL=(taskset -c "$TOOL_CPU")
+else
+    log "warning: no taskset or fewer than 2 CPUs: not pinning"
+    PIN_SERVER=()
+    PIN_TOOL=()
+fi
+
+free_ports() {
+    python3 - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+PIDS=()
+REDIS_PID=""
+NODE_PIDS=()
+NODE_PORTS=()
+OPS_PORTS=()
+
+stop_servers() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        # Bounded wait: 100 x 0.1 s, then SIGKILL.
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    PIDS=()
+    REDIS_PID=""
+    NODE_PIDS=()
+    NODE_PORTS=()
+    OPS_PORTS=()
+}
+trap stop_servers EXIT
+
+wait_for() { # wait_for DESCRIPTION COMMAND...: poll for up to 15 s
+    local what=$1
+    shift
+    for _ in $(seq 150); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        sleep 0.1
+    done
+    die "timed out waiting for $what"
+}
+
+# start_servers N: a fresh redis-server and N nodes (n1..nN) on free ports.
+start_servers() {
+    local n=$1 ports i
+    read -r -a ports <<<"$(free_ports $((1 + 2 * n)))"
+    local redis_port=${ports[0]}
+    "${PIN_SERVER[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+        >"$OUT/redis.log" 2>&1 &
+    REDIS_PID=$!
+    PIDS+=("$REDIS_PID")
+    wait_for "redis on $redis_port" redis-cli -p "$redis_port" ping
+    for ((i = 1; i <= n; i++)); do
+        local port=${ports[$((2 * i - 1))]} ops=${ports[$((2 * i))]}
+        "${PIN_SERVER[@]}" "$WSGATE" serve --listen "127.0.0.1:$port" --ops-listen "127.0.0.1:$ops" \
+            --node-id "n$i" --jwt-secret "$SECRET" --redis-url "redis://127.0.0.1:$redis_port/" \
+            --publish-rate 1000000 --publish-burst 1000000 --max-connections 100000 \
+            --log warn >"$OUT/node$i.log" 2>&1 &
+        local pid=$!
+        PIDS+=("$pid")
+        NODE_PIDS+=("$pid")
+        NODE_PORTS+=("$port")
+        OPS_PORTS+=("$ops")
+        wait_for "node n$i ready" curl -sf "http://127.0.0.1:$ops/ready"
+    done
+}
+
+# Flags naming every node (URLs, ops URLs) and every server process (--pid).
+target_flags() {
+    local i flags=()
+    for i in "${!NODE_PORTS[@]}"; do
+        flags+=(--url "ws://127.0.0.1:${NODE_PORTS[$i]}/ws" --ops-url "http://127.0.0.1:${OPS_PORTS[$i]}")
+        flags+=(--pid "${NODE_PIDS[$i]}")
+    done
+    flags+=(--pid "$REDIS_PID" --jwt-secret "$SECRET")
+    printf '%s\n' "${flags[@]}"
+}
+
+bench() { # bench SCENARIO RUN ARGS...: run the tool pinned, keep its JSON line
+    local scenario=$1 run=$2
+    shift 2
+    local flags
+    mapfile -t flags < <(target_flags)
+    log "$scenario run $run: wsgate-bench $scenario $*"
+    local rc=0
+    "${PIN_TOOL[@]}" "$BENCH" "$scenario" "${flags[@]}" "$@" >"$OUT/$scenario.$run.out" 2>"$OUT/$scenario.$run.err" || rc=$?
+    tail -n 1 "$OUT/$scenario.$run.out" >"$OUT/$scenario.$run.json"
+    grep -v '^{' "$OUT/$scenario.$run.out" >&2 || true
+    [[ $rc -eq 0 ]] || log "warning: $scenario run $run exited $rc (see $OUT/$scenario.$run.*)"
+}
+
+wants() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+for ((run = 1; run <= RUNS; run++)); do
+    if wants connect; then
+        # HS256 JWT + Origin check + welcome; connections held until all are open.
+        start_servers 2
+        bench connect "$run" -n "$N_CONNECT" --concurrency 64 --origin http://127.0.0.1:8080 \
+            --source-ips 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5
+        stop_servers
+    fi
+
+    if wants idle; then
+        # 20,000 connections joined to a room, over two nodes. One process may
+        # open 20,000 files here, so two tool processes hold 10,000 each; the
+        # server memory is measured by this script from /proc before and after.
+        start_servers 2
+        mapfile -t flags < <(target_flags)
+        rss() { local t=0 p; for p in "${NODE_PIDS[@]}"; do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo "$t"; }
+        active() { local t=0 o v; for o in "${OPS_PORTS[@]}"; do v=$(curl -sf "http://127.0.0.1:$o/metrics" | awk '/^wsgate_connections_active/ {print $2}' || true); v=${v%.*}; t=$((t + ${v:-0})); done; echo "$t"; }
+        before=$(rss)
+        log "idle run $run: 2 x wsgate-bench idle -n $N_IDLE --hold $HOLD"
+        "${PIN_TOOL[@]}" "$BENCH" idle "${flags[@]}" -n "$N_IDLE" --hold "$HOLD" --json --source-ips 127.0.0.2,127.0.0.3 \
+            >"$OUT/idle.$run.a.json" 2>"$OUT/idle.$run.a.err" &
+        tool_a=$!
+        "${PIN_TOOL[@]}" "$BENCH" idle "${flags[@]}" -n "$N_IDLE" --hold "$HOLD" --json --source-ips 127.0.0.4,127.0.0.5 \
+            >"$OUT/idle.$run.b.json" 2>"$OUT/idle.$run.b.err" &
+        tool_b=$!
+        # Poll (at most 60 s) until both tools hold all their connections.
+        for _ in $(seq 600); do [[ $(active) -ge $((2 * N_IDLE)) ]] && break; sleep 0.1; done
+        held=$(active)
+        sleep 3 # let the allocator settle before reading RSS (not synchronization)
+        after=$(rss)
+        wait "$tool_a" || log "warning: idle tool a failed (see $OUT/idle.$run.a.*)"
+        wait "$tool_b" || log "warning: idle tool b failed (see $OUT/idle.$run.b.*)"
+        python3 - "$before" "$after" "$held" "$((2 * N_IDLE))" >"$OUT/idle.$run.json" <<'EOF'
+import json, sys
+before, after, held, want = (int(x) for x in sys.argv[1:])
+print(json.dumps({"scenario": "idle", "ok": held >= want, "held": held,
+                  "server_kib_before": before, "server_kib_after": after,
+                  "server_kib_per_connection": (after - before) / max(held, 1)}))
+EOF
+        log "idle run $run: $held connections, $(((after - before) * 1024 / (held > 0 ? held : 1))) bytes each"
+        stop_servers
+    fi
+
+    if wants fanout; then
+        # 1,000 subscribers over two nodes (half on the publisher's node), 100 msg/s.
+        start_servers 2
+        bench fanout "$run" -s "$N_SUBS" -p 1 -r 100 -d "$D" --warmup "$WARMUP"
+        stop_servers
+    fi
+
+    if wants rooms; then
+        # The chat shape: 2,000 connections in rooms of 10, each publishing 1 msg/s.
+        start_servers 2
+        bench rooms "$run" -n "$N_ROOMS" -k 10 -r 1 -d "$D" --warmup "$WARMUP"
+        stop_servers
+    fi
+
+    if wants ramp; then
+        # Fan-out to 1,000 subscribers, rate x1.2 per 5 s step until p99 > 50 ms or a loss.
+        start_servers 2
+        bench ramp "$run" -s "$N_SUBS" -p 1 --start-rate 50 --factor 1.2 --step "$STEP" --max-steps 30 \
+            --max-rate 2000 --p99-limit 50ms
+        stop_servers
+    fi
+
+    if wants reconnect; then
+        # 15,000 clients, 10,000 of them on n1, which is killed while 100 msg/s flow.
+        start_servers 3
+        bench reconnect "$run" -c "$N_CLIENTS" --first-share 0.6667 -r 100 --kill-pid "${NODE_PIDS[0]}" \
+            --before "$BEFORE" --after 3s --resume-timeout 30s \
+            --source-ips 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5
+        stop_servers
+    fi
+done
+
+log "raw results in $OUT"
+python3 "$ROOT/benches/table.py" "$OUT"

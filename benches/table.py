@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Turn the JSON lines benches/run.sh collected into issue 5's table.
+
+Usage: benches/table.py OUT_DIR
+
+Each figure is the median over the runs found (files SCENARIO.RUN.json, one
+JSON line each, as printed by wsgate-bench or by run.sh for `idle`).
+"""
+
+import glob
+import json
+import os
+import statistics
+import sys
+
+
+def load(out, scenario):
+    runs = []
+    for path in sorted(glob.glob(os.path.join(out, f"{scenario}.*.json"))):
+        base = os.path.basename(path)
+        # idle.1.json is the run's figure; idle.1.a.json / .b.json are the tools'.
+        if base.count(".") != 2:
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                line = f.read().strip().splitlines()[-1]
+            runs.append(json.loads(line))
+        except (OSError, IndexError, ValueError):
+            continue
+    return runs
+
+
+def dig(obj, path):
+    for key in path.split("."):
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def median(runs, path):
+    values = [v for v in (dig(r, path) for r in runs) if isinstance(v, (int, float))]
+    return (statistics.median(values), len(values)) if values else (None, 0)
+
+
+def fmt(v, spec):
+    return "n/a" if v is None else format(v, spec)
+
+
+def verdict(v, ok):
+    if v is None:
+        return "not measured"
+    return "met" if ok(v) else "NOT met"
+
+
+def main():
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    out = sys.argv[1]
+    rows = []
+
+    idle = load(out, "idle")
+    v, n = median(idle, "server_kib_per_connection")
+    rows.append(("memory per idle connection (20,000 over two nodes)", "<= 3 KiB RSS",
+                 f"{fmt(v, '.2f')} KiB", n, verdict(v, lambda x: x <= 3.0), ""))
+
+    fan = load(out, "fanout")
+    cpu, n = median(fan, "server_cpu_us_per_delivery")
+    dps, _ = median(fan, "deliveries_per_s")
+    busy, _ = median(fan, "usage.server_core_busy")
+    tool, _ = median(fan, "usage.tool_core_busy")
+    tool_us, _ = median(fan, "tool_cpu_us_per_delivery")
+    note = (f"{fmt(dps, ',.0f')} deliveries/s, servers+Redis {fmt(busy and busy * 100, '.0f')} % of a core; "
+            f"tool {fmt(tool and tool * 100, '.0f')} % ({fmt(tool_us, '.2f')} us/delivery)")
+    rows.append(("server CPU per delivered message (1,000 subs, 2 nodes + Redis, 100 msg/s)", "<= 1.0 us",
+                 f"{fmt(cpu, '.2f')} us", n, verdict(cpu, lambda x: x <= 1.0), note))
+    p99, n = median(fan, "latency.p99_ms")
+    rows.append(("p99 end-to-end latency in that fan-out", "<= 5 ms",
+                 f"{fmt(p99, '.3f')} ms", n, verdict(p99, lambda x: x <= 5.0), note))
+
+    rooms = load(out, "rooms")
+    p99, n = median(rooms, "latency.p99_ms")
+    dps, _ = median(rooms, "deliveries_per_s")
+    tool, _ = median(rooms, "usage.tool_core_busy")
+    rows.append(("chat shape: 2,000 connections in rooms of 10, 1 msg/s each: p99", "<= 0.5 ms",
+                 f"{fmt(p99, '.3f')} ms", n, verdict(p99, lambda x: x <= 0.5),
+                 f"{fmt(dps, ',.0f')} deliveries/s; tool {fmt(tool and tool * 100, '.0f')} %"))
+
+    ramp = load(out, "ramp")
+    best, n = median(ramp, "best_deliveries_per_s")
+    busy, _ = median(ramp, "best.usage.server_core_busy")
+    tool, _ = median(ramp, "best.usage.tool_core_busy")
+    rows.append(("highest fan-out rate with p99 <= 50 ms and no loss", "tool's ceiling, server core <= 25 % busy",
+                 f"{fmt(best, ',.0f')} deliveries/s", n,
+                 verdict(busy, lambda x: x <= 0.25),
+                 f"servers+Redis {fmt(busy and busy * 100, '.0f')} % of a core; tool {fmt(tool and tool * 100, '.0f')} %"))
+
+    conn = load(out, "connect")
+    hs, n = median(conn, "handshakes_per_s")
+    tool, _ = median(conn, "usage.tool_core_busy")
+    rows.append(("handshakes/s (HS256 JWT, Origin check, welcome)", ">= 15,000",
+                 f"{fmt(hs, ',.0f')}/s", n, verdict(hs, lambda x: x >= 15000),
+                 f"tool {fmt(tool and tool * 100, '.0f')} %"))
+
+    rec = load(out, "reconnect")
+    t, n = median(rec, "all_resumed_s")
+    lost, _ = median(rec, "seq.lost")
+    dup, _ = median(rec, "seq.duplicated")
+    aff, _ = median(rec, "affected")
+    ok = None if t is None else (t <= 5.0 and lost == 0 and dup == 0)
+    rows.append(("reconnect: clients of a killed node resumed on the others", "<= 5 s, 0 lost, 0 duplicated",
+                 f"{fmt(t, '.2f')} s, {fmt(lost, '.0f')} lost, {fmt(dup, '.0f')} duplicated", n,
+                 "not measured" if ok is None else ("met" if ok else "NOT met"),
+                 f"{fmt(aff, ',.0f')} clients on the killed node"))
+
+    print("| figure | target | measured (median) | runs | verdict | notes |")
+    print("|---|---|---|---|---|---|")
+    for figure, target, measured, runs, verdict_text, notes in rows:
+        print(f"| {figure} | {target} | {measured} | {runs} | {verdict_text} | {notes} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+//! `reconnect`: C clients in one room spread over several nodes while a
+//! publisher (on the last `--url`) sends messages; then the node behind the
+//! FIRST `--url` is killed (`--kill-pid`, SIGKILL) or drained (`--drain-pid`,
+//! SIGTERM). Each of its clients reconnects to the next URL and joins with
+//! `since` + `epoch`. Reported: the time from the signal until every client
+//! of that node has resumed with `recovered: true`, each client's downtime,
+//! and lost / duplicated seqs over the whole run (0 when history covers the
+//! gap).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::member::{MemberSpec, PublishSpec};
+use super::{round_robin, sleep_with_bar, usage_to_report_except, Crowd, Ctx};
+use crate::cli::ReconnectArgs;
+use crate::clock;
+use crate::net::PublishEncoder;
+use crate::report::Report;
+use crate::stats::{new_histogram, LatencySummary};
+
+/// Send `signal` (`KILL` or `TERM`) to `pid`.
+pub fn signal(pid: u32, signal: &str) -> Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .context("cannot run kill")?;
+    if !status.success() {
+        bail!("kill -{signal} {pid} failed ({status})");
+    }
+    Ok(())
+}
+
+/// The URL client `i` of `clients` starts on: `share` of them on the first
+/// URL and the rest round-robin over the others, or all round-robin.
+pub fn placement(i: usize, clients: usize, urls: usize, share: Option<f64>) -> usize {
+    match share {
+        Some(f) if urls > 1 => {
+            let first = (f * clients as f64).round() as usize;
+            if i < first {
+                0
+            } else {
+                1 + (i - first) % (urls - 1)
+            }
+        }
+        _ => round_robin(i, urls),
+    }
+}
+
+/// Run the scenario.
+pub async fn run(ctx: &Ctx, args: &ReconnectArgs) -> Result<Report> {
+    let mut report = Report::new("reconnect");
+    let (pid, sig) = match (args.kill_pid, args.drain_pid) {
+        (Some(p), _) => (p, "KILL"),
+        (None, Some(p)) => (p, "TERM"),
+        (None, None) => bail!("give --kill-pid or --drain-pid"),
+    };
+    let n_urls = ctx.node_urls();
+    let room: Arc<str> = args.room.as_str().into();
+    let token: Arc<str> = ctx.tokens.for_user("bench-client")?.into();
+    let pub_token: Arc<str> = ctx.tokens.for_user("bench-pub")?.into();
+    let clients = args.clients;
+    let specs = (0..clients)
+        .map(|i| MemberSpec {
+            index: i,
+            url_idx: placement(i, clients, n_urls, args.first_share),
+            token: token.clone(),
+            join: Some((room.clone(), 0)),
+            publish: None,
+            reconnect: true,
+            track_latency: true,
+        })
+        .collect();
+    let mut crowd = Crowd::new(1);
+    let setup = crowd
+        .spawn(ctx, specs, ctx.common.setup_budget(clients), "clients")
+        .await;
+    report.line(setup.human("clients"));
+    report.set("setup", &setup);
+    let publisher = vec![MemberSpec {
+        index: 0,
+        url_idx: n_urls - 1,
+        token: pub_token,
+        join: None,
+        publish: Some(PublishSpec {
+            encoder: Arc::new(PublishEncoder::new(&args.room, args.payload)),
+            room_idx: 0,
+            phase: Duration::ZERO,
+        }),
+        reconnect: true,
+        track_latency: false,
+    }];
+    let pub_setup = crowd
+        .spawn(ctx, publisher, ctx.common.setup_budget(1), "publisher")
+        .await;
+    if !setup.complete() || !pub_setup.complete() {
+        report.fail("not every client connected");
+        crowd.finish(Duration::from_secs(10)).await;
+        return Ok(report);
+    }
+    let shared = crowd.shared.clone();
+    let t0 = Instant::now();
+    shared.record_window(t0, t0 + Duration::from_secs(86_400 * 365));
+    shared.rate.send_replace(args.rate);
+    sleep_with_bar(t0 + args.before, "before").await;
+
+    // Clients of the first URL's address: the node the fault hits.
+    let dead = ctx.targets[0].addr;
+    let affected: Vec<usize> = (0..clients)
+        .filter(|&i| {
+            let l = &crowd.lives[i];
+            l.connected.load(Relaxed) && ctx.targets[l.url_idx.load(Relaxed)].addr == dead
+        })
+        .collect();
+    let a = ctx.probe.snapshot().await;
+    let fault_ns = clock::now_ns();
+    signal(pid, sig)?;
+    report.line(format!(
+        "fault: kill -{sig} {pid} (node of {}) with {} of {clients} clients on it, {} msg/s flowing",
+        ctx.targets[0].url,
+        affected.len(),
+        args.rate
+    ));
+    let all_back = crowd
+        .wait_for(args.resume_timeout, |c| {
+            affected.iter().all(|&i| {
+                let l = &c.lives[i];
+                l.connected.load(Relaxed)
+                    && l.resumes.load(Relaxed) + l.failed_resumes.load(Relaxed) >= 1
+            })
+        })
+        .await;
+    let resumed: Vec<usize> = affected
+        .iter()
+        .copied()
+        .filter(|&i| crowd.lives[i].resumes.load(Relaxed) >= 1)
+        .collect();
+    let failed_resumes: u32 = crowd
+        .lives
+        .iter()
+        .map(|l| l.failed_resumes.load(Relaxed))
+        .sum();
+    let last_ns = resumed
+        .iter()
+        .map(|&i| crowd.lives[i].resumed_ns.load(Relaxed))
+        .max()
+        .unwrap_or(fault_ns);
+    let all_resumed_s = last_ns.saturating_sub(fault_ns) as f64 / 1e9;
+    let mut since_fault = new_histogram();
+    for &i in &resumed {
+        let ns = crowd.lives[i]
+            .resumed_ns
+            .load(Relaxed)
+            .saturating_sub(fault_ns);
+        since_fault.saturating_record(ns.max(1));
+    }
+    let since_fault = LatencySummary::of(&since_fault);
+    let mut hit = vec![false; clients];
+    for &i in &affected {
+        hit[i] = true;
+    }
+    let others_dropped = (0..clients)
+        .filter(|&i| !hit[i] && crowd.lives[i].disconnects.load(Relaxed) > 0)
+        .count();
+    sleep_with_bar(Instant::now() + args.after, "after").await;
+    let b = ctx.probe.snapshot().await;
+    shared.rate.send_replace(0.0);
+    let drained = crowd
+        .drain(args.drain, |i| (i < clients).then_some(0))
+        .await;
+    let latency = LatencySummary::of(&shared.latencies.take());
+    let tally = crowd.finish(Duration::from_secs(10)).await;
+    let mut downtime = new_histogram();
+    for &ns in &tally.downtimes_ns {
+        downtime.saturating_record(ns.max(1));
+    }
+    let downtime = LatencySummary::of(&downtime);
+
+    report.line(format!(
+        "resumed: {} of {} clients of the node, every one within {all_resumed_s:.3} s of the signal{}",
+        resumed.len(),
+        affected.len(),
+        if all_back { "" } else { " (TIMED OUT)" }
+    ));
+    report.line(format!(
+        "time from signal to resume: {}",
+        since_fault.human()
+    ));
+    report.line(format!(
+        "client downtime (drop to resume): {}",
+        downtime.human()
+    ));
+    report.line(format!("latency over the run: {}", latency.human()));
+    usage_to_report_except(&mut report, &a, &b, Some(pid));
+    report.line(tally.seq_human());
+    report.set("affected", affected.len());
+    report.set("resumed", resumed.len());
+    report.set("failed_resumes", failed_resumes);
+    report.set("all_resumed_s", all_resumed_s);
+    report.set("resume_since_fault", since_fault);
+    report.set("downtime", downtime);
+    report.set("latency", latency);
+    report.set("seq", tally.seq);
+    report.set("signal", sig);
+    if affected.is_empty() {
+        report.fail("no client was on the first --url's node");
+    }
+    if !all_back || resumed.len() < affected.len() {
+        report.fail(format!(
+            "{} of {} clients did not resume with recovered:true within {:?}",
+            affected.len() - resumed.len(),
+            affected.len(),
+            args.resume_timeout
+        ));
+    }
+    if failed_resumes > 0 {
+        report.fail(format!(
+            "{failed_resumes} resumes came back recovered:false"
+        ));
+    }
+    if others_dropped > 0 {
+        report.warn(format!(
+            "{others_dropped} clients of other nodes dropped too"
+        ));
+    }
+    if !drained {
+        report.warn(format!(
+            "not every client caught up within --drain {:?}",
+            args.drain
+        ));
+    }
+    if tally.seq.lost > 0 {
+        report.fail(format!("{} messages lost", tally.seq.lost));
+    }
+    if tally.seq.duplicated > 0 {
+        report.fail(format!("{} messages duplicated", tally.seq.duplicated));
+    }
+    if tally.seq.out_of_order > 0 {
+        report.fail(format!("{} messages out of order", tally.seq.out_of_order));
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_puts_a_share_on_the_first_node() {
+        let spread: Vec<usize> = (0..6).map(|i| placement(i, 6, 3, None)).collect();
+        assert_eq!(spread, [0, 1, 2, 0, 1, 2]);
+        let share: Vec<usize> = (0..6).map(|i| placement(i, 6, 3, Some(0.5))).collect();
+        assert_eq!(share, [0, 0, 0, 1, 2, 1]);
+        let on_first = (0..15_000)
+            .filter(|&i| placement(i, 15_000, 3, Some(2.0 / 3.0)) == 0)
+            .count();
+        assert_eq!(on_first, 10_000);
+        assert_eq!(placement(5, 6, 1, Some(0.5)), 0);
+    }
+}

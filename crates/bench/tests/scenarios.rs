@@ -1,0 +1,287 @@
+//! Every scenario, briefly and at a tiny scale, against real gateway nodes
+//! (in-process, over a private redis-server; `reconnect` against the built
+//! binary, which it kills). These check the tool's logic and its verdicts,
+//! never a timing: generous limits, and only pass/fail and counts asserted.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::Value;
+use wsgate_bench::cli::{Cli, Scenario};
+use wsgate_bench::report::Report;
+use wsgate_testkit::{wsgate_bin, BinNode, Node, Redis, SECRET};
+
+/// Flags that lift the per-connection publish limit for the load.
+const NODE_FLAGS: &[&str] = &["--publish-rate", "100000", "--publish-burst", "100000"];
+
+fn scenario(args: &[&str]) -> Scenario {
+    let mut all = vec!["wsgate-bench"];
+    all.extend_from_slice(args);
+    let cli = Cli::try_parse_from(all).unwrap();
+    cli.scenario.validate().unwrap();
+    cli.scenario
+}
+
+async fn run(args: &[&str]) -> (Report, Value) {
+    let s = scenario(args);
+    let report = tokio::time::timeout(s.deadline(), wsgate_bench::scenario::run(&s))
+        .await
+        .expect("within the scenario's deadline")
+        .expect("scenario runs");
+    let json: Value = serde_json::from_str(&report.json_line()).unwrap();
+    (report, json)
+}
+
+struct Cluster {
+    _redis: Redis,
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    async fn start(n: usize) -> Cluster {
+        let redis = Redis::start();
+        let url = redis.url();
+        let mut nodes = Vec::new();
+        for _ in 0..n {
+            let mut flags = vec!["--redis-url", url.as_str()];
+            flags.extend_from_slice(NODE_FLAGS);
+            nodes.push(Node::start(&flags).await);
+        }
+        Cluster {
+            _redis: redis,
+            nodes,
+        }
+    }
+
+    /// `--url`/`--ops-url` for every node, and the secret.
+    fn flags(&self) -> Vec<String> {
+        let mut f = Vec::new();
+        for n in &self.nodes {
+            f.extend([
+                "--url".to_owned(),
+                n.ws_url(),
+                "--ops-url".to_owned(),
+                n.ops_url(),
+            ]);
+        }
+        f.extend(["--jwt-secret".to_owned(), SECRET.to_owned()]);
+        f
+    }
+}
+
+fn with<'a>(base: &'a [String], args: &[&'a str]) -> Vec<&'a str> {
+    let mut v: Vec<&str> = args.to_vec();
+    v.extend(base.iter().map(String::as_str));
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenarios_on_two_nodes() {
+    let cluster = Cluster::start(2).await;
+    let flags = cluster.flags();
+
+    let (r, j) = run(&with(&flags, &["connect", "-n", "50"])).await;
+    assert!(r.ok(), "{}", r.human());
+    assert_eq!(j["setup"]["connected"], 50);
+    assert_eq!(j["setup"]["nodes"].as_object().unwrap().len(), 2);
+
+    let (r, j) = run(&with(
+        &flags,
+        &["idle", "-n", "40", "--rooms", "4", "--hold", "100ms"],
+    ))
+    .await;
+    assert!(r.ok(), "{}", r.human());
+    assert_eq!(j["held"], 40);
+    assert!(j["server_bytes_per_connection"].is_number(), "{j}");
+
+    let (r, j) = run(&with(
+        &flags,
+        &[
+            "fanout", "-s", "20", "-p", "2", "-r", "100", "-d", "1s", "--warmup", "200ms",
+        ],
+    ))
+    .await;
+    assert!(r.ok(), "{}", r.human());
+    let seq = &j["seq"];
+    assert_eq!(seq["lost"], 0);
+    assert_eq!(seq["duplicated"], 0);
+    // Every subscriber saw every message published.
+    assert!(seq["received"].as_u64().unwrap() >= 20 * 100, "{j}");
+    assert_eq!(seq["received"].as_u64().unwrap() % 20, 0, "{j}");
+    assert!(j["latency"]["count"].as_u64().unwrap() > 0);
+
+    let (r, j) = run(&with(
+        &flags,
+        &[
+            "rooms", "-n", "30", "-k", "4", "-r", "5", "-d", "1s", "--warmup", "200ms",
+        ],
+    ))
+    .await;
+    assert!(r.ok(), "{}", r.human());
+    assert_eq!(j["seq"]["lost"], 0);
+    assert!(j["seq"]["received"].as_u64().unwrap() > 0);
+
+    let (r, j) = run(&with(
+        &flags,
+        &[
+            "ramp",
+            "-s",
+            "10",
+            "--start-rate",
+            "200",
+            "--factor",
+            "2",
+            "--max-steps",
+            "2",
+            "--step",
+            "500ms",
+            "--p99-limit",
+            "10s",
+        ],
+    ))
+    .await;
+    assert!(r.ok(), "{}", r.human());
+    assert_eq!(j["steps"].as_array().unwrap().len(), 2);
+    assert_eq!(j["best_rate"], 400.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_node_fails_the_run() {
+    let port = wsgate_testkit::free_port();
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let (r, j) = run(&["connect", "-n", "3", "--url", &url, "--jwt-secret", "s"]).await;
+    assert!(!r.ok());
+    assert_eq!(j["setup"]["failures"]["refused"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secret_counts_401() {
+    let node = Node::start(&[]).await;
+    let url = node.ws_url();
+    let (r, j) = run(&[
+        "connect",
+        "-n",
+        "5",
+        "--url",
+        &url,
+        "--jwt-secret",
+        "not-the-secret",
+    ])
+    .await;
+    assert!(!r.ok());
+    assert_eq!(j["setup"]["failures"]["http_401"], 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_after_a_node_is_killed() {
+    let bin = wsgate_bin();
+    if !bin.exists() {
+        eprintln!(
+            "skipped: no wsgate binary at {} (cargo build -p wsgate)",
+            bin.display()
+        );
+        return;
+    }
+    let redis = Redis::start();
+    let url = redis.url();
+    let mut flags = vec!["--redis-url", url.as_str()];
+    flags.extend_from_slice(NODE_FLAGS);
+    let doomed = BinNode::start_with(&bin, &flags).await;
+    let survivor = BinNode::start_with(&bin, &flags).await;
+    let pid = doomed.pid().to_string();
+    let (urls, survivor_ops) = ([doomed.ws_url(), survivor.ws_url()], survivor.ops_url());
+    let (r, j) = run(&[
+        "reconnect",
+        "-c",
+        "30",
+        "-r",
+        "50",
+        "--kill-pid",
+        &pid,
+        "--before",
+        "500ms",
+        "--after",
+        "300ms",
+        "--url",
+        &urls[0],
+        "--url",
+        &urls[1],
+        "--ops-url",
+        &survivor_ops,
+        "--jwt-secret",
+        SECRET,
+    ])
+    .await;
+    assert!(r.ok(), "{}", r.human());
+    assert_eq!(j["affected"], 15);
+    assert_eq!(j["resumed"], 15);
+    assert_eq!(j["seq"]["lost"], 0);
+    assert_eq!(j["seq"]["duplicated"], 0);
+}
+
+#[test]
+fn binary_refuses_bad_flags_and_remote_targets() {
+    let bin = env!("CARGO_BIN_EXE_wsgate-bench");
+    let out = Command::new(bin)
+        .args([
+            "fanout",
+            "--jwt-secret",
+            "s",
+            "--url",
+            "ws://192.0.2.1:80/ws",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+    let out = Command::new(bin).args(["idle"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn binary_prints_a_json_line_last() {
+    let bin = env!("CARGO_BIN_EXE_wsgate-bench");
+    let port = wsgate_testkit::free_port();
+    let out = Command::new(bin)
+        .args([
+            "connect",
+            "-n",
+            "2",
+            "--jwt-secret",
+            "s",
+            "--connect-timeout",
+            "2s",
+        ])
+        .args(["--url", &format!("ws://127.0.0.1:{port}/ws")])
+        .output()
+        .unwrap();
+    // Nothing listens: the run completes and fails its own check.
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let last = stdout.lines().last().unwrap();
+    let j: Value = serde_json::from_str(last).unwrap();
+    assert_eq!(j["scenario"], "connect");
+    assert_eq!(j["ok"], false);
+    assert!(stdout.contains("== wsgate-bench connect =="));
+}
+
+#[tokio::test]
+async fn drain_pid_sends_sigterm() {
+    // The signal helper on a harmless child of our own.
+    let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+    wsgate_bench::scenario::reconnect::signal(child.id(), "TERM").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!status.success());
+}

@@ -83,6 +83,9 @@ struct Failure {
     reason: String,
 }
 
+/// How long to wait for the server to end the connection after its Close.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -398,6 +401,9 @@ impl Driver {
         let mut refresh_at = self.next_refresh();
         let mut refreshing: Option<JoinHandle<Result<String, String>>> = None;
         let mut close_frame: Option<(u16, String)> = None;
+        // After the server's Close, how long to wait for it to end the TCP
+        // connection.
+        let mut linger_until: Option<Instant> = None;
         let far = || Instant::now() + Duration::from_secs(86_400 * 365);
 
         let end = loop {
@@ -421,6 +427,7 @@ impl Driver {
                             close_frame = Some(frame.map_or((1005, String::new()), |f| {
                                 (u16::from(f.code), f.reason.to_string())
                             }));
+                            linger_until.get_or_insert(Instant::now() + CLOSE_LINGER);
                         }
                         Some(Ok(_)) => {}
                         Some(Err(e)) => {
@@ -436,6 +443,10 @@ impl Driver {
                             };
                         }
                     }
+                }
+                _ = sleep_until(linger_until.unwrap_or_else(far)), if linger_until.is_some() => {
+                    let (code, reason) = close_frame.take().unwrap_or((1005, String::new()));
+                    break SessionEnd::Dropped { code: Some(code), reason };
                 }
                 _ = sleep_until(last_frame + silence) => {
                     break SessionEnd::Dropped {

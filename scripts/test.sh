@@ -23,6 +23,7 @@ apt_install() {
 }
 
 command -v redis-server >/dev/null || apt_install redis-server
+command -v openssl >/dev/null || apt_install openssl   # the wss:// test makes its certificate
 command -v cargo >/dev/null || { echo "cargo is required (rustup)"; exit 2; }
 
 failed=()

@@ -24,6 +24,23 @@ use crate::config::ConfigError;
 use crate::http::{self, PeerAddr};
 use crate::App;
 
+/// Pending connections the kernel queues for `accept` (the system's
+/// `somaxconn` may lower it): large, so that bursts of reconnects after a
+/// node goes away are not dropped and retried a second later.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Bind a listener with [`LISTEN_BACKLOG`] (std's and tokio's default is 128).
+pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Load a PEM certificate chain and private key into a TLS configuration.
 pub fn load_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
     let read =

@@ -84,11 +84,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
-        let public = TcpListener::bind(listen)
-            .await
+        let public = wsgate::listener::bind(listen)
             .map_err(|e| format!("cannot bind --listen {listen}: {e}"))?;
-        let ops = TcpListener::bind(ops_listen)
-            .await
+        let ops = wsgate::listener::bind(ops_listen)
             .map_err(|e| format!("cannot bind --ops-listen {ops_listen}: {e}"))?;
         if config.dev {
             dev_banner(&config, notes.generated_secret, &public);

@@ -115,9 +115,9 @@ impl Metrics {
         ));
         reg(Box::new(publish_latency.clone()));
         #[cfg(target_os = "linux")]
-        reg(Box::new(
-            prometheus::process_collector::ProcessCollector::new(std::process::id() as i32, ""),
-        ));
+        reg(Box::new(ProcessMetrics(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )));
         let m = Metrics {
             connections_active: gauge("connections_active", "Open WebSocket connections"),
             connections_accepted: counter(
@@ -216,6 +216,49 @@ fn must<T>(r: prometheus::Result<T>) -> T {
     r.expect("static metric definition")
 }
 
+/// The standard `process_*` metrics, with `process_cpu_seconds_total` to
+/// the clock tick (10 ms) rather than the whole seconds the prometheus
+/// crate reports, so that CPU per message can be read from a short run.
+#[cfg(target_os = "linux")]
+struct ProcessMetrics(prometheus::process_collector::ProcessCollector);
+
+#[cfg(target_os = "linux")]
+impl prometheus::core::Collector for ProcessMetrics {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families = self.0.collect();
+        if let Some(cpu) = process_cpu_seconds() {
+            for family in &mut families {
+                if family.name() == "process_cpu_seconds_total" {
+                    for metric in family.mut_metric() {
+                        let mut counter = prometheus::proto::Counter::default();
+                        counter.set_value(cpu);
+                        metric.set_counter(counter);
+                    }
+                }
+            }
+        }
+        families
+    }
+}
+
+/// User plus system CPU time of this process from `/proc/self/stat`.
+#[cfg(target_os = "linux")]
+fn process_cpu_seconds() -> Option<f64> {
+    /// `/proc` reports times in USER_HZ, which Linux fixes at 100 for userspace.
+    const USER_HZ: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name: state is field 3, so
+    // utime (14) and stime (15) are the 12th and 13th.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / USER_HZ)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +278,21 @@ mod tests {
         assert!(text.contains("wsgate_handshake_rejections_total{node=\"n1\",reason=\"auth\"} 0"));
         assert!(text.contains("wsgate_connection_closes_total{code=\"1008\",node=\"n1\"} 1"));
         assert!(text.contains("wsgate_publish_latency_seconds_bucket"));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_metrics_are_exported_with_cpu_time() {
+        let text = Metrics::new("n").render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("process_cpu_seconds_total "))
+            .unwrap();
+        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        let direct = process_cpu_seconds().unwrap();
+        // Ours, read from /proc to the tick, not the crate's whole seconds.
+        assert!((direct - value).abs() < 0.5, "{value} vs {direct}");
+        assert!(value.fract() != 0.0 || direct.fract() == 0.0, "{line}");
+        assert!(text.contains("process_resident_memory_bytes "));
     }
 }

@@ -9,7 +9,7 @@
 //! drains the queue in batches.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -48,6 +48,9 @@ pub struct ConnHandle {
     max: usize,
     close: OnceLock<CloseReason>,
     closing: CancellationToken,
+    /// Mirrors `closing` for the per-delivery check: reading a cancellation
+    /// token takes a lock, this is one atomic load.
+    ended: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -67,6 +70,7 @@ impl ConnHandle {
             max: max_bytes,
             close: OnceLock::new(),
             closing: CancellationToken::new(),
+            ended: AtomicBool::new(false),
             metrics,
         })
     }
@@ -83,7 +87,7 @@ impl ConnHandle {
     /// Queue a text frame. Returns false when the connection is closing or
     /// the frame overflowed the queue (which starts a 1008 close).
     pub fn send(&self, frame: Utf8Bytes) -> bool {
-        if self.closing.is_cancelled() {
+        if self.ended.load(Ordering::Acquire) {
             return false;
         }
         let len = frame.len();
@@ -196,8 +200,15 @@ impl ConnHandle {
     /// whether this call set it.
     pub fn close(&self, reason: CloseReason) -> bool {
         let first = self.close.set(reason).is_ok();
-        self.closing.cancel();
+        self.end();
         first
+    }
+
+    /// Stop the connection without a close reason of the server's (the
+    /// peer went away or the writer failed).
+    pub fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.closing.cancel();
     }
 
     /// Why the server is closing this connection, if it is.

@@ -147,7 +147,7 @@ async fn write_loop(mut sink: Sink, handle: &ConnHandle, app: &App) {
                     r = write_batch(&mut sink, &mut batch, ping, handle) => r,
                 };
                 if written.is_err() {
-                    handle.closing().cancel();
+                    handle.end();
                     break;
                 }
             }
@@ -227,7 +227,7 @@ impl Session {
             async {
                 let ended = self.read_loop(stream).await;
                 // Ends the writer (which sends our Close frame, if any).
-                handle.closing().cancel();
+                handle.end();
                 ended
             },
             write_loop(sink, &handle, &app)

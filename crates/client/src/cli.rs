@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio::sync::mpsc;
@@ -199,9 +198,24 @@ fn parse_line(line: &str, default_room: Option<&str>) -> Result<Input, String> {
 
 /// Run `wsgate client` on stdin and stdout until SIGINT/SIGTERM (or the end
 /// of stdin with `--exit-on-eof`).
+///
+/// Stdin is read on a plain thread of its own (not tokio's blocking pool,
+/// which a runtime waits for when it shuts down: a read blocked on a
+/// terminal or an idle pipe would keep the process alive after SIGTERM).
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
-    let stdin = tokio::io::BufReader::new(tokio::io::stdin());
-    run_with(args, stdin, std::io::stdout(), shutdown_signal()).await
+    let (tx, lines) = mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("wsgate-client-stdin".into())
+        .spawn(move || {
+            for line in std::io::stdin().lines() {
+                let failed = line.is_err();
+                if tx.send(line).is_err() || failed {
+                    break;
+                }
+            }
+        })
+        .context("cannot start the stdin reader")?;
+    run_lines(args, lines, std::io::stdout(), shutdown_signal()).await
 }
 
 async fn shutdown_signal() {
@@ -221,39 +235,66 @@ async fn shutdown_signal() {
 
 /// Like [`run`], with the input, output and stop signal given (for tests
 /// and embedding).
-pub async fn run_with<R, W, S>(
-    args: ClientArgs,
-    input: R,
-    mut out: W,
-    stop: S,
-) -> anyhow::Result<()>
+pub async fn run_with<R, W, S>(args: ClientArgs, input: R, out: W, stop: S) -> anyhow::Result<()>
 where
     R: AsyncBufRead + Unpin + Send + 'static,
     W: Write,
     S: Future<Output = ()>,
 {
+    let (tx, lines) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        let mut input = input.lines();
+        while let Some(line) = input.next_line().await.transpose() {
+            let failed = line.is_err();
+            if tx.send(line).is_err() || failed {
+                break;
+            }
+        }
+    });
+    let result = run_lines(args, lines, out, stop).await;
+    reader.abort();
+    result
+}
+
+/// The tool on a channel of input lines (closed at the end of input).
+async fn run_lines<W, S>(
+    args: ClientArgs,
+    input: mpsc::UnboundedReceiver<std::io::Result<String>>,
+    mut out: W,
+    stop: S,
+) -> anyhow::Result<()>
+where
+    W: Write,
+    S: Future<Output = ()>,
+{
     let config = args.config()?;
     let (client, mut events) = Client::connect(config).await?;
-    let mut emit = |v: serde_json::Value| -> anyhow::Result<()> {
-        writeln!(out, "{v}").context("cannot write to stdout")?;
+    let mut emit = |line: String| -> anyhow::Result<()> {
+        writeln!(out, "{line}").context("cannot write to stdout")?;
         out.flush().context("cannot write to stdout")
     };
     // Events (the `connected` one first) go out before the join answers.
     while let Some(event) = events.try_next() {
-        emit(serde_json::to_value(&event)?)?;
+        emit(serde_json::to_string(&event)?)?;
     }
     for room in &args.rooms {
         match client.join(room).await {
-            Ok(info) => emit(json!({
-                "event": "joined", "room": info.room, "seq": info.seq,
-                "epoch": info.epoch, "recovered": info.recovered,
-            }))?,
-            Err(e) => emit(error_json(None, Some(room), &e))?,
+            Ok(info) => emit(
+                Line {
+                    room: Some(&info.room),
+                    seq: Some(info.seq),
+                    epoch: Some(&info.epoch),
+                    recovered: info.recovered,
+                    ..Line::new("joined")
+                }
+                .json(),
+            )?,
+            Err(e) => emit(Line::error(None, Some(room), &e))?,
         }
     }
     // Publishing runs beside the event loop; its answers come back here so
     // that one writer prints every line.
-    let (answers_tx, mut answers) = mpsc::unbounded_channel::<serde_json::Value>();
+    let (answers_tx, mut answers) = mpsc::unbounded_channel::<String>();
     let publisher = tokio::spawn(publish_lines(
         client.clone(),
         input,
@@ -265,11 +306,11 @@ where
     loop {
         tokio::select! {
             event = events.next() => match event {
-                Some(event) => emit(serde_json::to_value(&event)?)?,
+                Some(event) => emit(serde_json::to_string(&event)?)?,
                 None => break,
             },
             answer = answers.recv(), if !input_done => match answer {
-                Some(v) => emit(v)?,
+                Some(line) => emit(line)?,
                 None => {
                     input_done = true;
                     if args.exit_on_eof {
@@ -283,26 +324,33 @@ where
     publisher.abort();
     client.close().await;
     while let Some(event) = events.try_next() {
-        emit(serde_json::to_value(&event)?)?;
+        emit(serde_json::to_string(&event)?)?;
     }
     Ok(())
 }
 
 /// Publish every input line in order, each after the previous one's answer.
-async fn publish_lines<R: AsyncBufRead + Unpin>(
+async fn publish_lines(
     client: Client,
-    input: R,
+    mut input: mpsc::UnboundedReceiver<std::io::Result<String>>,
     default_room: Option<String>,
-    answers: mpsc::UnboundedSender<serde_json::Value>,
+    answers: mpsc::UnboundedSender<String>,
 ) {
-    let mut lines = input.lines();
     let mut n: u64 = 0;
     loop {
-        let line = match lines.next_line().await {
-            Ok(Some(line)) => line,
-            Ok(None) => break,
-            Err(e) => {
-                let _ = answers.send(json!({"event": "error", "code": "bad_input", "message": format!("cannot read stdin: {e}")}));
+        let line = match input.recv().await {
+            Some(Ok(line)) => line,
+            None => break,
+            Some(Err(e)) => {
+                let message = format!("cannot read stdin: {e}");
+                let _ = answers.send(
+                    Line {
+                        code: Some("bad_input"),
+                        message: Some(&message),
+                        ..Line::new("error")
+                    }
+                    .json(),
+                );
                 break;
             }
         };
@@ -310,12 +358,22 @@ async fn publish_lines<R: AsyncBufRead + Unpin>(
         let answer = match parse_line(&line, default_room.as_deref()) {
             Ok(Input::Skip) => continue,
             Ok(Input::Publish { room, data }) => match client.publish_raw(&room, data).await {
-                Ok(seq) => json!({"event": "ack", "line": n, "room": room, "seq": seq}),
-                Err(e) => error_json(Some(n), Some(&room), &e),
+                Ok(seq) => Line {
+                    line: Some(n),
+                    room: Some(&room),
+                    seq: Some(seq),
+                    ..Line::new("ack")
+                }
+                .json(),
+                Err(e) => Line::error(Some(n), Some(&room), &e),
             },
-            Err(message) => {
-                json!({"event": "error", "line": n, "code": "bad_input", "message": message})
+            Err(message) => Line {
+                line: Some(n),
+                code: Some("bad_input"),
+                message: Some(&message),
+                ..Line::new("error")
             }
+            .json(),
         };
         if answers.send(answer).is_err() {
             break;
@@ -323,22 +381,64 @@ async fn publish_lines<R: AsyncBufRead + Unpin>(
     }
 }
 
-fn error_json(line: Option<u64>, room: Option<&str>, e: &ClientError) -> serde_json::Value {
-    let code = match e {
-        ClientError::Server { code, .. } => code.as_str(),
-        ClientError::Disconnected => "disconnected",
-        ClientError::Timeout => "timeout",
-        ClientError::Closed | ClientError::Cancelled => "closed",
-        _ => "client_error",
-    };
-    let mut v = json!({"event": "error", "code": code, "message": e.to_string()});
-    if let Some(line) = line {
-        v["line"] = json!(line);
+/// An output line that is not an [`crate::Event`]: `joined`, `ack`, `error`.
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    event: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    line: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+}
+
+impl<'a> Line<'a> {
+    fn new(event: &'static str) -> Line<'a> {
+        Line {
+            event,
+            line: None,
+            room: None,
+            seq: None,
+            epoch: None,
+            recovered: None,
+            code: None,
+            message: None,
+        }
     }
-    if let Some(room) = room {
-        v["room"] = json!(room);
+
+    /// An `error` line; a server error keeps its own code and message.
+    fn error(line: Option<u64>, room: Option<&'a str>, e: &ClientError) -> String {
+        let text = e.to_string();
+        let (code, message) = match e {
+            ClientError::Server { code, message } => (code.as_str(), message.as_str()),
+            ClientError::Disconnected => ("disconnected", text.as_str()),
+            ClientError::Timeout => ("timeout", text.as_str()),
+            ClientError::Closed | ClientError::Cancelled => ("closed", text.as_str()),
+            _ => ("client_error", text.as_str()),
+        };
+        Line {
+            line,
+            room,
+            code: Some(code),
+            message: Some(message),
+            ..Line::new("error")
+        }
+        .json()
     }
-    v
+
+    fn json(&self) -> String {
+        // Plain strings and numbers: serializing cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
 }
 
 #[cfg(test)]

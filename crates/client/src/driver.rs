@@ -298,9 +298,6 @@ impl Driver {
             };
             match attempt {
                 Ok((ws, welcome)) => {
-                    if let Some(first) = self.first.take() {
-                        let _ = first.send(Ok(()));
-                    }
                     let up_since = Instant::now();
                     match self.session(ws, welcome, &url).await {
                         SessionEnd::Stop(reply) => break reply,
@@ -392,6 +389,10 @@ impl Driver {
             user: welcome.user.clone(),
             heartbeat_ms: welcome.heartbeat_ms,
         });
+        // `connect` returns after the `Connected` event is queued.
+        if let Some(first) = self.first.take() {
+            let _ = first.send(Ok(()));
+        }
         for room in self.app.tracker.rooms() {
             let id = self.id();
             s.send_join(&mut self.app.tracker, &room, id);

@@ -10,7 +10,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[non_exhaustive]
 pub enum ClientError {
     /// The gateway refused the request with an `error` frame.
-    #[error("{code:?}: {message}", code = code.as_str())]
+    #[error("{}: {message}", code.as_str())]
     Server {
         /// The protocol's error code.
         code: ErrorCode,

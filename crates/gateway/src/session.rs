@@ -320,7 +320,9 @@ impl Session {
                     }
                     awaiting = None;
                     match msg {
-                        Ok(Message::Text(text)) => self.on_text(text).await,
+                        // Boxed: handling a frame needs far more state than
+                        // waiting for one, and idle connections only wait.
+                        Ok(Message::Text(text)) => Box::pin(self.on_text(text)).await,
                         Ok(Message::Binary(_)) => {
                             self.close(close::UNSUPPORTED_DATA, "binary frames are not supported");
                         }
@@ -351,13 +353,9 @@ impl Session {
         };
         let id = frame.id;
         match frame.cmd {
-            // Boxed: these futures are large and only live while a join or a
-            // publish is in flight, not in every idle connection's state.
-            ClientCommand::Join { room, since, epoch } => {
-                Box::pin(self.join(room, since, epoch, id)).await
-            }
+            ClientCommand::Join { room, since, epoch } => self.join(room, since, epoch, id).await,
             ClientCommand::Leave { room } => self.leave(&room, id),
-            ClientCommand::Publish { room, data } => Box::pin(self.publish(&room, data, id)).await,
+            ClientCommand::Publish { room, data } => self.publish(&room, data, id).await,
             ClientCommand::Refresh { token } => self.refresh(&token, id),
             ClientCommand::Ping => self.send(ServerFrame::Pong(Pong { id })),
         }

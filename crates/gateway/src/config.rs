@@ -39,6 +39,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Mint a token with the configured HMAC secret and print it on stdout.
     Token(TokenArgs),
+    /// Connect as a client: join rooms, print events as JSON lines, publish stdin lines.
+    Client(wsgate_client::cli::ClientArgs),
 }
 
 /// Log output format.

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Token(args)) => token(&args),
+        Some(Command::Client(args)) => client(args),
         Some(Command::Serve(args)) => serve(args),
         None => serve(cli.serve),
     };
@@ -54,6 +55,16 @@ fn usage_error(e: clap::Error) -> ExitCode {
     let message = message.strip_prefix("error: ").unwrap_or(&message);
     eprintln!("wsgate: error: {message} (see --help)");
     ExitCode::from(2)
+}
+
+fn client(args: wsgate_client::cli::ClientArgs) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime
+        .block_on(wsgate_client::cli::run(args))
+        .map_err(|e| format!("{e:#}"))
 }
 
 #[allow(clippy::print_stdout)]

@@ -11,7 +11,8 @@
 #   ONLY=fanout,rooms RUNS=1 benches/run.sh
 #
 # Environment: RUNS, ONLY (comma list of: connect idle fanout rooms ramp
-# reconnect), OUT, SERVER_CPU (default 0), TOOL_CPU (default 1),
+# reconnect, and the extras single cross scale, which are not in the
+# default list), OUT, SERVER_CPU (default 0), TOOL_CPU (default 1),
 # SKIP_BUILD=1 (use the binaries already in target/release), QUICK=1 (a
 # tenth of the load and short phases: checks the script, not the figures).
 # Everything listens on 127.0.0.1 on free ports; nothing else is touched.
@@ -29,12 +30,14 @@ BENCH="$ROOT/target/release/wsgate-bench"
 mkdir -p "$OUT"
 
 # The table's sizes; QUICK=1 shrinks them to check the script itself.
+# Each can also be set in the environment (for example N_IDLE=500 for the
+# 1,000-connection point of the scale table).
 if [[ "${QUICK:-0}" == 1 ]]; then
-    N_CONNECT=1000 N_IDLE=1000 N_SUBS=100 N_ROOMS=200 N_CLIENTS=1500
-    D=2s WARMUP=1s STEP=1s HOLD=4s BEFORE=1s
+    : "${N_CONNECT:=1000}" "${N_IDLE:=1000}" "${N_SUBS:=100}" "${N_ROOMS:=200}" "${N_CLIENTS:=1500}"
+    : "${D:=2s}" "${WARMUP:=1s}" "${STEP:=1s}" "${HOLD:=4s}" "${BEFORE:=1s}"
 else
-    N_CONNECT=10000 N_IDLE=10000 N_SUBS=1000 N_ROOMS=2000 N_CLIENTS=15000
-    D=10s WARMUP=3s STEP=5s HOLD=20s BEFORE=5s
+    : "${N_CONNECT:=10000}" "${N_IDLE:=10000}" "${N_SUBS:=1000}" "${N_ROOMS:=2000}" "${N_CLIENTS:=15000}"
+    : "${D:=10s}" "${WARMUP:=3s}" "${STEP:=5s}" "${HOLD:=20s}" "${BEFORE:=5s}"
 fi
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -107,20 +110,26 @@ wait_for() { # wait_for DESCRIPTION COMMAND...: poll for up to 15 s
     die "timed out waiting for $what"
 }
 
-# start_servers N: a fresh redis-server and N nodes (n1..nN) on free ports.
+# start_servers N [memory]: a fresh redis-server and N nodes (n1..nN) on
+# free ports; with "memory", one node on the in-process broker, no Redis.
 start_servers() {
-    local n=$1 ports i
+    local n=$1 broker=${2:-redis} ports i
     read -r -a ports <<<"$(free_ports $((1 + 2 * n)))"
-    local redis_port=${ports[0]}
-    "${PIN_SERVER[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
-        >"$OUT/redis.log" 2>&1 &
-    REDIS_PID=$!
-    PIDS+=("$REDIS_PID")
-    wait_for "redis on $redis_port" redis-cli -p "$redis_port" ping
+    local redis_port=${ports[0]} relay=()
+    if [[ $broker == memory ]]; then
+        n=1
+    else
+        relay=(--redis-url "redis://127.0.0.1:$redis_port/")
+        "${PIN_SERVER[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+            >"$OUT/redis.log" 2>&1 &
+        REDIS_PID=$!
+        PIDS+=("$REDIS_PID")
+        wait_for "redis on $redis_port" redis-cli -p "$redis_port" ping
+    fi
     for ((i = 1; i <= n; i++)); do
         local port=${ports[$((2 * i - 1))]} ops=${ports[$((2 * i))]}
         "${PIN_SERVER[@]}" "$WSGATE" serve --listen "127.0.0.1:$port" --ops-listen "127.0.0.1:$ops" \
-            --node-id "n$i" --jwt-secret "$SECRET" --redis-url "redis://127.0.0.1:$redis_port/" \
+            --node-id "n$i" --jwt-secret "$SECRET" "${relay[@]}" \
             --publish-rate 1000000 --publish-burst 1000000 --max-connections 100000 \
             --log warn >"$OUT/node$i.log" 2>&1 &
         local pid=$!
@@ -139,21 +148,39 @@ target_flags() {
         flags+=(--url "ws://127.0.0.1:${NODE_PORTS[$i]}/ws" --ops-url "http://127.0.0.1:${OPS_PORTS[$i]}")
         flags+=(--pid "${NODE_PIDS[$i]}")
     done
-    flags+=(--pid "$REDIS_PID" --jwt-secret "$SECRET")
+    [[ -n $REDIS_PID ]] && flags+=(--pid "$REDIS_PID")
+    flags+=(--jwt-secret "$SECRET")
     printf '%s\n' "${flags[@]}"
 }
 
-bench() { # bench SCENARIO RUN ARGS...: run the tool pinned, keep its JSON line
-    local scenario=$1 run=$2
+bench() { # bench NAME RUN [SCENARIO] ARGS...: run the tool pinned, keep its JSON line
+    local name=$1 run=$2 scenario=$1
     shift 2
+    case ${1:-} in connect | idle | fanout | rooms | ramp | reconnect) scenario=$1; shift ;; esac
     local flags
     mapfile -t flags < <(target_flags)
-    log "$scenario run $run: wsgate-bench $scenario $*"
+    # --only-node I: subscribers on node I only; --publisher-node J: publish on node J.
+    if [[ ${1:-} == --only-node ]]; then
+        local only=$2 publisher=$4
+        shift 4
+        local kept=() i=0
+        while ((i < ${#flags[@]})); do
+            if [[ ${flags[$i]} == --url ]]; then
+                [[ ${flags[$((i + 1))]} == "ws://127.0.0.1:${NODE_PORTS[$((only - 1))]}/ws" ]] && kept+=(--url "${flags[$((i + 1))]}")
+                i=$((i + 2))
+            else
+                kept+=("${flags[$i]}")
+                i=$((i + 1))
+            fi
+        done
+        flags=("${kept[@]}" --publisher-url "ws://127.0.0.1:${NODE_PORTS[$((publisher - 1))]}/ws")
+    fi
+    log "$name run $run: wsgate-bench $scenario $*"
     local rc=0
-    "${PIN_TOOL[@]}" "$BENCH" "$scenario" "${flags[@]}" "$@" >"$OUT/$scenario.$run.out" 2>"$OUT/$scenario.$run.err" || rc=$?
-    tail -n 1 "$OUT/$scenario.$run.out" >"$OUT/$scenario.$run.json"
-    grep -v '^{' "$OUT/$scenario.$run.out" >&2 || true
-    [[ $rc -eq 0 ]] || log "warning: $scenario run $run exited $rc (see $OUT/$scenario.$run.*)"
+    "${PIN_TOOL[@]}" "$BENCH" "$scenario" "${flags[@]}" "$@" >"$OUT/$name.$run.out" 2>"$OUT/$name.$run.err" || rc=$?
+    tail -n 1 "$OUT/$name.$run.out" >"$OUT/$name.$run.json"
+    grep -v '^{' "$OUT/$name.$run.out" >&2 || true
+    [[ $rc -eq 0 ]] || log "warning: $name run $run exited $rc (see $OUT/$name.$run.*)"
 }
 
 wants() { [[ ",$ONLY," == *",$1,"* ]]; }
@@ -169,28 +196,33 @@ for ((run = 1; run <= RUNS; run++)); do
 
     if wants idle; then
         # 20,000 connections joined to a room, over two nodes. One process may
-        # open 20,000 files here, so two tool processes hold 10,000 each; the
-        # server memory is measured by this script from /proc before and after.
-        start_servers 2
+        # open 20,000 files here, so one tool process per node, 10,000 each;
+        # the server memory is measured by this script from /proc before and after.
+        # IDLE_NODES=3 N_IDLE=16667 gives the 50,000-connection point.
+        local_nodes=${IDLE_NODES:-2}
+        start_servers "$local_nodes"
         mapfile -t flags < <(target_flags)
         rss() { local t=0 p; for p in "${NODE_PIDS[@]}"; do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo "$t"; }
         active() { local t=0 o v; for o in "${OPS_PORTS[@]}"; do v=$(curl -sf "http://127.0.0.1:$o/metrics" | awk '/^wsgate_connections_active/ {print $2}' || true); v=${v%.*}; t=$((t + ${v:-0})); done; echo "$t"; }
         before=$(rss)
-        log "idle run $run: 2 x wsgate-bench idle -n $N_IDLE --hold $HOLD"
-        "${PIN_TOOL[@]}" "$BENCH" idle "${flags[@]}" -n "$N_IDLE" --hold "$HOLD" --json --source-ips 127.0.0.2,127.0.0.3 \
-            >"$OUT/idle.$run.a.json" 2>"$OUT/idle.$run.a.err" &
-        tool_a=$!
-        "${PIN_TOOL[@]}" "$BENCH" idle "${flags[@]}" -n "$N_IDLE" --hold "$HOLD" --json --source-ips 127.0.0.4,127.0.0.5 \
-            >"$OUT/idle.$run.b.json" 2>"$OUT/idle.$run.b.err" &
-        tool_b=$!
-        # Poll (at most 60 s) until both tools hold all their connections.
-        for _ in $(seq 600); do [[ $(active) -ge $((2 * N_IDLE)) ]] && break; sleep 0.1; done
+        log "idle run $run: $local_nodes x wsgate-bench idle -n $N_IDLE --hold $HOLD"
+        tools=()
+        for ((t = 0; t < local_nodes; t++)); do
+            "${PIN_TOOL[@]}" "$BENCH" idle "${flags[@]}" -n "$N_IDLE" --hold "$HOLD" --json \
+                --source-ips "127.0.0.$((2 * t + 2)),127.0.0.$((2 * t + 3))" \
+                >"$OUT/idle.$run.$t.json" 2>"$OUT/idle.$run.$t.err" &
+            tools+=($!)
+        done
+        want=$((local_nodes * N_IDLE))
+        # Poll (at most 90 s) until the tools hold all their connections.
+        for _ in $(seq 900); do [[ $(active) -ge $want ]] && break; sleep 0.1; done
         held=$(active)
         sleep 3 # let the allocator settle before reading RSS (not synchronization)
         after=$(rss)
-        wait "$tool_a" || log "warning: idle tool a failed (see $OUT/idle.$run.a.*)"
-        wait "$tool_b" || log "warning: idle tool b failed (see $OUT/idle.$run.b.*)"
-        python3 - "$before" "$after" "$held" "$((2 * N_IDLE))" >"$OUT/idle.$run.json" <<'EOF'
+        for t in "${!tools[@]}"; do
+            wait "${tools[$t]}" || log "warning: idle tool $t failed (see $OUT/idle.$run.$t.*)"
+        done
+        python3 - "$before" "$after" "$held" "$want" >"$OUT/idle.$run.json" <<'EOF'
 import json, sys
 before, after, held, want = (int(x) for x in sys.argv[1:])
 print(json.dumps({"scenario": "idle", "ok": held >= want, "held": held,
@@ -221,6 +253,32 @@ EOF
         bench ramp "$run" -s "$N_SUBS" -p 1 --start-rate 50 --factor 1.2 --step "$STEP" --max-steps 30 \
             --max-rate 2000 --p99-limit 50ms
         stop_servers
+    fi
+
+    if wants single; then
+        # Extra (not in the table): one node on the in-process broker, 1,000 subscribers.
+        start_servers 1 memory
+        bench single "$run" fanout -s "$N_SUBS" -p 1 -r 100 -d "$D" --warmup "$WARMUP"
+        stop_servers
+    fi
+
+    if wants cross; then
+        # Extra: every subscriber on n2, the publisher on n1, so each message
+        # crosses Redis before any delivery (the relay's own figure).
+        start_servers 2
+        bench cross "$run" fanout --only-node 2 --publisher-node 1 -s "$N_SUBS" -p 1 -r 100 -d "$D" --warmup "$WARMUP"
+        stop_servers
+    fi
+
+    if wants scale; then
+        # Extra: the same fan-out on 1, 2 and 3 nodes, and at 100 and 500 msg/s.
+        for nodes in 1 2 3; do
+            for rate in 100 500; do
+                start_servers "$nodes"
+                bench "scale-n$nodes-r$rate" "$run" fanout -s "$N_SUBS" -p 1 -r "$rate" -d "$D" --warmup "$WARMUP"
+                stop_servers
+            done
+        done
     fi
 
     if wants reconnect; then

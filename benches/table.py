@@ -18,7 +18,7 @@ def load(out, scenario):
     runs = []
     for path in sorted(glob.glob(os.path.join(out, f"{scenario}.*.json"))):
         base = os.path.basename(path)
-        # idle.1.json is the run's figure; idle.1.a.json / .b.json are the tools'.
+        # idle.1.json is the run's figure; idle.1.0.json, idle.1.1.json ... are the tools'.
         if base.count(".") != 2:
             continue
         try:

@@ -5,6 +5,9 @@
 #
 #   WSGATE_BIN=/abs/path/to/wsgate bash tests/browser/run.sh
 #
+# The nginx test (nginx.test.mjs) runs the real nginx (Debian package) with the
+# repo's nginx/nginx.conf in front of three nodes.
+#
 # Output (logs, screenshots): tests/output/browser/.
 set -uo pipefail
 
@@ -19,13 +22,31 @@ command -v node >/dev/null 2>&1 || pkgs+=(nodejs)
 command -v npm >/dev/null 2>&1 || pkgs+=(npm)
 [ -x /usr/bin/chromium ] || pkgs+=(chromium)
 command -v redis-server >/dev/null 2>&1 || pkgs+=(redis-server)
+{ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || pkgs+=(nginx)
 if [ "${#pkgs[@]}" -gt 0 ]; then
   echo "browser suite: installing ${pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y --no-install-recommends "${pkgs[@]}" >/dev/null || {
+  # Keep the packages' services (nginx on :80, redis on :6379) from starting:
+  # the tests start their own instances on free loopback ports.
+  added_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d && added_policy=1
+  fi
+  apt-get update -qq && apt-get install -y --no-install-recommends "${pkgs[@]}" >/dev/null
+  rc=$?
+  [ -z "$added_policy" ] || rm -f /usr/sbin/policy-rc.d
+  if [[ " ${pkgs[*]} " == *" nginx "* ]]; then
+    # Should the distro's nginx service have started anyway, stop it.
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+      systemctl stop nginx >/dev/null 2>&1 || true
+    elif [ -s /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
+      /usr/sbin/nginx -s quit >/dev/null 2>&1 || true
+    fi
+  fi
+  if [ "$rc" -ne 0 ]; then
     echo "browser suite: apt-get install ${pkgs[*]} failed" >&2
     exit 1
-  }
+  fi
 fi
 
 node_major="$(node -p 'process.versions.node.split(".")[0]')"
@@ -51,10 +72,11 @@ cd "$here"
 if [ ! -f node_modules/playwright-core/package.json ]; then
   npm ci --no-audit --no-fund --loglevel=error || { echo "browser suite: npm ci failed" >&2; exit 1; }
 fi
-node --test --test-reporter=spec chat.test.mjs || status=1
+# One file at a time: each starts its own chromium, nodes and redis.
+node --test --test-concurrency=1 --test-reporter=spec chat.test.mjs nginx.test.mjs || status=1
 
 if [ "$status" -eq 0 ]; then
-  echo "browser suite: all passed (screenshot: tests/output/browser/chat.png)"
+  echo "browser suite: all passed (screenshots: tests/output/browser/chat.png, nginx.png)"
 else
   echo "browser suite: FAILED (logs in tests/output/browser/)" >&2
 fi

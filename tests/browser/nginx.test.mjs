@@ -1,0 +1,331 @@
+// Browser test of the --dev chat page through the repo's nginx (issue 6): the
+// real nginx runs nginx/nginx.conf unchanged except for the substitutions the
+// deployment tests make (tests/deploy/harness.py, render_nginx_conf): the
+// listen port, and an upstreams.conf with three loopback wsgate nodes.
+//
+// alice and bob open http://127.0.0.1:<nginx>/ in two browser contexts. nginx
+// hashes on $remote_addr, and both come from 127.0.0.1, so both land on the
+// same node: the test reads which one from the page, SIGKILLs it, and checks
+// that both pages reconnect through nginx (its upstream fail-over picks
+// another node), resume, and show every message exactly once.
+//
+// To have messages that the pages provably missed (the page does not let a
+// user send while it is reconnecting), nginx is frozen (SIGSTOP) around the
+// kill: the pages keep their sockets to nginx and cannot reconnect, the node
+// dies, a back-end service publishes two messages through the HTTP API of a
+// surviving node, then nginx continues (SIGCONT), passes the node's death on,
+// and the pages' reconnects must replay those two messages.
+//
+// Everything listens on loopback, on free ports; every wait is bounded; nginx
+// runs in its own process group, killed as a whole at the end.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { chmodSync, closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+import { OUT, REPO, freePort, freePorts, startNode, startRedis, stop, waitFor } from './support.mjs';
+
+const BIN = process.env.WSGATE_BIN || path.join(REPO, 'target', 'release', 'wsgate');
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const NGINX = process.env.NGINX || ['/usr/sbin/nginx', '/usr/bin/nginx'].find((p) => existsSync(p)) || 'nginx';
+const SECRET = 'browser-nginx-test-secret-0123456789abcdef';
+const ROOM = 'lobby';
+const T = 10000; // bound on every single wait
+
+let browser;
+let redis;
+let nginx;
+let prefix;
+const nodes = {}; // id -> child (support.startNode)
+
+// ---------------------------------------------------------------- nginx
+
+/**
+ * The repo's nginx.conf with the deployment tests' substitutions only:
+ * `listen 8080;` -> `listen 127.0.0.1:<port>;`, and upstreams.conf next to it
+ * listing `servers` with the server parameters of the shipped upstreams.conf.
+ */
+function renderNginxConf(dir, port, servers) {
+  const conf = readFileSync(path.join(REPO, 'nginx', 'nginx.conf'), 'utf8');
+  let n = 0;
+  const text = conf.replace(/^(\s*)listen 8080;/gm, (_, indent) => {
+    n += 1;
+    return `${indent}listen 127.0.0.1:${port};`;
+  });
+  assert.equal(n, 1, 'nginx.conf must contain exactly one active `listen 8080;`');
+  const shipped = readFileSync(path.join(REPO, 'nginx', 'upstreams.conf'), 'utf8');
+  const params = /^server\s+\S+(\s+[^;]*)?;/m.exec(shipped)?.[1] ?? '';
+  writeFileSync(path.join(dir, 'upstreams.conf'), servers.map((s) => `server ${s}${params};\n`).join(''));
+  const file = path.join(dir, 'nginx.conf');
+  writeFileSync(file, text);
+  return file;
+}
+
+function canConnect(port) {
+  return new Promise((resolve) => {
+    const s = net.connect({ host: '127.0.0.1', port });
+    const done = (v) => {
+      s.destroy();
+      resolve(v);
+    };
+    s.setTimeout(1000, () => done(false));
+    s.on('connect', () => done(true));
+    s.on('error', () => done(false));
+  });
+}
+
+/** `nginx -p <dir>/ -e stderr -c <dir>/nginx.conf -g 'pid ...; daemon off;'` in its own process group. */
+async function startNginx(dir, servers) {
+  let lastLog = '';
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const port = await freePort();
+    const conf = renderNginxConf(dir, port, servers);
+    const logPath = path.join(OUT, `nginx-${port}.log`);
+    const fd = openSync(logPath, 'w');
+    const child = spawn(NGINX, ['-p', `${dir}/`, '-e', 'stderr', '-c', conf, '-g', `pid ${dir}/nginx.pid; daemon off;`], {
+      stdio: ['ignore', fd, fd],
+      detached: true, // own process group: the workers are stopped, continued and killed with the master
+    });
+    closeSync(fd);
+    child.exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+    child.on('error', () => {});
+    child.port = port;
+    child.logPath = logPath;
+    nginx = child;
+    try {
+      await waitFor(async () => {
+        if (child.exitCode !== null || child.signalCode !== null) throw new Error('nginx exited');
+        return canConnect(port);
+      }, { timeoutMs: T, what: `nginx on 127.0.0.1:${port}` });
+      return child;
+    } catch (e) {
+      killNginx();
+      lastLog = readFileSync(logPath, 'utf8');
+      if (!/in use/.test(lastLog)) throw new Error(`nginx did not start: ${e.message}\n${lastLog}`);
+    }
+  }
+  throw new Error(`could not start nginx on a free port:\n${lastLog}`);
+}
+
+/** Signal nginx's process group (master and workers), never anything else. */
+function signalNginx(sig) {
+  if (!nginx?.pid) return;
+  try {
+    process.kill(-nginx.pid, sig);
+  } catch {
+    /* gone */
+  }
+}
+
+function killNginx() {
+  signalNginx('SIGKILL');
+}
+
+process.on('exit', killNginx);
+
+// ---------------------------------------------------------------- setup
+
+before(async () => {
+  assert.ok(existsSync(BIN), `WSGATE_BIN not found: ${BIN}`);
+  assert.ok(existsSync(CHROMIUM), `chromium not found: ${CHROMIUM}`);
+  prefix = mkdtempSync(path.join(os.tmpdir(), 'wsgate-browser-nginx-'));
+  chmodSync(prefix, 0o755); // nginx's workers run as an unprivileged user when started as root
+  redis = await startRedis();
+  const ports = await freePorts(6);
+  const ids = ['n1', 'n2', 'n3'];
+  const pub = (i) => ports[i * 2];
+  // nginx first (it only connects to a node when a request comes), so that its
+  // origin is known when the nodes are started with --allowed-origins.
+  await startNginx(prefix, ids.map((_, i) => `127.0.0.1:${pub(i)}`));
+  const origin = `http://127.0.0.1:${nginx.port}`;
+  for (const [i, id] of ids.entries()) {
+    nodes[id] = await startNode(BIN, { id, port: pub(i), opsPort: ports[i * 2 + 1], secret: SECRET, redisUrl: redis.url, origins: [origin] });
+  }
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+      '--disable-sync', '--no-first-run', '--disable-dev-shm-usage'],
+    timeout: 30000,
+  });
+});
+
+after(async () => {
+  signalNginx('SIGCONT');
+  await browser?.close().catch(() => {});
+  for (const n of Object.values(nodes)) await stop(n);
+  if (nginx) {
+    signalNginx('SIGTERM');
+    await Promise.race([nginx.exited, new Promise((r) => setTimeout(r, 5000).unref())]);
+    killNginx(); // leftover workers, if any
+  }
+  await stop(redis);
+  if (prefix) rmSync(prefix, { recursive: true, force: true });
+});
+
+// ---------------------------------------------------------------- page helpers
+
+async function openPage(name) {
+  const ctx = await browser.newContext({ viewport: { width: 1100, height: 680 }, deviceScaleFactor: 1 });
+  const page = await ctx.newPage();
+  page.errors = [];
+  page.on('pageerror', (e) => page.errors.push(String(e)));
+  page.on('console', (m) => {
+    if (m.type() === 'error' && !/WebSocket connection to .* failed|ERR_CONNECTION_REFUSED|Failed to load resource/.test(m.text())) {
+      page.errors.push(`console: ${m.text()}`);
+    }
+  });
+  // No `nodes=`: the page connects to ws://<its own host>/ws, i.e. nginx.
+  await page.goto(`http://127.0.0.1:${nginx.port}/?name=${name}&room=${ROOM}&autoconnect=1&backoff_base_ms=200&backoff_cap_ms=1000`, { timeout: T });
+  return page;
+}
+
+/** Waits until the page is connected and can send; returns the node it shows. */
+async function connectedNode(page, notNode = '') {
+  await page.waitForFunction(
+    (notNode) => {
+      const st = document.querySelector('[data-testid=status]');
+      return st.dataset.state === 'connected' && st.dataset.node && st.dataset.node !== notNode && !document.querySelector('[data-testid=send]').disabled;
+    },
+    notNode,
+    { timeout: T },
+  );
+  const shown = await page.evaluate(() => ({
+    node: document.querySelector('[data-testid=status]').dataset.node,
+    info: document.getElementById('info-node').textContent.trim(),
+    url: window.chat.client.url,
+  }));
+  assert.equal(shown.info, shown.node, 'the node panel and the status agree');
+  assert.equal(shown.url, `ws://127.0.0.1:${nginx.port}/ws`, 'the page talks to nginx, not to a node');
+  return shown.node;
+}
+
+async function messages(page) {
+  return page.$$eval('[data-testid=message]', (els) =>
+    els.map((e) => ({
+      seq: Number(e.dataset.seq),
+      from: e.dataset.from,
+      text: e.querySelector('[data-testid=message-text]').textContent,
+      replayed: e.dataset.replayed === 'true',
+    })),
+  );
+}
+
+async function waitMessages(page, n, what) {
+  await page.waitForFunction((n) => document.querySelectorAll('[data-testid=message]').length >= n, n, { timeout: T }).catch(async (e) => {
+    throw new Error(`${what}: expected ${n} messages, page shows ${JSON.stringify(await messages(page))} (${e.message})`);
+  });
+  return messages(page);
+}
+
+async function send(page, text) {
+  await page.waitForFunction(() => !document.querySelector('[data-testid=send]').disabled, null, { timeout: T });
+  await page.getByTestId('message-input').fill(text);
+  await page.getByTestId('send').click({ timeout: T });
+  // The page shows a message only once the room delivers it.
+  await page.waitForFunction(
+    (text) => [...document.querySelectorAll('[data-testid=message-text]')].some((e) => e.textContent === text),
+    text,
+    { timeout: T },
+  );
+}
+
+function assertExactlyOnce(list, expected, who) {
+  assert.deepEqual(list.map((m) => m.text), expected.map((e) => e.text), `${who}: messages in order, each once`);
+  assert.deepEqual(list.map((m) => m.from), expected.map((e) => e.from), `${who}: senders`);
+  const seqs = list.map((m) => m.seq);
+  for (let i = 1; i < seqs.length; i++) assert.equal(seqs[i], seqs[i - 1] + 1, `${who}: seqs consecutive, none twice: ${seqs}`);
+}
+
+async function publishHttp(node, token, text) {
+  const res = await fetch(`${node.http}/api/rooms/${ROOM}/messages`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ text }),
+    signal: AbortSignal.timeout(T),
+  });
+  const body = await res.text();
+  assert.equal(res.status, 200, `POST /api/rooms/${ROOM}/messages on ${node.opts.id}: ${res.status} ${body}`);
+  return JSON.parse(body).seq;
+}
+
+// ---------------------------------------------------------------- the test
+
+test('through the repo\'s nginx: the node under both pages is killed; nginx fails them over, they resume, every message once', { timeout: 60000 }, async () => {
+  const alice = await openPage('alice');
+  const bob = await openPage('bob');
+  const first = await connectedNode(alice);
+  assert.equal(await connectedNode(bob), first, 'nginx hashes the client address: both pages (127.0.0.1) are on one node');
+  assert.ok(first in nodes, `a node of the cluster: ${first}`);
+
+  const expected = [];
+  const say = async (page, from, text) => {
+    await send(page, text);
+    expected.push({ from, text });
+  };
+  await say(alice, 'alice', `hello from alice (via nginx, on ${first})`);
+  await say(bob, 'bob', 'hi alice, bob here');
+  assertExactlyOnce(await waitMessages(alice, 2, 'alice'), expected, 'alice');
+  assertExactlyOnce(await waitMessages(bob, 2, 'bob'), expected, 'bob');
+
+  const survivors = Object.keys(nodes).filter((id) => id !== first);
+  const service = nodes[survivors[0]];
+  const tokenRes = await fetch(`${service.http}/dev/token?sub=backend`, { signal: AbortSignal.timeout(T) });
+  assert.equal(tokenRes.status, 200);
+  const { token } = await tokenRes.json();
+
+  // Freeze nginx, kill the pages' node, publish while the pages cannot reconnect.
+  signalNginx('SIGSTOP');
+  try {
+    await stop(nodes[first], 'SIGKILL');
+    for (const text of ['sent by the back-end while the pages were away', 'second one while away']) {
+      await publishHttp(service, token, text);
+      expected.push({ from: 'backend', text });
+    }
+    assert.equal((await messages(alice)).length, 2, 'alice has not seen the new messages yet');
+    assert.equal((await messages(bob)).length, 2, 'bob has not seen the new messages yet');
+  } finally {
+    signalNginx('SIGCONT');
+  }
+
+  // nginx passes the node's death on; the pages reconnect to nginx, which
+  // fails over to another node; the page joins with `since` and resumes.
+  const second = await connectedNode(alice, first);
+  assert.equal(await connectedNode(bob, first), second, 'both pages fail over to the same node');
+  assert.ok(survivors.includes(second), `failed over to a live node: ${second}`);
+  for (const [who, page] of [['alice', alice], ['bob', bob]]) {
+    await page.getByTestId('badge-resumed').waitFor({ timeout: T });
+    const list = await waitMessages(page, 4, `${who} after resume`);
+    assertExactlyOnce(list, expected, `${who} after resume`);
+    assert.deepEqual(list.map((m) => m.replayed), [false, false, true, true], `${who}: the missed messages came as a replay`);
+    const stats = await page.evaluate(() => window.chat.client.stats);
+    assert.ok(stats.reconnects >= 1, `${who} reconnected`);
+  }
+
+  // live both ways again, on the new node
+  await say(bob, 'bob', `back, now on ${second}`);
+  await say(alice, 'alice', 'me too, nothing missed');
+  for (const [who, page] of [['alice', alice], ['bob', bob]]) {
+    assertExactlyOnce(await waitMessages(page, expected.length, `${who} final`), expected, who);
+    await page.evaluate(() => window.chat.client.ping());
+    assertExactlyOnce(await messages(page), expected, `${who} settled`);
+    assert.equal(await page.$eval('[data-testid=status]', (el) => Number(el.dataset.gaps || 0)), 0, `${who}: no gap`);
+    assert.equal(await page.locator('[data-testid=notice][data-kind=gap]').count(), 0, `${who}: no gap notice`);
+    assert.deepEqual(page.errors, [], `${who}: no page errors`);
+  }
+
+  // nginx did the fail-over: it tried the dead node and moved on.
+  const dead = nodes[first].opts.port;
+  const log = readFileSync(nginx.logPath, 'utf8');
+  assert.match(log, new RegExp(`upstream: "http://127\\.0\\.0\\.1:${dead}/`), `nginx's log shows a failed attempt on the dead node ${first} (:${dead})`);
+  assert.match(log, /"GET \/ws\S* HTTP\/1\.1" 101 /, 'nginx upgraded the pages\' WebSockets');
+
+  mkdirSync(OUT, { recursive: true });
+  await bob.screenshot({ path: path.join(OUT, 'nginx.png') });
+  await alice.context().close();
+  await bob.context().close();
+});

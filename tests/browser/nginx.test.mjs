@@ -85,7 +85,10 @@ async function startNginx(dir, servers) {
     const port = await freePort();
     const conf = renderNginxConf(dir, port, servers);
     const logPath = path.join(OUT, `nginx-${port}.log`);
-    const fd = openSync(logPath, 'w');
+    // Append mode: nginx reopens /dev/stdout (its access log) as a second
+    // open file; without O_APPEND on ours the two would overwrite each other.
+    writeFileSync(logPath, '');
+    const fd = openSync(logPath, 'a');
     const child = spawn(NGINX, ['-p', `${dir}/`, '-e', 'stderr', '-c', conf, '-g', `pid ${dir}/nginx.pid; daemon off;`], {
       stdio: ['ignore', fd, fd],
       detached: true, // own process group: the workers are stopped, continued and killed with the master
@@ -323,6 +326,12 @@ test('through the repo\'s nginx: the node under both pages is killed; nginx fail
   const log = readFileSync(nginx.logPath, 'utf8');
   assert.match(log, new RegExp(`upstream: "http://127\\.0\\.0\\.1:${dead}/`), `nginx's log shows a failed attempt on the dead node ${first} (:${dead})`);
   assert.match(log, /"GET \/ws\S* HTTP\/1\.1" 101 /, 'nginx upgraded the pages\' WebSockets');
+  // The access log (lines not starting with a date, which nginx's error log
+  // lines do) never holds a token; nginx's error log prints the request line
+  // as received, which deploy/README.md warns about.
+  const access = log.split('\n').filter((l) => l && !/^\d{4}\/\d\d\/\d\d /.test(l));
+  assert.ok(access.length > 0, 'nginx wrote access-log lines');
+  for (const line of access) assert.doesNotMatch(line, /token=|eyJ/, 'no token in nginx\'s access log');
 
   mkdirSync(OUT, { recursive: true });
   await bob.screenshot({ path: path.join(OUT, 'nginx.png') });

@@ -32,7 +32,7 @@ pub struct PeerAddr(pub std::net::SocketAddr);
 
 /// Read buffer of each WebSocket: small, since most frames are small and
 /// idle connections should cost little; larger frames grow it as needed.
-const WS_READ_BUFFER: usize = 512;
+const WS_READ_BUFFER: usize = 256;
 /// Bytes the WebSocket gathers before writing to the socket; the writer
 /// flushes at the end of every batch anyway.
 const WS_WRITE_BUFFER: usize = 16 * 1024;

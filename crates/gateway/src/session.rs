@@ -8,7 +8,7 @@
 //! a close reason on the handle; the writer then sends the Close frame.
 
 use std::borrow::Cow;
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -117,7 +117,7 @@ pub(crate) fn start(
     let session = Box::new(Session {
         bucket: Bucket::new(app.config.publish_rate, app.config.publish_burst),
         expires: expiry_instant(claims.exp, app.config.verifier.leeway()),
-        rooms: HashSet::new(),
+        rooms: RoomSet::default(),
         handle,
         claims,
         app,
@@ -186,13 +186,45 @@ async fn write_batch(
     Ok(())
 }
 
+/// The rooms one connection is in: a plain vector, since there are at most
+/// `--max-rooms` (100 by default) and most connections are in one or two;
+/// a hash set would cost an idle connection more memory than the scan costs.
+#[derive(Default)]
+struct RoomSet(Vec<Arc<str>>);
+
+impl RoomSet {
+    fn contains(&self, room: &str) -> bool {
+        self.0.iter().any(|r| &**r == room)
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn insert(&mut self, room: Arc<str>) {
+        if !self.contains(&room) {
+            self.0.push(room);
+        }
+    }
+    fn remove(&mut self, room: &str) -> bool {
+        match self.0.iter().position(|r| &**r == room) {
+            Some(i) => {
+                self.0.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+    fn drain(&mut self) -> std::vec::Drain<'_, Arc<str>> {
+        self.0.drain(..)
+    }
+}
+
 struct Session {
     /// The connection's place under `--max-connections`, released with the session.
     _slot: Slot,
     app: Arc<App>,
     handle: Arc<ConnHandle>,
     claims: Claims,
-    rooms: HashSet<Arc<str>>,
+    rooms: RoomSet,
     bucket: Bucket,
     expires: Instant,
 }

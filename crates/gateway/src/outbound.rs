@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
@@ -47,9 +46,9 @@ pub struct ConnHandle {
     queued: AtomicUsize,
     max: usize,
     close: OnceLock<CloseReason>,
-    closing: CancellationToken,
-    /// Mirrors `closing` for the per-delivery check: reading a cancellation
-    /// token takes a lock, this is one atomic load.
+    /// Woken when the connection starts closing (see `ended`).
+    closing: Notify,
+    /// Set once the connection is closing for any reason.
     ended: AtomicBool,
     metrics: Arc<Metrics>,
 }
@@ -69,7 +68,7 @@ impl ConnHandle {
             queued: AtomicUsize::new(0),
             max: max_bytes,
             close: OnceLock::new(),
-            closing: CancellationToken::new(),
+            closing: Notify::new(),
             ended: AtomicBool::new(false),
             metrics,
         })
@@ -130,7 +129,7 @@ impl ConnHandle {
     pub async fn send_paced(&self, frame: Utf8Bytes, patience: Duration) -> bool {
         loop {
             let progress = self.drained.notified();
-            if self.closing.is_cancelled() {
+            if self.is_closing() {
                 return false;
             }
             let queued = self.queued_bytes();
@@ -139,7 +138,7 @@ impl ConnHandle {
             }
             tokio::select! {
                 _ = progress => {}
-                _ = self.closing.cancelled() => return false,
+                _ = self.closed() => return false,
                 _ = tokio::time::sleep(patience) => {
                     self.slow_consumer();
                     return false;
@@ -208,7 +207,7 @@ impl ConnHandle {
     /// peer went away or the writer failed).
     pub fn end(&self) {
         self.ended.store(true, Ordering::Release);
-        self.closing.cancel();
+        self.closing.notify_waiters();
     }
 
     /// Why the server is closing this connection, if it is.
@@ -216,9 +215,22 @@ impl ConnHandle {
         self.close.get().copied()
     }
 
-    /// Cancelled once the connection is closing for any reason.
-    pub fn closing(&self) -> &CancellationToken {
-        &self.closing
+    /// Whether the connection is closing for any reason.
+    pub fn is_closing(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the connection is closing for any reason. A `Notify`
+    /// and a flag rather than a cancellation token: no extra allocation per
+    /// connection.
+    pub async fn closed(&self) {
+        loop {
+            let woken = self.closing.notified();
+            if self.is_closing() {
+                return;
+            }
+            woken.await;
+        }
     }
 }
 
@@ -251,7 +263,7 @@ mod tests {
                 reason: "slow consumer"
             })
         );
-        assert!(h.closing().is_cancelled());
+        assert!(h.is_closing());
         assert!(!h.send(Utf8Bytes::from("y")), "closing refuses frames");
     }
 

@@ -139,11 +139,11 @@ async fn write_loop(mut sink: Sink, handle: &ConnHandle, app: &App) {
     loop {
         tokio::select! {
             biased;
-            _ = handle.closing().cancelled() => break,
+            _ = handle.closed() => break,
             ping = handle.take(&mut batch) => {
                 let written = tokio::select! {
                     biased;
-                    _ = handle.closing().cancelled() => break,
+                    _ = handle.closed() => break,
                     r = write_batch(&mut sink, &mut batch, ping, handle) => r,
                 };
                 if written.is_err() {
@@ -302,8 +302,8 @@ impl Session {
         // One timer for heartbeat, expiry and the closing linger, and one
         // cancellation future, created once: an idle connection's state
         // stays small.
-        let closing = self.handle.closing().clone();
-        let cancelled = closing.cancelled();
+        let handle = self.handle.clone();
+        let cancelled = handle.closed();
         tokio::pin!(cancelled);
         let timer = sleep_until(next_ping);
         tokio::pin!(timer);

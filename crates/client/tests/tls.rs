@@ -7,48 +7,11 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use clap::Parser;
 use support::until;
 use wsgate_client::cli::ClientArgs;
 use wsgate_client::{Client, ClientConfig, ClientError, Event};
-use wsgate_testkit::{any_token, Node};
-
-/// A self-signed certificate for 127.0.0.1: (dir, cert, key).
-fn self_signed() -> Option<(PathBuf, PathBuf, PathBuf)> {
-    if Command::new("openssl").arg("version").output().is_err() {
-        eprintln!("SKIPPED: the openssl CLI is not installed; wss:// is not tested");
-        return None;
-    }
-    let dir = std::env::temp_dir().join(format!(
-        "wsgate-client-tls-{}-{}",
-        std::process::id(),
-        wsgate_testkit::free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let out = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .arg("ec_paramgen_curve:P-256")
-        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .args(["-addext", "extendedKeyUsage=serverAuth"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some((dir, cert, key))
-}
+use wsgate_testkit::{any_token, self_signed_cert as self_signed, Node};
 
 #[derive(Parser)]
 struct Cli {

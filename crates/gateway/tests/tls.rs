@@ -6,8 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
@@ -19,42 +18,7 @@ use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
-use wsgate_testkit::{any_token, http_get, Node, WAIT};
-
-/// A self-signed certificate for `localhost` / 127.0.0.1: (dir, cert, key).
-fn self_signed() -> Option<(PathBuf, PathBuf, PathBuf)> {
-    if Command::new("openssl").arg("version").output().is_err() {
-        eprintln!("SKIPPED: the openssl CLI is not installed; TLS is not tested");
-        return None;
-    }
-    let dir = std::env::temp_dir().join(format!(
-        "wsgate-tls-{}-{}",
-        std::process::id(),
-        wsgate_testkit::free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let out = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .arg("ec_paramgen_curve:P-256")
-        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        // An end-entity certificate (webpki refuses a CA as the server's).
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .args(["-addext", "extendedKeyUsage=serverAuth"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some((dir, cert, key))
-}
+use wsgate_testkit::{any_token, http_get, self_signed_cert as self_signed, Node, WAIT};
 
 /// A TLS client trusting only `cert`.
 async fn tls_connect(addr: std::net::SocketAddr, cert: &Path) -> TlsStream<TcpStream> {

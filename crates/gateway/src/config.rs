@@ -73,6 +73,10 @@ pub struct ServeArgs {
     /// Redis URL for the cross-node relay; unset means the in-process broker.
     #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// --redis-url names a Redis Cluster (comma-separated seed URLs):
+    /// sharded pub/sub (SPUBLISH/SSUBSCRIBE), each room on its own shard.
+    #[arg(long, env = "WSGATE_REDIS_CLUSTER", requires = "redis_url")]
+    pub redis_cluster: bool,
     /// HMAC key for HS256/384/512 tokens.
     #[arg(long, env = "WSGATE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -234,6 +238,8 @@ pub struct Config {
     pub node_id: Arc<str>,
     /// Redis URL, when relaying through Redis.
     pub redis_url: Option<String>,
+    /// `redis_url` lists Redis Cluster seed nodes.
+    pub redis_cluster: bool,
     /// Token verifier.
     pub verifier: Arc<Verifier>,
     /// HMAC secret (dev mode mints tokens with it).
@@ -346,8 +352,19 @@ impl ServeArgs {
             )
         };
         if let Some(url) = &self.redis_url {
-            redis::Client::open(url.as_str())
-                .map_err(|e| ConfigError::RedisUrl(crate::broker::redact_url(&e.to_string())))?;
+            let urls: Vec<&str> = if self.redis_cluster {
+                url.split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .collect()
+            } else {
+                vec![url.as_str()]
+            };
+            for url in urls {
+                redis::Client::open(url).map_err(|e| {
+                    ConfigError::RedisUrl(crate::broker::redact_url(&e.to_string()))
+                })?;
+            }
         }
         let positive = |flag: &'static str, v: usize| {
             if v == 0 {
@@ -387,6 +404,7 @@ impl ServeArgs {
             Config {
                 node_id: Arc::from(node_id),
                 redis_url: self.redis_url,
+                redis_cluster: self.redis_cluster,
                 verifier: Arc::new(verifier),
                 hmac_secret,
                 jwt_issuer: self.jwt_issuer.filter(|s| !s.is_empty()),

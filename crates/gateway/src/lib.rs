@@ -185,6 +185,7 @@ pub async fn run(
         Some(url) => {
             broker::redis::RedisBroker::start(
                 url,
+                config.redis_cluster,
                 broker::redis::Settings {
                     history: config.history,
                     history_ttl: config.history_ttl,

@@ -63,7 +63,7 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'f', frame)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('EXPIRE', KEYS[3], ARGV[5])
-redis.call('PUBLISH', ARGV[6], epoch .. ' ' .. seq .. ' ' .. frame)
+redis.call(ARGV[7], ARGV[6], epoch .. ' ' .. seq .. ' ' .. frame)
 return seq
 ";
 
@@ -91,6 +91,10 @@ return out
 ";
 
 const CHANNEL_PREFIX: &str = "wsgate:room:";
+/// Redis Cluster: the sharded channel shares the room's hash tag, so it
+/// lives on the same shard as the room's keys (SPUBLISH from the script).
+const SHARDED_PREFIX: &str = "wsgate:{";
+const SHARDED_SUFFIX: &str = "}:ch";
 
 fn keys(room: &str) -> [String; 3] {
     [
@@ -102,6 +106,46 @@ fn keys(room: &str) -> [String; 3] {
 
 fn channel(room: &str) -> String {
     format!("{CHANNEL_PREFIX}{room}")
+}
+
+fn sharded_channel(room: &str) -> String {
+    format!("{SHARDED_PREFIX}{room}{SHARDED_SUFFIX}")
+}
+
+/// The command connection: one Redis, or a Redis Cluster (commands routed
+/// by the keys' slot).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// A room's log as read by the history script.
@@ -124,8 +168,9 @@ struct SubState {
 }
 
 struct Inner {
-    client: redis::Client,
-    conn: ConnectionManager,
+    /// The standalone client (pub/sub connections); `None` on a cluster.
+    client: Option<redis::Client>,
+    conn: Conn,
     publish: Script,
     history: Script,
     settings: Settings,
@@ -160,24 +205,49 @@ impl RedisBroker {
     /// not ready and connects when Redis appears.
     pub async fn start(
         url: &str,
+        cluster: bool,
         settings: Settings,
         rooms: Arc<Rooms>,
         metrics: Arc<Metrics>,
         stop: CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<Arc<dyn Broker>, BrokerError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_min_delay(BACKOFF_BASE)
-            .set_max_delay(BACKOFF_CAP);
-        let conn =
-            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
         let (commands, command_rx) = mpsc::unbounded_channel();
+        let (client, conn, pushes) = if cluster {
+            // Sharded pub/sub needs RESP3: messages arrive as pushes, and
+            // the library re-subscribes after reconnects and slot moves.
+            let (push_tx, push_rx) = mpsc::unbounded_channel();
+            let seeds: Vec<&str> = url
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .collect();
+            let client = redis::cluster::ClusterClientBuilder::new(seeds)
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .connection_timeout(COMMAND_TIMEOUT)
+                .response_timeout(COMMAND_TIMEOUT)
+                .push_sender(push_tx)
+                .build()
+                .map_err(unavailable)?;
+            let conn = tokio::time::timeout(COMMAND_TIMEOUT * 5, client.get_async_connection())
+                .await
+                .map_err(|_| unavailable("redis cluster did not answer"))?
+                .map_err(unavailable)?;
+            (None, Conn::Cluster(conn), Some(push_rx))
+        } else {
+            let client = redis::Client::open(url).map_err(unavailable)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(COMMAND_TIMEOUT))
+                .set_response_timeout(Some(COMMAND_TIMEOUT))
+                .set_number_of_retries(1)
+                .set_min_delay(BACKOFF_BASE)
+                .set_max_delay(BACKOFF_CAP);
+            let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+                .map_err(unavailable)?;
+            (Some(client), Conn::Single(conn), None)
+        };
         let inner = Arc::new(Inner {
-            client,
+            client: client.clone(),
             conn,
             publish: Script::new(PUBLISH_LUA),
             history: Script::new(HISTORY_LUA),
@@ -190,9 +260,101 @@ impl RedisBroker {
             commands_up: AtomicBool::new(false),
         });
         inner.metrics.broker_up.set(0);
-        tasks.spawn(relay(inner.clone(), command_rx, stop.clone()));
+        match (client, pushes) {
+            (Some(client), _) => {
+                tasks.spawn(relay(inner.clone(), client, command_rx, stop.clone()));
+            }
+            (None, Some(pushes)) => {
+                tasks.spawn(sharded_relay(
+                    inner.clone(),
+                    command_rx,
+                    pushes,
+                    stop.clone(),
+                ));
+            }
+            (None, None) => {}
+        }
         tasks.spawn(health(inner.clone(), stop));
         Ok(Arc::new(RedisBroker { inner }))
+    }
+}
+
+/// The relay on a Redis Cluster: one `SSUBSCRIBE` per room per node on the
+/// shard that owns the room; messages arrive as RESP3 pushes. The library
+/// re-subscribes after a reconnect or a slot move; each re-subscription
+/// triggers the same catch-up from the room's log as the standalone relay.
+async fn sharded_relay(
+    inner: Arc<Inner>,
+    mut commands: mpsc::UnboundedReceiver<SubCmd>,
+    mut pushes: mpsc::UnboundedReceiver<redis::PushInfo>,
+    stop: CancellationToken,
+) {
+    let Conn::Cluster(mut conn) = inner.conn.clone() else {
+        return;
+    };
+    inner.set_relay_up(true);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            cmd = commands.recv() => {
+                let Some(cmd) = cmd else { return };
+                let timed_out = || redis::RedisError::from((redis::ErrorKind::Io, "redis timed out"));
+                let result = match &cmd {
+                    SubCmd::Subscribe(room) => tokio::time::timeout(
+                        COMMAND_TIMEOUT,
+                        conn.ssubscribe(sharded_channel(room)),
+                    )
+                    .await
+                    .map_err(|_| timed_out())
+                    .and_then(|r| r),
+                    SubCmd::Unsubscribe(room) => tokio::time::timeout(
+                        COMMAND_TIMEOUT,
+                        conn.sunsubscribe(sharded_channel(room)),
+                    )
+                    .await
+                    .map_err(|_| timed_out())
+                    .and_then(|r| r),
+                };
+                match (result, cmd) {
+                    (Ok(()), SubCmd::Subscribe(room)) => {
+                        if let Some(state) = inner.subs().get(&room) {
+                            state.ready.send_replace(true);
+                        }
+                    }
+                    (Ok(()), SubCmd::Unsubscribe(_)) => {}
+                    (Err(e), _) => {
+                        warn!(error = %redact_url(&e.to_string()), "redis cluster subscription change failed");
+                    }
+                }
+                inner.metrics.subscriptions.set(inner.subs().len() as i64);
+            }
+            push = pushes.recv() => {
+                let Some(push) = push else { return };
+                match push.kind {
+                    redis::PushKind::SMessage => {
+                        let mut data = push.data.into_iter();
+                        if let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.next(), data.next()) {
+                            if let Ok(channel) = std::str::from_utf8(&channel) {
+                                inner.on_message(channel, &payload).await;
+                            }
+                        }
+                    }
+                    redis::PushKind::SSubscribe => {
+                        // A (re-)subscription: catch up on what may have
+                        // been missed while the shard was unreachable.
+                        if let Some(Value::BulkString(channel)) = push.data.first() {
+                            let room = std::str::from_utf8(channel).ok().and_then(|c| inner.room_of(c)).map(str::to_owned);
+                            if let Some(room) = room {
+                                if let Some((epoch, last)) = inner.rooms.position(&room) {
+                                    inner.fill(&room, &epoch, last, None).await;
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 }
 
@@ -278,11 +440,29 @@ impl Inner {
         n
     }
 
-    async fn on_message(&self, msg: redis::Msg) {
-        let Some(room) = msg.get_channel_name().strip_prefix(CHANNEL_PREFIX) else {
+    fn channel(&self, room: &str) -> String {
+        if self.client.is_some() {
+            channel(room)
+        } else {
+            sharded_channel(room)
+        }
+    }
+
+    fn room_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        if self.client.is_some() {
+            channel.strip_prefix(CHANNEL_PREFIX)
+        } else {
+            channel
+                .strip_prefix(SHARDED_PREFIX)?
+                .strip_suffix(SHARDED_SUFFIX)
+        }
+    }
+
+    async fn on_message(&self, channel: &str, payload: &[u8]) {
+        let Some(room) = self.room_of(channel) else {
             return;
         };
-        let Some((epoch, seq, frame)) = parse_relay(msg.get_payload_bytes()) else {
+        let Some((epoch, seq, frame)) = parse_relay(payload) else {
             warn!(room, "malformed relay message ignored");
             return;
         };
@@ -353,6 +533,7 @@ fn jittered(backoff: Duration) -> Duration {
 /// changes in the order they were made, and forwards messages to the rooms.
 async fn relay(
     inner: Arc<Inner>,
+    client: redis::Client,
     mut commands: mpsc::UnboundedReceiver<SubCmd>,
     stop: CancellationToken,
 ) {
@@ -361,7 +542,7 @@ async fn relay(
     loop {
         let pubsub = tokio::select! {
             _ = stop.cancelled() => return,
-            r = tokio::time::timeout(COMMAND_TIMEOUT, inner.client.get_async_pubsub()) => r,
+            r = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub()) => r,
         };
         let (mut sink, mut stream) = match pubsub {
             Ok(Ok(ps)) => ps.split(),
@@ -414,7 +595,7 @@ async fn relay(
                     }
                 }
                 msg = stream.next() => match msg {
-                    Some(msg) => inner.on_message(msg).await,
+                    Some(msg) => inner.on_message(msg.get_channel_name(), msg.get_payload_bytes()).await,
                     None => break,
                 },
             }
@@ -519,7 +700,12 @@ impl Broker for RedisBroker {
                 .arg(inner.settings.history)
                 .arg(new_epoch())
                 .arg(inner.ttl_secs())
-                .arg(channel(room));
+                .arg(inner.channel(room))
+                .arg(if inner.client.is_some() {
+                    "PUBLISH"
+                } else {
+                    "SPUBLISH"
+                });
             let mut conn = inner.conn.clone();
             let seq: u64 = tokio::time::timeout(COMMAND_TIMEOUT, call.invoke_async(&mut conn))
                 .await

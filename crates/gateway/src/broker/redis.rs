@@ -20,6 +20,10 @@
 //! the node reconnects with capped, jittered exponential backoff,
 //! re-subscribes every room and reads back from the log what it missed; a
 //! seq gap seen on the live relay is filled from the log the same way.
+//!
+//! With `--redis-cluster` the same keys and scripts run on the shard that
+//! owns the room; the script publishes with `SPUBLISH` on `wsgate:{R}:ch`
+//! and nodes `SSUBSCRIBE` over RESP3 ([`sharded_relay`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -23,7 +23,7 @@
 //!
 //! With `--redis-cluster` the same keys and scripts run on the shard that
 //! owns the room; the script publishes with `SPUBLISH` on `wsgate:{R}:ch`
-//! and nodes `SSUBSCRIBE` over RESP3 ([`sharded_relay`]).
+//! and nodes `SSUBSCRIBE` over RESP3 (`sharded_relay`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

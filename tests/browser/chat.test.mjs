@@ -11,7 +11,9 @@ import assert from 'node:assert/strict';
 import { copyFileSync, existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
-import { OUT, REPO, freePorts, mintToken, startNode, startRedis, stop, waitFor } from './support.mjs';
+import {
+  OUT, REPO, assertExactlyOnce, chatPageHelpers, freePorts, launchChromium, mintToken, startNode, startRedis, stop, waitFor,
+} from './support.mjs';
 
 const BIN = process.env.WSGATE_BIN || path.join(REPO, 'target', 'release', 'wsgate');
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
@@ -31,21 +33,7 @@ before(async () => {
   ports = await freePorts(6);
   redis = await startRedis();
   for (const i of [1, 2]) nodes[`n${i}`] = await startNode(BIN, nodeOpts(i));
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: [
-      '--headless',
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-      '--no-first-run',
-      '--disable-dev-shm-usage',
-    ],
-    timeout: 30000,
-  });
+  browser = await launchChromium(chromium, CHROMIUM);
 });
 
 after(async () => {
@@ -68,87 +56,19 @@ function nodeOpts(i) {
 const wsUrl = (i) => `ws://127.0.0.1:${ports[(i - 1) * 2]}/ws`;
 const httpUrl = (i) => `http://127.0.0.1:${ports[(i - 1) * 2]}`;
 
-async function openPage(name, { servedBy, nodeList, extra = '' }) {
-  const ctx = await browser.newContext({ viewport: { width: 1100, height: 680 }, deviceScaleFactor: 1 });
-  const page = await ctx.newPage();
-  page.errors = [];
-  page.on('pageerror', (e) => page.errors.push(String(e)));
-  page.on('console', (m) => {
-    if (m.type() === 'error' && !/WebSocket connection to .* failed|ERR_CONNECTION_REFUSED|Failed to load resource/.test(m.text())) {
-      page.errors.push(`console: ${m.text()}`);
-    }
-  });
+const { openPage: openUrl, status, waitConnected, messages, waitMessages, send } = chatPageHelpers({ timeout: T });
+
+function openPage(name, { servedBy, nodeList, extra = '' }) {
   const nodesParam = nodeList.map(wsUrl).join(',');
-  await page.goto(`${httpUrl(servedBy)}/?name=${name}&room=lobby&autoconnect=1&nodes=${encodeURIComponent(nodesParam)}${extra}`, { timeout: T });
-  return page;
-}
-
-async function status(page) {
-  return page.$eval('[data-testid=status]', (el) => ({
-    state: el.dataset.state,
-    node: el.dataset.node,
-    gaps: Number(el.dataset.gaps || 0),
-    text: el.textContent.trim(),
-  }));
-}
-
-async function waitConnected(page, node) {
-  await page.waitForFunction(
-    (node) => {
-      const st = document.querySelector('[data-testid=status]');
-      return st.dataset.state === 'connected' && st.dataset.node === node && !document.querySelector('[data-testid=send]').disabled;
-    },
-    node,
-    { timeout: T },
-  );
-}
-
-async function messages(page) {
-  return page.$$eval('[data-testid=message]', (els) =>
-    els.map((e) => ({
-      seq: Number(e.dataset.seq),
-      from: e.dataset.from,
-      text: e.querySelector('[data-testid=message-text]').textContent,
-      replayed: e.dataset.replayed === 'true',
-    })),
-  );
-}
-
-async function waitMessages(page, n, what) {
-  await page.waitForFunction((n) => document.querySelectorAll('[data-testid=message]').length >= n, n, { timeout: T }).catch(async (e) => {
-    throw new Error(`${what}: expected ${n} messages, page shows ${JSON.stringify(await messages(page))} (${e.message})`);
-  });
-  return messages(page);
-}
-
-async function send(page, text) {
-  const input = page.getByTestId('message-input');
-  await page.waitForFunction(() => !document.querySelector('[data-testid=send]').disabled, null, { timeout: T });
-  await input.fill(text);
-  await page.getByTestId('send').click({ timeout: T });
-  // The page shows a message when the room delivers it (never optimistically),
-  // so the sender seeing it means the gateway took it.
-  await page.waitForFunction(
-    (text) => [...document.querySelectorAll('[data-testid=message-text]')].some((e) => e.textContent === text),
-    text,
-    { timeout: T },
-  );
-}
-
-function assertExactlyOnce(list, expected, who) {
-  assert.deepEqual(list.map((m) => m.text), expected.map((e) => e.text), `${who}: messages in order, each once`);
-  assert.deepEqual(list.map((m) => m.from), expected.map((e) => e.from), `${who}: senders`);
-  const seqs = list.map((m) => m.seq);
-  assert.equal(new Set(seqs).size, seqs.length, `${who}: no seq shown twice`);
-  for (let i = 1; i < seqs.length; i++) assert.equal(seqs[i], seqs[i - 1] + 1, `${who}: seqs consecutive: ${seqs}`);
+  return openUrl(browser, `${httpUrl(servedBy)}/?name=${name}&room=lobby&autoconnect=1&nodes=${encodeURIComponent(nodesParam)}${extra}`);
 }
 
 test('two users on two nodes; bob\'s node is killed; his page fails over, resumes, shows every message once', { timeout: 150000 }, async () => {
   // alice talks to n1 only; bob's page comes from n2 and lists n2 then n3.
   const alice = await openPage('alice', { servedBy: 1, nodeList: [1] });
   const bob = await openPage('bob', { servedBy: 2, nodeList: [2, 3], extra: '&backoff_base_ms=200&backoff_cap_ms=1500' });
-  await waitConnected(alice, 'n1');
-  await waitConnected(bob, 'n2');
+  await waitConnected(alice, { node: 'n1' });
+  await waitConnected(bob, { node: 'n2' });
 
   const expected = [];
   const say = async (page, from, text) => {
@@ -178,7 +98,7 @@ test('two users on two nodes; bob\'s node is killed; his page fails over, resume
 
   // another node comes up; bob's page must find it, resume, and replay what it missed
   nodes.n3 = await startNode(BIN, nodeOpts(3));
-  await waitConnected(bob, 'n3');
+  await waitConnected(bob, { node: 'n3' });
   await bob.getByTestId('badge-resumed').waitFor({ timeout: T });
   const afterResume = await waitMessages(bob, 4, 'bob after resume');
   assertExactlyOnce(afterResume, expected, 'bob after resume');
@@ -225,7 +145,7 @@ test('without /dev/token (404) the page asks for a token and works with a pasted
   const token = await mintToken(BIN, ['--jwt-secret', SECRET, '--sub', 'carol', '--rooms', '*', '--publish', '*', '--ttl', '1h']);
   await page.getByTestId('token-input').fill(token);
   await page.getByTestId('connect').click({ timeout: T });
-  await waitConnected(page, 'n1');
+  await waitConnected(page, { node: 'n1' });
   await send(page, 'carol with a pasted token');
   const list = await messages(page);
   assert.equal(list.at(-1).from, 'carol');
@@ -241,12 +161,12 @@ test('a node that comes back with its history lost: the page reports the gap, ne
   const ctx = await browser.newContext({ viewport: { width: 1000, height: 600 } });
   const page = await ctx.newPage();
   await page.goto(`http://127.0.0.1:${port}/?name=frank&room=history&autoconnect=1&backoff_base_ms=100&backoff_cap_ms=500`, { timeout: T });
-  await waitConnected(page, 'solo');
+  await waitConnected(page, { node: 'solo' });
   await send(page, 'before the restart 1');
   await send(page, 'before the restart 2');
   await stop(nodes.solo, 'SIGKILL');
   nodes.solo = await startNode(BIN, opts);
-  await waitConnected(page, 'solo');
+  await waitConnected(page, { node: 'solo' });
   await page.locator('[data-testid=notice][data-kind=gap]').waitFor({ timeout: T });
   const st = await status(page);
   assert.ok(st.gaps >= 1, `status shows the gap: ${JSON.stringify(st)}`);

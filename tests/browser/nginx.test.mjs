@@ -27,7 +27,9 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
-import { OUT, REPO, freePort, freePorts, startNode, startRedis, stop, waitFor } from './support.mjs';
+import {
+  OUT, REPO, assertExactlyOnce, chatPageHelpers, freePort, freePorts, launchChromium, startNode, startRedis, stop, waitFor,
+} from './support.mjs';
 
 const BIN = process.env.WSGATE_BIN || path.join(REPO, 'target', 'release', 'wsgate');
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
@@ -148,13 +150,7 @@ before(async () => {
   for (const [i, id] of ids.entries()) {
     nodes[id] = await startNode(BIN, { id, port: pub(i), opsPort: ports[i * 2 + 1], secret: SECRET, redisUrl: redis.url, origins: [origin] });
   }
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
-      '--disable-sync', '--no-first-run', '--disable-dev-shm-usage'],
-    timeout: 30000,
-  });
+  browser = await launchChromium(chromium, CHROMIUM);
 });
 
 after(async () => {
@@ -172,31 +168,16 @@ after(async () => {
 
 // ---------------------------------------------------------------- page helpers
 
-async function openPage(name) {
-  const ctx = await browser.newContext({ viewport: { width: 1100, height: 680 }, deviceScaleFactor: 1 });
-  const page = await ctx.newPage();
-  page.errors = [];
-  page.on('pageerror', (e) => page.errors.push(String(e)));
-  page.on('console', (m) => {
-    if (m.type() === 'error' && !/WebSocket connection to .* failed|ERR_CONNECTION_REFUSED|Failed to load resource/.test(m.text())) {
-      page.errors.push(`console: ${m.text()}`);
-    }
-  });
+const { openPage: openUrl, status, waitConnected, messages, waitMessages, send } = chatPageHelpers({ timeout: T });
+
+function openPage(name) {
   // No `nodes=`: the page connects to ws://<its own host>/ws, i.e. nginx.
-  await page.goto(`http://127.0.0.1:${nginx.port}/?name=${name}&room=${ROOM}&autoconnect=1&backoff_base_ms=200&backoff_cap_ms=1000`, { timeout: T });
-  return page;
+  return openUrl(browser, `http://127.0.0.1:${nginx.port}/?name=${name}&room=${ROOM}&autoconnect=1&backoff_base_ms=200&backoff_cap_ms=1000`);
 }
 
-/** Waits until the page is connected and can send; returns the node it shows. */
+/** Waits until the page is connected (to a node other than `notNode`) and can send; returns the node it shows. */
 async function connectedNode(page, notNode = '') {
-  await page.waitForFunction(
-    (notNode) => {
-      const st = document.querySelector('[data-testid=status]');
-      return st.dataset.state === 'connected' && st.dataset.node && st.dataset.node !== notNode && !document.querySelector('[data-testid=send]').disabled;
-    },
-    notNode,
-    { timeout: T },
-  );
+  await waitConnected(page, { notNode });
   const shown = await page.evaluate(() => ({
     node: document.querySelector('[data-testid=status]').dataset.node,
     info: document.getElementById('info-node').textContent.trim(),
@@ -205,43 +186,6 @@ async function connectedNode(page, notNode = '') {
   assert.equal(shown.info, shown.node, 'the node panel and the status agree');
   assert.equal(shown.url, `ws://127.0.0.1:${nginx.port}/ws`, 'the page talks to nginx, not to a node');
   return shown.node;
-}
-
-async function messages(page) {
-  return page.$$eval('[data-testid=message]', (els) =>
-    els.map((e) => ({
-      seq: Number(e.dataset.seq),
-      from: e.dataset.from,
-      text: e.querySelector('[data-testid=message-text]').textContent,
-      replayed: e.dataset.replayed === 'true',
-    })),
-  );
-}
-
-async function waitMessages(page, n, what) {
-  await page.waitForFunction((n) => document.querySelectorAll('[data-testid=message]').length >= n, n, { timeout: T }).catch(async (e) => {
-    throw new Error(`${what}: expected ${n} messages, page shows ${JSON.stringify(await messages(page))} (${e.message})`);
-  });
-  return messages(page);
-}
-
-async function send(page, text) {
-  await page.waitForFunction(() => !document.querySelector('[data-testid=send]').disabled, null, { timeout: T });
-  await page.getByTestId('message-input').fill(text);
-  await page.getByTestId('send').click({ timeout: T });
-  // The page shows a message only once the room delivers it.
-  await page.waitForFunction(
-    (text) => [...document.querySelectorAll('[data-testid=message-text]')].some((e) => e.textContent === text),
-    text,
-    { timeout: T },
-  );
-}
-
-function assertExactlyOnce(list, expected, who) {
-  assert.deepEqual(list.map((m) => m.text), expected.map((e) => e.text), `${who}: messages in order, each once`);
-  assert.deepEqual(list.map((m) => m.from), expected.map((e) => e.from), `${who}: senders`);
-  const seqs = list.map((m) => m.seq);
-  for (let i = 1; i < seqs.length; i++) assert.equal(seqs[i], seqs[i - 1] + 1, `${who}: seqs consecutive, none twice: ${seqs}`);
 }
 
 async function publishHttp(node, token, text) {
@@ -316,7 +260,7 @@ test('through the repo\'s nginx: the node under both pages is killed; nginx fail
     assertExactlyOnce(await waitMessages(page, expected.length, `${who} final`), expected, who);
     await page.evaluate(() => window.chat.client.ping());
     assertExactlyOnce(await messages(page), expected, `${who} settled`);
-    assert.equal(await page.$eval('[data-testid=status]', (el) => Number(el.dataset.gaps || 0)), 0, `${who}: no gap`);
+    assert.equal((await status(page)).gaps, 0, `${who}: no gap`);
     assert.equal(await page.locator('[data-testid=notice][data-kind=gap]').count(), 0, `${who}: no gap notice`);
     assert.deepEqual(page.errors, [], `${who}: no page errors`);
   }

@@ -1,7 +1,9 @@
-// Helpers for the browser test: free ports, a private redis-server, wsgate
-// nodes, polling with deadlines. Every wait is bounded; nothing sleeps as
-// synchronization; everything listens on loopback only.
+// Helpers for the browser tests: free ports, a private redis-server, wsgate
+// nodes, polling with deadlines, chromium and the chat page's DOM. Every wait
+// is bounded; nothing sleeps as synchronization; everything listens on
+// loopback only.
 
+import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createWriteStream, mkdirSync, readFileSync } from 'node:fs';
 import net from 'node:net';
@@ -197,4 +199,117 @@ export function mintToken(bin, args) {
       else reject(new Error(`wsgate token failed (${code}): ${err.trim()}`));
     });
   });
+}
+
+// ---------------------------------------------------------------- chromium and the chat page
+
+/** Debian's chromium (never a downloaded browser), headless. */
+export function launchChromium(chromium, executablePath) {
+  return chromium.launch({
+    executablePath,
+    headless: true,
+    args: [
+      '--headless',
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+      '--no-first-run',
+      '--disable-dev-shm-usage',
+    ],
+    timeout: 30000,
+  });
+}
+
+/**
+ * The chat page's helpers, every wait bounded by `timeout` ms:
+ * openPage(browser, url) opens `url` in a new context and collects the page's
+ * errors in `page.errors` (failed WebSocket connects and resource loads, which
+ * fail-over provokes, excepted).
+ */
+export function chatPageHelpers({ timeout }) {
+  const T = timeout;
+
+  async function openPage(browser, url) {
+    const ctx = await browser.newContext({ viewport: { width: 1100, height: 680 }, deviceScaleFactor: 1 });
+    const page = await ctx.newPage();
+    page.errors = [];
+    page.on('pageerror', (e) => page.errors.push(String(e)));
+    page.on('console', (m) => {
+      if (m.type() === 'error' && !/WebSocket connection to .* failed|ERR_CONNECTION_REFUSED|Failed to load resource/.test(m.text())) {
+        page.errors.push(`console: ${m.text()}`);
+      }
+    });
+    await page.goto(url, { timeout: T });
+    return page;
+  }
+
+  async function status(page) {
+    return page.$eval('[data-testid=status]', (el) => ({
+      state: el.dataset.state,
+      node: el.dataset.node,
+      gaps: Number(el.dataset.gaps || 0),
+      text: el.textContent.trim(),
+    }));
+  }
+
+  /**
+   * Waits until the page is connected and can send: to node `node` if given,
+   * else to any node other than `notNode`. Returns the node the status shows.
+   */
+  async function waitConnected(page, { node = '', notNode = '' } = {}) {
+    await page.waitForFunction(
+      ({ node, notNode }) => {
+        const st = document.querySelector('[data-testid=status]');
+        const shown = st.dataset.node;
+        return st.dataset.state === 'connected' && shown && (node ? shown === node : shown !== notNode) && !document.querySelector('[data-testid=send]').disabled;
+      },
+      { node, notNode },
+      { timeout: T },
+    );
+    return page.$eval('[data-testid=status]', (el) => el.dataset.node);
+  }
+
+  async function messages(page) {
+    return page.$$eval('[data-testid=message]', (els) =>
+      els.map((e) => ({
+        seq: Number(e.dataset.seq),
+        from: e.dataset.from,
+        text: e.querySelector('[data-testid=message-text]').textContent,
+        replayed: e.dataset.replayed === 'true',
+      })),
+    );
+  }
+
+  async function waitMessages(page, n, what) {
+    await page.waitForFunction((n) => document.querySelectorAll('[data-testid=message]').length >= n, n, { timeout: T }).catch(async (e) => {
+      throw new Error(`${what}: expected ${n} messages, page shows ${JSON.stringify(await messages(page))} (${e.message})`);
+    });
+    return messages(page);
+  }
+
+  async function send(page, text) {
+    await page.waitForFunction(() => !document.querySelector('[data-testid=send]').disabled, null, { timeout: T });
+    await page.getByTestId('message-input').fill(text);
+    await page.getByTestId('send').click({ timeout: T });
+    // The page shows a message only once the room delivers it (never
+    // optimistically), so the sender seeing it means the gateway took it.
+    await page.waitForFunction(
+      (text) => [...document.querySelectorAll('[data-testid=message-text]')].some((e) => e.textContent === text),
+      text,
+      { timeout: T },
+    );
+  }
+
+  return { openPage, status, waitConnected, messages, waitMessages, send };
+}
+
+/** `list` (from messages()) is `expected` ({from, text}) in order, each once, with consecutive seqs. */
+export function assertExactlyOnce(list, expected, who) {
+  assert.deepEqual(list.map((m) => m.text), expected.map((e) => e.text), `${who}: messages in order, each once`);
+  assert.deepEqual(list.map((m) => m.from), expected.map((e) => e.from), `${who}: senders`);
+  const seqs = list.map((m) => m.seq);
+  assert.equal(new Set(seqs).size, seqs.length, `${who}: no seq shown twice`);
+  for (let i = 1; i < seqs.length; i++) assert.equal(seqs[i], seqs[i - 1] + 1, `${who}: seqs consecutive, none twice: ${seqs}`);
 }

@@ -29,14 +29,7 @@ pub async fn run(ctx: &Ctx, args: &ConnectArgs) -> Result<Report> {
         .collect();
     let mut crowd = Crowd::new(0);
     let before = ctx.probe.snapshot().await;
-    let setup = crowd
-        .spawn(
-            ctx,
-            specs,
-            ctx.common.setup_budget(args.connections),
-            "connecting",
-        )
-        .await;
+    let setup = crowd.spawn(ctx, specs, "connecting").await;
     let after = ctx.probe.snapshot().await;
     report.line(setup.human("handshakes"));
     report.line(format!(
@@ -64,13 +57,7 @@ pub async fn run(ctx: &Ctx, args: &ConnectArgs) -> Result<Report> {
     }
     report.set("handshakes_per_s", setup.per_s);
     report.set("setup", &setup);
-    if !setup.complete() {
-        report.fail(format!(
-            "{} of {} connections failed",
-            setup.attempted - setup.connected,
-            setup.attempted
-        ));
-    }
+    setup.fail_unless_complete(&mut report, "connections failed");
     let tally = crowd.finish(Duration::from_secs(10)).await;
     if !tally.dropped.is_empty() {
         tally.check(&mut report);

@@ -121,22 +121,10 @@ pub async fn fanout_crowd(
             track_latency: true,
         })
         .collect();
-    let setup = crowd
-        .spawn(
-            ctx,
-            subs,
-            ctx.common.setup_budget(shape.subscribers),
-            "subscribers",
-        )
-        .await;
+    let setup = crowd.spawn(ctx, subs, "subscribers").await;
     report.line(setup.human("subscribers"));
     report.set("subscribers_setup", &setup);
-    if !setup.complete() {
-        report.fail(format!(
-            "{} of {} subscribers did not connect",
-            setup.attempted - setup.connected,
-            setup.attempted
-        ));
+    if !setup.fail_unless_complete(report, "subscribers did not connect") {
         return Ok((crowd, false));
     }
     let pub_url = shape
@@ -159,21 +147,9 @@ pub async fn fanout_crowd(
             track_latency: false,
         })
         .collect();
-    let setup = crowd
-        .spawn(
-            ctx,
-            pubs,
-            ctx.common.setup_budget(shape.publishers),
-            "publishers",
-        )
-        .await;
+    let setup = crowd.spawn(ctx, pubs, "publishers").await;
     report.line(setup.human("publishers"));
-    if !setup.complete() {
-        report.fail(format!(
-            "{} of {} publishers did not connect",
-            setup.attempted - setup.connected,
-            setup.attempted
-        ));
+    if !setup.fail_unless_complete(report, "publishers did not connect") {
         return Ok((crowd, false));
     }
     Ok((crowd, true))
@@ -209,22 +185,10 @@ pub async fn run_rooms(ctx: &Ctx, args: &RoomsArgs) -> Result<Report> {
         })
         .collect();
     let mut crowd = Crowd::new(room_count);
-    let setup = crowd
-        .spawn(
-            ctx,
-            specs,
-            ctx.common.setup_budget(args.connections),
-            "connecting",
-        )
-        .await;
+    let setup = crowd.spawn(ctx, specs, "connecting").await;
     report.line(setup.human("members"));
     report.set("setup", &setup);
-    if !setup.complete() {
-        report.fail(format!(
-            "{} of {} connections did not connect",
-            setup.attempted - setup.connected,
-            setup.attempted
-        ));
+    if !setup.fail_unless_complete(&mut report, "connections did not connect") {
         crowd.finish(Duration::from_secs(10)).await;
         return Ok(report);
     }

@@ -42,14 +42,7 @@ pub async fn run(ctx: &Ctx, args: &IdleArgs) -> Result<Report> {
         .collect();
     let before = ctx.probe.snapshot().await;
     let mut crowd = Crowd::new(rooms.len());
-    let setup = crowd
-        .spawn(
-            ctx,
-            specs,
-            ctx.common.setup_budget(args.connections),
-            "connecting",
-        )
-        .await;
+    let setup = crowd.spawn(ctx, specs, "connecting").await;
     report.line(setup.human("connections"));
     sleep_with_bar(Instant::now() + args.hold, "holding").await;
     let after = ctx.probe.snapshot().await;

@@ -143,23 +143,13 @@ impl SetupSummary {
             report::thousands(self.per_s)
         );
         if !self.failures.is_empty() {
-            let f: Vec<String> = self
-                .failures
-                .iter()
-                .map(|(k, v)| format!("{k}: {v}"))
-                .collect();
-            line.push_str(&format!("; failures {}", f.join(", ")));
+            line.push_str(&format!("; failures {}", join_counts(&self.failures)));
         }
         if self.missing > 0 {
             line.push_str(&format!("; {} still pending", self.missing));
         }
         if self.nodes.len() > 1 {
-            let n: Vec<String> = self
-                .nodes
-                .iter()
-                .map(|(k, v)| format!("{k}: {v}"))
-                .collect();
-            line.push_str(&format!("; per node {}", n.join(", ")));
+            line.push_str(&format!("; per node {}", join_counts(&self.nodes)));
         }
         line
     }
@@ -168,6 +158,27 @@ impl SetupSummary {
     pub fn complete(&self) -> bool {
         self.connected == self.attempted
     }
+
+    /// When not every member connected, fail `report` with "`missing` of
+    /// `attempted` `what`" (e.g. `what` = "subscribers did not connect");
+    /// whether every member connected.
+    pub fn fail_unless_complete(&self, report: &mut Report, what: &str) -> bool {
+        if self.complete() {
+            return true;
+        }
+        report.fail(format!(
+            "{} of {} {what}",
+            self.attempted - self.connected,
+            self.attempted
+        ));
+        false
+    }
+}
+
+/// `k: v, k: v, ...`.
+fn join_counts(counts: &BTreeMap<String, u64>) -> String {
+    let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    parts.join(", ")
 }
 
 /// The member tasks of a run.
@@ -200,15 +211,11 @@ impl Crowd {
     }
 
     /// Spawn one task per spec (their `index` is set here) and wait, at most
-    /// `budget`, until each has connected or failed.
-    pub async fn spawn(
-        &mut self,
-        ctx: &Ctx,
-        specs: Vec<MemberSpec>,
-        budget: Duration,
-        what: &str,
-    ) -> SetupSummary {
+    /// the set-up budget for that many members, until each has connected or
+    /// failed.
+    pub async fn spawn(&mut self, ctx: &Ctx, specs: Vec<MemberSpec>, what: &str) -> SetupSummary {
         let attempted = specs.len();
+        let budget = ctx.common.setup_budget(attempted);
         let gate = Arc::new(Semaphore::new(ctx.common.concurrency));
         let (tx, mut rx) = mpsc::unbounded_channel();
         let bar = report::counter(attempted as u64, what);
@@ -382,8 +389,8 @@ impl Tally {
         )
     }
 
-    /// Add failures for loss, disorder, drops and stuck members.
-    pub fn check(&self, report: &mut Report) {
+    /// Add failures for loss, duplicates and disorder.
+    pub fn check_seq(&self, report: &mut Report) {
         if self.seq.lost > 0 {
             report.fail(format!("{} messages lost", self.seq.lost));
         }
@@ -393,15 +400,15 @@ impl Tally {
         if self.seq.out_of_order > 0 {
             report.fail(format!("{} messages out of order", self.seq.out_of_order));
         }
+    }
+
+    /// Add failures for loss, disorder, drops and stuck members.
+    pub fn check(&self, report: &mut Report) {
+        self.check_seq(report);
         if !self.dropped.is_empty() {
-            let d: Vec<String> = self
-                .dropped
-                .iter()
-                .map(|(k, v)| format!("{k}: {v}"))
-                .collect();
             report.fail(format!(
                 "connections dropped by the server: {}",
-                d.join(", ")
+                join_counts(&self.dropped)
             ));
         }
         if self.unfinished > 0 {

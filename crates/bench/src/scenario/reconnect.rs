@@ -75,9 +75,7 @@ pub async fn run(ctx: &Ctx, args: &ReconnectArgs) -> Result<Report> {
         })
         .collect();
     let mut crowd = Crowd::new(1);
-    let setup = crowd
-        .spawn(ctx, specs, ctx.common.setup_budget(clients), "clients")
-        .await;
+    let setup = crowd.spawn(ctx, specs, "clients").await;
     report.line(setup.human("clients"));
     report.set("setup", &setup);
     let publisher = vec![MemberSpec {
@@ -93,9 +91,7 @@ pub async fn run(ctx: &Ctx, args: &ReconnectArgs) -> Result<Report> {
         reconnect: true,
         track_latency: false,
     }];
-    let pub_setup = crowd
-        .spawn(ctx, publisher, ctx.common.setup_budget(1), "publisher")
-        .await;
+    let pub_setup = crowd.spawn(ctx, publisher, "publisher").await;
     if !setup.complete() || !pub_setup.complete() {
         report.fail("not every client connected");
         crowd.finish(Duration::from_secs(10)).await;
@@ -232,15 +228,7 @@ pub async fn run(ctx: &Ctx, args: &ReconnectArgs) -> Result<Report> {
             args.drain
         ));
     }
-    if tally.seq.lost > 0 {
-        report.fail(format!("{} messages lost", tally.seq.lost));
-    }
-    if tally.seq.duplicated > 0 {
-        report.fail(format!("{} messages duplicated", tally.seq.duplicated));
-    }
-    if tally.seq.out_of_order > 0 {
-        report.fail(format!("{} messages out of order", tally.seq.out_of_order));
-    }
+    tally.check_seq(&mut report);
     Ok(report)
 }
 

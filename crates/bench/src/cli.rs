@@ -106,6 +106,39 @@ pub struct Common {
     pub read_buffer: usize,
 }
 
+/// Subscribers and publishers of a fan-out (`fanout`, `ramp`).
+#[derive(Debug, Clone, Args)]
+pub struct Audience {
+    /// Subscribers, spread round-robin over the URLs.
+    #[arg(long, short = 's', default_value_t = 1000)]
+    pub subscribers: usize,
+    /// Publishers, sharing the rate (each must stay under the gateway's --publish-rate).
+    #[arg(long, short = 'p', default_value_t = 1)]
+    pub publishers: usize,
+}
+
+/// The measured phase of `fanout` and `rooms`.
+#[derive(Debug, Clone, Args)]
+pub struct Window {
+    /// Measured time.
+    #[arg(long, short = 'd', default_value = "10s", value_parser = duration)]
+    pub duration: Duration,
+    /// Publishing before the measurement starts.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    pub warmup: Duration,
+}
+
+/// What the publishers of a fan-out send, and where they connect (`fanout`, `ramp`).
+#[derive(Debug, Clone, Args)]
+pub struct PublisherArgs {
+    /// Padding bytes in each message's `data`.
+    #[arg(long, default_value_t = 32)]
+    pub payload: usize,
+    /// URL the publishers connect to (default: the first --url).
+    #[arg(long)]
+    pub publisher_url: Option<String>,
+}
+
 /// `connect`.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
@@ -143,33 +176,24 @@ pub struct FanoutArgs {
     #[allow(missing_docs)]
     #[command(flatten)]
     pub common: Common,
-    /// Subscribers, spread round-robin over the URLs.
-    #[arg(long, short = 's', default_value_t = 1000)]
-    pub subscribers: usize,
-    /// Publishers, sharing the rate (each must stay under the gateway's --publish-rate).
-    #[arg(long, short = 'p', default_value_t = 1)]
-    pub publishers: usize,
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub audience: Audience,
     /// Total publish rate, messages per second.
     #[arg(long, short = 'r', default_value_t = 100.0)]
     pub rate: f64,
-    /// Measured time.
-    #[arg(long, short = 'd', default_value = "10s", value_parser = duration)]
-    pub duration: Duration,
-    /// Publishing before the measurement starts.
-    #[arg(long, default_value = "2s", value_parser = duration)]
-    pub warmup: Duration,
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub window: Window,
     /// Longest wait, after publishing stops, for every subscriber to catch up.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub drain: Duration,
     /// The room.
     #[arg(long, default_value = "fanout")]
     pub room: String,
-    /// Padding bytes in each message's `data`.
-    #[arg(long, default_value_t = 32)]
-    pub payload: usize,
-    /// URL the publishers connect to (default: the first --url).
-    #[arg(long)]
-    pub publisher_url: Option<String>,
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub publisher: PublisherArgs,
 }
 
 /// `rooms`.
@@ -187,12 +211,9 @@ pub struct RoomsArgs {
     /// Publish rate of each connection, messages per second.
     #[arg(long, short = 'r', default_value_t = 1.0)]
     pub rate: f64,
-    /// Measured time.
-    #[arg(long, short = 'd', default_value = "10s", value_parser = duration)]
-    pub duration: Duration,
-    /// Publishing before the measurement starts.
-    #[arg(long, default_value = "2s", value_parser = duration)]
-    pub warmup: Duration,
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub window: Window,
     /// Longest wait, after publishing stops, for every member to catch up.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub drain: Duration,
@@ -253,12 +274,9 @@ pub struct RampArgs {
     #[allow(missing_docs)]
     #[command(flatten)]
     pub common: Common,
-    /// Subscribers, spread round-robin over the URLs.
-    #[arg(long, short = 's', default_value_t = 1000)]
-    pub subscribers: usize,
-    /// Publishers, sharing the rate (each must stay under the gateway's --publish-rate).
-    #[arg(long, short = 'p', default_value_t = 1)]
-    pub publishers: usize,
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub audience: Audience,
     /// First step's total publish rate, messages per second.
     #[arg(long, default_value_t = 20.0)]
     pub start_rate: f64,
@@ -280,12 +298,9 @@ pub struct RampArgs {
     /// The room.
     #[arg(long, default_value = "ramp")]
     pub room: String,
-    /// Padding bytes in each message's `data`.
-    #[arg(long, default_value_t = 32)]
-    pub payload: usize,
-    /// URL the publishers connect to (default: the first --url).
-    #[arg(long)]
-    pub publisher_url: Option<String>,
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub publisher: PublisherArgs,
 }
 
 fn check_count(name: &str, n: usize, min: usize, max: usize) -> Result<(), String> {
@@ -327,6 +342,38 @@ fn check_room(name: &str, room: &str) -> Result<(), String> {
 
 fn check_payload(n: usize) -> Result<(), String> {
     check_count("payload", n, 0, MAX_PAYLOAD)
+}
+
+impl Audience {
+    /// Check the counts.
+    fn validate(&self) -> Result<(), String> {
+        check_count("subscribers", self.subscribers, 1, MAX_CONNECTIONS)?;
+        check_count("publishers", self.publishers, 1, 10_000)
+    }
+
+    /// Connections: subscribers and publishers.
+    pub fn connections(&self) -> usize {
+        self.subscribers + self.publishers
+    }
+}
+
+impl Window {
+    /// Check the durations.
+    fn validate(&self) -> Result<(), String> {
+        check_duration("duration", self.duration, false)?;
+        check_duration("warmup", self.warmup, true)
+    }
+}
+
+impl PublisherArgs {
+    /// Check the padding and the publisher URL.
+    fn validate(&self, allow_remote: bool) -> Result<(), String> {
+        check_payload(self.payload)?;
+        if let Some(url) = &self.publisher_url {
+            Target::parse(url, allow_remote)?;
+        }
+        Ok(())
+    }
 }
 
 impl Common {
@@ -407,10 +454,10 @@ impl Scenario {
         match self {
             Scenario::Connect(a) => a.connections,
             Scenario::Idle(a) => a.connections,
-            Scenario::Fanout(a) => a.subscribers + a.publishers,
+            Scenario::Fanout(a) => a.audience.connections(),
             Scenario::Rooms(a) => a.connections,
             Scenario::Reconnect(a) => a.clients + 1,
-            Scenario::Ramp(a) => a.subscribers + a.publishers,
+            Scenario::Ramp(a) => a.audience.connections(),
         }
     }
 
@@ -428,25 +475,19 @@ impl Scenario {
                 check_duration("hold", a.hold, true)?;
             }
             Scenario::Fanout(a) => {
-                check_count("subscribers", a.subscribers, 1, max)?;
-                check_count("publishers", a.publishers, 1, 10_000)?;
+                a.audience.validate()?;
                 check_rate("rate", a.rate)?;
-                check_duration("duration", a.duration, false)?;
-                check_duration("warmup", a.warmup, true)?;
+                a.window.validate()?;
                 check_duration("drain", a.drain, true)?;
                 check_room("room", &a.room)?;
-                check_payload(a.payload)?;
-                if let Some(url) = &a.publisher_url {
-                    Target::parse(url, common.allow_remote)?;
-                }
+                a.publisher.validate(common.allow_remote)?;
             }
             Scenario::Rooms(a) => {
                 check_count("connections", a.connections, 1, max)?;
                 check_count("room-size", a.room_size, 1, a.connections)?;
                 check_rate("rate", a.rate)?;
                 check_rate("rate x connections", a.rate * a.connections as f64)?;
-                check_duration("duration", a.duration, false)?;
-                check_duration("warmup", a.warmup, true)?;
+                a.window.validate()?;
                 check_duration("drain", a.drain, true)?;
                 check_room("room", &a.room)?;
                 check_payload(a.payload)?;
@@ -477,8 +518,7 @@ impl Scenario {
                 check_payload(a.payload)?;
             }
             Scenario::Ramp(a) => {
-                check_count("subscribers", a.subscribers, 1, max)?;
-                check_count("publishers", a.publishers, 1, 10_000)?;
+                a.audience.validate()?;
                 check_rate("start-rate", a.start_rate)?;
                 check_rate("max-rate", a.max_rate)?;
                 if a.start_rate > a.max_rate {
@@ -491,10 +531,7 @@ impl Scenario {
                 check_duration("step", a.step, false)?;
                 check_duration("p99-limit", a.p99_limit, false)?;
                 check_room("room", &a.room)?;
-                check_payload(a.payload)?;
-                if let Some(url) = &a.publisher_url {
-                    Target::parse(url, common.allow_remote)?;
-                }
+                a.publisher.validate(common.allow_remote)?;
             }
         }
         Ok(())
@@ -506,8 +543,8 @@ impl Scenario {
         let run = match self {
             Scenario::Connect(_) => Duration::ZERO,
             Scenario::Idle(a) => a.hold,
-            Scenario::Fanout(a) => a.warmup + a.duration + a.drain,
-            Scenario::Rooms(a) => a.warmup + a.duration + a.drain,
+            Scenario::Fanout(a) => a.window.warmup + a.window.duration + a.drain,
+            Scenario::Rooms(a) => a.window.warmup + a.window.duration + a.drain,
             Scenario::Reconnect(a) => a.before + a.resume_timeout + a.after + a.drain,
             Scenario::Ramp(a) => a.step * a.max_steps as u32 + a.step,
         };

@@ -12,7 +12,7 @@ use anyhow::Result;
 
 use super::member::{MemberSpec, PublishSpec};
 use super::{round_robin, sleep_with_bar, usage_to_report, Crowd, Ctx};
-use crate::cli::{FanoutArgs, RoomsArgs};
+use crate::cli::{Audience, FanoutArgs, PublisherArgs, RoomsArgs};
 use crate::net::PublishEncoder;
 use crate::pace;
 use crate::report::{self, Report};
@@ -40,28 +40,20 @@ pub struct Plan {
 /// Run `fanout`.
 pub async fn run_fanout(ctx: &Ctx, args: &FanoutArgs) -> Result<Report> {
     let mut report = Report::new("fanout");
-    let subs = args.subscribers;
-    let (mut crowd, ok) = fanout_crowd(
-        ctx,
-        &mut report,
-        FanoutShape {
-            subscribers: subs,
-            publishers: args.publishers,
-            room: &args.room,
-            payload: args.payload,
-            publisher_url: args.publisher_url.as_deref(),
-            total_rate: args.rate,
-        },
-    )
-    .await?;
-    if !ok {
-        crowd.finish(Duration::from_secs(10)).await;
+    let shape = FanoutShape {
+        audience: &args.audience,
+        room: &args.room,
+        publisher: &args.publisher,
+        total_rate: args.rate,
+    };
+    let Some(mut crowd) = fanout_crowd(ctx, &mut report, shape).await? else {
         return Ok(report);
-    }
-    let per_publisher = pace::per_sender(args.rate, args.publishers);
+    };
+    let (subs, publishers) = (args.audience.subscribers, args.audience.publishers);
+    let per_publisher = pace::per_sender(args.rate, publishers);
     let plan = Plan {
-        warmup: args.warmup,
-        duration: args.duration,
+        warmup: args.window.warmup,
+        duration: args.window.duration,
         drain: args.drain,
         per_publisher,
         total_rate: args.rate,
@@ -71,10 +63,10 @@ pub async fn run_fanout(ctx: &Ctx, args: &FanoutArgs) -> Result<Report> {
         "load: {subs} subscribers in '{}' over {} node URL(s), {} publisher(s) at {} msg/s total ({} msg/s each), {} B padding",
         args.room,
         ctx.node_urls(),
-        args.publishers,
+        publishers,
         args.rate,
         per_publisher,
-        args.payload
+        args.publisher.payload
     ));
     measure(ctx, &mut crowd, &plan, &mut report, |i| {
         (i < subs).then_some(0)
@@ -85,32 +77,30 @@ pub async fn run_fanout(ctx: &Ctx, args: &FanoutArgs) -> Result<Report> {
 
 /// The shape of a fan-out crowd.
 pub struct FanoutShape<'a> {
-    /// Subscribers (member indices `0..subscribers`).
-    pub subscribers: usize,
-    /// Publishers (after them).
-    pub publishers: usize,
+    /// Subscribers (member indices `0..subscribers`) and publishers (after
+    /// them).
+    pub audience: &'a Audience,
     /// The room.
     pub room: &'a str,
-    /// Padding bytes.
-    pub payload: usize,
-    /// Where publishers connect (default: the first URL).
-    pub publisher_url: Option<&'a str>,
+    /// Padding bytes, and where publishers connect (default: the first URL).
+    pub publisher: &'a PublisherArgs,
     /// Total rate (to space the publishers).
     pub total_rate: f64,
 }
 
-/// Connect the subscribers, then the publishers; `false` when not all made it
-/// (the report says why).
+/// Connect the subscribers, then the publishers; `None` when not all made it
+/// (the report says why; the crowd is finished).
 pub async fn fanout_crowd(
     ctx: &Ctx,
     report: &mut Report,
     shape: FanoutShape<'_>,
-) -> Result<(Crowd, bool)> {
+) -> Result<Option<Crowd>> {
+    let (subscribers, publishers) = (shape.audience.subscribers, shape.audience.publishers);
     let sub_token: Arc<str> = ctx.tokens.for_user("bench-sub")?.into();
     let pub_token: Arc<str> = ctx.tokens.for_user("bench-pub")?.into();
     let room: Arc<str> = shape.room.into();
     let mut crowd = Crowd::new(1);
-    let subs = (0..shape.subscribers)
+    let subs = (0..subscribers)
         .map(|i| MemberSpec {
             index: i,
             url_idx: round_robin(i, ctx.node_urls()),
@@ -125,14 +115,17 @@ pub async fn fanout_crowd(
     report.line(setup.human("subscribers"));
     report.set("subscribers_setup", &setup);
     if !setup.fail_unless_complete(report, "subscribers did not connect") {
-        return Ok((crowd, false));
+        crowd.finish(Duration::from_secs(10)).await;
+        return Ok(None);
     }
     let pub_url = shape
+        .publisher
         .publisher_url
+        .as_deref()
         .and_then(|u| ctx.url_index(u))
         .unwrap_or(0);
-    let encoder = Arc::new(PublishEncoder::new(shape.room, shape.payload));
-    let pubs = (0..shape.publishers)
+    let encoder = Arc::new(PublishEncoder::new(shape.room, shape.publisher.payload));
+    let pubs = (0..publishers)
         .map(|i| MemberSpec {
             index: 0,
             url_idx: pub_url,
@@ -150,9 +143,10 @@ pub async fn fanout_crowd(
     let setup = crowd.spawn(ctx, pubs, "publishers").await;
     report.line(setup.human("publishers"));
     if !setup.fail_unless_complete(report, "publishers did not connect") {
-        return Ok((crowd, false));
+        crowd.finish(Duration::from_secs(10)).await;
+        return Ok(None);
     }
-    Ok((crowd, true))
+    Ok(Some(crowd))
 }
 
 /// Run `rooms`.
@@ -200,8 +194,8 @@ pub async fn run_rooms(ctx: &Ctx, args: &RoomsArgs) -> Result<Report> {
         })
         .sum();
     let plan = Plan {
-        warmup: args.warmup,
-        duration: args.duration,
+        warmup: args.window.warmup,
+        duration: args.window.duration,
         drain: args.drain,
         per_publisher: args.rate,
         total_rate: args.rate * args.connections as f64,

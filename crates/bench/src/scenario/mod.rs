@@ -95,8 +95,8 @@ impl Ctx {
 /// Run a validated scenario.
 pub async fn run(scenario: &Scenario) -> Result<Report> {
     let extra = match scenario {
-        Scenario::Fanout(a) => a.publisher_url.as_deref(),
-        Scenario::Ramp(a) => a.publisher_url.as_deref(),
+        Scenario::Fanout(a) => a.publisher.publisher_url.as_deref(),
+        Scenario::Ramp(a) => a.publisher.publisher_url.as_deref(),
         _ => None,
     };
     let ttl = scenario.deadline() + Duration::from_secs(600);

@@ -78,28 +78,20 @@ pub fn step_rate(start: f64, factor: f64, i: usize, max: f64) -> f64 {
 /// Run the scenario.
 pub async fn run(ctx: &Ctx, args: &RampArgs) -> Result<Report> {
     let mut report = Report::new("ramp");
-    let subs = args.subscribers;
-    let (crowd, ok) = fanout_crowd(
-        ctx,
-        &mut report,
-        FanoutShape {
-            subscribers: subs,
-            publishers: args.publishers,
-            room: &args.room,
-            payload: args.payload,
-            publisher_url: args.publisher_url.as_deref(),
-            total_rate: args.max_rate,
-        },
-    )
-    .await?;
-    if !ok {
-        crowd.finish(Duration::from_secs(10)).await;
+    let shape = FanoutShape {
+        audience: &args.audience,
+        room: &args.room,
+        publisher: &args.publisher,
+        total_rate: args.max_rate,
+    };
+    let Some(crowd) = fanout_crowd(ctx, &mut report, shape).await? else {
         return Ok(report);
-    }
+    };
+    let (subs, publishers) = (args.audience.subscribers, args.audience.publishers);
     report.line(format!(
         "load: {subs} subscribers over {} node URL(s), {} publisher(s); rate from {} msg/s x{} per {:?} step up to {} msg/s; p99 limit {:?}",
         ctx.node_urls(),
-        args.publishers,
+        publishers,
         args.start_rate,
         args.factor,
         args.step,
@@ -119,9 +111,7 @@ pub async fn run(ctx: &Ctx, args: &RampArgs) -> Result<Report> {
             break;
         }
         prev_rate = rate;
-        shared
-            .rate
-            .send_replace(pace::per_sender(rate, args.publishers));
+        shared.rate.send_replace(pace::per_sender(rate, publishers));
         let start = Instant::now();
         sleep_with_bar(start + args.step / 5, &format!("{rate:.0}/s")).await;
         let _ = shared.latencies.take();

@@ -82,6 +82,12 @@ static NODE_SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize
 impl Node {
     /// Start a node with the test secret and these extra `serve` flags.
     pub async fn start(extra: &[&str]) -> Node {
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), extra).await
+    }
+
+    /// Like [`start`](Self::start), serving on a listener the test bound
+    /// itself (to bring "the same node" back on the same port).
+    pub async fn start_on(public: TcpListener, extra: &[&str]) -> Node {
         let mut args: Vec<String> = ["wsgate", "serve", "--log", "warn"]
             .iter()
             .map(|s| s.to_string())
@@ -110,7 +116,6 @@ impl Node {
         let (config, _) = serve
             .into_config()
             .unwrap_or_else(|e| panic!("config: {e}"));
-        let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = public.local_addr().unwrap();
         let ops_addr = ops.local_addr().unwrap();

@@ -4,14 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use wsgate_client::{Backoff, ClientConfig, Event, EventStream};
-use wsgate_testkit::{any_token, eventually, http_get, SECRET, WAIT};
+use wsgate_testkit::{any_token, eventually, http_get, Node, WAIT};
 
 /// A config for `urls` with a token that may do everything, a fast backoff
 /// and a fixed jitter seed.
@@ -72,77 +69,15 @@ pub fn seqs(events: &[Event], room: &str) -> Vec<u64> {
 }
 
 /// A gateway node served in this process from a listener the test bound
-/// itself (so it can come back on the same port).
-pub struct PortNode {
-    pub addr: SocketAddr,
-    pub ops: SocketAddr,
-    stop: CancellationToken,
-    task: Option<JoinHandle<()>>,
-}
+/// itself (so it can come back on the same port): the test kit's node.
+pub struct PortNode;
 
 impl PortNode {
-    /// Serve on `public` with the test secret and `extra` flags.
-    pub async fn start(public: TcpListener, node_id: &str, extra: &[&str]) -> PortNode {
-        use clap::Parser;
-        use wsgate::config::{Cli, Command};
-        let mut args = vec![
-            "wsgate",
-            "serve",
-            "--log",
-            "warn",
-            "--jwt-secret",
-            SECRET,
-            "--node-id",
-            node_id,
-        ];
+    /// Serve on `public` with the test secret, `node_id` and `extra` flags.
+    pub async fn start(public: TcpListener, node_id: &str, extra: &[&str]) -> Node {
+        let mut args = vec!["--node-id", node_id];
         args.extend_from_slice(extra);
-        let serve = match Cli::try_parse_from(&args).unwrap().command {
-            Some(Command::Serve(s)) => s,
-            _ => panic!("expected serve flags"),
-        };
-        let (config, _) = serve.into_config().unwrap();
-        let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = public.local_addr().unwrap();
-        let ops_addr = ops.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let run_stop = stop.clone();
-        let task = tokio::spawn(async move {
-            wsgate::run(wsgate::Listeners { public, ops }, config, run_stop)
-                .await
-                .unwrap();
-        });
-        let url = format!("http://{ops_addr}/health");
-        eventually("node health", || async {
-            matches!(http_get(&url).await, Ok((200, _, _))).then_some(())
-        })
-        .await;
-        PortNode {
-            addr,
-            ops: ops_addr,
-            stop,
-            task: Some(task),
-        }
-    }
-
-    pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.addr)
-    }
-
-    /// Drain (Close 1001 to every connection) and wait until stopped.
-    pub async fn stop(mut self) {
-        self.stop.cancel();
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(30), task)
-                .await
-                .expect("node stopped in time")
-                .unwrap();
-        }
-    }
-}
-
-impl Drop for PortNode {
-    fn drop(&mut self) {
-        self.stop.cancel();
+        Node::start_on(public, &args).await
     }
 }
 

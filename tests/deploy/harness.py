@@ -207,22 +207,15 @@ class Node:
         return f"http://127.0.0.1:{self.ops_port}"
 
 
-def start_node(logdir: Path, node_id: str, *, secret: str | None = None, redis_port: int | None = None,
-               extra_args: list[str] | None = None, env: dict | None = None, wait_ready: bool = True) -> Node:
-    """`wsgate serve` on two free loopback ports; waits for /ready == 200."""
-    binary = wsgate_bin()
-    assert binary.exists(), f"gateway binary {binary} not found (build it: cargo build --release -p wsgate)"
+def _launch(label: str, node_id: str, logdir: Path, wait_ready: bool, make, what: str = "") -> Node:
+    """Start a node on two free loopback ports and wait for /ready (or
+    /health) == 200; `make(port, ops_port)` gives (argv, env). A clash on a
+    port picked free but taken meanwhile is retried, up to 5 times."""
     last = ""
     for _ in range(5):
         port, ops_port = free_port(), free_port()
-        argv = [binary, "serve", "--listen", f"127.0.0.1:{port}", "--ops-listen", f"127.0.0.1:{ops_port}",
-                "--node-id", node_id]
-        if secret is not None:
-            argv += ["--jwt-secret", secret]
-        if redis_port is not None:
-            argv += ["--redis-url", f"redis://127.0.0.1:{redis_port}/"]
-        argv += extra_args or []
-        proc = Proc(f"{node_id}-{port}", argv, logdir, env=clean_env(env))
+        argv, env = make(port, ops_port)
+        proc = Proc(f"{label}-{port}", argv, logdir, env=clean_env(env))
         node = Node(node_id, proc, port, ops_port)
         path = "/ready" if wait_ready else "/health"
 
@@ -230,14 +223,31 @@ def start_node(logdir: Path, node_id: str, *, secret: str | None = None, redis_p
             proc.check_alive()
             return http_get(node.ops + path, timeout=2)[0] == 200
         try:
-            wait_for(f"{node_id} {path} == 200", up, timeout=30)
+            wait_for(f"{label}{what} {path} == 200", up, timeout=30)
             return node
         except AssertionError as exc:
             last = str(exc)
             proc.stop()
             if "in use" not in last.lower():
                 break
-    raise AssertionError(f"wsgate node {node_id} did not start:\n{last}")
+    raise AssertionError(f"wsgate {label}{what} did not start:\n{last}")
+
+
+def start_node(logdir: Path, node_id: str, *, secret: str | None = None, redis_port: int | None = None,
+               extra_args: list[str] | None = None, env: dict | None = None, wait_ready: bool = True) -> Node:
+    """`wsgate serve` on two free loopback ports; waits for /ready == 200."""
+    binary = wsgate_bin()
+    assert binary.exists(), f"gateway binary {binary} not found (build it: cargo build --release -p wsgate)"
+
+    def make(port, ops_port):
+        argv = [binary, "serve", "--listen", f"127.0.0.1:{port}", "--ops-listen", f"127.0.0.1:{ops_port}",
+                "--node-id", node_id]
+        if secret is not None:
+            argv += ["--jwt-secret", secret]
+        if redis_port is not None:
+            argv += ["--redis-url", f"redis://127.0.0.1:{redis_port}/"]
+        return argv + (extra_args or []), env
+    return _launch(node_id, node_id, logdir, wait_ready, make, what=" node")
 
 
 # --------------------------------------------------------------------------
@@ -415,26 +425,11 @@ def start_node_from_env(logdir: Path, name: str, env: dict, argv_tail: list[str]
     """`wsgate serve` configured only through WSGATE_* variables, as compose
     and Kubernetes run it; the listeners are moved to free loopback ports."""
     binary = wsgate_bin()
-    last = ""
-    for _ in range(5):
-        port, ops_port = free_port(), free_port()
-        full = dict(env, WSGATE_LISTEN=f"127.0.0.1:{port}", WSGATE_OPS_LISTEN=f"127.0.0.1:{ops_port}")
-        proc = Proc(f"{name}-{port}", [binary] + (argv_tail or ["serve"]), logdir, env=clean_env(full))
-        node = Node(env.get("WSGATE_NODE_ID", name), proc, port, ops_port)
-        path = "/ready" if wait_ready else "/health"
 
-        def up():
-            proc.check_alive()
-            return http_get(node.ops + path, timeout=2)[0] == 200
-        try:
-            wait_for(f"{name} {path} == 200", up, timeout=30)
-            return node
-        except AssertionError as exc:
-            last = str(exc)
-            proc.stop()
-            if "in use" not in last.lower():
-                break
-    raise AssertionError(f"wsgate {name} did not start from its environment:\n{last}")
+    def make(port, ops_port):
+        full = dict(env, WSGATE_LISTEN=f"127.0.0.1:{port}", WSGATE_OPS_LISTEN=f"127.0.0.1:{ops_port}")
+        return [binary] + (argv_tail or ["serve"]), full
+    return _launch(name, env.get("WSGATE_NODE_ID", name), logdir, wait_ready, make, what=" from its environment")
 
 
 def start_prometheus(prefix: Path, logdir: Path, config: dict, rule_files: list[Path]) -> tuple[Proc, str]:

@@ -123,11 +123,6 @@ impl App {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Whether the node should receive traffic.
-    pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.broker.is_up()
-    }
-
     /// Reserve a connection slot, unless at the cap or draining.
     pub fn try_slot(self: &Arc<Self>) -> Option<Slot> {
         if self.is_draining() {

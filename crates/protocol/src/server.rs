@@ -40,6 +40,9 @@ pub enum ErrorCode {
     Unavailable,
     /// A `refresh` token was rejected.
     InvalidToken,
+    /// v1.1: the broker did not confirm a publish in time; it may or may not
+    /// be delivered (at most once). Retry only with the same idempotency key.
+    Timeout,
     /// A code this version does not know (forward compatibility).
     #[serde(other)]
     Unknown,
@@ -55,6 +58,7 @@ impl ErrorCode {
             ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::Timeout => "timeout",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -417,6 +421,7 @@ mod tests {
             ErrorCode::TooManyRooms,
             ErrorCode::Unavailable,
             ErrorCode::InvalidToken,
+            ErrorCode::Timeout,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

@@ -139,6 +139,14 @@ pub struct ServeArgs {
     /// Idle rooms' history lives this long in Redis after the last message.
     #[arg(long, env = "WSGATE_HISTORY_TTL", default_value = "24h", value_parser = duration)]
     pub history_ttl: Duration,
+    /// In-process broker: most history bytes over all rooms; past it the
+    /// rooms least recently published to lose their history (new epoch).
+    #[arg(
+        long,
+        env = "WSGATE_HISTORY_BUDGET_BYTES",
+        default_value_t = 268_435_456
+    )]
+    pub history_budget_bytes: usize,
     /// PEM certificate chain; with --tls-key the public listener speaks TLS.
     #[arg(long, env = "WSGATE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -264,6 +272,8 @@ pub struct Config {
     pub history: usize,
     /// TTL of idle rooms' history in Redis.
     pub history_ttl: Duration,
+    /// In-process broker: history bytes over all rooms.
+    pub history_budget_bytes: usize,
     /// Outbound queue cap per connection.
     pub max_outbound_bytes: usize,
     /// Publish rate per connection (messages/s).
@@ -417,6 +427,7 @@ impl ServeArgs {
                 max_connections: self.max_connections,
                 history: self.history,
                 history_ttl: self.history_ttl,
+                history_budget_bytes: self.history_budget_bytes,
                 max_outbound_bytes: self.max_outbound_bytes,
                 publish_rate: self.publish_rate,
                 publish_burst: self.publish_burst,

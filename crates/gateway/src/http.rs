@@ -22,6 +22,7 @@ use tracing::{debug, info_span, warn};
 use wsgate_protocol::{is_valid_room, MessageParts};
 
 use crate::auth::{self, AuthError, Claims, MintRequest};
+use crate::broker::BrokerError;
 use crate::metrics::Rejection;
 use crate::session::{self, now_ms};
 use crate::App;
@@ -226,7 +227,21 @@ async fn api_publish(
     let parts = MessageParts::new(&room, &claims.sub, data, now_ms());
     match app.publish(&room, parts).await {
         Ok(seq) => Json(json!({"room": room, "seq": seq})).into_response(),
-        Err(e) => unavailable("1", &format!("{e}; message not delivered")),
+        Err(e) => broker_error(&e),
+    }
+}
+
+/// A publish the broker did not take: 503 when it was not delivered, 504
+/// when its fate is unknown (delivered at most once; retry only with the
+/// same idempotency key).
+fn broker_error(e: &BrokerError) -> Response {
+    match e {
+        BrokerError::Unavailable(_) => unavailable("1", &format!("{e}; message not delivered")),
+        BrokerError::Timeout(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!("{e}; the message may or may not be delivered (at most once)"),
+        ),
     }
 }
 

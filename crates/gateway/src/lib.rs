@@ -195,7 +195,9 @@ pub async fn run(
         None => {
             let memory = Arc::new(broker::memory::MemoryBroker::new(
                 config.history,
+                config.history_budget_bytes,
                 rooms.clone(),
+                metrics.clone(),
             ));
             metrics.broker_up.set(1);
             let sweeper = memory.clone();

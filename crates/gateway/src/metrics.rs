@@ -51,6 +51,9 @@ pub struct Metrics {
     pub messages_published: IntCounter,
     /// Connections closed 1008 because their queue overflowed.
     pub slow_consumer_closes: IntCounter,
+    /// Rooms whose history the in-process broker dropped (new epoch) to
+    /// stay under `--history-budget-bytes`.
+    pub history_evictions: IntCounter,
     closes: IntCounterVec,
     /// Rooms with at least one local member.
     pub rooms_active: IntGauge,
@@ -144,6 +147,10 @@ impl Metrics {
             slow_consumer_closes: counter(
                 "slow_consumer_closes_total",
                 "Connections closed with 1008 because their outbound queue overflowed",
+            ),
+            history_evictions: counter(
+                "history_evictions_total",
+                "Rooms whose history was dropped (new epoch) to keep the node's history under --history-budget-bytes",
             ),
             closes: counter_vec(
                 "connection_closes_total",

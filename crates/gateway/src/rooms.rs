@@ -17,6 +17,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
+use wsgate_protocol::server::Id;
 use wsgate_protocol::{Joined, ServerFrame};
 
 use crate::metrics::Metrics;
@@ -24,28 +25,39 @@ use crate::outbound::{CloseReason, ConnHandle};
 
 const SHARDS: usize = 64;
 
-/// Frames buffered for a pending member: (seq, frame).
-type Pending = Vec<(u64, Utf8Bytes)>;
+/// Frames buffered for a pending member: (epoch, seq, frame).
+type Pending = Vec<(Arc<str>, u64, Utf8Bytes)>;
 
 struct Member {
     conn: Arc<ConnHandle>,
     pending: Option<Pending>,
     /// Bytes in `pending`: bounded like the outbound queue.
     pending_bytes: usize,
-    /// The seq this member's `joined` reported (or its replay reached):
-    /// live messages at or below it were already sent or predate the join.
-    /// With Redis, a message published just before the join's history read
-    /// can reach the relay after the member went live.
+    /// The epoch this member's client knows: from its `joined`, or from the
+    /// last unsolicited `joined` that announced a new epoch. `None` only
+    /// while a first join is pending.
+    epoch: Option<Arc<str>>,
+    /// The last seq this member was sent or told about in `epoch` (its
+    /// `joined` seq, its replay, or its last live message): live messages at
+    /// or below it are not sent again. With Redis, a message published just
+    /// before the join's history read can reach the relay after the member
+    /// went live.
     after: u64,
 }
 
 #[derive(Default)]
 struct RoomState {
     members: Vec<Member>,
-    /// The epoch of the last message delivered here.
+    /// The room's epoch as this node knows it: from the last message
+    /// delivered here, or from the first join of a room that has had no
+    /// message delivered here yet (a quiet room).
     epoch: Option<Arc<str>>,
-    /// The seq of the last message delivered here (in `epoch`).
+    /// The seq of the last message delivered here (in `epoch`): relay
+    /// duplicates at or below it are dropped.
     last_seq: u64,
+    /// The highest seq known to exist in `epoch` (delivered here, or the
+    /// latest seq a join read): where gap fill and catch-up start.
+    known: u64,
 }
 
 struct Room {
@@ -64,6 +76,48 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks cannot leave the data
     // inconsistent in a way that matters more than stopping fan-out would.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A `joined` frame: the messages that follow have a seq above `seq`.
+/// Unsolicited (`recovered: false`, no id) it tells a member its room's
+/// epoch changed; as the answer to a repeated join it carries the id.
+fn joined_frame(
+    room: &str,
+    epoch: &str,
+    seq: u64,
+    recovered: Option<bool>,
+    id: Option<Id>,
+) -> Utf8Bytes {
+    Utf8Bytes::from(
+        ServerFrame::Joined(Joined {
+            room: room.to_owned(),
+            seq,
+            epoch: epoch.to_owned(),
+            recovered,
+            id,
+        })
+        .to_json(),
+    )
+}
+
+impl Member {
+    /// Send one message of `epoch` to this live member, announcing the
+    /// epoch first when the member's client knows another one, and never
+    /// sending a seq it was already sent or told about. Returns whether the
+    /// message was queued.
+    fn send(&mut self, room: &str, epoch: &Arc<str>, seq: u64, frame: &Utf8Bytes) -> bool {
+        if self.epoch.as_deref() == Some(&**epoch) {
+            if seq <= self.after {
+                return false;
+            }
+        } else {
+            let notice = joined_frame(room, epoch, seq.saturating_sub(1), Some(false), None);
+            self.conn.send(notice);
+            self.epoch = Some(epoch.clone());
+        }
+        self.after = seq;
+        self.conn.send(frame.clone())
+    }
 }
 
 impl Rooms {
@@ -86,8 +140,8 @@ impl Rooms {
     }
 
     /// Add `conn` to `room` as a pending member (or turn its existing
-    /// membership pending again, for a repeated `join`). Returns true when
-    /// the connection was not a member before.
+    /// membership pending again, for a repeated `join` with `since`).
+    /// Returns true when the connection was not a member before.
     pub fn add_pending(&self, room: &str, conn: &Arc<ConnHandle>) -> bool {
         let mut shard = lock(self.shard(room));
         let entry = match shard.entry(Arc::from(room)) {
@@ -114,37 +168,80 @@ impl Rooms {
                 conn: conn.clone(),
                 pending: Some(Vec::new()),
                 pending_bytes: 0,
+                epoch: None,
                 after: 0,
             });
             true
         }
     }
 
-    /// Make a pending member live: queue, in order, the buffered messages
-    /// with seq above `after.1` in epoch `after.0` (those up to it were
-    /// replayed or predate the join); `None` queues every buffered message.
-    pub fn go_live(&self, room: &str, conn: &Arc<ConnHandle>, after: Option<(&str, u64)>) {
-        let Some(entry) = self.get(room) else { return };
-        let mut state = lock(&entry.state);
-        let (same_epoch, after) = match after {
-            Some((epoch, seq)) => (state.epoch.as_deref().is_none_or(|e| e == epoch), seq),
-            None => (true, 0),
+    /// A repeated `join` (without `since`) of a room `conn` is a live member
+    /// of: the membership stays live and loses nothing; the `joined` answer
+    /// is queued right behind the last message the member was sent, and
+    /// reports that message's seq (or the seq its last `joined` reported).
+    /// Returns false when `conn` is not a live member with a known position
+    /// (then the caller joins the slow way).
+    pub fn rejoin(&self, room: &str, conn: &Arc<ConnHandle>, id: Option<Id>) -> bool {
+        let Some(entry) = self.get(room) else {
+            return false;
         };
-        if let Some(m) = state
+        let state = lock(&entry.state);
+        let Some(m) = state.members.iter().find(|m| Arc::ptr_eq(&m.conn, conn)) else {
+            return false;
+        };
+        match (&m.pending, &m.epoch) {
+            (None, Some(epoch)) => {
+                m.conn.send(joined_frame(room, epoch, m.after, None, id));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Make a pending member live. `joined` is the (epoch, seq) its `joined`
+    /// answer reported (its replay, if any, reached that seq): buffered
+    /// messages are then queued in order, those at or below it in that epoch
+    /// skipped, a newer epoch announced. `None` (its history could not be
+    /// read) keeps the member's previous position. The first join of a quiet
+    /// room records the room's epoch here, so that an epoch change is noticed
+    /// even before any message was delivered on this node.
+    pub fn go_live(&self, room: &str, conn: &Arc<ConnHandle>, joined: Option<(&str, u64)>) {
+        let Some(entry) = self.get(room) else { return };
+        let mut guard = lock(&entry.state);
+        let state = &mut *guard;
+        let joined = joined.map(|(epoch, seq)| {
+            let epoch = match &state.epoch {
+                Some(known) if **known == *epoch => {
+                    state.known = state.known.max(seq);
+                    known.clone()
+                }
+                Some(_) => Arc::from(epoch),
+                None => {
+                    let e: Arc<str> = Arc::from(epoch);
+                    state.epoch = Some(e.clone());
+                    state.known = seq;
+                    e
+                }
+            };
+            (epoch, seq)
+        });
+        let Some(m) = state
             .members
             .iter_mut()
             .find(|m| Arc::ptr_eq(&m.conn, conn))
-        {
-            m.after = if same_epoch { after } else { 0 };
-            m.pending_bytes = 0;
-            let mut sent = 0;
-            for (seq, frame) in m.pending.take().unwrap_or_default() {
-                if !same_epoch || seq > after {
-                    sent += u64::from(m.conn.send(frame));
-                }
-            }
-            self.metrics.messages_delivered.inc_by(sent);
+        else {
+            return;
+        };
+        if let Some((epoch, seq)) = joined {
+            m.epoch = Some(epoch);
+            m.after = seq;
         }
+        m.pending_bytes = 0;
+        let mut sent = 0;
+        for (epoch, seq, frame) in m.pending.take().unwrap_or_default() {
+            sent += u64::from(m.send(room, &epoch, seq, &frame));
+        }
+        self.metrics.messages_delivered.inc_by(sent);
     }
 
     /// Remove `conn` from `room`. Returns true when it was a member.
@@ -171,43 +268,28 @@ impl Rooms {
 
     /// Fan a message out to the room's local members. Messages at or below
     /// the last delivered seq of the same epoch are dropped (a relay
-    /// duplicate); a new epoch is announced to members first with an
-    /// unsolicited `joined` (`recovered: false`).
+    /// duplicate); a member whose client knows another epoch is told of the
+    /// new one first with an unsolicited `joined` (`recovered: false`).
     pub fn deliver(&self, room: &str, epoch: &str, seq: u64, frame: &Utf8Bytes) {
         let Some(entry) = self.get(room) else { return };
-        let mut state = lock(&entry.state);
-        match state.epoch.as_deref() {
-            Some(known) if known == epoch => {
+        let mut guard = lock(&entry.state);
+        let state = &mut *guard;
+        let epoch = match &state.epoch {
+            Some(known) if **known == *epoch => {
                 if seq <= state.last_seq {
                     return;
                 }
+                known.clone()
             }
-            Some(_) => {
-                let announce = Utf8Bytes::from(
-                    ServerFrame::Joined(Joined {
-                        room: room.to_owned(),
-                        seq: seq.saturating_sub(1),
-                        epoch: epoch.to_owned(),
-                        recovered: Some(false),
-                        id: None,
-                    })
-                    .to_json(),
-                );
-                for m in &mut state.members {
-                    m.after = 0;
-                    match &mut m.pending {
-                        // A pending member learns the epoch from its `joined`.
-                        Some(p) => p.clear(),
-                        None => {
-                            m.conn.send(announce.clone());
-                        }
-                    }
-                }
-                state.epoch = Some(Arc::from(epoch));
+            _ => {
+                let e: Arc<str> = Arc::from(epoch);
+                state.epoch = Some(e.clone());
+                state.known = 0;
+                e
             }
-            None => state.epoch = Some(Arc::from(epoch)),
-        }
+        };
         state.last_seq = seq;
+        state.known = state.known.max(seq);
         let mut sent = 0u64;
         for m in &mut state.members {
             match &mut m.pending {
@@ -223,21 +305,21 @@ impl Rooms {
                             self.metrics.slow_consumer_closes.inc();
                         }
                     } else {
-                        p.push((seq, frame.clone()));
+                        p.push((epoch.clone(), seq, frame.clone()));
                     }
                 }
-                None if seq <= m.after => {}
-                None => sent += u64::from(m.conn.send(frame.clone())),
+                None => sent += u64::from(m.send(room, &epoch, seq, frame)),
             }
         }
         self.metrics.messages_delivered.inc_by(sent);
     }
 
-    /// The last seq and epoch delivered in `room` on this node.
+    /// The room's epoch on this node and the highest seq known in it (from
+    /// deliveries and joins): where gap fill and catch-up start.
     pub fn position(&self, room: &str) -> Option<(Arc<str>, u64)> {
         let entry = self.get(room)?;
         let state = lock(&entry.state);
-        state.epoch.clone().map(|e| (e, state.last_seq))
+        state.epoch.clone().map(|e| (e, state.known))
     }
 
     /// Local members of `room`.
@@ -329,5 +411,47 @@ mod tests {
         assert!(rooms.remove("r", &b));
         assert_eq!(m.rooms_active.get(), 0);
         assert_eq!(rooms.member_count("r"), 0);
+    }
+
+    #[test]
+    fn a_quiet_room_learns_its_epoch_at_the_join_and_announces_a_new_one() {
+        let (rooms, m) = setup();
+        let (c, mut rx) = conn(&m);
+        rooms.add_pending("r", &c);
+        rooms.go_live("r", &c, Some(("e1", 5)));
+        assert_eq!(
+            rooms.position("r").map(|(e, s)| (e.to_string(), s)),
+            Some(("e1".into(), 5))
+        );
+        // The room's keys vanished: a new epoch starts at 1, below the join's 5.
+        rooms.deliver("r", "e2", 1, &Utf8Bytes::from("n1"));
+        rooms.deliver("r", "e2", 2, &Utf8Bytes::from("n2"));
+        let got = texts(&mut rx);
+        assert_eq!(
+            got[0],
+            r#"{"type":"joined","room":"r","seq":0,"epoch":"e2","recovered":false}"#
+        );
+        assert_eq!(&got[1..], ["n1", "n2"]);
+    }
+
+    #[test]
+    fn a_rejoin_of_a_live_member_is_answered_in_line_and_loses_nothing() {
+        let (rooms, m) = setup();
+        let (c, mut rx) = conn(&m);
+        rooms.add_pending("r", &c);
+        rooms.go_live("r", &c, Some(("e", 3)));
+        rooms.deliver("r", "e", 4, &Utf8Bytes::from("m4"));
+        assert!(rooms.rejoin("r", &c, Some(Id::Str("j".into()))));
+        rooms.deliver("r", "e", 5, &Utf8Bytes::from("m5"));
+        assert_eq!(
+            texts(&mut rx),
+            [
+                "m4",
+                r#"{"type":"joined","room":"r","seq":4,"epoch":"e","id":"j"}"#,
+                "m5"
+            ]
+        );
+        let (other, _) = conn(&m);
+        assert!(!rooms.rejoin("r", &other, None), "not a member");
     }
 }

@@ -25,7 +25,7 @@ use wsgate_protocol::{
 };
 
 use crate::auth::Claims;
-use crate::broker::Since;
+use crate::broker::{BrokerError, RoomHistory, Since};
 use crate::outbound::{CloseReason, ConnHandle};
 use crate::{App, Slot};
 
@@ -419,6 +419,11 @@ impl Session {
             );
         }
         let app = self.app.clone();
+        // A repeated join of a live membership, without a resume: it stays
+        // live and loses nothing; `joined` is queued behind what it got.
+        if member && since.is_none() && app.rooms.rejoin(&room, &self.handle, id.clone()) {
+            return;
+        }
         app.rooms.add_pending(&room, &self.handle);
         if !member {
             if let Err(e) = app.broker.subscribe(&room).await {
@@ -440,18 +445,11 @@ impl Session {
                     recovered: since.map(|_| h.recovered),
                     id,
                 }));
-                // Paced: a replay may be larger than the outbound limit; it
-                // waits for the client to read instead of closing it, but
-                // no longer than the heartbeat would let a silent peer live.
-                let patience = app.config.heartbeat + app.config.pong_timeout;
-                let mut replayed = 0;
-                for f in h.frames {
-                    if !self.handle.send_paced(f, patience).await {
-                        break;
+                if let (Some(since), true) = (since, h.recovered) {
+                    if !self.replay(&room, since.seq, &h).await {
+                        return;
                     }
-                    replayed += 1;
                 }
-                app.metrics.messages_delivered.inc_by(replayed);
                 app.rooms
                     .go_live(&room, &self.handle, Some((&*h.epoch, h.latest)));
             }
@@ -466,6 +464,46 @@ impl Session {
                 self.error(ErrorCode::Unavailable, format!("{e}; retry later"), id);
             }
         }
+    }
+
+    /// Send a resume's replay, `(since, h.latest]`, page by page: a page is
+    /// read from the broker only when the previous one is queued, so a
+    /// replay never holds a whole history. Paced: a replay may be larger
+    /// than the outbound limit; it waits for the client to read instead of
+    /// closing it, but no longer than the heartbeat would let a silent peer
+    /// live. Returns false when the replay could not be completed (the
+    /// connection is then closing: a replay cut short must not look whole).
+    async fn replay(&self, room: &str, since: u64, h: &RoomHistory) -> bool {
+        let app = &self.app;
+        let patience = app.config.heartbeat + app.config.pong_timeout;
+        let mut next = since.saturating_add(1);
+        let mut page = h.frames.clone();
+        let mut replayed = 0;
+        let complete = loop {
+            for (seq, frame) in page {
+                if seq != next || !self.handle.send_paced(frame, patience).await {
+                    break;
+                }
+                next += 1;
+                replayed += 1;
+            }
+            if next > h.latest || self.handle.is_closing() {
+                break next > h.latest;
+            }
+            page = match app
+                .broker
+                .replay_page(room, &h.epoch, next - 1, h.latest)
+                .await
+            {
+                Ok(p) if p.first().is_some_and(|(s, _)| *s == next) => p,
+                _ => break false,
+            };
+        };
+        app.metrics.messages_delivered.inc_by(replayed);
+        if !complete {
+            self.close(close::TRY_AGAIN_LATER, "replay interrupted; resume again");
+        }
+        complete
     }
 
     fn leave(&mut self, room: &str, id: Option<Id>) {
@@ -508,7 +546,7 @@ impl Session {
                 room: room.to_owned(),
                 seq,
             })),
-            Err(e) => {
+            Err(e @ BrokerError::Unavailable(_)) => {
                 self.bucket.refund();
                 self.error(
                     ErrorCode::Unavailable,
@@ -516,6 +554,11 @@ impl Session {
                     id,
                 )
             }
+            Err(e @ BrokerError::Timeout(_)) => self.error(
+                ErrorCode::Timeout,
+                format!("{e}; the message may or may not be delivered (at most once)"),
+                id,
+            ),
         }
     }
 

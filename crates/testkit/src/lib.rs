@@ -248,6 +248,17 @@ impl Redis {
         panic!("redis-server did not start on port {}", self.port);
     }
 
+    /// Send a signal (`STOP`, `CONT`, ...) to the server.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let status = Command::new("kill")
+                .args([format!("-{sig}"), c.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success(), "kill -{sig} redis-server");
+        }
+    }
+
     /// Kill the server (SIGKILL).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -2,19 +2,29 @@
 //!
 //! Seq, epoch and capped history per room live in memory; a publish is
 //! delivered to the local rooms while the room's log is locked, so seq
-//! order and delivery order are the same. Rooms without a message for
-//! `idle_ttl` and without local members are forgotten by [`MemoryBroker::sweep`].
+//! order and delivery order are the same.
+//!
+//! Memory is bounded: a room's log exists while the room has a local
+//! member or a history (a room joined and left without a message leaves
+//! nothing behind); rooms without a message for `idle_ttl` and without
+//! local members are forgotten by [`MemoryBroker::sweep`]; and the history
+//! of all rooms together is kept under a node-wide byte budget
+//! (`--history-budget-bytes`): past it, the rooms least recently published
+//! to lose their history and start a new epoch, which PROTOCOL.md allows
+//! (their members are told with an unsolicited `joined`).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use wsgate_protocol::MessageParts;
 
 use super::{covers, new_epoch, BoxFut, Broker, BrokerError, RoomHistory, Since};
+use crate::metrics::Metrics;
 use crate::rooms::Rooms;
 
 const SHARDS: usize = 32;
@@ -23,6 +33,8 @@ struct RoomLog {
     epoch: Arc<str>,
     seq: u64,
     history: VecDeque<(u64, Utf8Bytes)>,
+    /// Frame bytes in `history`.
+    bytes: usize,
     touched: Instant,
 }
 
@@ -32,6 +44,7 @@ impl RoomLog {
             epoch: Arc::from(new_epoch()),
             seq: 0,
             history: VecDeque::new(),
+            bytes: 0,
             touched: Instant::now(),
         }
     }
@@ -43,35 +56,106 @@ type Shard = Mutex<HashMap<Box<str>, RoomLog>>;
 pub struct MemoryBroker {
     shards: Box<[Shard]>,
     history: usize,
+    /// Most history bytes over all rooms.
+    budget: usize,
+    /// History bytes over all rooms.
+    bytes: AtomicUsize,
     rooms: Arc<Rooms>,
+    metrics: Arc<Metrics>,
 }
 
 impl MemoryBroker {
-    /// A broker keeping `history` messages per room, delivering to `rooms`.
-    pub fn new(history: usize, rooms: Arc<Rooms>) -> MemoryBroker {
+    /// A broker keeping `history` messages per room and at most
+    /// `budget_bytes` of history over all rooms, delivering to `rooms`.
+    pub fn new(
+        history: usize,
+        budget_bytes: usize,
+        rooms: Arc<Rooms>,
+        metrics: Arc<Metrics>,
+    ) -> MemoryBroker {
         MemoryBroker {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             history,
+            budget: budget_bytes,
+            bytes: AtomicUsize::new(0),
             rooms,
+            metrics,
         }
     }
 
-    fn shard(&self, room: &str) -> std::sync::MutexGuard<'_, HashMap<Box<str>, RoomLog>> {
+    fn shard_index(room: &str) -> usize {
         let mut h = DefaultHasher::new();
         room.hash(&mut h);
-        self.shards[(h.finish() as usize) % SHARDS]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        (h.finish() as usize) % SHARDS
     }
 
-    /// Forget rooms idle for `idle_ttl` that have no local member, so that
-    /// memory does not grow with every room ever used.
+    fn lock(&self, index: usize) -> MutexGuard<'_, HashMap<Box<str>, RoomLog>> {
+        self.shards[index].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn shard(&self, room: &str) -> MutexGuard<'_, HashMap<Box<str>, RoomLog>> {
+        self.lock(Self::shard_index(room))
+    }
+
+    /// History bytes held over all rooms.
+    pub fn history_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    /// Forget a room's log: its history bytes leave the budget.
+    fn forget(&self, log: &RoomLog) {
+        self.bytes.fetch_sub(log.bytes, Ordering::AcqRel);
+    }
+
+    /// Forget rooms idle for `idle_ttl` that have no local member, and rooms
+    /// with neither history nor local members, so that memory does not grow
+    /// with every room ever used.
     pub fn sweep(&self, idle_ttl: Duration) {
-        for shard in self.shards.iter() {
-            let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        for index in 0..SHARDS {
+            let mut map = self.lock(index);
             map.retain(|name, log| {
-                log.touched.elapsed() < idle_ttl || self.rooms.member_count(name) > 0
+                let idle = log.history.is_empty() || log.touched.elapsed() >= idle_ttl;
+                let keep = !idle || self.rooms.member_count(name) > 0;
+                if !keep {
+                    self.forget(log);
+                }
+                keep
             });
+        }
+    }
+
+    /// Bring history under the budget (to 90 % of it): the rooms least
+    /// recently published to lose their history and start a new epoch.
+    fn evict(&self) {
+        let target = self.budget / 10 * 9;
+        if self.history_bytes() <= self.budget {
+            return;
+        }
+        let mut oldest: Vec<(Instant, usize, Box<str>)> = Vec::new();
+        for index in 0..SHARDS {
+            let map = self.lock(index);
+            oldest.extend(
+                map.iter()
+                    .filter(|(_, log)| log.bytes > 0)
+                    .map(|(name, log)| (log.touched, index, name.clone())),
+            );
+        }
+        oldest.sort_unstable_by_key(|(touched, _, _)| *touched);
+        for (_, index, name) in oldest {
+            if self.history_bytes() <= target {
+                break;
+            }
+            let mut map = self.lock(index);
+            let Some(log) = map.get_mut(&name) else {
+                continue;
+            };
+            self.forget(log);
+            if self.rooms.member_count(&name) == 0 {
+                map.remove(&name);
+            } else {
+                *log = RoomLog::new();
+            }
+            self.metrics.history_evictions.inc();
         }
     }
 }
@@ -88,14 +172,26 @@ impl Broker for MemoryBroker {
         log.touched = Instant::now();
         let seq = log.seq;
         let frame = Utf8Bytes::from(parts.frame(seq));
+        log.bytes += frame.len();
+        let mut freed = 0;
         log.history.push_back((seq, frame.clone()));
         while log.history.len() > self.history {
-            log.history.pop_front();
+            if let Some((_, old)) = log.history.pop_front() {
+                freed += old.len();
+            }
+        }
+        log.bytes -= freed;
+        let grown = frame.len() as isize - freed as isize;
+        if grown >= 0 {
+            self.bytes.fetch_add(grown.unsigned_abs(), Ordering::AcqRel);
+        } else {
+            self.bytes.fetch_sub(grown.unsigned_abs(), Ordering::AcqRel);
         }
         // Deliver under the room log's lock: concurrent publishers to one
         // room are delivered in seq order.
         self.rooms.deliver(room, &log.epoch, seq, &frame);
         drop(shard);
+        self.evict();
         Box::pin(std::future::ready(Ok(seq)))
     }
 
@@ -103,7 +199,15 @@ impl Broker for MemoryBroker {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn unsubscribe(&self, _room: &str) {}
+    /// The last local member left: a room without history leaves nothing.
+    fn unsubscribe(&self, room: &str) {
+        let mut shard = self.shard(room);
+        if shard.get(room).is_some_and(|log| log.history.is_empty())
+            && self.rooms.member_count(room) == 0
+        {
+            shard.remove(room);
+        }
+    }
 
     fn history<'a>(
         &'a self,
@@ -122,16 +226,40 @@ impl Broker for MemoryBroker {
         if let Some(since) = since {
             if covers(since, &log.epoch, oldest, log.seq) {
                 out.recovered = true;
+                // Shared frames (reference counts): the whole replay in one
+                // page costs no copy of the history.
                 out.frames = log
                     .history
                     .iter()
                     .filter(|(s, _)| *s > since.seq)
-                    .map(|(_, f)| f.clone())
+                    .cloned()
                     .collect();
             }
         }
         drop(shard);
         Box::pin(std::future::ready(Ok(out)))
+    }
+
+    fn replay_page<'a>(
+        &'a self,
+        room: &'a str,
+        epoch: &'a str,
+        after: u64,
+        upto: u64,
+    ) -> BoxFut<'a, Result<Vec<(u64, Utf8Bytes)>, BrokerError>> {
+        let shard = self.shard(room);
+        let page = match shard.get(room) {
+            Some(log) if &*log.epoch == epoch => log
+                .history
+                .iter()
+                .filter(|(s, _)| *s > after && *s <= upto)
+                .take(super::REPLAY_PAGE_MESSAGES)
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
+        };
+        drop(shard);
+        Box::pin(std::future::ready(Ok(page)))
     }
 
     fn is_up(&self) -> bool {
@@ -151,7 +279,16 @@ mod tests {
     }
 
     async fn broker(history: usize) -> MemoryBroker {
-        MemoryBroker::new(history, Arc::new(Rooms::new(Arc::new(Metrics::new("t")))))
+        budgeted(history, usize::MAX).0
+    }
+
+    fn budgeted(history: usize, budget: usize) -> (MemoryBroker, Arc<Rooms>) {
+        let metrics = Arc::new(Metrics::new("t"));
+        let rooms = Arc::new(Rooms::new(metrics.clone()));
+        (
+            MemoryBroker::new(history, budget, rooms.clone(), metrics),
+            rooms,
+        )
     }
 
     #[tokio::test]
@@ -182,7 +319,8 @@ mod tests {
         let h = b.history("r", since(2)).await.unwrap();
         assert!(h.recovered);
         assert_eq!(h.frames.len(), 3, "seqs 3, 4, 5");
-        assert!(h.frames[0].as_str().contains("\"seq\":3,"));
+        assert_eq!(h.frames[0].0, 3);
+        assert!(h.frames[0].1.as_str().contains("\"seq\":3,"));
         assert!(
             !b.history("r", since(1)).await.unwrap().recovered,
             "seq 2 is gone"
@@ -205,5 +343,74 @@ mod tests {
         let h = b.history("r", None).await.unwrap();
         assert_eq!(h.latest, 0);
         assert_ne!(h.epoch, epoch, "a forgotten room starts a new epoch");
+    }
+
+    #[tokio::test]
+    async fn a_room_joined_and_left_without_a_message_leaves_nothing() {
+        let (b, rooms) = budgeted(10, usize::MAX);
+        let metrics = Arc::new(Metrics::new("t"));
+        let conn = crate::outbound::ConnHandle::new("c", 1 << 20, metrics);
+        for i in 0..1000 {
+            let room = format!("r{i}");
+            rooms.add_pending(&room, &conn);
+            b.history(&room, None).await.unwrap();
+            rooms.remove(&room, &conn);
+            b.unsubscribe(&room);
+        }
+        let logs: usize = (0..SHARDS).map(|i| b.lock(i).len()).sum();
+        assert_eq!(
+            logs, 0,
+            "no state for rooms with neither members nor history"
+        );
+        b.publish("kept", parts("x")).await.unwrap();
+        b.unsubscribe("kept");
+        assert_eq!(
+            b.history("kept", None).await.unwrap().latest,
+            1,
+            "history stays"
+        );
+    }
+
+    #[tokio::test]
+    async fn history_stays_under_the_node_budget_by_evicting_with_a_new_epoch() {
+        let budget = 10_000;
+        let (b, _rooms) = budgeted(1000, budget);
+        b.publish("old", parts("x")).await.unwrap();
+        let old_epoch = b.history("old", None).await.unwrap().epoch;
+        for i in 0..200 {
+            b.publish(&format!("room{}", i % 20), parts(&"y".repeat(100)))
+                .await
+                .unwrap();
+            assert!(b.history_bytes() <= budget, "over budget after {i}");
+        }
+        let h = b.history("old", None).await.unwrap();
+        assert_ne!(
+            h.epoch, old_epoch,
+            "the least recently used room was evicted"
+        );
+        assert_eq!(h.latest, 0);
+        assert!(b.metrics.history_evictions.get() > 0);
+    }
+
+    #[tokio::test]
+    async fn replay_pages_stop_at_the_epoch_and_the_bound() {
+        let b = broker(1000).await;
+        for _ in 0..600 {
+            b.publish("r", parts("x")).await.unwrap();
+        }
+        let epoch = b.history("r", None).await.unwrap().epoch;
+        let page = b.replay_page("r", &epoch, 10, 500).await.unwrap();
+        assert_eq!(page.len(), crate::broker::REPLAY_PAGE_MESSAGES);
+        assert_eq!(page[0].0, 11);
+        let tail = b.replay_page("r", &epoch, 490, 500).await.unwrap();
+        assert_eq!(
+            tail.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            (491..=500).collect::<Vec<_>>()
+        );
+        assert!(b
+            .replay_page("r", "other", 10, 500)
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

@@ -18,12 +18,18 @@ pub mod redis;
 /// A boxed, sendable future (the trait is used as `dyn Broker`).
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// The broker could not do what was asked; the request had no effect.
+/// The broker could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
-    /// The broker is down or unreachable.
+    /// The broker is down or unreachable, or refused the request: it had no
+    /// effect (a publish was not, and will not be, delivered).
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// The request was sent but not confirmed in time: its fate is unknown.
+    /// A publish answered so is delivered at most once (PROTOCOL.md's
+    /// `timeout`): the publish script refuses to run after its deadline.
+    #[error("broker did not confirm in time: {0}")]
+    Timeout(String),
 }
 
 /// A room's position and, for a resume, the messages after it.
@@ -35,8 +41,10 @@ pub struct RoomHistory {
     pub latest: u64,
     /// For a resume: whether `frames` covers every seq in `(since, latest]`.
     pub recovered: bool,
-    /// For a recovered resume: the frames with seq in `(since, latest]`, in order.
-    pub frames: Vec<Utf8Bytes>,
+    /// For a recovered resume: the first page of (seq, frame) with seq in
+    /// `(since, latest]`, in order; [`Broker::replay_page`] reads the rest,
+    /// so that a replay never holds a whole history in memory.
+    pub frames: Vec<(u64, Utf8Bytes)>,
 }
 
 /// A resume request: after seq `since`, seen in `epoch` when given.
@@ -75,9 +83,27 @@ pub trait Broker: Send + Sync + 'static {
         since: Option<Since<'a>>,
     ) -> BoxFut<'a, Result<RoomHistory, BrokerError>>;
 
+    /// The next page of a replay: the messages of `epoch` with seq in
+    /// `(after, upto]`, in order, at most a page of them (see
+    /// [`REPLAY_PAGE_MESSAGES`], [`REPLAY_PAGE_BYTES`]). A page that does
+    /// not start at `after + 1` (history trimmed past it, or the epoch
+    /// changed) means the replay cannot be completed.
+    fn replay_page<'a>(
+        &'a self,
+        room: &'a str,
+        epoch: &'a str,
+        after: u64,
+        upto: u64,
+    ) -> BoxFut<'a, Result<Vec<(u64, Utf8Bytes)>, BrokerError>>;
+
     /// Whether the broker is reachable now.
     fn is_up(&self) -> bool;
 }
+
+/// Most messages one history read returns (a replay page, a gap fill).
+pub const REPLAY_PAGE_MESSAGES: usize = 64;
+/// Most frame bytes one history read returns (at least one message).
+pub const REPLAY_PAGE_BYTES: usize = 1 << 20;
 
 /// Whether a resume from `since` is covered by a history that holds seqs
 /// `oldest..=latest` in `epoch`.

@@ -57,7 +57,15 @@ pub struct Settings {
     pub history_ttl: Duration,
 }
 
+/// The publish script. ARGV[8] is the node's deadline (Unix ms): a script
+/// that Redis runs later than that (Redis was frozen, or the command sat in
+/// a buffer) publishes nothing and returns -1, so that a publish the node
+/// already answered `timeout` is delivered at most once, and never late.
 const PUBLISH_LUA: &str = r"
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[8]) then
+  return -1
+end
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
   epoch = ARGV[4]
@@ -74,6 +82,12 @@ redis.call(ARGV[7], ARGV[6], epoch .. ' ' .. seq .. ' ' .. frame)
 return seq
 ";
 
+/// The history script: the room's epoch, latest seq, oldest seq kept, and
+/// with ARGV[1] >= 0 the entries after it, at most ARGV[4] of them and
+/// about ARGV[5] bytes (at least one). A room without an epoch gets one
+/// that lives ARGV[3] seconds (short: a room that is only joined, never
+/// published to, must not leave state behind for a day); the first publish
+/// makes it last `--history-ttl`.
 const HISTORY_LUA: &str = r"
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
@@ -88,14 +102,21 @@ local first = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
 if #first > 0 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
 local out = {epoch, latest, oldest}
 if since >= 0 and since < latest and oldest ~= -1 and oldest <= since + 1 then
-  local entries = redis.call('XRANGE', KEYS[3], (since + 1) .. '-0', '+')
+  local entries = redis.call('XRANGE', KEYS[3], (since + 1) .. '-0', '+', 'COUNT', ARGV[4])
+  local bytes = 0
   for _, e in ipairs(entries) do
+    bytes = bytes + #e[2][2]
+    if #out > 3 and bytes > tonumber(ARGV[5]) then break end
     out[#out + 1] = e[1]
     out[#out + 1] = e[2][2]
   end
 end
 return out
 ";
+
+/// How long the epoch of a room that was joined but never published to
+/// lives in Redis (at most; `--history-ttl` when shorter).
+const EMPTY_ROOM_TTL: Duration = Duration::from_secs(600);
 
 const CHANNEL_PREFIX: &str = "wsgate:room:";
 /// Redis Cluster: the sharded channel shares the room's hash tag, so it
@@ -309,6 +330,25 @@ impl Inner {
         self.settings.history_ttl.as_secs().max(1)
     }
 
+    fn empty_room_ttl_secs(&self) -> u64 {
+        self.settings
+            .history_ttl
+            .min(EMPTY_ROOM_TTL)
+            .as_secs()
+            .max(1)
+    }
+
+    /// Fail fast while Redis is known to be unreachable (the relay saw its
+    /// connection drop, or the health check's PING failed), rather than
+    /// holding the caller for a command timeout.
+    fn check_up(&self) -> Result<(), BrokerError> {
+        if self.is_up() {
+            Ok(())
+        } else {
+            Err(unavailable("redis is unreachable"))
+        }
+    }
+
     async fn read_log(&self, room: &str, since: Option<u64>) -> Result<Log, BrokerError> {
         let [seq, epoch, log] = keys(room);
         let mut conn = self.conn.clone();
@@ -318,7 +358,9 @@ impl Inner {
             .key(log)
             .arg(since.map_or(-1, |s| s as i64))
             .arg(new_epoch())
-            .arg(self.ttl_secs());
+            .arg(self.empty_room_ttl_secs())
+            .arg(super::REPLAY_PAGE_MESSAGES)
+            .arg(super::REPLAY_PAGE_BYTES);
         let value: Value = tokio::time::timeout(COMMAND_TIMEOUT, call.invoke_async(&mut conn))
             .await
             .map_err(|_| unavailable("redis timed out"))?
@@ -326,43 +368,51 @@ impl Inner {
         parse_log(value).ok_or_else(|| unavailable("unexpected reply from the history script"))
     }
 
-    /// Deliver what the log holds after `last` (in `epoch`) for `room`;
-    /// before `before` when given. Returns how many were delivered.
+    /// Deliver what the log holds after `last` (in `epoch`) for `room`, page
+    /// by page; before `before` when given. When the log is in another epoch,
+    /// everything it holds is new to this node. Returns how many were
+    /// delivered.
     async fn fill(&self, room: &str, epoch: &str, last: u64, before: Option<u64>) -> u64 {
-        let log = match self.read_log(room, Some(last)).await {
-            Ok(log) => log,
-            Err(e) => {
-                warn!(room, error = %e, "cannot read history to fill a relay gap");
-                return 0;
-            }
-        };
-        let (entries, log_epoch) = if &*log.epoch == epoch {
-            if !covers(
-                Since {
-                    seq: last,
-                    epoch: None,
-                },
-                &log.epoch,
-                log.oldest,
-                log.latest,
-            ) {
-                warn!(room, last, oldest = ?log.oldest, "relay gap is older than the history");
-            }
-            (log.entries, log.epoch)
-        } else {
-            // A new epoch: everything its log holds is new to this node.
-            match self.read_log(room, Some(0)).await {
-                Ok(all) => (all.entries, all.epoch),
-                Err(_) => return 0,
-            }
-        };
+        let mut epoch: Arc<str> = Arc::from(epoch);
+        let mut after = last;
+        let mut switched = false;
         let mut n = 0;
-        for (seq, frame) in entries {
-            if before.is_some_and(|b| seq >= b) {
+        loop {
+            let log = match self.read_log(room, Some(after)).await {
+                Ok(log) => log,
+                Err(e) => {
+                    warn!(room, error = %e, "cannot read history to fill a relay gap");
+                    break;
+                }
+            };
+            if log.epoch != epoch {
+                if switched {
+                    break;
+                }
+                // A new epoch: everything its log holds is new to this node.
+                switched = true;
+                epoch = log.epoch;
+                after = 0;
+                continue;
+            }
+            if log.entries.is_empty() {
+                if after < log.latest {
+                    warn!(room, after, oldest = ?log.oldest, "relay gap is older than the history");
+                }
                 break;
             }
-            self.rooms.deliver(room, &log_epoch, seq, &frame);
-            n += 1;
+            for (seq, frame) in log.entries {
+                if before.is_some_and(|b| seq >= b) {
+                    self.metrics.gaps_filled.inc_by(n);
+                    return n;
+                }
+                self.rooms.deliver(room, &epoch, seq, &frame);
+                after = seq;
+                n += 1;
+            }
+            if after >= log.latest {
+                break;
+            }
         }
         self.metrics.gaps_filled.inc_by(n);
         n
@@ -396,9 +446,12 @@ impl Inner {
         };
         self.metrics.relayed_in.inc();
         if let Some((known, last)) = self.rooms.position(room) {
-            if &*known == epoch && seq > last + 1 {
-                let filled = self.fill(room, epoch, last, Some(seq)).await;
-                debug!(room, last, seq, filled, "relay gap filled from history");
+            // A gap in the known epoch, or a new epoch whose first messages
+            // went by before this node saw it: fill from the log.
+            let from = if &*known == epoch { last } else { 0 };
+            if seq > from + 1 {
+                let filled = self.fill(room, epoch, from, Some(seq)).await;
+                debug!(room, from, seq, filled, "relay gap filled from history");
             }
         }
         self.rooms.deliver(room, epoch, seq, &frame);
@@ -610,6 +663,30 @@ async fn health(inner: Arc<Inner>, stop: CancellationToken) {
     }
 }
 
+/// What a failed publish means for the client: refused before it reached
+/// Redis (`unavailable`), or sent with no answer (`timeout`: fate unknown,
+/// at most once thanks to the script's deadline).
+fn publish_error(e: redis::RedisError) -> BrokerError {
+    if e.is_connection_refusal() {
+        unavailable(e)
+    } else if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+        BrokerError::Timeout(redact_url(&e.to_string()))
+    } else {
+        unavailable(e)
+    }
+}
+
+/// The room's messages after a seq, for a resume: only when `since` is
+/// covered, and never past `latest`.
+fn recovered_frames(log: Log, since: Since<'_>) -> Option<Vec<(u64, Utf8Bytes)>> {
+    covers(since, &log.epoch, log.oldest, log.latest).then(|| {
+        log.entries
+            .into_iter()
+            .filter(|(s, _)| *s > since.seq && *s <= log.latest)
+            .collect()
+    })
+}
+
 impl Broker for RedisBroker {
     fn publish<'a>(
         &'a self,
@@ -618,7 +695,10 @@ impl Broker for RedisBroker {
     ) -> BoxFut<'a, Result<u64, BrokerError>> {
         Box::pin(async move {
             let inner = &self.inner;
+            inner.check_up()?;
             let [seq, epoch, log] = keys(room);
+            let deadline =
+                crate::session::now_ms().saturating_add(COMMAND_TIMEOUT.as_millis() as u64);
             let mut call = inner.publish.prepare_invoke();
             call.key(seq)
                 .key(epoch)
@@ -633,13 +713,14 @@ impl Broker for RedisBroker {
                     "PUBLISH"
                 } else {
                     "SPUBLISH"
-                });
+                })
+                .arg(deadline);
             let mut conn = inner.conn.clone();
-            let seq: u64 = tokio::time::timeout(COMMAND_TIMEOUT, call.invoke_async(&mut conn))
+            let seq: i64 = tokio::time::timeout(COMMAND_TIMEOUT, call.invoke_async(&mut conn))
                 .await
-                .map_err(|_| unavailable("redis timed out"))?
-                .map_err(unavailable)?;
-            Ok(seq)
+                .map_err(|_| BrokerError::Timeout("redis did not answer in time".into()))?
+                .map_err(publish_error)?;
+            u64::try_from(seq).map_err(|_| unavailable("redis ran the publish after its deadline"))
         })
     }
 
@@ -658,14 +739,29 @@ impl Broker for RedisBroker {
             state.ready.subscribe()
         };
         Box::pin(async move {
-            let wait = tokio::time::timeout(SUBSCRIBE_WAIT, ready.wait_for(|r| *r)).await;
-            match wait {
-                Ok(Ok(_)) => Ok(()),
-                _ => {
-                    self.unsubscribe(room);
-                    Err(unavailable("redis subscription not available"))
+            // Wait for the subscription, but answer at once when Redis is
+            // known to be down (the health check notices within a second or
+            // two) instead of holding the connection's other frames.
+            let down = async {
+                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                loop {
+                    tick.tick().await;
+                    if !self.inner.is_up() {
+                        return;
+                    }
                 }
+            };
+            let result = tokio::select! {
+                r = tokio::time::timeout(SUBSCRIBE_WAIT, ready.wait_for(|r| *r)) => match r {
+                    Ok(Ok(_)) => Ok(()),
+                    _ => Err(unavailable("redis subscription not available")),
+                },
+                () = down => Err(unavailable("redis is unreachable")),
+            };
+            if result.is_err() {
+                self.unsubscribe(room);
             }
+            result
         })
     }
 
@@ -688,6 +784,7 @@ impl Broker for RedisBroker {
         since: Option<Since<'a>>,
     ) -> BoxFut<'a, Result<RoomHistory, BrokerError>> {
         Box::pin(async move {
+            self.inner.check_up()?;
             let log = self.inner.read_log(room, since.map(|s| s.seq)).await?;
             let mut out = RoomHistory {
                 epoch: log.epoch.clone(),
@@ -695,18 +792,31 @@ impl Broker for RedisBroker {
                 recovered: false,
                 frames: Vec::new(),
             };
-            if let Some(since) = since {
-                if covers(since, &log.epoch, log.oldest, log.latest) {
-                    out.recovered = true;
-                    out.frames = log
-                        .entries
-                        .into_iter()
-                        .filter(|(s, _)| *s > since.seq && *s <= log.latest)
-                        .map(|(_, f)| f)
-                        .collect();
-                }
+            if let Some(frames) = since.and_then(|since| recovered_frames(log, since)) {
+                out.recovered = true;
+                out.frames = frames;
             }
             Ok(out)
+        })
+    }
+
+    fn replay_page<'a>(
+        &'a self,
+        room: &'a str,
+        epoch: &'a str,
+        after: u64,
+        upto: u64,
+    ) -> BoxFut<'a, Result<Vec<(u64, Utf8Bytes)>, BrokerError>> {
+        Box::pin(async move {
+            let log = self.inner.read_log(room, Some(after)).await?;
+            if &*log.epoch != epoch {
+                return Ok(Vec::new());
+            }
+            Ok(log
+                .entries
+                .into_iter()
+                .filter(|(s, _)| *s <= upto)
+                .collect())
         })
     }
 

@@ -637,6 +637,7 @@ impl Driver {
                 s.send(ClientRequest::Publish {
                     room,
                     data,
+                    key: None,
                     id: Some(num(id)),
                 });
                 s.track(id, Pending::Publish { reply });

@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// sharded pub/sub (SPUBLISH/SSUBSCRIBE), each room on its own shard.
     #[arg(long, env = "WSGATE_REDIS_CLUSTER", requires = "redis_url")]
     pub redis_cluster: bool,
+    /// Replicas that must have a publish before it is acknowledged
+    /// (Redis WAIT, 1 s; fewer answers `unavailable`).
+    #[arg(long, env = "WSGATE_REDIS_MIN_REPLICAS", default_value_t = 0)]
+    pub redis_min_replicas: u32,
     /// HMAC key for HS256/384/512 tokens.
     #[arg(long, env = "WSGATE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -248,6 +252,8 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// `redis_url` lists Redis Cluster seed nodes.
     pub redis_cluster: bool,
+    /// Replicas that must confirm a publish.
+    pub redis_min_replicas: u32,
     /// Token verifier.
     pub verifier: Arc<Verifier>,
     /// HMAC secret (dev mode mints tokens with it).
@@ -415,6 +421,7 @@ impl ServeArgs {
                 node_id: Arc::from(node_id),
                 redis_url: self.redis_url,
                 redis_cluster: self.redis_cluster,
+                redis_min_replicas: self.redis_min_replicas,
                 verifier: Arc::new(verifier),
                 hmac_secret,
                 jwt_issuer: self.jwt_issuer.filter(|s| !s.is_empty()),

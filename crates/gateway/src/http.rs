@@ -198,6 +198,10 @@ async fn api_publish(
             format!("not allowed to publish to room '{room}'"),
         );
     }
+    let key = match idempotency_key(&headers) {
+        Ok(k) => k,
+        Err(e) => return e,
+    };
     let body = match body {
         Ok(b) => b,
         Err(rejection) => {
@@ -225,9 +229,24 @@ async fn api_publish(
     };
     app.metrics.messages_received.inc();
     let parts = MessageParts::new(&room, &claims.sub, data, now_ms());
-    match app.publish(&room, parts).await {
+    match app.publish(&room, parts, key).await {
         Ok(seq) => Json(json!({"room": room, "seq": seq})).into_response(),
         Err(e) => broker_error(&e),
+    }
+}
+
+/// The `Idempotency-Key` header (PROTOCOL.md section 11), validated.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Response> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(k) if wsgate_protocol::is_valid_key(k) => Ok(Some(k)),
+        _ => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "invalid Idempotency-Key: 1 to 64 characters of A-Z a-z 0-9 _ - . :",
+        )),
     }
 }
 

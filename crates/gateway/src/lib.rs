@@ -143,15 +143,25 @@ impl App {
         format!("c-{:x}{:x}", self.conn_prefix, n)
     }
 
-    /// Hand a message to the broker; counts and times it.
-    pub async fn publish(&self, room: &str, parts: MessageParts) -> Result<u64, BrokerError> {
+    /// Hand a message to the broker, with its idempotency key if any;
+    /// counts and times it. Returns the seq (the first one for a duplicate).
+    pub async fn publish(
+        &self,
+        room: &str,
+        parts: MessageParts,
+        key: Option<&str>,
+    ) -> Result<u64, BrokerError> {
         let started = Instant::now();
-        let seq = self.broker.publish(room, parts).await?;
+        let published = self.broker.publish(room, parts, key).await?;
         self.metrics
             .publish_latency
             .observe(started.elapsed().as_secs_f64());
-        self.metrics.messages_published.inc();
-        Ok(seq)
+        if published.duplicate {
+            self.metrics.publish_duplicates.inc();
+        } else {
+            self.metrics.messages_published.inc();
+        }
+        Ok(published.seq)
     }
 
     /// Track a session task so that shutdown waits for it.
@@ -184,6 +194,7 @@ pub async fn run(
                 broker::redis::Settings {
                     history: config.history,
                     history_ttl: config.history_ttl,
+                    min_replicas: config.redis_min_replicas,
                 },
                 rooms.clone(),
                 metrics.clone(),

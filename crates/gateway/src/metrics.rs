@@ -49,6 +49,8 @@ pub struct Metrics {
     pub messages_delivered: IntCounter,
     /// Messages the broker took (WebSocket and HTTP).
     pub messages_published: IntCounter,
+    /// Publishes answered from an idempotency key already used (nothing published).
+    pub publish_duplicates: IntCounter,
     /// Connections closed 1008 because their queue overflowed.
     pub slow_consumer_closes: IntCounter,
     /// Rooms whose history the in-process broker dropped (new epoch) to
@@ -143,6 +145,10 @@ impl Metrics {
             messages_published: counter(
                 "messages_published_total",
                 "Messages the broker accepted from this node (WebSocket and HTTP)",
+            ),
+            publish_duplicates: counter(
+                "publish_duplicates_total",
+                "Publishes whose idempotency key was already used in the room: answered with the first seq, not published again",
             ),
             slow_consumer_closes: counter(
                 "slow_consumer_closes_total",

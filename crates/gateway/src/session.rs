@@ -387,7 +387,9 @@ impl Session {
         match frame.cmd {
             ClientCommand::Join { room, since, epoch } => self.join(room, since, epoch, id).await,
             ClientCommand::Leave { room } => self.leave(&room, id),
-            ClientCommand::Publish { room, data } => self.publish(&room, data, id).await,
+            ClientCommand::Publish { room, data, key } => {
+                self.publish(&room, data, key.as_deref(), id).await
+            }
             ClientCommand::Refresh { token } => self.refresh(&token, id),
             ClientCommand::Ping => self.send(ServerFrame::Pong(Pong { id })),
         }
@@ -524,7 +526,7 @@ impl Session {
         }
     }
 
-    async fn publish(&mut self, room: &str, data: &RawValue, id: Option<Id>) {
+    async fn publish(&mut self, room: &str, data: &RawValue, key: Option<&str>, id: Option<Id>) {
         if !self.claims.publish.allows(room) {
             return self.error(
                 ErrorCode::Forbidden,
@@ -540,7 +542,7 @@ impl Session {
             );
         }
         let parts = MessageParts::new(room, &self.claims.sub, data, now_ms());
-        match self.app.publish(room, parts).await {
+        match self.app.publish(room, parts, key).await {
             Ok(seq) => self.send(ServerFrame::Ack(Ack {
                 id,
                 room: room.to_owned(),

@@ -10,7 +10,7 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-use crate::room::is_valid_room;
+use crate::room::{is_valid_key, is_valid_room};
 use crate::server::Id;
 
 /// A parsed client frame: its optional `id` and its command.
@@ -45,6 +45,9 @@ pub enum ClientCommand<'a> {
         room: Cow<'a, str>,
         /// The payload, exactly as the client sent it.
         data: &'a RawValue,
+        /// v1.1 idempotency key (valid): a retry with the same key in the
+        /// same room within 5 minutes is not published again.
+        key: Option<Cow<'a, str>>,
     },
     /// Replace the connection's token.
     Refresh {
@@ -102,6 +105,8 @@ struct RawFrame<'a> {
     id: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "some_raw")]
     token: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    key: Option<&'a RawValue>,
 }
 
 /// A present field, even `null`, is `Some` (plain `Option` would map `null` to `None`).
@@ -204,7 +209,14 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame<'_>, FrameError> {
             let data = raw
                 .data
                 .ok_or_else(|| fail("missing field 'data'".to_owned()))?;
-            ClientCommand::Publish { room, data }
+            let key = match raw.key {
+                None => None,
+                Some(r) if r.get() == "null" => None,
+                Some(r) => Some(raw_str(r).filter(|k| is_valid_key(k)).ok_or_else(|| {
+                    fail("invalid key: 1 to 64 characters of A-Z a-z 0-9 _ - . :".to_owned())
+                })?),
+            };
+            ClientCommand::Publish { room, data, key }
         }
         "refresh" => {
             let token = raw
@@ -255,6 +267,9 @@ pub enum ClientRequest {
         room: String,
         /// Payload (any JSON value).
         data: Box<RawValue>,
+        /// Idempotency key (v1.1).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
         /// Request id.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<Id>,
@@ -310,9 +325,10 @@ mod tests {
                 room: room.to_string(),
                 id,
             },
-            ClientCommand::Publish { room, data } => ClientRequest::Publish {
+            ClientCommand::Publish { room, data, key } => ClientRequest::Publish {
                 room: room.to_string(),
                 data: (*data).to_owned(),
+                key: key.as_ref().map(|k| k.to_string()),
                 id,
             },
             ClientCommand::Refresh { token } => ClientRequest::Refresh {
@@ -383,6 +399,22 @@ mod tests {
             "{\"type\":\"ping\",\"type\":\"ping\"}",
         ] {
             assert!(parse_client_frame(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn publish_keys_are_validated() {
+        let frame =
+            parse_client_frame(r#"{"type":"publish","room":"r","data":1,"key":"k-1"}"#).unwrap();
+        match frame.cmd {
+            ClientCommand::Publish { key, .. } => assert_eq!(key.as_deref(), Some("k-1")),
+            other => panic!("{other:?}"),
+        }
+        for bad in [r#""""#, r#""a b""#, "7", &format!("\"{}\"", "k".repeat(65))] {
+            let text = format!(r#"{{"type":"publish","room":"r","data":1,"key":{bad},"id":3}}"#);
+            let err = parse_client_frame(&text).unwrap_err();
+            assert!(err.message.contains("invalid key"), "{bad}: {err}");
+            assert_eq!(err.id, Some(Id::Num(3.into())));
         }
     }
 

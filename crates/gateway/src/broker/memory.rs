@@ -23,7 +23,10 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::Utf8Bytes;
 use wsgate_protocol::MessageParts;
 
-use super::{covers, new_epoch, BoxFut, Broker, BrokerError, RoomHistory, Since};
+use super::{
+    covers, new_epoch, BoxFut, Broker, BrokerError, Published, RoomHistory, Since,
+    IDEMPOTENCY_WINDOW,
+};
 use crate::metrics::Metrics;
 use crate::rooms::Rooms;
 
@@ -36,6 +39,11 @@ struct RoomLog {
     /// Frame bytes in `history`.
     bytes: usize,
     touched: Instant,
+    /// Idempotency keys used within the window: key -> first seq.
+    keys: HashMap<Box<str>, u64>,
+    /// The same keys, oldest first, to forget them after the window
+    /// (tokio's clock, so that tests can advance it).
+    key_order: VecDeque<(tokio::time::Instant, Box<str>)>,
 }
 
 impl RoomLog {
@@ -46,7 +54,33 @@ impl RoomLog {
             history: VecDeque::new(),
             bytes: 0,
             touched: Instant::now(),
+            keys: HashMap::new(),
+            key_order: VecDeque::new(),
         }
+    }
+
+    /// Forget idempotency keys older than the window.
+    fn expire_keys(&mut self, now: tokio::time::Instant) {
+        while let Some((at, _)) = self.key_order.front() {
+            if now.duration_since(*at) < IDEMPOTENCY_WINDOW {
+                break;
+            }
+            if let Some((_, key)) = self.key_order.pop_front() {
+                self.keys.remove(&key);
+            }
+        }
+    }
+
+    /// A new epoch without history; idempotency keys stay (a retry must
+    /// not publish twice because the history was evicted).
+    fn reset(&mut self) {
+        let keys = std::mem::take(&mut self.keys);
+        let key_order = std::mem::take(&mut self.key_order);
+        *self = RoomLog {
+            keys,
+            key_order,
+            ..RoomLog::new()
+        };
     }
 }
 
@@ -114,7 +148,10 @@ impl MemoryBroker {
         for index in 0..SHARDS {
             let mut map = self.lock(index);
             map.retain(|name, log| {
-                let idle = log.history.is_empty() || log.touched.elapsed() >= idle_ttl;
+                log.expire_keys(tokio::time::Instant::now());
+                // Idempotency keys keep a room for their window.
+                let idle = log.keys.is_empty()
+                    && (log.history.is_empty() || log.touched.elapsed() >= idle_ttl);
                 let keep = !idle || self.rooms.member_count(name) > 0;
                 if !keep {
                     self.forget(log);
@@ -150,10 +187,10 @@ impl MemoryBroker {
                 continue;
             };
             self.forget(log);
-            if self.rooms.member_count(&name) == 0 {
+            if self.rooms.member_count(&name) == 0 && log.keys.is_empty() {
                 map.remove(&name);
             } else {
-                *log = RoomLog::new();
+                log.reset();
             }
             self.metrics.history_evictions.inc();
         }
@@ -165,12 +202,26 @@ impl Broker for MemoryBroker {
         &'a self,
         room: &'a str,
         parts: MessageParts,
-    ) -> BoxFut<'a, Result<u64, BrokerError>> {
+        key: Option<&'a str>,
+    ) -> BoxFut<'a, Result<Published, BrokerError>> {
         let mut shard = self.shard(room);
         let log = shard.entry(Box::from(room)).or_insert_with(RoomLog::new);
+        let now = tokio::time::Instant::now();
+        log.expire_keys(now);
+        if let Some(first) = key.and_then(|k| log.keys.get(k)) {
+            let seq = *first;
+            return Box::pin(std::future::ready(Ok(Published {
+                seq,
+                duplicate: true,
+            })));
+        }
         log.seq += 1;
         log.touched = Instant::now();
         let seq = log.seq;
+        if let Some(key) = key {
+            log.keys.insert(Box::from(key), seq);
+            log.key_order.push_back((now, Box::from(key)));
+        }
         let frame = Utf8Bytes::from(parts.frame(seq));
         log.bytes += frame.len();
         let mut freed = 0;
@@ -192,7 +243,10 @@ impl Broker for MemoryBroker {
         self.rooms.deliver(room, &log.epoch, seq, &frame);
         drop(shard);
         self.evict();
-        Box::pin(std::future::ready(Ok(seq)))
+        Box::pin(std::future::ready(Ok(Published {
+            seq,
+            duplicate: false,
+        })))
     }
 
     fn subscribe<'a>(&'a self, _room: &'a str) -> BoxFut<'a, Result<(), BrokerError>> {
@@ -202,7 +256,9 @@ impl Broker for MemoryBroker {
     /// The last local member left: a room without history leaves nothing.
     fn unsubscribe(&self, room: &str) {
         let mut shard = self.shard(room);
-        if shard.get(room).is_some_and(|log| log.history.is_empty())
+        if shard
+            .get(room)
+            .is_some_and(|log| log.history.is_empty() && log.keys.is_empty())
             && self.rooms.member_count(room) == 0
         {
             shard.remove(room);
@@ -295,9 +351,9 @@ mod tests {
     async fn seq_starts_at_one_and_has_no_gaps() {
         let b = broker(10).await;
         for want in 1..=5 {
-            assert_eq!(b.publish("r", parts("x")).await.unwrap(), want);
+            assert_eq!(b.publish("r", parts("x"), None).await.unwrap().seq, want);
         }
-        assert_eq!(b.publish("other", parts("x")).await.unwrap(), 1);
+        assert_eq!(b.publish("other", parts("x"), None).await.unwrap().seq, 1);
         let h = b.history("r", None).await.unwrap();
         assert_eq!(h.latest, 5);
         assert!(!h.epoch.is_empty());
@@ -307,7 +363,7 @@ mod tests {
     async fn resume_replays_what_history_still_holds() {
         let b = broker(3).await;
         for _ in 0..5 {
-            b.publish("r", parts("x")).await.unwrap();
+            b.publish("r", parts("x"), None).await.unwrap().seq;
         }
         let epoch = b.history("r", None).await.unwrap().epoch;
         let since = |seq| {
@@ -337,7 +393,7 @@ mod tests {
     #[tokio::test]
     async fn idle_rooms_are_swept() {
         let b = broker(3).await;
-        b.publish("r", parts("x")).await.unwrap();
+        b.publish("r", parts("x"), None).await.unwrap().seq;
         let epoch = b.history("r", None).await.unwrap().epoch;
         b.sweep(Duration::ZERO);
         let h = b.history("r", None).await.unwrap();
@@ -362,7 +418,7 @@ mod tests {
             logs, 0,
             "no state for rooms with neither members nor history"
         );
-        b.publish("kept", parts("x")).await.unwrap();
+        b.publish("kept", parts("x"), None).await.unwrap().seq;
         b.unsubscribe("kept");
         assert_eq!(
             b.history("kept", None).await.unwrap().latest,
@@ -375,10 +431,10 @@ mod tests {
     async fn history_stays_under_the_node_budget_by_evicting_with_a_new_epoch() {
         let budget = 10_000;
         let (b, _rooms) = budgeted(1000, budget);
-        b.publish("old", parts("x")).await.unwrap();
+        b.publish("old", parts("x"), None).await.unwrap().seq;
         let old_epoch = b.history("old", None).await.unwrap().epoch;
         for i in 0..200 {
-            b.publish(&format!("room{}", i % 20), parts(&"y".repeat(100)))
+            b.publish(&format!("room{}", i % 20), parts(&"y".repeat(100)), None)
                 .await
                 .unwrap();
             assert!(b.history_bytes() <= budget, "over budget after {i}");
@@ -396,7 +452,7 @@ mod tests {
     async fn replay_pages_stop_at_the_epoch_and_the_bound() {
         let b = broker(1000).await;
         for _ in 0..600 {
-            b.publish("r", parts("x")).await.unwrap();
+            b.publish("r", parts("x"), None).await.unwrap().seq;
         }
         let epoch = b.history("r", None).await.unwrap().epoch;
         let page = b.replay_page("r", &epoch, 10, 500).await.unwrap();
@@ -412,5 +468,43 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idempotency_key_is_honoured_for_the_window_per_room() {
+        let b = broker(10).await;
+        let first = b.publish("r", parts("a"), Some("k")).await.unwrap();
+        assert_eq!(
+            first,
+            Published {
+                seq: 1,
+                duplicate: false
+            }
+        );
+        let again = b.publish("r", parts("a"), Some("k")).await.unwrap();
+        assert_eq!(
+            again,
+            Published {
+                seq: 1,
+                duplicate: true
+            }
+        );
+        assert_eq!(
+            b.history("r", None).await.unwrap().latest,
+            1,
+            "published once"
+        );
+        let other_room = b.publish("s", parts("a"), Some("k")).await.unwrap();
+        assert!(!other_room.duplicate, "keys are per room");
+        tokio::time::advance(IDEMPOTENCY_WINDOW + Duration::from_secs(1)).await;
+        let later = b.publish("r", parts("a"), Some("k")).await.unwrap();
+        assert_eq!(
+            later,
+            Published {
+                seq: 2,
+                duplicate: false
+            },
+            "window passed"
+        );
     }
 }

@@ -47,6 +47,19 @@ pub struct RoomHistory {
     pub frames: Vec<(u64, Utf8Bytes)>,
 }
 
+/// What a publish got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The message's seq (for a duplicate: the first publish's).
+    pub seq: u64,
+    /// The idempotency key was already used: nothing was published.
+    pub duplicate: bool,
+}
+
+/// How long an idempotency key is remembered per room (PROTOCOL.md
+/// section 11).
+pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// A resume request: after seq `since`, seen in `epoch` when given.
 #[derive(Debug, Clone, Copy)]
 pub struct Since<'a> {
@@ -60,12 +73,16 @@ pub struct Since<'a> {
 pub trait Broker: Send + Sync + 'static {
     /// Assign the next seq of `room`, keep the frame in the room's history
     /// and deliver it to every subscribed node. Returns the seq only once
-    /// the broker has the message.
+    /// the broker has the message. With an idempotency `key` already used
+    /// in the room within [`IDEMPOTENCY_WINDOW`], nothing is published and
+    /// the first publish's seq is returned (`duplicate`), atomically across
+    /// nodes.
     fn publish<'a>(
         &'a self,
         room: &'a str,
         parts: MessageParts,
-    ) -> BoxFut<'a, Result<u64, BrokerError>>;
+        key: Option<&'a str>,
+    ) -> BoxFut<'a, Result<Published, BrokerError>>;
 
     /// Take one reference on this node's subscription to `room`; resolves
     /// once messages of the room are being received. One subscription per

@@ -43,7 +43,10 @@ use wsgate_protocol::MessageParts;
 
 mod sharded;
 
-use super::{covers, new_epoch, redact_url, BoxFut, Broker, BrokerError, RoomHistory, Since};
+use super::{
+    covers, new_epoch, redact_url, BoxFut, Broker, BrokerError, Published, RoomHistory, Since,
+    IDEMPOTENCY_WINDOW,
+};
 use crate::metrics::Metrics;
 use crate::rooms::Rooms;
 use sharded::sharded_relay;
@@ -55,22 +58,48 @@ pub struct Settings {
     pub history: usize,
     /// TTL of an idle room's keys.
     pub history_ttl: Duration,
+    /// Replicas that must have a publish before it is acknowledged
+    /// (`--redis-min-replicas`).
+    pub min_replicas: u32,
 }
 
-/// The publish script. ARGV[8] is the node's deadline (Unix ms): a script
-/// that Redis runs later than that (Redis was frozen, or the command sat in
-/// a buffer) publishes nothing and returns -1, so that a publish the node
-/// already answered `timeout` is delivered at most once, and never late.
+/// The publish script.
+///
+/// KEYS: seq, epoch, log, idempotency key, replication id. ARGV: frame
+/// head, frame tail, history length, a fresh epoch, TTL, channel, PUBLISH
+/// or SPUBLISH, deadline (Unix ms), "1" when KEYS[4] is a real key,
+/// idempotency window (s). Returns {seq, duplicate}; {-1, 0} past the
+/// deadline.
+///
+/// - Deadline: a script that Redis runs later than the node's deadline
+///   (Redis was frozen, or the command sat in a buffer) publishes nothing,
+///   so that a publish the node answered `timeout` is delivered at most
+///   once, and never late.
+/// - Idempotency: a key already used in the room within the window returns
+///   the first seq and publishes nothing; checked and stored here, so it is
+///   atomic across nodes.
+/// - Failover: the room's epoch is tied to the replication id of the
+///   primary that wrote it. A replica promoted after an asynchronous
+///   replication may lack the room's last INCRs; it also has a new
+///   replication id, so the first publish it takes starts a new epoch and
+///   never hands out a seq again in the old one.
 const PUBLISH_LUA: &str = r"
 local now = redis.call('TIME')
 if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[8]) then
-  return -1
+  return {-1, 0}
 end
+if ARGV[9] == '1' then
+  local first = redis.call('GET', KEYS[4])
+  if first then return {tonumber(first), 1} end
+end
+local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or ''
 local epoch = redis.call('GET', KEYS[2])
+if epoch and redis.call('GET', KEYS[5]) ~= rid then epoch = false end
 if not epoch then
   epoch = ARGV[4]
   redis.call('DEL', KEYS[1], KEYS[3])
   redis.call('SET', KEYS[2], epoch)
+  redis.call('SET', KEYS[5], rid)
 end
 local seq = redis.call('INCR', KEYS[1])
 local frame = ARGV[1] .. seq .. ARGV[2]
@@ -78,8 +107,10 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'f', frame)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 redis.call('EXPIRE', KEYS[3], ARGV[5])
+redis.call('EXPIRE', KEYS[5], ARGV[5])
+if ARGV[9] == '1' then redis.call('SET', KEYS[4], seq, 'EX', ARGV[10]) end
 redis.call(ARGV[7], ARGV[6], epoch .. ' ' .. seq .. ' ' .. frame)
-return seq
+return {seq, 0}
 ";
 
 /// The history script: the room's epoch, latest seq, oldest seq kept, and
@@ -94,6 +125,8 @@ if not epoch then
   epoch = ARGV[2]
   redis.call('DEL', KEYS[1], KEYS[3])
   redis.call('SET', KEYS[2], epoch, 'EX', ARGV[3])
+  local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or ''
+  redis.call('SET', KEYS[4], rid, 'EX', ARGV[3])
 end
 local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
 local since = tonumber(ARGV[1])
@@ -130,6 +163,16 @@ fn keys(room: &str) -> [String; 3] {
         format!("wsgate:{{{room}}}:epoch"),
         format!("wsgate:{{{room}}}:log"),
     ]
+}
+
+/// The replication id of the primary that wrote the room's epoch.
+fn replid_key(room: &str) -> String {
+    format!("wsgate:{{{room}}}:rid")
+}
+
+/// An idempotency key of the room (same hash tag: same cluster slot).
+fn idempotency_key(room: &str, key: &str) -> String {
+    format!("wsgate:{{{room}}}:idem:{key}")
 }
 
 fn channel(room: &str) -> String {
@@ -223,6 +266,8 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
 /// Bound on any single Redis command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a publish waits for `--redis-min-replicas` replicas.
+const REPLICA_WAIT: Duration = Duration::from_secs(1);
 /// Reconnect backoff: first delay and cap (full jitter below the cap).
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
@@ -338,6 +383,29 @@ impl Inner {
             .max(1)
     }
 
+    /// With `--redis-min-replicas N`: wait (at most [`REPLICA_WAIT`]) until
+    /// N replicas have every write of this node's command connection so
+    /// far, the publish just made included; fewer is `unavailable` (the
+    /// message may still be delivered, as PROTOCOL.md section 10 says).
+    async fn confirm_replicas(&self) -> Result<(), BrokerError> {
+        let n = self.settings.min_replicas;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(n).arg(REPLICA_WAIT.as_millis() as u64);
+        match tokio::time::timeout(COMMAND_TIMEOUT, wait.query_async::<i64>(&mut conn)).await {
+            Ok(Ok(acked)) if acked >= i64::from(n) => Ok(()),
+            Ok(Ok(acked)) => Err(unavailable(format!(
+                "{acked} of {n} replicas confirmed the message within {} ms; it may still be delivered",
+                REPLICA_WAIT.as_millis()
+            ))),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(unavailable("redis did not answer WAIT in time")),
+        }
+    }
+
     /// Fail fast while Redis is known to be unreachable (the relay saw its
     /// connection drop, or the health check's PING failed), rather than
     /// holding the caller for a command timeout.
@@ -356,6 +424,7 @@ impl Inner {
         call.key(seq)
             .key(epoch)
             .key(log)
+            .key(replid_key(room))
             .arg(since.map_or(-1, |s| s as i64))
             .arg(new_epoch())
             .arg(self.empty_room_ttl_secs())
@@ -692,7 +761,8 @@ impl Broker for RedisBroker {
         &'a self,
         room: &'a str,
         parts: MessageParts,
-    ) -> BoxFut<'a, Result<u64, BrokerError>> {
+        key: Option<&'a str>,
+    ) -> BoxFut<'a, Result<Published, BrokerError>> {
         Box::pin(async move {
             let inner = &self.inner;
             inner.check_up()?;
@@ -703,6 +773,8 @@ impl Broker for RedisBroker {
             call.key(seq)
                 .key(epoch)
                 .key(log)
+                .key(idempotency_key(room, key.unwrap_or("")))
+                .key(replid_key(room))
                 .arg(parts.head())
                 .arg(parts.tail())
                 .arg(inner.settings.history)
@@ -714,13 +786,24 @@ impl Broker for RedisBroker {
                 } else {
                     "SPUBLISH"
                 })
-                .arg(deadline);
+                .arg(deadline)
+                .arg(if key.is_some() { "1" } else { "0" })
+                .arg(IDEMPOTENCY_WINDOW.as_secs());
             let mut conn = inner.conn.clone();
-            let seq: i64 = tokio::time::timeout(COMMAND_TIMEOUT, call.invoke_async(&mut conn))
-                .await
-                .map_err(|_| BrokerError::Timeout("redis did not answer in time".into()))?
-                .map_err(publish_error)?;
-            u64::try_from(seq).map_err(|_| unavailable("redis ran the publish after its deadline"))
+            let (seq, duplicate): (i64, i64) =
+                tokio::time::timeout(COMMAND_TIMEOUT, call.invoke_async(&mut conn))
+                    .await
+                    .map_err(|_| BrokerError::Timeout("redis did not answer in time".into()))?
+                    .map_err(publish_error)?;
+            let seq = u64::try_from(seq)
+                .map_err(|_| unavailable("redis ran the publish after its deadline"))?;
+            if duplicate == 0 {
+                inner.confirm_replicas().await?;
+            }
+            Ok(Published {
+                seq,
+                duplicate: duplicate != 0,
+            })
         })
     }
 

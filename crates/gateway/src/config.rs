@@ -81,6 +81,9 @@ pub struct ServeArgs {
     /// (Redis WAIT, 1 s; fewer answers `unavailable`).
     #[arg(long, env = "WSGATE_REDIS_MIN_REPLICAS", default_value_t = 0)]
     pub redis_min_replicas: u32,
+    /// PEM CA certificate for `rediss://` (default: the system's roots).
+    #[arg(long, env = "WSGATE_REDIS_CA_CERT")]
+    pub redis_ca_cert: Option<PathBuf>,
     /// HMAC key for HS256/384/512 tokens.
     #[arg(long, env = "WSGATE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -254,6 +257,8 @@ pub struct Config {
     pub redis_cluster: bool,
     /// Replicas that must confirm a publish.
     pub redis_min_replicas: u32,
+    /// PEM CA for `rediss://`, read at start.
+    pub redis_ca_cert: Option<Vec<u8>>,
     /// Token verifier.
     pub verifier: Arc<Verifier>,
     /// HMAC secret (dev mode mints tokens with it).
@@ -377,11 +382,37 @@ impl ServeArgs {
                 vec![url.as_str()]
             };
             for url in urls {
-                redis::Client::open(url).map_err(|e| {
-                    ConfigError::RedisUrl(crate::broker::redact_url(&e.to_string()))
-                })?;
+                match crate::broker::redis::sentinel::parse(url) {
+                    Some(parsed) => {
+                        parsed.map_err(|e| ConfigError::RedisUrl(crate::broker::redact_url(&e)))?;
+                    }
+                    None => {
+                        redis::Client::open(url).map_err(|e| {
+                            ConfigError::RedisUrl(crate::broker::redact_url(&e.to_string()))
+                        })?;
+                    }
+                }
             }
         }
+        let redis_ca_cert = match &self.redis_ca_cert {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| ConfigError::Invalid {
+                    flag: "--redis-ca-cert",
+                    reason: format!("{}: {e}", path.display()),
+                })?;
+                let certs = rustls_pemfile::certs(&mut pem.as_slice())
+                    .filter_map(Result::ok)
+                    .count();
+                if certs == 0 {
+                    return Err(ConfigError::Invalid {
+                        flag: "--redis-ca-cert",
+                        reason: format!("{}: no PEM certificate found", path.display()),
+                    });
+                }
+                Some(pem)
+            }
+        };
         let positive = |flag: &'static str, v: usize| {
             if v == 0 {
                 Err(ConfigError::Invalid {
@@ -422,6 +453,7 @@ impl ServeArgs {
                 redis_url: self.redis_url,
                 redis_cluster: self.redis_cluster,
                 redis_min_replicas: self.redis_min_replicas,
+                redis_ca_cert,
                 verifier: Arc::new(verifier),
                 hmac_secret,
                 jwt_issuer: self.jwt_issuer.filter(|s| !s.is_empty()),

@@ -198,9 +198,12 @@ async fn api_publish(
             format!("not allowed to publish to room '{room}'"),
         );
     }
-    let key = match idempotency_key(&headers) {
-        Ok(k) => k,
-        Err(e) => return e,
+    let Ok(key) = idempotency_key(&headers) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "invalid Idempotency-Key: 1 to 64 characters of A-Z a-z 0-9 _ - . :",
+        );
     };
     let body = match body {
         Ok(b) => b,
@@ -235,18 +238,15 @@ async fn api_publish(
     }
 }
 
-/// The `Idempotency-Key` header (PROTOCOL.md section 11), validated.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Response> {
+/// The `Idempotency-Key` header (PROTOCOL.md section 11); `Err` when it is
+/// present but invalid.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ()> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
     match value.to_str() {
         Ok(k) if wsgate_protocol::is_valid_key(k) => Ok(Some(k)),
-        _ => Err(error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "invalid Idempotency-Key: 1 to 64 characters of A-Z a-z 0-9 _ - . :",
-        )),
+        _ => Err(()),
     }
 }
 

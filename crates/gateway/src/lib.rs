@@ -195,6 +195,7 @@ pub async fn run(
                     history: config.history,
                     history_ttl: config.history_ttl,
                     min_replicas: config.redis_min_replicas,
+                    ca_cert: config.redis_ca_cert.clone(),
                 },
                 rooms.clone(),
                 metrics.clone(),

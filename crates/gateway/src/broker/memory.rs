@@ -363,7 +363,7 @@ mod tests {
     async fn resume_replays_what_history_still_holds() {
         let b = broker(3).await;
         for _ in 0..5 {
-            b.publish("r", parts("x"), None).await.unwrap().seq;
+            b.publish("r", parts("x"), None).await.unwrap();
         }
         let epoch = b.history("r", None).await.unwrap().epoch;
         let since = |seq| {
@@ -393,7 +393,7 @@ mod tests {
     #[tokio::test]
     async fn idle_rooms_are_swept() {
         let b = broker(3).await;
-        b.publish("r", parts("x"), None).await.unwrap().seq;
+        b.publish("r", parts("x"), None).await.unwrap();
         let epoch = b.history("r", None).await.unwrap().epoch;
         b.sweep(Duration::ZERO);
         let h = b.history("r", None).await.unwrap();
@@ -418,7 +418,7 @@ mod tests {
             logs, 0,
             "no state for rooms with neither members nor history"
         );
-        b.publish("kept", parts("x"), None).await.unwrap().seq;
+        b.publish("kept", parts("x"), None).await.unwrap();
         b.unsubscribe("kept");
         assert_eq!(
             b.history("kept", None).await.unwrap().latest,
@@ -431,7 +431,7 @@ mod tests {
     async fn history_stays_under_the_node_budget_by_evicting_with_a_new_epoch() {
         let budget = 10_000;
         let (b, _rooms) = budgeted(1000, budget);
-        b.publish("old", parts("x"), None).await.unwrap().seq;
+        b.publish("old", parts("x"), None).await.unwrap();
         let old_epoch = b.history("old", None).await.unwrap().epoch;
         for i in 0..200 {
             b.publish(&format!("room{}", i % 20), parts(&"y".repeat(100)), None)
@@ -452,7 +452,7 @@ mod tests {
     async fn replay_pages_stop_at_the_epoch_and_the_bound() {
         let b = broker(1000).await;
         for _ in 0..600 {
-            b.publish("r", parts("x"), None).await.unwrap().seq;
+            b.publish("r", parts("x"), None).await.unwrap();
         }
         let epoch = b.history("r", None).await.unwrap().epoch;
         let page = b.replay_page("r", &epoch, 10, 500).await.unwrap();

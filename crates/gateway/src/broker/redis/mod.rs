@@ -41,6 +41,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use wsgate_protocol::MessageParts;
 
+pub(crate) mod sentinel;
 mod sharded;
 
 use super::{
@@ -61,6 +62,26 @@ pub struct Settings {
     /// Replicas that must have a publish before it is acknowledged
     /// (`--redis-min-replicas`).
     pub min_replicas: u32,
+    /// PEM CA for `rediss://` (`--redis-ca-cert`); the system roots otherwise.
+    pub ca_cert: Option<Vec<u8>>,
+}
+
+fn tls_certs(ca: &[u8]) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca.to_vec()),
+    }
+}
+
+/// A command connection to one Redis server, reconnecting by itself.
+fn connection_manager(client: redis::Client) -> Result<ConnectionManager, BrokerError> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(COMMAND_TIMEOUT))
+        .set_response_timeout(Some(COMMAND_TIMEOUT))
+        .set_number_of_retries(1)
+        .set_min_delay(BACKOFF_BASE)
+        .set_max_delay(BACKOFF_CAP);
+    ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)
 }
 
 /// The publish script.
@@ -239,9 +260,15 @@ struct SubState {
 }
 
 struct Inner {
-    /// The standalone client (pub/sub connections); `None` on a cluster.
-    client: Option<redis::Client>,
-    conn: Conn,
+    /// A Redis Cluster (sharded pub/sub, channels named after the slot).
+    cluster: bool,
+    /// The primary's client, for the relay's pub/sub connections; `None` on
+    /// a cluster, and with Sentinel until a primary is found.
+    primary: std::sync::RwLock<Option<redis::Client>>,
+    /// The command connection; `None` with Sentinel until a primary is found.
+    conn: std::sync::RwLock<Option<Conn>>,
+    /// Bumped when Sentinel names another primary: the relay reconnects.
+    switched: watch::Sender<u64>,
     publish: Script,
     history: Script,
     settings: Settings,
@@ -286,6 +313,15 @@ impl RedisBroker {
         tasks: &TaskTracker,
     ) -> Result<Arc<dyn Broker>, BrokerError> {
         let (commands, command_rx) = mpsc::unbounded_channel();
+        let ca = settings.ca_cert.clone();
+        let sentinel = match sentinel::parse(url) {
+            Some(parsed) => Some(
+                parsed
+                    .and_then(|u| sentinel::client(&u, ca.as_deref()).map_err(|e| e.to_string()))
+                    .map_err(|e| BrokerError::Unavailable(format!("bad sentinel URL: {e}")))?,
+            ),
+            None => None,
+        };
         let (client, conn, pushes) = if cluster {
             // Sharded pub/sub needs RESP3: messages arrive as pushes, and
             // the library re-subscribes after reconnects and slot moves.
@@ -295,33 +331,39 @@ impl RedisBroker {
                 .map(str::trim)
                 .filter(|u| !u.is_empty())
                 .collect();
-            let client = redis::cluster::ClusterClientBuilder::new(seeds)
+            let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
                 .use_protocol(redis::ProtocolVersion::RESP3)
                 .connection_timeout(COMMAND_TIMEOUT)
                 .response_timeout(COMMAND_TIMEOUT)
-                .push_sender(push_tx)
-                .build()
-                .map_err(unavailable)?;
+                .push_sender(push_tx);
+            if let Some(ca) = &ca {
+                builder = builder.certs(tls_certs(ca));
+            }
+            let client = builder.build().map_err(unavailable)?;
             let conn = tokio::time::timeout(COMMAND_TIMEOUT * 5, client.get_async_connection())
                 .await
                 .map_err(|_| unavailable("redis cluster did not answer"))?
                 .map_err(unavailable)?;
-            (None, Conn::Cluster(conn), Some(push_rx))
+            (None, Some(Conn::Cluster(conn)), Some(push_rx))
+        } else if sentinel.is_some() {
+            (None, None, None)
         } else {
-            let client = redis::Client::open(url).map_err(unavailable)?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(COMMAND_TIMEOUT))
-                .set_response_timeout(Some(COMMAND_TIMEOUT))
-                .set_number_of_retries(1)
-                .set_min_delay(BACKOFF_BASE)
-                .set_max_delay(BACKOFF_CAP);
-            let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-                .map_err(unavailable)?;
-            (Some(client), Conn::Single(conn), None)
+            let client = match &ca {
+                Some(ca) => redis::Client::build_with_tls(url, tls_certs(ca)),
+                None => redis::Client::open(url),
+            }
+            .map_err(unavailable)?;
+            if url.starts_with("rediss://") {
+                check_tls(&client).await?;
+            }
+            let conn = connection_manager(client.clone())?;
+            (Some(client), Some(Conn::Single(conn)), None)
         };
         let inner = Arc::new(Inner {
-            client: client.clone(),
-            conn,
+            cluster,
+            primary: std::sync::RwLock::new(client),
+            conn: std::sync::RwLock::new(conn),
+            switched: watch::channel(0).0,
             publish: Script::new(PUBLISH_LUA),
             history: Script::new(HISTORY_LUA),
             settings,
@@ -333,11 +375,8 @@ impl RedisBroker {
             commands_up: AtomicBool::new(false),
         });
         inner.metrics.broker_up.set(0);
-        match (client, pushes) {
-            (Some(client), _) => {
-                tasks.spawn(relay(inner.clone(), client, command_rx, stop.clone()));
-            }
-            (None, Some(pushes)) => {
+        match pushes {
+            Some(pushes) => {
                 tasks.spawn(sharded_relay(
                     inner.clone(),
                     command_rx,
@@ -345,14 +384,69 @@ impl RedisBroker {
                     stop.clone(),
                 ));
             }
-            (None, None) => {}
+            None => {
+                tasks.spawn(relay(inner.clone(), command_rx, stop.clone()));
+            }
+        }
+        if let Some(sentinel) = sentinel {
+            tasks.spawn(sentinel::follow(inner.clone(), sentinel, stop.clone()));
         }
         tasks.spawn(health(inner.clone(), stop));
         Ok(Arc::new(RedisBroker { inner }))
     }
 }
 
+/// A TLS Redis that cannot be verified (wrong CA, wrong host name) is a
+/// configuration error, not an outage: refuse to start, with one clear line.
+/// An unreachable one is an outage: start, not ready.
+async fn check_tls(client: &redis::Client) -> Result<(), BrokerError> {
+    let attempt =
+        tokio::time::timeout(COMMAND_TIMEOUT, client.get_multiplexed_async_connection()).await;
+    match attempt {
+        Ok(Err(e)) if is_tls_error(&e) => Err(BrokerError::Unavailable(format!(
+            "TLS to redis failed (check --redis-ca-cert and the host name): {}",
+            redact_url(&e.to_string())
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn is_tls_error(e: &redis::RedisError) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    ["certificate", "tls", "unknownissuer", "handshake"]
+        .iter()
+        .any(|w| text.contains(w))
+}
+
 impl Inner {
+    /// The command connection, unless no primary is known yet (Sentinel).
+    fn conn(&self) -> Result<Conn, BrokerError> {
+        self.conn
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| unavailable("no redis primary known yet"))
+    }
+
+    /// The primary's client for the relay's pub/sub connection.
+    fn primary(&self) -> Option<redis::Client> {
+        self.primary
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sentinel named a (new) primary: commands and the relay move to it.
+    fn switch_primary(&self, client: redis::Client) -> Result<(), BrokerError> {
+        let conn = connection_manager(client.clone())?;
+        *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(Conn::Single(conn));
+        *self.primary.write().unwrap_or_else(|p| p.into_inner()) = Some(client);
+        self.commands_up.store(false, Ordering::Release);
+        self.update_up();
+        self.switched.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
     fn subs(&self) -> MutexGuard<'_, HashMap<Arc<str>, SubState>> {
         self.subs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -392,7 +486,7 @@ impl Inner {
         if n == 0 {
             return Ok(());
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let mut wait = redis::cmd("WAIT");
         wait.arg(n).arg(REPLICA_WAIT.as_millis() as u64);
         match tokio::time::timeout(COMMAND_TIMEOUT, wait.query_async::<i64>(&mut conn)).await {
@@ -419,7 +513,7 @@ impl Inner {
 
     async fn read_log(&self, room: &str, since: Option<u64>) -> Result<Log, BrokerError> {
         let [seq, epoch, log] = keys(room);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn()?;
         let mut call = self.history.prepare_invoke();
         call.key(seq)
             .key(epoch)
@@ -488,7 +582,7 @@ impl Inner {
     }
 
     fn channel(&self, room: &str) -> String {
-        if self.client.is_some() {
+        if !self.cluster {
             channel(room)
         } else {
             sharded_channel(room)
@@ -496,7 +590,7 @@ impl Inner {
     }
 
     fn room_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
-        if self.client.is_some() {
+        if !self.cluster {
             channel.strip_prefix(CHANNEL_PREFIX)
         } else {
             channel
@@ -583,13 +677,19 @@ fn jittered(backoff: Duration) -> Duration {
 /// changes in the order they were made, and forwards messages to the rooms.
 async fn relay(
     inner: Arc<Inner>,
-    client: redis::Client,
     mut commands: mpsc::UnboundedReceiver<SubCmd>,
     stop: CancellationToken,
 ) {
     let mut backoff = BACKOFF_BASE;
     let mut connected_before = false;
+    let mut switched = inner.switched.subscribe();
     loop {
+        switched.mark_unchanged();
+        let Some(client) = inner.primary() else {
+            // Sentinel has not named a primary yet.
+            sleep_backoff(&mut backoff, &stop).await;
+            continue;
+        };
         let pubsub = tokio::select! {
             _ = stop.cancelled() => return,
             r = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub()) => r,
@@ -637,6 +737,10 @@ async fn relay(
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = switched.changed() => {
+                    info!("redis primary changed; the relay moves to it");
+                    break;
+                }
                 cmd = commands.recv() => {
                     let Some(cmd) = cmd else { return };
                     if let Err(e) = apply(&inner, &mut sink, cmd).await {
@@ -710,7 +814,11 @@ async fn health(inner: Arc<Inner>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let mut conn = inner.conn.clone();
+        let Ok(mut conn) = inner.conn() else {
+            inner.commands_up.store(false, Ordering::Release);
+            inner.update_up();
+            continue;
+        };
         let ok = matches!(
             tokio::time::timeout(
                 COMMAND_TIMEOUT,
@@ -781,15 +889,11 @@ impl Broker for RedisBroker {
                 .arg(new_epoch())
                 .arg(inner.ttl_secs())
                 .arg(inner.channel(room))
-                .arg(if inner.client.is_some() {
-                    "PUBLISH"
-                } else {
-                    "SPUBLISH"
-                })
+                .arg(if inner.cluster { "SPUBLISH" } else { "PUBLISH" })
                 .arg(deadline)
                 .arg(if key.is_some() { "1" } else { "0" })
                 .arg(IDEMPOTENCY_WINDOW.as_secs());
-            let mut conn = inner.conn.clone();
+            let mut conn = inner.conn()?;
             let (seq, duplicate): (i64, i64) =
                 tokio::time::timeout(COMMAND_TIMEOUT, call.invoke_async(&mut conn))
                     .await

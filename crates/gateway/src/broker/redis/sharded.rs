@@ -19,7 +19,7 @@ pub(super) async fn sharded_relay(
     mut pushes: mpsc::UnboundedReceiver<redis::PushInfo>,
     stop: CancellationToken,
 ) {
-    let Conn::Cluster(mut conn) = inner.conn.clone() else {
+    let Ok(Conn::Cluster(mut conn)) = inner.conn() else {
         return;
     };
     inner.set_relay_up(true);

@@ -32,6 +32,17 @@ use crate::{App, Slot};
 /// How long a closing connection waits for the client's Close reply.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// The farthest deadline a session sets (about 30 years): a token's `exp`
+/// may be anything up to `u64::MAX`, and `Instant` arithmetic must not
+/// overflow on it.
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// `t + d`, saturating at [`FAR_FUTURE`] from `t` instead of panicking.
+fn later(t: Instant, d: Duration) -> Instant {
+    // `t + FAR_FUTURE` is far inside `Instant`'s range (i64 seconds).
+    t.checked_add(d.min(FAR_FUTURE)).unwrap_or(t)
+}
+
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -114,22 +125,15 @@ pub(crate) fn start(
         app.metrics.clone(),
     );
     let (sink, stream) = ws.split();
-    let session = Box::new(Session {
-        bucket: Bucket::new(app.config.publish_rate, app.config.publish_burst),
-        expires: expiry_instant(claims.exp, app.config.verifier.leeway()),
-        rooms: RoomSet::default(),
-        handle,
-        claims,
-        app,
-        _slot: slot,
-    });
-    session.run(sink, stream, conn_id).instrument(span)
+    Session::new(app, claims, slot, handle)
+        .run(sink, stream, conn_id)
+        .instrument(span)
 }
 
 fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
     let deadline = Duration::from_secs(exp).saturating_add(leeway);
     let now = Duration::from_secs(now_secs());
-    Instant::now() + deadline.saturating_sub(now)
+    later(Instant::now(), deadline.saturating_sub(now))
 }
 
 /// Writes queued frames, one flush per batch, until the connection closes;
@@ -213,9 +217,6 @@ impl RoomSet {
             None => false,
         }
     }
-    fn drain(&mut self) -> std::vec::Drain<'_, Arc<str>> {
-        self.0.drain(..)
-    }
 }
 
 struct Session {
@@ -229,10 +230,34 @@ struct Session {
     expires: Instant,
 }
 
+/// The drop guard: however the session ends (its loop returning, a panic,
+/// its task aborted or its future dropped in the middle of an `.await`),
+/// it releases its memberships with their broker subscriptions and its
+/// entry in the connection registry; the slot is released with `_slot`.
+/// Both steps are idempotent, so the normal end path may run them first.
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.leave_all();
+        self.app.conns.remove(&self.handle);
+    }
+}
+
 /// What ended the read loop, for the log.
 type Ended = &'static str;
 
 impl Session {
+    fn new(app: Arc<App>, claims: Claims, slot: Slot, handle: Arc<ConnHandle>) -> Box<Session> {
+        Box::new(Session {
+            bucket: Bucket::new(app.config.publish_rate, app.config.publish_burst),
+            expires: expiry_instant(claims.exp, app.config.verifier.leeway()),
+            rooms: RoomSet::default(),
+            handle,
+            claims,
+            app,
+            _slot: slot,
+        })
+    }
+
     /// The connection's one task: the reader and the writer run side by
     /// side in it (joined, not spawned), which saves a task per connection.
     async fn run(mut self: Box<Self>, sink: Sink, stream: Stream, conn_id: String) {
@@ -295,7 +320,7 @@ impl Session {
     async fn read_loop(&mut self, mut stream: Stream) -> Ended {
         let heartbeat = self.app.config.heartbeat;
         let pong_timeout = self.app.config.pong_timeout;
-        let mut next_ping = Instant::now() + heartbeat;
+        let mut next_ping = later(Instant::now(), heartbeat);
         // When a Ping went out with nothing heard since.
         let mut awaiting: Option<Instant> = None;
         let mut closing_since: Option<Instant> = None;
@@ -311,7 +336,7 @@ impl Session {
             let deadline = match closing_since {
                 Some(since) => since + CLOSE_LINGER,
                 None => awaiting
-                    .map_or(next_ping, |sent| (sent + pong_timeout).min(next_ping))
+                    .map_or(next_ping, |sent| later(sent, pong_timeout).min(next_ping))
                     .min(self.expires),
             };
             if timer.deadline() != deadline {
@@ -332,14 +357,14 @@ impl Session {
                     let now = Instant::now();
                     if now >= self.expires {
                         self.close(close::TOKEN_EXPIRED, "token expired");
-                    } else if awaiting.is_some_and(|sent| now >= sent + pong_timeout) {
+                    } else if awaiting.is_some_and(|sent| now >= later(sent, pong_timeout)) {
                         // Do not wait for a silent peer's reply.
                         self.close(close::POLICY, "heartbeat timeout");
                         return "heartbeat timeout";
                     } else if now >= next_ping {
                         self.handle.ping();
                         awaiting.get_or_insert(now);
-                        next_ping = now + heartbeat;
+                        next_ping = later(now, heartbeat);
                     }
                 }
                 msg = stream.next() => {
@@ -421,11 +446,17 @@ impl Session {
         let app = self.app.clone();
         app.rooms.add_pending(&room, &self.handle);
         if !member {
-            if let Err(e) = app.broker.subscribe(&room).await {
+            // The broker takes its reference when `subscribe` is called:
+            // from then on the room is in `self.rooms`, so that the drop
+            // guard releases it even if this future is dropped mid-await.
+            let subscribed = app.broker.subscribe(&room);
+            self.rooms.insert(Arc::from(room.as_ref()));
+            if let Err(e) = subscribed.await {
+                // A failed subscribe has already given its reference back.
+                self.rooms.remove(room.as_ref());
                 app.rooms.remove(&room, &self.handle);
                 return self.error(ErrorCode::Unavailable, format!("{e}; retry later"), id);
             }
-            self.rooms.insert(Arc::from(room.as_ref()));
         }
         let since = since.map(|seq| Since {
             seq,
@@ -470,8 +501,7 @@ impl Session {
 
     fn leave(&mut self, room: &str, id: Option<Id>) {
         if self.rooms.remove(room) {
-            self.app.rooms.remove(room, &self.handle);
-            self.app.broker.unsubscribe(room);
+            self.release(room);
         }
         self.send(ServerFrame::Left(Left {
             room: room.to_owned(),
@@ -479,10 +509,32 @@ impl Session {
         }));
     }
 
+    /// Give up a membership already taken out of `self.rooms`: the local
+    /// registry entry and the broker reference.
+    fn release(&self, room: &str) {
+        self.app.rooms.remove(room, &self.handle);
+        self.app.broker.unsubscribe(room);
+    }
+
     fn leave_all(&mut self) {
-        for room in self.rooms.drain() {
-            self.app.rooms.remove(&room, &self.handle);
-            self.app.broker.unsubscribe(&room);
+        for room in std::mem::take(&mut self.rooms.0) {
+            self.release(&room);
+        }
+    }
+
+    /// After a `refresh`: leave every room the new grants no longer cover,
+    /// each answered with an unsolicited `left` (no `id`).
+    fn leave_ungranted(&mut self) {
+        let rooms = &self.claims.rooms;
+        let gone: Vec<Arc<str>> = self
+            .rooms
+            .0
+            .iter()
+            .filter(|r| !rooms.allows(r))
+            .cloned()
+            .collect();
+        for room in gone {
+            self.leave(&room, None);
         }
     }
 
@@ -525,6 +577,7 @@ impl Session {
                 self.expires = expiry_instant(claims.exp, self.app.config.verifier.leeway());
                 let exp = claims.exp;
                 self.claims = claims;
+                self.leave_ungranted();
                 self.send(ServerFrame::Refreshed(Refreshed { exp, id }));
             }
             Ok(_) => self.error(
@@ -544,10 +597,13 @@ impl Session {
 /// Map a read error to the close code PROTOCOL.md gives it; `None` when
 /// the connection is simply gone.
 fn classify(e: axum::Error) -> Option<(u16, &'static str)> {
-    use tungstenite::error::{CapacityError, Error as WsError};
+    use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
     let inner = e.into_inner();
     let ws = inner.downcast_ref::<WsError>()?;
     match ws {
+        // The peer went away (reset or EOF) without a Close frame, as a
+        // killed client does: closed by the client, not a protocol error.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
         WsError::Utf8(_) => Some((close::INVALID_PAYLOAD, "invalid UTF-8 in text frame")),
         WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
             Some((close::TOO_BIG, "message too big"))
@@ -586,5 +642,119 @@ mod tests {
         assert!(left > Duration::from_secs(13) && left <= Duration::from_secs(15));
         let past = expiry_instant(now.saturating_sub(100), Duration::from_secs(5));
         assert!(past <= Instant::now());
+    }
+
+    #[test]
+    fn a_huge_exp_saturates_instead_of_overflowing() {
+        let far = expiry_instant(u64::MAX, Duration::from_secs(u64::MAX));
+        assert!(far >= Instant::now() + Duration::from_secs(20 * 365 * 24 * 3600));
+        let t = Instant::now();
+        assert_eq!(later(t, Duration::MAX), later(t, FAR_FUTURE));
+    }
+
+    /// A broker whose subscriptions never become ready (a frozen Redis):
+    /// like the real ones, it takes its reference when `subscribe` is called.
+    #[derive(Default)]
+    struct StuckBroker {
+        refs: std::sync::atomic::AtomicI64,
+    }
+
+    impl crate::broker::Broker for StuckBroker {
+        fn publish<'a>(
+            &'a self,
+            _room: &'a str,
+            _parts: MessageParts,
+        ) -> crate::broker::BoxFut<'a, Result<u64, crate::broker::BrokerError>> {
+            Box::pin(std::future::pending())
+        }
+        fn subscribe<'a>(
+            &'a self,
+            _room: &'a str,
+        ) -> crate::broker::BoxFut<'a, Result<(), crate::broker::BrokerError>> {
+            self.refs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(std::future::pending())
+        }
+        fn unsubscribe(&self, _room: &str) {
+            self.refs.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn history<'a>(
+            &'a self,
+            _room: &'a str,
+            _since: Option<Since<'a>>,
+        ) -> crate::broker::BoxFut<'a, Result<crate::broker::RoomHistory, crate::broker::BrokerError>>
+        {
+            Box::pin(std::future::pending())
+        }
+        fn is_up(&self) -> bool {
+            true
+        }
+    }
+
+    fn app_with(broker: Arc<dyn crate::broker::Broker>) -> Arc<App> {
+        use clap::Parser;
+        let cli = crate::config::Cli::try_parse_from(["wsgate", "--jwt-secret", "s"]).unwrap();
+        let (config, _) = cli.serve.into_config().unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new("n"));
+        Arc::new(App {
+            conns: crate::Conns::default(),
+            draining: Default::default(),
+            active: Default::default(),
+            conn_seq: Default::default(),
+            conn_prefix: 0,
+            sessions: Default::default(),
+            rooms: Arc::new(crate::rooms::Rooms::new(metrics.clone())),
+            config,
+            metrics,
+            broker,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_session_aborted_mid_join_releases_everything_it_held() {
+        let broker = Arc::new(StuckBroker::default());
+        let app = app_with(broker.clone());
+        let slot = app.try_slot().unwrap();
+        let handle = ConnHandle::new("c-1", 1 << 20, app.metrics.clone());
+        app.conns.insert(&handle);
+        let claims = Claims {
+            sub: "alice".into(),
+            exp: u64::MAX,
+            rooms: crate::auth::Grants::from_patterns(["*"]),
+            publish: crate::auth::Grants::from_patterns(["*"]),
+        };
+        let mut session = Session::new(app.clone(), claims, slot, handle);
+        let task = tokio::spawn(async move {
+            session.join(Cow::Borrowed("lobby"), None, None, None).await;
+        });
+        // Bounded wait for the join to be stuck in `subscribe`.
+        for _ in 0..1000 {
+            if app.rooms.member_count("lobby") == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(app.rooms.member_count("lobby"), 1, "join did not start");
+        assert_eq!(broker.refs.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+
+        assert_eq!(app.rooms.member_count("lobby"), 0);
+        assert_eq!(app.metrics.rooms_active.get(), 0);
+        assert_eq!(broker.refs.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(app.conns.all().is_empty(), "connection still registered");
+        assert_eq!(app.metrics.connections_active.get(), 0, "slot kept");
+        // A later message of the room reaches no one and counts no delivery.
+        let frame = Utf8Bytes::from(
+            MessageParts::new(
+                "lobby",
+                "bob",
+                &RawValue::from_string("1".into()).unwrap(),
+                1,
+            )
+            .frame(1),
+        );
+        app.rooms.deliver("lobby", "e", 1, &frame);
+        assert_eq!(app.metrics.messages_delivered.get(), 0);
     }
 }

@@ -222,6 +222,9 @@ async fn api_publish(
             )
         }
     };
+    if let Err(e) = wsgate_protocol::check_depth(data.get()) {
+        return error(StatusCode::BAD_REQUEST, "bad_request", e);
+    }
     app.metrics.messages_received.inc();
     let parts = MessageParts::new(&room, &claims.sub, data, now_ms());
     match app.publish(&room, parts).await {

@@ -197,3 +197,60 @@ async fn refresh_with_fewer_grants_leaves_the_rooms_with_redis() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn numeric_ids_come_back_as_the_client_wrote_them() {
+    let node = Node::start(&[]).await;
+    let (mut ws, _) = Ws::open(&node.ws_url(), "alice").await;
+    for id in ["1e3", "-0", "1.50", "18446744073709551616"] {
+        ws.send_text(&format!(r#"{{"type":"ping","id":{id}}}"#))
+            .await;
+        assert_eq!(ws.text().await, format!(r#"{{"type":"pong","id":{id}}}"#));
+        ws.send_text(&format!(r#"{{"type":"join","room":"bad room","id":{id}}}"#))
+            .await;
+        let text = ws.text().await;
+        assert!(text.ends_with(&format!(r#","id":{id}}}"#)), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn deeply_nested_data_is_refused_over_websocket_and_http() {
+    let node = Node::start(&[]).await;
+    let (mut ws, _) = Ws::open(&node.ws_url(), "alice").await;
+    ws.join("lobby").await;
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    ws.send_text(&format!(
+        r#"{{"type":"publish","room":"lobby","data":{deep},"id":"d"}}"#
+    ))
+    .await;
+    let v = ws.json().await;
+    assert_eq!(
+        (v["code"].as_str(), v["id"].as_str()),
+        (Some("bad_request"), Some("d")),
+        "{v}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("nested deeper than 64"),
+        "{v}"
+    );
+
+    let auth = format!("Bearer {}", any_token("backend"));
+    let url = format!("{}/api/rooms/lobby/messages", node.http_url());
+    let (status, _, body) =
+        wsgate_testkit::http("POST", &url, &[("authorization", &auth)], deep.as_bytes())
+            .await
+            .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("nested deeper than 64"), "{body}");
+
+    // 64 levels are fine, and nothing deeper was relayed before them.
+    let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));
+    assert_eq!(
+        ws.publish("lobby", serde_json::from_str(&ok).unwrap())
+            .await["seq"],
+        1
+    );
+}

@@ -26,6 +26,7 @@ use wsgate_protocol::{
 
 use crate::auth::Claims;
 use crate::broker::Since;
+use crate::limits::Bucket;
 use crate::outbound::{CloseReason, ConnHandle};
 use crate::{App, Slot};
 
@@ -54,48 +55,6 @@ fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// Token bucket for the per-connection publish limit: starts full, only
-/// accepted publishes take from it.
-#[derive(Debug)]
-pub struct Bucket {
-    tokens: f64,
-    burst: f64,
-    rate: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    /// A full bucket.
-    pub fn new(rate: f64, burst: u32) -> Bucket {
-        Bucket {
-            tokens: f64::from(burst),
-            burst: f64::from(burst),
-            rate,
-            last: Instant::now(),
-        }
-    }
-
-    /// Give back a token taken for a publish the broker then refused: only
-    /// accepted publishes take from the bucket.
-    pub fn refund(&mut self) {
-        self.tokens = (self.tokens + 1.0).min(self.burst);
-    }
-
-    /// Take one token if there is one.
-    pub fn try_take(&mut self) -> bool {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 type Sink = SplitSink<WebSocket, Message>;
@@ -226,7 +185,10 @@ struct Session {
     handle: Arc<ConnHandle>,
     claims: Claims,
     rooms: RoomSet,
+    /// Publishes of this connection (the user's shared bucket is in `app.limits`).
     bucket: Bucket,
+    /// Joins of this connection.
+    joins: Bucket,
     expires: Instant,
 }
 
@@ -239,6 +201,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.leave_all();
         self.app.conns.remove(&self.handle);
+        self.app.limits.detach(&self.claims.sub);
     }
 }
 
@@ -247,8 +210,11 @@ type Ended = &'static str;
 
 impl Session {
     fn new(app: Arc<App>, claims: Claims, slot: Slot, handle: Arc<ConnHandle>) -> Box<Session> {
+        // Released by the drop guard, with the rest.
+        app.limits.attach(&claims.sub);
         Box::new(Session {
             bucket: Bucket::new(app.config.publish_rate, app.config.publish_burst),
+            joins: Bucket::new(app.config.join_rate, app.config.join_burst),
             expires: expiry_instant(claims.exp, app.config.verifier.leeway()),
             rooms: RoomSet::default(),
             handle,
@@ -410,6 +376,11 @@ impl Session {
         };
         let id = frame.id;
         match frame.cmd {
+            ClientCommand::Join { .. } if !self.joins.try_take() => self.error(
+                ErrorCode::RateLimited,
+                "join rate limit exceeded; retry later",
+                id,
+            ),
             ClientCommand::Join { room, since, epoch } => self.join(room, since, epoch, id).await,
             ClientCommand::Leave { room } => self.leave(&room, id),
             ClientCommand::Publish { room, data } => self.publish(&room, data, id).await,
@@ -553,6 +524,14 @@ impl Session {
                 id,
             );
         }
+        if self.app.limits.try_take(&self.claims.sub).is_err() {
+            self.bucket.refund();
+            return self.error(
+                ErrorCode::RateLimited,
+                "publish rate limit of this user exceeded; message dropped",
+                id,
+            );
+        }
         let parts = MessageParts::new(room, &self.claims.sub, data, now_ms());
         match self.app.publish(room, parts).await {
             Ok(seq) => self.send(ServerFrame::Ack(Ack {
@@ -562,6 +541,7 @@ impl Session {
             })),
             Err(e) => {
                 self.bucket.refund();
+                self.app.limits.refund(&self.claims.sub);
                 self.error(
                     ErrorCode::Unavailable,
                     format!("{e}; message not delivered"),
@@ -617,22 +597,6 @@ fn classify(e: axum::Error) -> Option<(u16, &'static str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn bucket_starts_full_and_refills_at_rate() {
-        let mut b = Bucket::new(10.0, 3);
-        assert!(b.try_take() && b.try_take() && b.try_take());
-        assert!(!b.try_take());
-        tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(b.try_take(), "one token after 1/rate");
-        assert!(!b.try_take());
-        tokio::time::advance(Duration::from_secs(60)).await;
-        let taken = (0..10).filter(|_| b.try_take()).count();
-        assert_eq!(taken, 3, "never more than the burst");
-        b.refund();
-        assert!(b.try_take(), "a refunded token can be taken again");
-        assert!(!b.try_take());
-    }
 
     #[test]
     fn expiry_includes_leeway() {
@@ -696,6 +660,7 @@ mod tests {
         let (config, _) = cli.serve.into_config().unwrap();
         let metrics = Arc::new(crate::metrics::Metrics::new("n"));
         Arc::new(App {
+            limits: crate::limits::UserLimits::new(1.0, 1),
             conns: crate::Conns::default(),
             draining: Default::default(),
             active: Default::default(),
@@ -744,6 +709,7 @@ mod tests {
         assert_eq!(broker.refs.load(std::sync::atomic::Ordering::SeqCst), 0);
         assert!(app.conns.all().is_empty(), "connection still registered");
         assert_eq!(app.metrics.connections_active.get(), 0, "slot kept");
+        assert!(app.limits.is_empty(), "user entry kept");
         // A later message of the room reaches no one and counts no delivery.
         let frame = Utf8Bytes::from(
             MessageParts::new(

@@ -445,7 +445,7 @@ impl Session {
                 // Paced: a replay may be larger than the outbound limit; it
                 // waits for the client to read instead of closing it, but
                 // no longer than the heartbeat would let a silent peer live.
-                let patience = app.config.heartbeat + app.config.pong_timeout;
+                let patience = app.config.heartbeat.saturating_add(app.config.pong_timeout);
                 let mut replayed = 0;
                 for f in h.frames {
                     if !self.handle.send_paced(f, patience).await {

@@ -95,6 +95,20 @@ async fn a_token_with_the_largest_exp_connects_and_refreshes_without_panic() {
     assert!(!node.logs().contains("panicked"), "{}", node.logs());
 }
 
+#[tokio::test]
+async fn absurd_heartbeat_and_pong_timeout_do_not_overflow() {
+    let huge = "500000000000y";
+    let node = Node::start(&["--heartbeat", huge, "--pong-timeout", huge]).await;
+    let (mut ws, _) = Ws::open_with(&node.ws_url(), &endless_token()).await;
+    // Not a member yet: the ack is the only answer.
+    assert_eq!(ws.publish("lobby", json!(1)).await["type"], "ack");
+    // A resume with a replay (the paced path, patience = heartbeat + pong timeout).
+    ws.send(json!({"type":"join","room":"lobby","since":0,"id":"s"}))
+        .await;
+    assert_eq!(ws.json().await["recovered"], true);
+    assert_eq!(ws.json().await["seq"], 1);
+}
+
 #[test]
 fn wsgate_token_refuses_an_absurd_ttl() {
     let out = std::process::Command::new(BIN)

@@ -421,6 +421,8 @@ mod tests {
             "-3",
             "123456789012345678901234567890",
             "2E-2",
+            "1e400",
+            "0.5e+7",
         ] {
             let text = format!(r#"{{"type":"ping","id":{id}}}"#);
             let frame = parse_client_frame(&text).unwrap();
@@ -434,7 +436,11 @@ mod tests {
         assert_eq!(frame.id, Some(Id::Str("1e3".into())));
         assert_eq!(IdNum::from(7).as_u64(), Some(7));
         assert_eq!(IdNum::parse("7.0").unwrap().as_u64(), None);
-        assert!(IdNum::parse("true").is_none() && IdNum::parse("\"7\"").is_none());
+        for bad in [
+            "true", "\"7\"", "", "-", "01", "1.", ".5", "1e", "1e+", "+1", "1 2", "0x1",
+        ] {
+            assert!(IdNum::parse(bad).is_none(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -20,12 +20,11 @@ pub enum Id {
 pub struct IdNum(Box<str>);
 
 impl IdNum {
-    /// `text` when it is one JSON number (surrounding whitespace ignored).
+    /// `text` when it is one JSON number (surrounding whitespace ignored),
+    /// of any size: `1e400` is a valid id even though no `f64` holds it.
     pub fn parse(text: &str) -> Option<IdNum> {
         let text = text.trim();
-        let numeric = matches!(text.as_bytes().first(), Some(b'-' | b'0'..=b'9'));
-        (numeric && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok())
-            .then(|| IdNum(text.into()))
+        is_json_number(text).then(|| IdNum(text.into()))
     }
 
     /// The number's JSON text.
@@ -37,6 +36,43 @@ impl IdNum {
     pub fn as_u64(&self) -> Option<u64> {
         self.0.parse().ok()
     }
+}
+
+/// The JSON number grammar (RFC 8259 section 6), checked on the text:
+/// serde_json would parse the value and refuse what overflows an `f64`.
+fn is_json_number(text: &str) -> bool {
+    let b = text.as_bytes();
+    let mut i = usize::from(b.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i - start
+    };
+    match b.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => {
+            digits(&mut i);
+        }
+        _ => return false,
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    i == b.len()
 }
 
 impl From<u64> for IdNum {

@@ -134,6 +134,19 @@ pub struct ServeArgs {
     /// Per-connection publish burst.
     #[arg(long, env = "WSGATE_PUBLISH_BURST", default_value_t = 200)]
     pub publish_burst: u32,
+    /// Per-user publish limit on this node, messages per second, shared by
+    /// the user's connections and HTTP API calls [default: --publish-rate].
+    #[arg(long, env = "WSGATE_USER_PUBLISH_RATE")]
+    pub user_publish_rate: Option<f64>,
+    /// Per-user publish burst [default: --publish-burst].
+    #[arg(long, env = "WSGATE_USER_PUBLISH_BURST")]
+    pub user_publish_burst: Option<u32>,
+    /// Per-connection `join` limit, joins per second.
+    #[arg(long, env = "WSGATE_JOIN_RATE", default_value_t = 50.0)]
+    pub join_rate: f64,
+    /// Per-connection `join` burst.
+    #[arg(long, env = "WSGATE_JOIN_BURST", default_value_t = 200)]
+    pub join_burst: u32,
     /// Rooms one connection may be in.
     #[arg(long, env = "WSGATE_MAX_ROOMS", default_value_t = 100)]
     pub max_rooms: usize,
@@ -291,6 +304,14 @@ pub struct Config {
     pub publish_rate: f64,
     /// Publish burst per connection.
     pub publish_burst: u32,
+    /// Publish rate per user on this node (messages/s).
+    pub user_publish_rate: f64,
+    /// Publish burst per user on this node.
+    pub user_publish_burst: u32,
+    /// Join rate per connection (joins/s).
+    pub join_rate: f64,
+    /// Join burst per connection.
+    pub join_burst: u32,
     /// Rooms per connection.
     pub max_rooms: usize,
     /// Drain bound.
@@ -433,11 +454,27 @@ impl ServeArgs {
                 reason: "must be greater than 0".into(),
             });
         }
-        if !(self.publish_rate.is_finite() && self.publish_rate > 0.0) || self.publish_burst == 0 {
-            return Err(ConfigError::Invalid {
-                flag: "--publish-rate/--publish-burst",
-                reason: "must be greater than 0".into(),
-            });
+        let user_publish_rate = self.user_publish_rate.unwrap_or(self.publish_rate);
+        let user_publish_burst = self.user_publish_burst.unwrap_or(self.publish_burst);
+        for (flag, rate, burst) in [
+            (
+                "--publish-rate/--publish-burst",
+                self.publish_rate,
+                self.publish_burst,
+            ),
+            (
+                "--user-publish-rate/--user-publish-burst",
+                user_publish_rate,
+                user_publish_burst,
+            ),
+            ("--join-rate/--join-burst", self.join_rate, self.join_burst),
+        ] {
+            if !(rate.is_finite() && rate > 0.0) || burst == 0 {
+                return Err(ConfigError::Invalid {
+                    flag,
+                    reason: "must be greater than 0".into(),
+                });
+            }
         }
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(crate::listener::load_tls(cert, key)?),
@@ -470,6 +507,10 @@ impl ServeArgs {
                 max_outbound_bytes: self.max_outbound_bytes,
                 publish_rate: self.publish_rate,
                 publish_burst: self.publish_burst,
+                user_publish_rate,
+                user_publish_burst,
+                join_rate: self.join_rate,
+                join_burst: self.join_burst,
                 max_rooms: self.max_rooms,
                 drain_timeout: self.drain_timeout,
                 handshake_timeout: self.handshake_timeout,
@@ -528,6 +569,8 @@ mod tests {
         assert_eq!(s.max_outbound_bytes, 1_048_576);
         assert_eq!(s.publish_rate, 100.0);
         assert_eq!(s.publish_burst, 200);
+        assert_eq!((s.user_publish_rate, s.user_publish_burst), (None, None));
+        assert_eq!((s.join_rate, s.join_burst), (50.0, 200));
         assert_eq!(s.max_rooms, 100);
         assert_eq!(s.drain_timeout, Duration::from_secs(10));
         assert!(!s.dev);

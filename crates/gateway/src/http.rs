@@ -230,11 +230,22 @@ async fn api_publish(
             )
         }
     };
+    if let Err(e) = wsgate_protocol::check_depth(data.get()) {
+        return error(StatusCode::BAD_REQUEST, "bad_request", e);
+    }
+    if let Err(limited) = app.limits.try_take(&claims.sub) {
+        return limited.into_response();
+    }
     app.metrics.messages_received.inc();
     let parts = MessageParts::new(&room, &claims.sub, data, now_ms());
     match app.publish(&room, parts, key).await {
         Ok(seq) => Json(json!({"room": room, "seq": seq})).into_response(),
-        Err(e) => broker_error(&e),
+        Err(e) => {
+            if matches!(e, BrokerError::Unavailable(_)) {
+                app.limits.refund(&claims.sub);
+            }
+            broker_error(&e)
+        }
     }
 }
 

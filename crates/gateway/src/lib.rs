@@ -12,6 +12,7 @@
 //! - [`listener`]: accept loop, TLS, HTTP/1 connections.
 //! - [`session`]: one WebSocket connection (reader, writer, protocol).
 //! - [`outbound`]: a connection's bounded outbound queue.
+//! - [`limits`]: rate limits: token buckets, per-user publish buckets.
 //! - [`rooms`]: local room registry and fan-out.
 //! - [`broker`]: the broker trait, in-process and Redis implementations.
 //! - [`ops`]: `/health`, `/ready`, `/metrics` on the operations listener.
@@ -22,6 +23,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod http;
+pub mod limits;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
@@ -99,6 +101,8 @@ pub struct App {
     pub rooms: Arc<Rooms>,
     /// The broker.
     pub broker: Arc<dyn Broker>,
+    /// Per-user publish buckets (WebSocket and HTTP API).
+    pub limits: limits::UserLimits,
     conns: Conns,
     draining: AtomicBool,
     active: AtomicUsize,
@@ -228,6 +232,7 @@ pub async fn run(
         }
     };
     let app = Arc::new(App {
+        limits: limits::UserLimits::new(config.user_publish_rate, config.user_publish_burst),
         conns: Conns::default(),
         draining: AtomicBool::new(false),
         active: AtomicUsize::new(0),

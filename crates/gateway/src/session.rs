@@ -26,11 +26,23 @@ use wsgate_protocol::{
 
 use crate::auth::Claims;
 use crate::broker::{BrokerError, RoomHistory, Since};
+use crate::limits::Bucket;
 use crate::outbound::{CloseReason, ConnHandle};
 use crate::{App, Slot};
 
 /// How long a closing connection waits for the client's Close reply.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// The farthest deadline a session sets (about 30 years): a token's `exp`
+/// may be anything up to `u64::MAX`, and `Instant` arithmetic must not
+/// overflow on it.
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// `t + d`, saturating at [`FAR_FUTURE`] from `t` instead of panicking.
+fn later(t: Instant, d: Duration) -> Instant {
+    // `t + FAR_FUTURE` is far inside `Instant`'s range (i64 seconds).
+    t.checked_add(d.min(FAR_FUTURE)).unwrap_or(t)
+}
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
@@ -43,48 +55,6 @@ fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// Token bucket for the per-connection publish limit: starts full, only
-/// accepted publishes take from it.
-#[derive(Debug)]
-pub struct Bucket {
-    tokens: f64,
-    burst: f64,
-    rate: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    /// A full bucket.
-    pub fn new(rate: f64, burst: u32) -> Bucket {
-        Bucket {
-            tokens: f64::from(burst),
-            burst: f64::from(burst),
-            rate,
-            last: Instant::now(),
-        }
-    }
-
-    /// Give back a token taken for a publish the broker then refused: only
-    /// accepted publishes take from the bucket.
-    pub fn refund(&mut self) {
-        self.tokens = (self.tokens + 1.0).min(self.burst);
-    }
-
-    /// Take one token if there is one.
-    pub fn try_take(&mut self) -> bool {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 type Sink = SplitSink<WebSocket, Message>;
@@ -114,22 +84,15 @@ pub(crate) fn start(
         app.metrics.clone(),
     );
     let (sink, stream) = ws.split();
-    let session = Box::new(Session {
-        bucket: Bucket::new(app.config.publish_rate, app.config.publish_burst),
-        expires: expiry_instant(claims.exp, app.config.verifier.leeway()),
-        rooms: RoomSet::default(),
-        handle,
-        claims,
-        app,
-        _slot: slot,
-    });
-    session.run(sink, stream, conn_id).instrument(span)
+    Session::new(app, claims, slot, handle)
+        .run(sink, stream, conn_id)
+        .instrument(span)
 }
 
 fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
     let deadline = Duration::from_secs(exp).saturating_add(leeway);
     let now = Duration::from_secs(now_secs());
-    Instant::now() + deadline.saturating_sub(now)
+    later(Instant::now(), deadline.saturating_sub(now))
 }
 
 /// Writes queued frames, one flush per batch, until the connection closes;
@@ -213,9 +176,6 @@ impl RoomSet {
             None => false,
         }
     }
-    fn drain(&mut self) -> std::vec::Drain<'_, Arc<str>> {
-        self.0.drain(..)
-    }
 }
 
 struct Session {
@@ -225,14 +185,45 @@ struct Session {
     handle: Arc<ConnHandle>,
     claims: Claims,
     rooms: RoomSet,
+    /// Publishes of this connection (the user's shared bucket is in `app.limits`).
     bucket: Bucket,
+    /// Joins of this connection.
+    joins: Bucket,
     expires: Instant,
+}
+
+/// The drop guard: however the session ends (its loop returning, a panic,
+/// its task aborted or its future dropped in the middle of an `.await`),
+/// it releases its memberships with their broker subscriptions and its
+/// entry in the connection registry; the slot is released with `_slot`.
+/// Both steps are idempotent, so the normal end path may run them first.
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.leave_all();
+        self.app.conns.remove(&self.handle);
+        self.app.limits.detach(&self.claims.sub);
+    }
 }
 
 /// What ended the read loop, for the log.
 type Ended = &'static str;
 
 impl Session {
+    fn new(app: Arc<App>, claims: Claims, slot: Slot, handle: Arc<ConnHandle>) -> Box<Session> {
+        // Released by the drop guard, with the rest.
+        app.limits.attach(&claims.sub);
+        Box::new(Session {
+            bucket: Bucket::new(app.config.publish_rate, app.config.publish_burst),
+            joins: Bucket::new(app.config.join_rate, app.config.join_burst),
+            expires: expiry_instant(claims.exp, app.config.verifier.leeway()),
+            rooms: RoomSet::default(),
+            handle,
+            claims,
+            app,
+            _slot: slot,
+        })
+    }
+
     /// The connection's one task: the reader and the writer run side by
     /// side in it (joined, not spawned), which saves a task per connection.
     async fn run(mut self: Box<Self>, sink: Sink, stream: Stream, conn_id: String) {
@@ -295,7 +286,7 @@ impl Session {
     async fn read_loop(&mut self, mut stream: Stream) -> Ended {
         let heartbeat = self.app.config.heartbeat;
         let pong_timeout = self.app.config.pong_timeout;
-        let mut next_ping = Instant::now() + heartbeat;
+        let mut next_ping = later(Instant::now(), heartbeat);
         // When a Ping went out with nothing heard since.
         let mut awaiting: Option<Instant> = None;
         let mut closing_since: Option<Instant> = None;
@@ -311,7 +302,7 @@ impl Session {
             let deadline = match closing_since {
                 Some(since) => since + CLOSE_LINGER,
                 None => awaiting
-                    .map_or(next_ping, |sent| (sent + pong_timeout).min(next_ping))
+                    .map_or(next_ping, |sent| later(sent, pong_timeout).min(next_ping))
                     .min(self.expires),
             };
             if timer.deadline() != deadline {
@@ -332,14 +323,14 @@ impl Session {
                     let now = Instant::now();
                     if now >= self.expires {
                         self.close(close::TOKEN_EXPIRED, "token expired");
-                    } else if awaiting.is_some_and(|sent| now >= sent + pong_timeout) {
+                    } else if awaiting.is_some_and(|sent| now >= later(sent, pong_timeout)) {
                         // Do not wait for a silent peer's reply.
                         self.close(close::POLICY, "heartbeat timeout");
                         return "heartbeat timeout";
                     } else if now >= next_ping {
                         self.handle.ping();
                         awaiting.get_or_insert(now);
-                        next_ping = now + heartbeat;
+                        next_ping = later(now, heartbeat);
                     }
                 }
                 msg = stream.next() => {
@@ -385,6 +376,11 @@ impl Session {
         };
         let id = frame.id;
         match frame.cmd {
+            ClientCommand::Join { .. } if !self.joins.try_take() => self.error(
+                ErrorCode::RateLimited,
+                "join rate limit exceeded; retry later",
+                id,
+            ),
             ClientCommand::Join { room, since, epoch } => self.join(room, since, epoch, id).await,
             ClientCommand::Leave { room } => self.leave(&room, id),
             ClientCommand::Publish { room, data, key } => {
@@ -428,11 +424,17 @@ impl Session {
         }
         app.rooms.add_pending(&room, &self.handle);
         if !member {
-            if let Err(e) = app.broker.subscribe(&room).await {
+            // The broker takes its reference when `subscribe` is called:
+            // from then on the room is in `self.rooms`, so that the drop
+            // guard releases it even if this future is dropped mid-await.
+            let subscribed = app.broker.subscribe(&room);
+            self.rooms.insert(Arc::from(room.as_ref()));
+            if let Err(e) = subscribed.await {
+                // A failed subscribe has already given its reference back.
+                self.rooms.remove(room.as_ref());
                 app.rooms.remove(&room, &self.handle);
                 return self.error(ErrorCode::Unavailable, format!("{e}; retry later"), id);
             }
-            self.rooms.insert(Arc::from(room.as_ref()));
         }
         let since = since.map(|seq| Since {
             seq,
@@ -477,7 +479,7 @@ impl Session {
     /// connection is then closing: a replay cut short must not look whole).
     async fn replay(&self, room: &str, since: u64, h: &RoomHistory) -> bool {
         let app = &self.app;
-        let patience = app.config.heartbeat + app.config.pong_timeout;
+        let patience = app.config.heartbeat.saturating_add(app.config.pong_timeout);
         let mut next = since.saturating_add(1);
         let mut page = h.frames.clone();
         let mut replayed = 0;
@@ -510,8 +512,7 @@ impl Session {
 
     fn leave(&mut self, room: &str, id: Option<Id>) {
         if self.rooms.remove(room) {
-            self.app.rooms.remove(room, &self.handle);
-            self.app.broker.unsubscribe(room);
+            self.release(room);
         }
         self.send(ServerFrame::Left(Left {
             room: room.to_owned(),
@@ -519,10 +520,32 @@ impl Session {
         }));
     }
 
+    /// Give up a membership already taken out of `self.rooms`: the local
+    /// registry entry and the broker reference.
+    fn release(&self, room: &str) {
+        self.app.rooms.remove(room, &self.handle);
+        self.app.broker.unsubscribe(room);
+    }
+
     fn leave_all(&mut self) {
-        for room in self.rooms.drain() {
-            self.app.rooms.remove(&room, &self.handle);
-            self.app.broker.unsubscribe(&room);
+        for room in std::mem::take(&mut self.rooms.0) {
+            self.release(&room);
+        }
+    }
+
+    /// After a `refresh`: leave every room the new grants no longer cover,
+    /// each answered with an unsolicited `left` (no `id`).
+    fn leave_ungranted(&mut self) {
+        let rooms = &self.claims.rooms;
+        let gone: Vec<Arc<str>> = self
+            .rooms
+            .0
+            .iter()
+            .filter(|r| !rooms.allows(r))
+            .cloned()
+            .collect();
+        for room in gone {
+            self.leave(&room, None);
         }
     }
 
@@ -541,6 +564,14 @@ impl Session {
                 id,
             );
         }
+        if self.app.limits.try_take(&self.claims.sub).is_err() {
+            self.bucket.refund();
+            return self.error(
+                ErrorCode::RateLimited,
+                "publish rate limit of this user exceeded; message dropped",
+                id,
+            );
+        }
         let parts = MessageParts::new(room, &self.claims.sub, data, now_ms());
         match self.app.publish(room, parts, key).await {
             Ok(seq) => self.send(ServerFrame::Ack(Ack {
@@ -550,6 +581,7 @@ impl Session {
             })),
             Err(e @ BrokerError::Unavailable(_)) => {
                 self.bucket.refund();
+                self.app.limits.refund(&self.claims.sub);
                 self.error(
                     ErrorCode::Unavailable,
                     format!("{e}; message not delivered"),
@@ -570,6 +602,7 @@ impl Session {
                 self.expires = expiry_instant(claims.exp, self.app.config.verifier.leeway());
                 let exp = claims.exp;
                 self.claims = claims;
+                self.leave_ungranted();
                 self.send(ServerFrame::Refreshed(Refreshed { exp, id }));
             }
             Ok(_) => self.error(
@@ -589,10 +622,13 @@ impl Session {
 /// Map a read error to the close code PROTOCOL.md gives it; `None` when
 /// the connection is simply gone.
 fn classify(e: axum::Error) -> Option<(u16, &'static str)> {
-    use tungstenite::error::{CapacityError, Error as WsError};
+    use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
     let inner = e.into_inner();
     let ws = inner.downcast_ref::<WsError>()?;
     match ws {
+        // The peer went away (reset or EOF) without a Close frame, as a
+        // killed client does: closed by the client, not a protocol error.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
         WsError::Utf8(_) => Some((close::INVALID_PAYLOAD, "invalid UTF-8 in text frame")),
         WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
             Some((close::TOO_BIG, "message too big"))
@@ -607,22 +643,6 @@ fn classify(e: axum::Error) -> Option<(u16, &'static str)> {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn bucket_starts_full_and_refills_at_rate() {
-        let mut b = Bucket::new(10.0, 3);
-        assert!(b.try_take() && b.try_take() && b.try_take());
-        assert!(!b.try_take());
-        tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(b.try_take(), "one token after 1/rate");
-        assert!(!b.try_take());
-        tokio::time::advance(Duration::from_secs(60)).await;
-        let taken = (0..10).filter(|_| b.try_take()).count();
-        assert_eq!(taken, 3, "never more than the burst");
-        b.refund();
-        assert!(b.try_take(), "a refunded token can be taken again");
-        assert!(!b.try_take());
-    }
-
     #[test]
     fn expiry_includes_leeway() {
         let now = now_secs();
@@ -631,5 +651,133 @@ mod tests {
         assert!(left > Duration::from_secs(13) && left <= Duration::from_secs(15));
         let past = expiry_instant(now.saturating_sub(100), Duration::from_secs(5));
         assert!(past <= Instant::now());
+    }
+
+    #[test]
+    fn a_huge_exp_saturates_instead_of_overflowing() {
+        let far = expiry_instant(u64::MAX, Duration::from_secs(u64::MAX));
+        assert!(far >= Instant::now() + Duration::from_secs(20 * 365 * 24 * 3600));
+        let t = Instant::now();
+        assert_eq!(later(t, Duration::MAX), later(t, FAR_FUTURE));
+    }
+
+    /// A broker whose subscriptions never become ready (a frozen Redis):
+    /// like the real ones, it takes its reference when `subscribe` is called.
+    #[derive(Default)]
+    struct StuckBroker {
+        refs: std::sync::atomic::AtomicI64,
+    }
+
+    impl crate::broker::Broker for StuckBroker {
+        fn publish<'a>(
+            &'a self,
+            _room: &'a str,
+            _parts: MessageParts,
+            _key: Option<&'a str>,
+        ) -> crate::broker::BoxFut<'a, Result<crate::broker::Published, crate::broker::BrokerError>>
+        {
+            Box::pin(std::future::pending())
+        }
+        fn subscribe<'a>(
+            &'a self,
+            _room: &'a str,
+        ) -> crate::broker::BoxFut<'a, Result<(), crate::broker::BrokerError>> {
+            self.refs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(std::future::pending())
+        }
+        fn unsubscribe(&self, _room: &str) {
+            self.refs.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn history<'a>(
+            &'a self,
+            _room: &'a str,
+            _since: Option<Since<'a>>,
+        ) -> crate::broker::BoxFut<'a, Result<crate::broker::RoomHistory, crate::broker::BrokerError>>
+        {
+            Box::pin(std::future::pending())
+        }
+        fn replay_page<'a>(
+            &'a self,
+            _room: &'a str,
+            _epoch: &'a str,
+            _after: u64,
+            _upto: u64,
+        ) -> crate::broker::BoxFut<'a, Result<Vec<(u64, Utf8Bytes)>, crate::broker::BrokerError>>
+        {
+            Box::pin(std::future::pending())
+        }
+        fn is_up(&self) -> bool {
+            true
+        }
+    }
+
+    fn app_with(broker: Arc<dyn crate::broker::Broker>) -> Arc<App> {
+        use clap::Parser;
+        let cli = crate::config::Cli::try_parse_from(["wsgate", "--jwt-secret", "s"]).unwrap();
+        let (config, _) = cli.serve.into_config().unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new("n"));
+        Arc::new(App {
+            limits: crate::limits::UserLimits::new(1.0, 1),
+            conns: crate::Conns::default(),
+            draining: Default::default(),
+            active: Default::default(),
+            conn_seq: Default::default(),
+            conn_prefix: 0,
+            sessions: Default::default(),
+            rooms: Arc::new(crate::rooms::Rooms::new(metrics.clone())),
+            config,
+            metrics,
+            broker,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_session_aborted_mid_join_releases_everything_it_held() {
+        let broker = Arc::new(StuckBroker::default());
+        let app = app_with(broker.clone());
+        let slot = app.try_slot().unwrap();
+        let handle = ConnHandle::new("c-1", 1 << 20, app.metrics.clone());
+        app.conns.insert(&handle);
+        let claims = Claims {
+            sub: "alice".into(),
+            exp: u64::MAX,
+            rooms: crate::auth::Grants::from_patterns(["*"]),
+            publish: crate::auth::Grants::from_patterns(["*"]),
+        };
+        let mut session = Session::new(app.clone(), claims, slot, handle);
+        let task = tokio::spawn(async move {
+            session.join(Cow::Borrowed("lobby"), None, None, None).await;
+        });
+        // Bounded wait for the join to be stuck in `subscribe`.
+        for _ in 0..1000 {
+            if app.rooms.member_count("lobby") == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(app.rooms.member_count("lobby"), 1, "join did not start");
+        assert_eq!(broker.refs.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+
+        assert_eq!(app.rooms.member_count("lobby"), 0);
+        assert_eq!(app.metrics.rooms_active.get(), 0);
+        assert_eq!(broker.refs.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(app.conns.all().is_empty(), "connection still registered");
+        assert_eq!(app.metrics.connections_active.get(), 0, "slot kept");
+        assert!(app.limits.is_empty(), "user entry kept");
+        // A later message of the room reaches no one and counts no delivery.
+        let frame = Utf8Bytes::from(
+            MessageParts::new(
+                "lobby",
+                "bob",
+                &RawValue::from_string("1".into()).unwrap(),
+                1,
+            )
+            .frame(1),
+        );
+        app.rooms.deliver("lobby", "e", 1, &frame);
+        assert_eq!(app.metrics.messages_delivered.get(), 0);
     }
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
 use crate::room::{is_valid_key, is_valid_room};
-use crate::server::Id;
+use crate::server::{Id, IdNum};
 
 /// A parsed client frame: its optional `id` and its command.
 #[derive(Debug)]
@@ -126,15 +126,55 @@ fn raw_str(raw: &RawValue) -> Option<Cow<'_, str>> {
     }
 }
 
+/// The `id`, a number kept as the client's text (`1e3` stays `1e3`).
 fn parse_id(raw: Option<&RawValue>) -> Result<Option<Id>, String> {
     let Some(raw) = raw else { return Ok(None) };
-    match raw.get().as_bytes().first() {
-        Some(b'n') => Ok(None),
-        Some(b'"' | b'-' | b'0'..=b'9') => serde_json::from_str::<Id>(raw.get())
-            .map(Some)
-            .map_err(|_| "field 'id' must be a string or a number".to_owned()),
-        _ => Err("field 'id' must be a string or a number".to_owned()),
+    let text = raw.get();
+    if text == "null" {
+        return Ok(None);
     }
+    let id = match raw_str(raw) {
+        Some(s) => Some(Id::Str(s.into_owned())),
+        None => IdNum::parse(text).map(Id::Num),
+    };
+    id.map(Some)
+        .ok_or_else(|| "field 'id' must be a string or a number".to_owned())
+}
+
+/// How deep `data` (and any JSON this crate checks) may nest: 64 levels
+/// of arrays and objects. Deeper values are refused with `bad_request`
+/// before they are stored or relayed.
+pub const MAX_DEPTH: usize = 64;
+
+/// Refuse JSON text that nests arrays and objects deeper than
+/// [`MAX_DEPTH`]. A scan of the text, without recursion, so that it costs
+/// nothing but time on a 100,000-deep value. `text` is assumed to be JSON
+/// (brackets inside strings are skipped).
+pub fn check_depth(text: &str) -> Result<(), String> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(format!("JSON nested deeper than {MAX_DEPTH} levels"));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Parse one client text frame.
@@ -209,6 +249,7 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame<'_>, FrameError> {
             let data = raw
                 .data
                 .ok_or_else(|| fail("missing field 'data'".to_owned()))?;
+            check_depth(data.get()).map_err(|e| fail(format!("field 'data': {e}")))?;
             let key = match raw.key {
                 None => None,
                 Some(r) if r.get() == "null" => None,
@@ -369,7 +410,7 @@ mod tests {
             ClientCommand::Publish { .. }
         ));
         let err = parse_client_frame(r#"{"type":"publish","room":"r","id":7}"#).unwrap_err();
-        assert_eq!(err.id, Some(Id::Num(7.into())));
+        assert_eq!(err.id, Some(Id::Num(7u64.into())));
         assert!(err.message.contains("data"));
     }
 
@@ -382,7 +423,62 @@ mod tests {
         assert!(err.message.contains("unknown type"));
         let err =
             parse_client_frame(r#"{"type":"join","room":"a","since":-1,"id":1}"#).unwrap_err();
-        assert_eq!(err.id, Some(Id::Num(1.into())));
+        assert_eq!(err.id, Some(Id::Num(1u64.into())));
+    }
+
+    #[test]
+    fn numeric_ids_are_echoed_as_written() {
+        use crate::server::{Pong, ServerFrame};
+        for id in [
+            "1e3",
+            "-0",
+            "1.50",
+            "7",
+            "-3",
+            "123456789012345678901234567890",
+            "2E-2",
+            "1e400",
+            "0.5e+7",
+        ] {
+            let text = format!(r#"{{"type":"ping","id":{id}}}"#);
+            let frame = parse_client_frame(&text).unwrap();
+            let answer = ServerFrame::Pong(Pong { id: frame.id }).to_json();
+            assert_eq!(answer, format!(r#"{{"type":"pong","id":{id}}}"#));
+            // And a client reads it back unchanged.
+            let again = ServerFrame::parse(&answer).unwrap();
+            assert_eq!(again.to_json(), answer);
+        }
+        let frame = parse_client_frame(r#"{"type":"ping","id":"1e3"}"#).unwrap();
+        assert_eq!(frame.id, Some(Id::Str("1e3".into())));
+        assert_eq!(IdNum::from(7).as_u64(), Some(7));
+        assert_eq!(IdNum::parse("7.0").unwrap().as_u64(), None);
+        for bad in [
+            "true", "\"7\"", "", "-", "01", "1.", ".5", "1e", "1e+", "+1", "1 2", "0x1",
+        ] {
+            assert!(IdNum::parse(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn data_nested_deeper_than_the_limit_is_refused() {
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let publish =
+            |data: &str| format!(r#"{{"type":"publish","room":"r","data":{data},"id":5}}"#);
+        assert!(parse_client_frame(&publish(&nested(MAX_DEPTH))).is_ok());
+        let err = parse_client_frame(&publish(&nested(MAX_DEPTH + 1))).unwrap_err();
+        assert!(
+            err.message.contains("nested deeper than 64"),
+            "{}",
+            err.message
+        );
+        assert_eq!(err.id, Some(Id::Num(5u64.into())));
+        let err = parse_client_frame(&publish(&nested(100_000))).unwrap_err();
+        assert!(err.message.contains("nested deeper"));
+        // Objects count too; brackets inside strings do not.
+        let objects = format!("{}1{}", r#"{"a":"#.repeat(65), "}".repeat(65));
+        assert!(check_depth(&objects).is_err());
+        let quoted = format!(r#"["{}\"{}"]"#, "[".repeat(100), "{".repeat(100));
+        assert!(check_depth(&quoted).is_ok());
     }
 
     #[test]

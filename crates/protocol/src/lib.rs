@@ -16,10 +16,13 @@ pub mod client;
 pub mod room;
 pub mod server;
 
-pub use client::{parse_client_frame, ClientCommand, ClientFrame, ClientRequest, FrameError};
+pub use client::{
+    check_depth, parse_client_frame, ClientCommand, ClientFrame, ClientRequest, FrameError,
+    MAX_DEPTH,
+};
 pub use room::{is_valid_key, is_valid_room, MAX_KEY_LEN, MAX_ROOM_LEN};
 pub use server::{
-    peek_message, Ack, ErrorCode, ErrorFrame, Id, Joined, Left, Message, MessageParts, Pong,
+    peek_message, Ack, ErrorCode, ErrorFrame, Id, IdNum, Joined, Left, Message, MessageParts, Pong,
     Refreshed, ServerFrame, Welcome,
 };
 

@@ -6,21 +6,114 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
 /// A request `id`: a string or a number, echoed verbatim.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Id {
-    /// A numeric id.
-    Num(serde_json::Number),
+    /// A numeric id, kept as the client's exact JSON text.
+    Num(IdNum),
     /// A string id.
     Str(String),
+}
+
+/// A numeric `id` exactly as the client wrote it: `1e3` is echoed `1e3`,
+/// `-0` as `-0`, never re-encoded through a float.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdNum(Box<str>);
+
+impl IdNum {
+    /// `text` when it is one JSON number (surrounding whitespace ignored),
+    /// of any size: `1e400` is a valid id even though no `f64` holds it.
+    pub fn parse(text: &str) -> Option<IdNum> {
+        let text = text.trim();
+        is_json_number(text).then(|| IdNum(text.into()))
+    }
+
+    /// The number's JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The number as a `u64`, when it is written as one (`7`, not `7.0`).
+    pub fn as_u64(&self) -> Option<u64> {
+        self.0.parse().ok()
+    }
+}
+
+/// The JSON number grammar (RFC 8259 section 6), checked on the text:
+/// serde_json would parse the value and refuse what overflows an `f64`.
+fn is_json_number(text: &str) -> bool {
+    let b = text.as_bytes();
+    let mut i = usize::from(b.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i - start
+    };
+    match b.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => {
+            digits(&mut i);
+        }
+        _ => return false,
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    i == b.len()
+}
+
+impl From<u64> for IdNum {
+    fn from(n: u64) -> IdNum {
+        IdNum(n.to_string().into())
+    }
 }
 
 impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Id::Num(n) => write!(f, "{n}"),
+            Id::Num(n) => f.write_str(n.as_str()),
             Id::Str(s) => f.write_str(s),
         }
+    }
+}
+
+impl Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Id::Str(text) => s.serialize_str(text),
+            Id::Num(n) => RawValue::from_string(n.as_str().to_owned())
+                .map_err(serde::ser::Error::custom)?
+                .serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let raw = Box::<RawValue>::deserialize(d)?;
+        let text = raw.get();
+        if text.starts_with('"') {
+            return serde_json::from_str(text)
+                .map(Id::Str)
+                .map_err(D::Error::custom);
+        }
+        IdNum::parse(text)
+            .map(Id::Num)
+            .ok_or_else(|| D::Error::custom("an id must be a string or a number"))
     }
 }
 

@@ -502,6 +502,11 @@ pub struct MintRequest<'a> {
     pub audience: Option<&'a str>,
 }
 
+/// The longest lifetime `wsgate token` mints: 100 years. A verifier takes
+/// any `exp` (the session saturates its deadline), but a tool should not
+/// mint absurd ones.
+pub const MAX_MINT_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Mint an HS256 token (`iat` = now, `exp` = now + ttl, `rooms`/`publish`
 /// arrays, `iss`/`aud` when given).
 pub fn mint_hs256(secret: &[u8], req: &MintRequest<'_>) -> Result<String, AuthError> {
@@ -511,6 +516,11 @@ pub fn mint_hs256(secret: &[u8], req: &MintRequest<'_>) -> Result<String, AuthEr
     }
     if req.sub.is_empty() {
         return Err(AuthError::Mint("`sub` must not be empty".to_owned()));
+    }
+    if req.ttl > MAX_MINT_TTL {
+        return Err(AuthError::Mint(
+            "ttl too large: at most 100 years (100y)".to_owned(),
+        ));
     }
     let now = unix_now();
     let exp = now

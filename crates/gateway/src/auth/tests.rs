@@ -809,6 +809,26 @@ fn mint_refuses_bad_input() {
         }
     )
     .is_err());
+    // `wsgate token --ttl 500000000000y` fits in a u64 but is refused with
+    // a clear reason; 100 years is the longest.
+    let absurd = humantime::parse_duration("500000000000y").unwrap();
+    let e = mint_hs256(
+        SECRET,
+        &MintRequest {
+            ttl: absurd,
+            ..req.clone()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("at most 100 years"), "{e}");
+    assert!(mint_hs256(
+        SECRET,
+        &MintRequest {
+            ttl: MAX_MINT_TTL,
+            ..req.clone()
+        }
+    )
+    .is_ok());
     // A token with no grants verifies and grants nothing.
     let claims = hmac_verifier()
         .verify(&mint_hs256(SECRET, &req).unwrap())

@@ -4,25 +4,28 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use base64::Engine as _;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
-use tracing::{debug, info_span, warn};
+use tracing::{debug, error, info_span, warn, Span};
 use wsgate_protocol::{is_valid_room, MessageParts};
 
 use crate::auth::{self, AuthError, Claims, MintRequest};
-use crate::metrics::Rejection;
+use crate::metrics::{Limit, Rejection};
 use crate::session::{self, now_ms};
 use crate::App;
 
@@ -37,12 +40,24 @@ const WS_READ_BUFFER: usize = 256;
 /// flushes at the end of every batch anyway.
 const WS_WRITE_BUFFER: usize = 16 * 1024;
 
+/// The node-wide budget of HTTP API body bytes being read or held
+/// (`--max-inflight-body-bytes`), one semaphore permit a byte.
+#[derive(Clone)]
+struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+}
+
 /// The router of the public listener.
 pub fn router(app: Arc<App>) -> Router {
-    let max_body = app.config.max_message_bytes;
+    let total = app.config.max_inflight_body_bytes;
+    let budget = BodyBudget {
+        bytes: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
+        total,
+    };
     let mut router = Router::new().route("/ws", get(upgrade)).route(
         "/api/rooms/{room}/messages",
-        post(api_publish).layer(DefaultBodyLimit::max(max_body)),
+        post(api_publish).layer(Extension(budget)),
     );
     if app.config.dev {
         router = router
@@ -56,16 +71,30 @@ pub fn router(app: Arc<App>) -> Router {
             Duration::from_secs(30),
         ))
         .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-                info_span!(
-                    "http",
-                    method = %req.method(),
-                    uri = %auth::redact_query(&req.uri().to_string()),
-                    remote = %remote(req.headers(), req.extensions().get::<PeerAddr>()),
-                )
-            }),
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request<_>| {
+                    info_span!(
+                        "http",
+                        method = %req.method(),
+                        uri = %auth::redact_query(&req.uri().to_string()),
+                        remote = %remote(req.headers(), req.extensions().get::<PeerAddr>()),
+                    )
+                })
+                .on_failure(on_failure),
         )
         .with_state(app)
+}
+
+/// TraceLayer's failure log. A 503 or 504 is an expected answer (the
+/// broker is down, the node is full or draining; the broker logs its own
+/// outage once), so it is logged at `debug`, not as an ERROR per request.
+fn on_failure(class: ServerErrorsFailureClass, latency: Duration, _span: &Span) {
+    match class {
+        ServerErrorsFailureClass::StatusCode(
+            status @ (StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT),
+        ) => debug!(status = status.as_u16(), ?latency, "response unavailable"),
+        other => error!(classification = %other, ?latency, "response failed"),
+    }
 }
 
 /// The client's address for logs: the first `X-Forwarded-For` entry when
@@ -152,6 +181,14 @@ async fn upgrade(
         };
     };
     let ws = match ws {
+        Ok(_) if !valid_key(&headers) => {
+            app.metrics.reject(Rejection::BadRequest);
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "Sec-WebSocket-Key must be the base64 encoding of 16 bytes",
+            );
+        }
         Ok(ws) => ws,
         Err(rejection) => {
             app.metrics.reject(Rejection::BadRequest);
@@ -172,42 +209,49 @@ async fn upgrade(
         })
 }
 
+/// RFC 6455 4.1: the key is 16 random bytes, base64-encoded.
+fn valid_key(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|k| {
+            base64::engine::general_purpose::STANDARD
+                .decode(k.as_bytes())
+                .ok()
+        })
+        .is_some_and(|key| key.len() == 16)
+}
+
 async fn api_publish(
     State(app): State<Arc<App>>,
+    Extension(budget): Extension<BodyBudget>,
     Path(room): Path<String>,
     headers: HeaderMap,
     uri: Uri,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
+    // Everything that needs no body is checked from the head alone: a
+    // refused request costs no body byte (and no 100 Continue is sent).
     let claims = match authenticate(&app, &headers, &uri) {
         Ok(c) => c,
-        Err(e) => return unauthorized(&e),
+        Err(e) => return unread(unauthorized(&e)),
     };
     if !is_valid_room(&room) {
-        return error(
+        return unread(error(
             StatusCode::BAD_REQUEST,
             "bad_request",
             "invalid room name: 1 to 128 characters of A-Z a-z 0-9 _ - . :",
-        );
+        ));
     }
     if !claims.publish.allows(&room) {
-        return error(
+        return unread(error(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!("not allowed to publish to room '{room}'"),
-        );
+        ));
     }
-    let body = match body {
-        Ok(b) => b,
-        Err(rejection) => {
-            let status = rejection.status();
-            let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                "too_large"
-            } else {
-                "bad_request"
-            };
-            return error(status, code, rejection.body_text());
-        }
+    let (body, _held) = match read_body(&app, &budget, &headers, body).await {
+        Ok(read) => read,
+        Err(refused) => return unread(refused),
     };
     let data: &RawValue = match std::str::from_utf8(&body)
         .ok()
@@ -227,6 +271,75 @@ async fn api_publish(
     match app.publish(&room, parts).await {
         Ok(seq) => Json(json!({"room": room, "seq": seq})).into_response(),
         Err(e) => unavailable("1", &format!("{e}; message not delivered")),
+    }
+}
+
+/// An answer given without reading (all of) the request body: the
+/// connection is closed after it rather than kept for another request.
+fn unread(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+fn too_large(max: usize) -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("body larger than {max} bytes"),
+    )
+}
+
+/// Read an API body: at most `--max-message-bytes` (413), within
+/// `--body-timeout` (408), and only with room in the node's body budget
+/// (503 with `Retry-After`). The returned permit holds the body's share of
+/// the budget until dropped.
+async fn read_body(
+    app: &App,
+    budget: &BodyBudget,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Bytes, OwnedSemaphorePermit), Response> {
+    let max = app.config.max_message_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large(max));
+    }
+    // Reserve what the body may take: its declared length, else the
+    // maximum. A body larger than the whole budget is read only alone.
+    let want = declared
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(max)
+        .min(budget.total);
+    let held = budget
+        .bytes
+        .clone()
+        .try_acquire_many_owned(u32::try_from(want).unwrap_or(u32::MAX))
+        .map_err(|_| {
+            app.metrics.refused(Limit::InflightBodyBytes);
+            unavailable("1", "node is reading too many request bodies; retry")
+        })?;
+    let read = Limited::new(body, max).collect();
+    match tokio::time::timeout(app.config.body_timeout, read).await {
+        Ok(Ok(collected)) => Ok((collected.to_bytes(), held)),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large(max)),
+        Ok(Err(e)) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("cannot read the body: {e}"),
+        )),
+        Err(_) => {
+            app.metrics.refused(Limit::BodyTimeout);
+            Err(error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "body not received within --body-timeout",
+            ))
+        }
     }
 }
 

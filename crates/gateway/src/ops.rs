@@ -1,7 +1,9 @@
 //! The operations listener: `/health`, `/ready`, `/metrics`.
 //!
 //! Kept off the public port so that only the orchestrator and Prometheus
-//! reach it.
+//! reach it. Its connections are capped and short-lived on their own
+//! (`--max-ops-connections`, `--ops-timeout`), so that neither listener can
+//! take the other's descriptors.
 
 use std::sync::Arc;
 
@@ -10,10 +12,15 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use std::net::SocketAddr;
 
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::listener::{self, Http1};
+use crate::metrics::Limit;
 use crate::App;
 
 /// The operations router.
@@ -47,11 +54,30 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 /// Serve until `stop` is cancelled.
+///
+/// At most `--max-ops-connections` connections at once (beyond it a new one
+/// is closed at once), one request each, each closed `--ops-timeout` after
+/// it was accepted whatever it is doing: idle or half-sent requests cannot
+/// pile up, and the descriptors they take stay far below the file limit.
 pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken) {
-    let result = axum::serve(listener, router(app))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
-    if let Err(e) = result {
-        warn!(error = %e, "operations listener failed");
-    }
+    let router = router(app.clone());
+    let slots = Arc::new(Semaphore::new(app.config.max_ops_connections));
+    let lifetime = app.config.ops_timeout;
+    let http = Http1 {
+        header_timeout: lifetime,
+        keep_alive: false,
+    };
+    let refuse = |_tcp: TcpStream| app.metrics.refused(Limit::OpsConnections);
+    let handle = |tcp: TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit| {
+        let router = router.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let served = listener::serve_http(tcp, peer, router, http, stop);
+            if tokio::time::timeout(lifetime, served).await.is_err() {
+                debug!(%peer, "operations connection closed after --ops-timeout");
+            }
+        });
+    };
+    listener::accept_loop(listener, &stop, slots, refuse, handle).await;
 }

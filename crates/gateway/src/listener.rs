@@ -90,6 +90,13 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken
     let router = http::router(app.clone());
     let tls = app.config.tls.clone().map(TlsAcceptor::from);
     let slots = Arc::new(Semaphore::new(app.config.max_pending_connections));
+    let nofile = crate::config::nofile_limit();
+    if app.config.max_pending_connections as u64 >= nofile {
+        warn!(
+            max_pending_connections = app.config.max_pending_connections,
+            nofile, "--max-pending-connections is not below the file limit (ulimit -n)"
+        );
+    }
     let handshake = app.config.handshake_timeout;
     let refuse = |tcp: TcpStream| {
         app.metrics.refused(Limit::PendingConnections);
@@ -119,19 +126,20 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken
             }
         });
     };
-    accept_loop(listener, &stop, slots, refuse, handle).await;
+    let admit = || slots.clone().try_acquire_owned().ok();
+    accept_loop(listener, &stop, admit, refuse, handle).await;
 }
 
-/// Accept until `stop` is cancelled; each connection gets a slot of
-/// `slots` (`handle` spawns its task), or, when none is free, is given to
+/// Accept until `stop` is cancelled; each connection gets a slot from
+/// `admit` (`handle` spawns its task), or, when there is none, is given to
 /// `refuse` and dropped, so that the loop never waits for a slot. Survives
 /// accept errors such as `EMFILE`.
-pub(crate) async fn accept_loop(
+pub(crate) async fn accept_loop<S>(
     listener: TcpListener,
     stop: &CancellationToken,
-    slots: Arc<Semaphore>,
+    mut admit: impl FnMut() -> Option<S>,
     refuse: impl Fn(TcpStream),
-    mut handle: impl FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit),
+    mut handle: impl FnMut(TcpStream, SocketAddr, S),
 ) {
     loop {
         let (tcp, peer) = tokio::select! {
@@ -147,12 +155,12 @@ pub(crate) async fn accept_loop(
                 }
             },
         };
-        match slots.clone().try_acquire_owned() {
-            Ok(slot) => {
+        match admit() {
+            Some(slot) => {
                 let _ = tcp.set_nodelay(true);
                 handle(tcp, peer, slot);
             }
-            Err(_) => refuse(tcp),
+            None => refuse(tcp),
         }
     }
 }

@@ -315,32 +315,36 @@ async fn connections_not_upgraded_beyond_the_cap_are_closed_at_once() {
 }
 
 #[tokio::test]
-async fn the_ops_listener_caps_its_connections() {
+async fn the_ops_listener_caps_its_connections_and_still_answers_probes() {
     let node = Node::start(&["--max-ops-connections", "4", "--ops-timeout", "1m"]).await;
     let mut idle = Vec::new();
     for _ in 0..4 {
         idle.push(send_raw(node.ops, b"").await);
     }
-    let mut fifth = send_raw(node.ops, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert_eq!(
-        status(&mut fifth).await,
-        None,
-        "a fifth ops connection served"
-    );
+    // Every slot held by an idle connection: a probe still gets through,
+    // and the oldest idle connection is closed to make room.
+    assert_eq!(ops_status(&node.ops_url(), "/health").await, 200);
+    assert!(closed_by_server(&mut idle[0]).await, "the oldest kept");
+    // Many more: the node never holds more than the cap (each new one
+    // closes the oldest), and the probes keep working.
+    for _ in 0..20 {
+        idle.push(send_raw(node.ops, b"GET /metrics HTTP/1.1\r\n").await);
+    }
+    assert_eq!(ops_status(&node.ops_url(), "/ready").await, 200);
+    // Any connection with four admitted after it has been closed.
+    let older = idle.len() - 4;
+    for (i, s) in idle[..older].iter_mut().enumerate() {
+        assert!(closed_by_server(s).await, "idle ops connection {i} kept");
+    }
     // Public clients are not locked out.
     let (mut ws, _) = Ws::open(&node.ws_url(), "alice").await;
     assert_eq!(ws.join("lobby").await["type"], "joined");
-    drop(idle);
-    let resp = eventually("a probe served again", || async {
-        http_get(&format!("{}/metrics", node.ops_url())).await.ok()
-    })
-    .await;
-    let m = wsgate_testkit::Metrics::parse(&resp.2);
+    let m = node.metrics().await;
     assert!(
         m.value(
             "wsgate_limit_refusals_total",
             &[("limit", "ops_connections")]
-        ) >= 1.0
+        ) >= 20.0
     );
 }
 

@@ -46,6 +46,10 @@ const WS_WRITE_BUFFER: usize = 16 * 1024;
 struct BodyBudget {
     bytes: Arc<Semaphore>,
     total: usize,
+    /// Slots for draining refused bodies ([`linger`]).
+    lingering: Arc<Semaphore>,
+    /// `--max-message-bytes`.
+    max_body: usize,
 }
 
 /// The router of the public listener.
@@ -54,6 +58,8 @@ pub fn router(app: Arc<App>) -> Router {
     let budget = BodyBudget {
         bytes: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
         total,
+        lingering: Arc::new(Semaphore::new(LINGERING)),
+        max_body: app.config.max_message_bytes,
     };
     let mut router = Router::new().route("/ws", get(upgrade)).route(
         "/api/rooms/{room}/messages",
@@ -229,28 +235,12 @@ async fn api_publish(
     uri: Uri,
     body: Body,
 ) -> Response {
-    // Everything that needs no body is checked from the head alone: a
-    // refused request costs no body byte (and no 100 Continue is sent).
-    let claims = match authenticate(&app, &headers, &uri) {
-        Ok(c) => c,
-        Err(e) => return unread(unauthorized(&e)),
+    let (claims, _held) = match check_head(&app, &budget, &room, &headers, &uri) {
+        Ok(admitted) => admitted,
+        Err(refused) => return linger(&budget, &headers, body, refused),
     };
-    if !is_valid_room(&room) {
-        return unread(error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "invalid room name: 1 to 128 characters of A-Z a-z 0-9 _ - . :",
-        ));
-    }
-    if !claims.publish.allows(&room) {
-        return unread(error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("not allowed to publish to room '{room}'"),
-        ));
-    }
-    let (body, _held) = match read_body(&app, &budget, &headers, body).await {
-        Ok(read) => read,
+    let body = match read_body(&app, body).await {
+        Ok(body) => body,
         Err(refused) => return unread(refused),
     };
     let data: &RawValue = match std::str::from_utf8(&body)
@@ -291,16 +281,35 @@ fn too_large(max: usize) -> Response {
     )
 }
 
-/// Read an API body: at most `--max-message-bytes` (413), within
-/// `--body-timeout` (408), and only with room in the node's body budget
-/// (503 with `Retry-After`). The returned permit holds the body's share of
-/// the budget until dropped.
-async fn read_body(
+/// Everything about an API request that needs no body, from its head
+/// alone: token (401), room (400), grant (403), declared length (413), and a
+/// share of the node's body budget (503 with `Retry-After`), returned as a
+/// permit that holds it until dropped. A refused request costs no body
+/// byte (and no `100 Continue` is sent).
+// The error is the response itself, built once per refused request.
+#[allow(clippy::result_large_err)]
+fn check_head(
     app: &App,
     budget: &BodyBudget,
+    room: &str,
     headers: &HeaderMap,
-    body: Body,
-) -> Result<(Bytes, OwnedSemaphorePermit), Response> {
+    uri: &Uri,
+) -> Result<(Claims, OwnedSemaphorePermit), Response> {
+    let claims = authenticate(app, headers, uri).map_err(|e| unauthorized(&e))?;
+    if !is_valid_room(room) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "invalid room name: 1 to 128 characters of A-Z a-z 0-9 _ - . :",
+        ));
+    }
+    if !claims.publish.allows(room) {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("not allowed to publish to room '{room}'"),
+        ));
+    }
     let max = app.config.max_message_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -323,9 +332,54 @@ async fn read_body(
             app.metrics.refused(Limit::InflightBodyBytes);
             unavailable("1", "node is reading too many request bodies; retry")
         })?;
+    Ok((claims, held))
+}
+
+/// Refused bodies drained at once at most (see [`linger`]).
+const LINGERING: usize = 32;
+/// How long a refused body is drained at most.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// Answer before the body was read, closing the connection after the
+/// answer. Many clients write their whole body before they read, and
+/// closing a socket with unread data resets it, so such a client would see
+/// a broken pipe instead of the answer; so, as nginx's lingering close
+/// does, the rest of the body is read and discarded (up to
+/// `--max-message-bytes`, for at most [`LINGER_TIME`], at most
+/// [`LINGERING`] connections at once, through hyper's bounded read buffer:
+/// no body is held). Beyond that, or when the client waits for
+/// `100 Continue`, the connection is simply closed.
+fn linger(budget: &BodyBudget, headers: &HeaderMap, body: Body, refused: Response) -> Response {
+    let waits_for_continue = headers.contains_key(header::EXPECT);
+    if !waits_for_continue {
+        if let Ok(slot) = budget.lingering.clone().try_acquire_owned() {
+            let max = budget.max_body;
+            tokio::spawn(async move {
+                let _slot = slot;
+                let drain = async move {
+                    let mut body = body;
+                    let mut seen = 0usize;
+                    while let Some(Ok(frame)) = body.frame().await {
+                        seen += frame.data_ref().map_or(0, |d| d.len());
+                        if seen > max {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+            });
+        }
+    }
+    unread(refused)
+}
+
+/// Read an API body: at most `--max-message-bytes` (413), within
+/// `--body-timeout` (408).
+async fn read_body(app: &App, body: Body) -> Result<Bytes, Response> {
+    let max = app.config.max_message_bytes;
     let read = Limited::new(body, max).collect();
     match tokio::time::timeout(app.config.body_timeout, read).await {
-        Ok(Ok(collected)) => Ok((collected.to_bytes(), held)),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large(max)),
         Ok(Err(e)) => Err(error(
             StatusCode::BAD_REQUEST,

@@ -174,6 +174,11 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
+/// Largest request head, and the read buffer an HTTP connection grows to
+/// (hyper's default is about 400 KB): a larger head gets 431, so a
+/// connection not upgraded yet cannot make the node buffer more.
+pub const MAX_READ_BUFFER: usize = 64 * 1024;
+
 /// How [`serve_http`] runs an HTTP/1.1 connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Http1 {
@@ -202,6 +207,8 @@ pub(crate) async fn serve_http<I>(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(http.header_timeout)
+        .max_buf_size(MAX_READ_BUFFER)
+        .max_header_size(MAX_READ_BUFFER)
         .keep_alive(http.keep_alive)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();

@@ -182,6 +182,46 @@ pub struct ServeArgs {
     /// Log filter, RUST_LOG syntax (e.g. `info`, `wsgate=debug`).
     #[arg(long, env = "WSGATE_LOG", default_value = "info")]
     pub log: String,
+    /// Public-listener connections not (yet) upgraded to a WebSocket: TLS
+    /// handshakes, request heads, HTTP API requests. Beyond it new TCP
+    /// connections are closed at once. Default: a quarter of the file limit
+    /// (RLIMIT_NOFILE), at most 4096.
+    #[arg(long, env = "WSGATE_MAX_PENDING_CONNECTIONS")]
+    pub max_pending_connections: Option<usize>,
+    /// Time allowed to send an HTTP API request body; slower gets 408.
+    #[arg(long, env = "WSGATE_BODY_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub body_timeout: Duration,
+    /// Bytes of HTTP API request bodies held at once, node-wide; beyond it 503.
+    #[arg(long, env = "WSGATE_MAX_INFLIGHT_BODY_BYTES", default_value_t = DEFAULT_INFLIGHT_BODY_BYTES)]
+    pub max_inflight_body_bytes: usize,
+    /// Connections the operations listener serves at once; beyond it closed at once.
+    #[arg(long, env = "WSGATE_MAX_OPS_CONNECTIONS", default_value_t = 64)]
+    pub max_ops_connections: usize,
+    /// Longest an operations connection lives (one request per connection).
+    #[arg(long, env = "WSGATE_OPS_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub ops_timeout: Duration,
+}
+
+/// Default of `--max-inflight-body-bytes`: 64 MiB.
+pub const DEFAULT_INFLIGHT_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+/// Most pending connections the automatic `--max-pending-connections` allows.
+pub const AUTO_PENDING_MAX: usize = 4096;
+
+/// The automatic `--max-pending-connections`: a quarter of the process's
+/// file limit (the rest stays for upgraded clients, the ops listener and
+/// Redis), at least 16, at most [`AUTO_PENDING_MAX`].
+pub fn auto_max_pending(nofile: u64) -> usize {
+    let quarter = usize::try_from(nofile / 4).unwrap_or(usize::MAX);
+    quarter.clamp(16, AUTO_PENDING_MAX)
+}
+
+/// The soft RLIMIT_NOFILE of this process (1024 when it cannot be read).
+pub fn nofile_limit() -> u64 {
+    rlimit::Resource::NOFILE
+        .get()
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024)
 }
 
 /// Flags of `wsgate token`.
@@ -322,6 +362,16 @@ pub struct Config {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Dev mode.
     pub dev: bool,
+    /// Cap on public connections not upgraded yet.
+    pub max_pending_connections: usize,
+    /// Deadline for reading an HTTP API body.
+    pub body_timeout: Duration,
+    /// Node-wide budget of HTTP API body bytes in flight.
+    pub max_inflight_body_bytes: usize,
+    /// Cap on operations connections.
+    pub max_ops_connections: usize,
+    /// Lifetime of an operations connection.
+    pub ops_timeout: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -476,6 +526,23 @@ impl ServeArgs {
                 });
             }
         }
+        let max_pending_connections = self
+            .max_pending_connections
+            .unwrap_or_else(|| auto_max_pending(nofile_limit()));
+        positive("--max-pending-connections", max_pending_connections)?;
+        positive("--max-inflight-body-bytes", self.max_inflight_body_bytes)?;
+        positive("--max-ops-connections", self.max_ops_connections)?;
+        for (flag, d) in [
+            ("--body-timeout", self.body_timeout),
+            ("--ops-timeout", self.ops_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid {
+                    flag,
+                    reason: "must be greater than 0".into(),
+                });
+            }
+        }
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(crate::listener::load_tls(cert, key)?),
             _ => None,
@@ -516,6 +583,11 @@ impl ServeArgs {
                 handshake_timeout: self.handshake_timeout,
                 tls,
                 dev: self.dev,
+                max_pending_connections,
+                body_timeout: self.body_timeout,
+                max_inflight_body_bytes: self.max_inflight_body_bytes,
+                max_ops_connections: self.max_ops_connections,
+                ops_timeout: self.ops_timeout,
             },
             notes,
         ))
@@ -574,6 +646,44 @@ mod tests {
         assert_eq!(s.max_rooms, 100);
         assert_eq!(s.drain_timeout, Duration::from_secs(10));
         assert!(!s.dev);
+    }
+
+    #[test]
+    fn limits_and_budgets_defaults() {
+        let s = serve(&[]).unwrap();
+        assert_eq!(s.max_pending_connections, None);
+        assert_eq!(s.body_timeout, Duration::from_secs(10));
+        assert_eq!(s.max_inflight_body_bytes, 64 * 1024 * 1024);
+        assert_eq!(s.max_ops_connections, 64);
+        assert_eq!(s.ops_timeout, Duration::from_secs(10));
+        let (cfg, _) = serve(&["--jwt-secret", "s"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(
+            cfg.max_pending_connections,
+            auto_max_pending(nofile_limit())
+        );
+        assert!((cfg.max_pending_connections as u64) < nofile_limit());
+        assert_eq!(auto_max_pending(1024), 256);
+        assert_eq!(auto_max_pending(20), 16);
+        assert_eq!(auto_max_pending(1 << 20), AUTO_PENDING_MAX);
+        for flag in [
+            "--max-pending-connections",
+            "--max-inflight-body-bytes",
+            "--max-ops-connections",
+        ] {
+            let err = serve(&["--jwt-secret", "s", flag, "0"])
+                .unwrap()
+                .into_config()
+                .unwrap_err();
+            assert!(err.to_string().contains(flag), "{err}");
+        }
+        let err = serve(&["--jwt-secret", "s", "--body-timeout", "0s"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(err.to_string().contains("--body-timeout"), "{err}");
     }
 
     #[test]

@@ -4,26 +4,29 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use base64::Engine as _;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
-use tracing::{debug, info_span, warn};
+use tracing::{debug, error, info_span, warn, Span};
 use wsgate_protocol::{is_valid_room, MessageParts};
 
 use crate::auth::{self, AuthError, Claims, MintRequest};
 use crate::broker::BrokerError;
-use crate::metrics::Rejection;
+use crate::metrics::{Limit, Rejection};
 use crate::session::{self, now_ms};
 use crate::App;
 
@@ -38,12 +41,30 @@ const WS_READ_BUFFER: usize = 256;
 /// flushes at the end of every batch anyway.
 const WS_WRITE_BUFFER: usize = 16 * 1024;
 
+/// The node-wide budget of HTTP API body bytes being read or held
+/// (`--max-inflight-body-bytes`), one semaphore permit a byte.
+#[derive(Clone)]
+struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+    /// Slots for draining refused bodies ([`linger`]).
+    lingering: Arc<Semaphore>,
+    /// `--max-message-bytes`.
+    max_body: usize,
+}
+
 /// The router of the public listener.
 pub fn router(app: Arc<App>) -> Router {
-    let max_body = app.config.max_message_bytes;
+    let total = app.config.max_inflight_body_bytes;
+    let budget = BodyBudget {
+        bytes: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
+        total,
+        lingering: Arc::new(Semaphore::new(LINGERING)),
+        max_body: app.config.max_message_bytes,
+    };
     let mut router = Router::new().route("/ws", get(upgrade)).route(
         "/api/rooms/{room}/messages",
-        post(api_publish).layer(DefaultBodyLimit::max(max_body)),
+        post(api_publish).layer(Extension(budget)),
     );
     if app.config.dev {
         router = router
@@ -57,16 +78,30 @@ pub fn router(app: Arc<App>) -> Router {
             Duration::from_secs(30),
         ))
         .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-                info_span!(
-                    "http",
-                    method = %req.method(),
-                    uri = %auth::redact_query(&req.uri().to_string()),
-                    remote = %remote(req.headers(), req.extensions().get::<PeerAddr>()),
-                )
-            }),
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request<_>| {
+                    info_span!(
+                        "http",
+                        method = %req.method(),
+                        uri = %auth::redact_query(&req.uri().to_string()),
+                        remote = %remote(req.headers(), req.extensions().get::<PeerAddr>()),
+                    )
+                })
+                .on_failure(on_failure),
         )
         .with_state(app)
+}
+
+/// TraceLayer's failure log. A 503 or 504 is an expected answer (the
+/// broker is down, the node is full or draining; the broker logs its own
+/// outage once), so it is logged at `debug`, not as an ERROR per request.
+fn on_failure(class: ServerErrorsFailureClass, latency: Duration, _span: &Span) {
+    match class {
+        ServerErrorsFailureClass::StatusCode(
+            status @ (StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT),
+        ) => debug!(status = status.as_u16(), ?latency, "response unavailable"),
+        other => error!(classification = %other, ?latency, "response failed"),
+    }
 }
 
 /// The client's address for logs: the first `X-Forwarded-For` entry when
@@ -153,6 +188,14 @@ async fn upgrade(
         };
     };
     let ws = match ws {
+        Ok(_) if !valid_key(&headers) => {
+            app.metrics.reject(Rejection::BadRequest);
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "Sec-WebSocket-Key must be the base64 encoding of 16 bytes",
+            );
+        }
         Ok(ws) => ws,
         Err(rejection) => {
             app.metrics.reject(Rejection::BadRequest);
@@ -173,49 +216,35 @@ async fn upgrade(
         })
 }
 
+/// RFC 6455 4.1: the key is 16 random bytes, base64-encoded.
+fn valid_key(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|k| {
+            base64::engine::general_purpose::STANDARD
+                .decode(k.as_bytes())
+                .ok()
+        })
+        .is_some_and(|key| key.len() == 16)
+}
+
 async fn api_publish(
     State(app): State<Arc<App>>,
+    Extension(budget): Extension<BodyBudget>,
     Path(room): Path<String>,
     headers: HeaderMap,
     uri: Uri,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
-    let claims = match authenticate(&app, &headers, &uri) {
-        Ok(c) => c,
-        Err(e) => return unauthorized(&e),
+    let (claims, _held) = match check_head(&app, &budget, &room, &headers, &uri) {
+        Ok(admitted) => admitted,
+        Err(refused) => return linger(&budget, &headers, body, refused),
     };
-    if !is_valid_room(&room) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "invalid room name: 1 to 128 characters of A-Z a-z 0-9 _ - . :",
-        );
-    }
-    if !claims.publish.allows(&room) {
-        return error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("not allowed to publish to room '{room}'"),
-        );
-    }
-    let Ok(key) = idempotency_key(&headers) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "invalid Idempotency-Key: 1 to 64 characters of A-Z a-z 0-9 _ - . :",
-        );
-    };
-    let body = match body {
-        Ok(b) => b,
-        Err(rejection) => {
-            let status = rejection.status();
-            let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                "too_large"
-            } else {
-                "bad_request"
-            };
-            return error(status, code, rejection.body_text());
-        }
+    // Checked with the head (check_head); invalid keys never get here.
+    let key = idempotency_key(&headers).ok().flatten();
+    let body = match read_body(&app, body).await {
+        Ok(body) => body,
+        Err(refused) => return unread(refused),
     };
     let data: &RawValue = match std::str::from_utf8(&body)
         .ok()
@@ -272,6 +301,146 @@ fn broker_error(e: &BrokerError) -> Response {
             "timeout",
             format!("{e}; the message may or may not be delivered (at most once)"),
         ),
+    }
+}
+
+/// An answer given without reading (all of) the request body: the
+/// connection is closed after it rather than kept for another request.
+fn unread(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+fn too_large(max: usize) -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("body larger than {max} bytes"),
+    )
+}
+
+/// Everything about an API request that needs no body, from its head
+/// alone: token (401), room (400), grant (403), declared length (413), and a
+/// share of the node's body budget (503 with `Retry-After`), returned as a
+/// permit that holds it until dropped. A refused request costs no body
+/// byte (and no `100 Continue` is sent).
+// The error is the response itself, built once per refused request.
+#[allow(clippy::result_large_err)]
+fn check_head(
+    app: &App,
+    budget: &BodyBudget,
+    room: &str,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Result<(Claims, OwnedSemaphorePermit), Response> {
+    let claims = authenticate(app, headers, uri).map_err(|e| unauthorized(&e))?;
+    if !is_valid_room(room) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "invalid room name: 1 to 128 characters of A-Z a-z 0-9 _ - . :",
+        ));
+    }
+    if !claims.publish.allows(room) {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("not allowed to publish to room '{room}'"),
+        ));
+    }
+    if idempotency_key(headers).is_err() {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "invalid Idempotency-Key: 1 to 64 characters of A-Z a-z 0-9 _ - . :",
+        ));
+    }
+    let max = app.config.max_message_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large(max));
+    }
+    // Reserve what the body may take: its declared length, else the
+    // maximum. A body larger than the whole budget is read only alone.
+    let want = declared
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(max)
+        .min(budget.total);
+    let held = budget
+        .bytes
+        .clone()
+        .try_acquire_many_owned(u32::try_from(want).unwrap_or(u32::MAX))
+        .map_err(|_| {
+            app.metrics.refused(Limit::InflightBodyBytes);
+            unavailable("1", "node is reading too many request bodies; retry")
+        })?;
+    Ok((claims, held))
+}
+
+/// Refused bodies drained at once at most (see [`linger`]).
+const LINGERING: usize = 32;
+/// How long a refused body is drained at most.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// Answer before the body was read, closing the connection after the
+/// answer. Many clients write their whole body before they read, and
+/// closing a socket with unread data resets it, so such a client would see
+/// a broken pipe instead of the answer; so, as nginx's lingering close
+/// does, the rest of the body is read and discarded (up to
+/// `--max-message-bytes`, for at most [`LINGER_TIME`], at most
+/// [`LINGERING`] connections at once, through hyper's bounded read buffer:
+/// no body is held). Beyond that, or when the client waits for
+/// `100 Continue`, the connection is simply closed.
+fn linger(budget: &BodyBudget, headers: &HeaderMap, body: Body, refused: Response) -> Response {
+    let waits_for_continue = headers.contains_key(header::EXPECT);
+    if !waits_for_continue {
+        if let Ok(slot) = budget.lingering.clone().try_acquire_owned() {
+            let max = budget.max_body;
+            tokio::spawn(async move {
+                let _slot = slot;
+                let drain = async move {
+                    let mut body = body;
+                    let mut seen = 0usize;
+                    while let Some(Ok(frame)) = body.frame().await {
+                        seen += frame.data_ref().map_or(0, |d| d.len());
+                        if seen > max {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+            });
+        }
+    }
+    unread(refused)
+}
+
+/// Read an API body: at most `--max-message-bytes` (413), within
+/// `--body-timeout` (408).
+async fn read_body(app: &App, body: Body) -> Result<Bytes, Response> {
+    let max = app.config.max_message_bytes;
+    let read = Limited::new(body, max).collect();
+    match tokio::time::timeout(app.config.body_timeout, read).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large(max)),
+        Ok(Err(e)) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("cannot read the body: {e}"),
+        )),
+        Err(_) => {
+            app.metrics.refused(Limit::BodyTimeout);
+            Err(error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "body not received within --body-timeout",
+            ))
+        }
     }
 }
 

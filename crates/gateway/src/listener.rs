@@ -3,9 +3,12 @@
 //! Each accepted socket gets its own task that does the TLS handshake and
 //! serves HTTP/1.1 (bounded by `--handshake-timeout` for the TLS handshake
 //! and the request headers) until the connection upgrades to a WebSocket or
-//! ends. The loop survives accept errors such as `EMFILE`.
+//! ends. Connections not upgraded yet are capped by
+//! `--max-pending-connections`. The loop survives accept errors such as
+//! `EMFILE`; the operations listener uses the same loop.
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +17,8 @@ use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -22,6 +26,7 @@ use tracing::{debug, warn};
 
 use crate::config::ConfigError;
 use crate::http::{self, PeerAddr};
+use crate::metrics::Limit;
 use crate::App;
 
 /// Pending connections the kernel queues for `accept` (the system's
@@ -30,7 +35,7 @@ use crate::App;
 pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// Bind a listener with [`LISTEN_BACKLOG`] (std's and tokio's default is 128).
-pub fn bind(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -70,10 +75,72 @@ pub fn load_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, Co
     Ok(Arc::new(config))
 }
 
+/// What a full public listener writes before closing a new connection
+/// (plain HTTP only; one non-blocking write, never waited for).
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
 /// Accept connections until `stop` is cancelled.
+///
+/// Each connection holds one of `--max-pending-connections` slots until it
+/// upgrades to a WebSocket (the upgraded session is bounded by
+/// `--max-connections` instead) or ends; beyond the cap a new connection is
+/// answered 503 (without TLS) and closed at once, so that descriptors stay
+/// free for upgraded clients and the operations listener.
 pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken) {
     let router = http::router(app.clone());
     let tls = app.config.tls.clone().map(TlsAcceptor::from);
+    let slots = Arc::new(Semaphore::new(app.config.max_pending_connections));
+    let nofile = crate::config::nofile_limit();
+    if app.config.max_pending_connections as u64 >= nofile {
+        warn!(
+            max_pending_connections = app.config.max_pending_connections,
+            nofile, "--max-pending-connections is not below the file limit (ulimit -n)"
+        );
+    }
+    let handshake = app.config.handshake_timeout;
+    let refuse = |tcp: TcpStream| {
+        app.metrics.refused(Limit::PendingConnections);
+        if tls.is_none() {
+            let _ = tcp.try_write(BUSY);
+        }
+    };
+    let handle = |tcp: TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit| {
+        let router = router.clone();
+        let tls = tls.clone();
+        let stop = stop.clone();
+        let http = Http1 {
+            header_timeout: handshake,
+            keep_alive: true,
+        };
+        tokio::spawn(async move {
+            let _slot = slot;
+            match tls {
+                None => serve_http(tcp, peer, router, http, stop).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_http(stream, peer, router, http, stop).await,
+                        Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    };
+    let admit = || slots.clone().try_acquire_owned().ok();
+    accept_loop(listener, &stop, admit, refuse, handle).await;
+}
+
+/// Accept until `stop` is cancelled; each connection gets a slot from
+/// `admit` (`handle` spawns its task), or, when there is none, is given to
+/// `refuse` and dropped, so that the loop never waits for a slot. Survives
+/// accept errors such as `EMFILE`.
+pub(crate) async fn accept_loop<S>(
+    listener: TcpListener,
+    stop: &CancellationToken,
+    mut admit: impl FnMut() -> Option<S>,
+    refuse: impl Fn(TcpStream),
+    mut handle: impl FnMut(TcpStream, SocketAddr, S),
+) {
     loop {
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -88,23 +155,13 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken
                 }
             },
         };
-        let _ = tcp.set_nodelay(true);
-        let router = router.clone();
-        let tls = tls.clone();
-        let stop = stop.clone();
-        let handshake = app.config.handshake_timeout;
-        tokio::spawn(async move {
-            match tls {
-                None => serve_http(tcp, peer, router, handshake, stop).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve_http(stream, peer, router, handshake, stop).await,
-                        Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => debug!(%peer, "TLS handshake timed out"),
-                    }
-                }
+        match admit() {
+            Some(slot) => {
+                let _ = tcp.set_nodelay(true);
+                handle(tcp, peer, slot);
             }
-        });
+            None => refuse(tcp),
+        }
     }
 }
 
@@ -117,11 +174,28 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
-async fn serve_http<I>(
+/// Largest request head, and the read buffer an HTTP connection grows to
+/// (hyper's default is about 400 KB): a larger head gets 431, so a
+/// connection not upgraded yet cannot make the node buffer more.
+pub const MAX_READ_BUFFER: usize = 64 * 1024;
+
+/// How [`serve_http`] runs an HTTP/1.1 connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Http1 {
+    /// Time allowed for each request head, counted from when the server
+    /// starts waiting for it (also while a kept-alive connection is idle).
+    pub header_timeout: Duration,
+    /// Serve more than one request per connection.
+    pub keep_alive: bool,
+}
+
+/// Serve HTTP/1.1 (with upgrades) on one connection until it ends, upgrades
+/// or `stop` is cancelled.
+pub(crate) async fn serve_http<I>(
     io: I,
-    peer: std::net::SocketAddr,
+    peer: SocketAddr,
     router: axum::Router,
-    handshake: Duration,
+    http: Http1,
     stop: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -132,7 +206,10 @@ async fn serve_http<I>(
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(handshake)
+        .header_read_timeout(http.header_timeout)
+        .max_buf_size(MAX_READ_BUFFER)
+        .max_header_size(MAX_READ_BUFFER)
+        .keep_alive(http.keep_alive)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);

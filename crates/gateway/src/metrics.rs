@@ -34,6 +34,37 @@ impl Rejection {
     }
 }
 
+/// Node-wide limits that refuse a connection or request before any work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `--max-pending-connections`: a public TCP connection closed at accept.
+    PendingConnections,
+    /// `--max-ops-connections`: an operations connection closed at accept.
+    OpsConnections,
+    /// `--max-inflight-body-bytes`: an HTTP API request answered 503.
+    InflightBodyBytes,
+    /// `--body-timeout`: an HTTP API body not sent in time, answered 408.
+    BodyTimeout,
+}
+
+impl Limit {
+    const ALL: [Limit; 4] = [
+        Limit::PendingConnections,
+        Limit::OpsConnections,
+        Limit::InflightBodyBytes,
+        Limit::BodyTimeout,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Limit::PendingConnections => "pending_connections",
+            Limit::OpsConnections => "ops_connections",
+            Limit::InflightBodyBytes => "inflight_body_bytes",
+            Limit::BodyTimeout => "body_timeout",
+        }
+    }
+}
+
 /// All metrics of a node.
 #[derive(Clone)]
 pub struct Metrics {
@@ -71,6 +102,7 @@ pub struct Metrics {
     pub gaps_filled: IntCounter,
     /// Broker subscriptions (rooms) held by this node.
     pub subscriptions: IntGauge,
+    limit_refusals: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -185,8 +217,16 @@ impl Metrics {
                 "broker_subscriptions",
                 "Rooms this node is subscribed to at the broker",
             ),
+            limit_refusals: counter_vec(
+                "limit_refusals_total",
+                "Connections or requests refused by a node-wide limit, by limit",
+                "limit",
+            ),
             registry,
         };
+        for l in Limit::ALL {
+            m.limit_refusals.with_label_values(&[l.label()]);
+        }
         for r in [
             Rejection::Origin,
             Rejection::Auth,
@@ -202,6 +242,13 @@ impl Metrics {
     pub fn reject(&self, why: Rejection) {
         self.handshake_rejections
             .with_label_values(&[why.label()])
+            .inc();
+    }
+
+    /// Count a refusal by a node-wide limit.
+    pub fn refused(&self, limit: Limit) {
+        self.limit_refusals
+            .with_label_values(&[limit.label()])
             .inc();
     }
 

@@ -428,6 +428,21 @@ async fn unanswered_jwks_at_start_means_not_ready_then_ready() {
     assert_eq!(upgrade_status(&node, &token).await, 101);
 }
 
+#[tokio::test]
+async fn provider_started_after_the_node() {
+    let port = wsgate_testkit::free_port();
+    let url = format!("http://127.0.0.1:{port}/jwks.json");
+    let node = node(&url, "5m").await;
+    wait_failed_fetches(&node, 1.0, "a refused connection is a failed fetch").await;
+    assert_eq!(ready(&node).await, 503);
+
+    let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let _idp = Idp::serve(listener, &[(Key::Ed25519, None)], Mode::Serve);
+    wait_ready(&node).await;
+    let token = Key::Ed25519.token(Algorithm::EdDSA, None, "alice");
+    assert_eq!(upgrade_status(&node, &token).await, 101);
+}
+
 /// `https://` with a private CA given by `--jwks-ca-cert`; without it the
 /// provider's certificate is not trusted and nothing loads.
 #[tokio::test]

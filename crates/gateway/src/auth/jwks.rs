@@ -50,9 +50,11 @@ const MAX_JWKS_BYTES: usize = 1024 * 1024;
 const MAX_KEYS: usize = 100;
 
 /// Retries after a failed fetch start this far apart and double up to
-/// [`MAX_RETRY`] (never beyond `--jwks-refresh`).
+/// [`MAX_RETRY`], or [`MAX_RETRY_UNLOADED`] while no set has loaded (the
+/// node serves nobody until then), never beyond `--jwks-refresh`.
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(30);
+const MAX_RETRY_UNLOADED: Duration = Duration::from_secs(2);
 
 const RSA_ALGORITHMS: [Algorithm; 6] = [
     Algorithm::RS256,
@@ -201,8 +203,8 @@ impl Jwks {
     }
 
     /// Fetch the set now, every `--jwks-refresh`, and when woken for an
-    /// unknown `kid`, until `cancel`. Until a set has loaded, and after a
-    /// failure, retries come sooner (0.5 s doubling to 30 s, never later
+    /// unknown `kid`, until `cancel`. After a failure, retries come sooner
+    /// (0.5 s doubling to 30 s, to 2 s while no set has loaded, never later
     /// than the refresh).
     pub async fn run(self: Arc<Self>, metrics: Arc<Metrics>, cancel: CancellationToken) {
         let mut retry = FIRST_RETRY;
@@ -237,7 +239,12 @@ impl Jwks {
                         loaded = self.is_loaded(),
                         "JWKS fetch failed; the last good key set (if any) stays in force"
                     );
-                    let wait = retry.min(self.refresh);
+                    let cap = if self.is_loaded() {
+                        MAX_RETRY
+                    } else {
+                        MAX_RETRY_UNLOADED
+                    };
+                    let wait = retry.min(cap).min(self.refresh);
                     retry = (retry * 2).min(MAX_RETRY);
                     wait
                 }

@@ -321,11 +321,21 @@ async fn rotation_needs_no_restart() {
     idp.publish(&[(Key::Rsa, Some("2026-old")), (Key::P256, Some("2026-new"))]);
     wait_upgrade(&node, &new, 101, "the new key is accepted").await;
     assert_eq!(upgrade_status(&node, &old).await, 101);
+    let (mut ws, _) = Ws::open_with(&node.ws_url(), &old).await;
 
     // Then retires the old one: its tokens are refused after the next fetch.
     idp.publish(&[(Key::P256, Some("2026-new"))]);
     wait_upgrade(&node, &old, 401, "the removed key is refused").await;
     assert_eq!(upgrade_status(&node, &new).await, 101);
+
+    // `refresh` checks against the same set: the open connection moves to
+    // a new-key token, and an old-key one is `invalid_token`.
+    ws.send(json!({"type": "refresh", "token": new, "id": "r1"}))
+        .await;
+    assert_eq!(ws.json().await["type"], "refreshed");
+    ws.send(json!({"type": "refresh", "token": old, "id": "r2"}))
+        .await;
+    assert_eq!(ws.json().await["code"], "invalid_token");
 }
 
 #[tokio::test]

@@ -489,6 +489,88 @@ mod tests {
     }
 
     #[test]
+    fn kid_then_algorithm_pick_the_key_and_unknown_kids_ask_for_a_fetch() {
+        use jsonwebtoken::{EncodingKey, Header};
+        let fixture = |name: &str| {
+            let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
+            std::fs::read(format!("{dir}{name}")).unwrap()
+        };
+        let p256 = EncodingKey::from_ec_pem(&fixture("ec_private.pem")).unwrap();
+        let p384 = EncodingKey::from_ec_pem(&fixture("ec384_private.pem")).unwrap();
+        let rsa = EncodingKey::from_rsa_pem(&fixture("rsa_private.pem")).unwrap();
+        let source = JwksSettings {
+            url: "http://127.0.0.1:1/jwks.json".to_owned(),
+            refresh: Duration::from_secs(300),
+            ca_cert: None,
+        };
+        let verifier =
+            super::super::Verifier::jwks(&source, super::super::VerifierSettings::default())
+                .unwrap();
+        let sign = |alg, key: &EncodingKey, kid: Option<&str>| {
+            let mut header = Header::new(alg);
+            header.kid = kid.map(str::to_owned);
+            let exp = super::super::unix_now() + 60;
+            jsonwebtoken::encode(&header, &serde_json::json!({"sub": "a", "exp": exp}), key)
+                .unwrap()
+        };
+        let es256 = sign(Algorithm::ES256, &p256, Some("dup"));
+        let hs256 = {
+            let header = Header::new(Algorithm::HS256);
+            let claims = serde_json::json!({"sub": "a", "exp": 1});
+            jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(b"s")).unwrap()
+        };
+        let e = verifier.verify(&es256).unwrap_err();
+        assert!(matches!(e, AuthError::KeysNotLoaded), "{e:?}");
+        let e = verifier.verify(&hs256).unwrap_err();
+        assert!(matches!(e, AuthError::AlgorithmNotAllowed), "{e:?}");
+
+        // Two keys share the kid `dup`: the token's algorithm picks one.
+        let jwk = |key: &EncodingKey, alg, kid: &str| {
+            let mut jwk = Jwk::from_encoding_key(key, alg).unwrap();
+            jwk.common.key_id = Some(kid.to_owned());
+            serde_json::to_value(jwk).unwrap()
+        };
+        let doc = serde_json::json!({"keys": [
+            jwk(&p384, Algorithm::ES384, "dup"),
+            jwk(&p256, Algorithm::ES256, "dup"),
+        ]});
+        let jwks = verifier.jwks_source().unwrap();
+        let set = jwks.parse(doc.to_string().as_bytes()).unwrap();
+        *jwks.set.write().unwrap() = Some(Arc::new(set));
+        assert_eq!(verifier.verify(&es256).unwrap().sub, "a");
+        let es384 = sign(Algorithm::ES384, &p384, Some("dup"));
+        assert_eq!(verifier.verify(&es384).unwrap().sub, "a");
+        // Another payload under the signature: tried on every key that
+        // fits, and a bad signature.
+        let parts: Vec<&str> = es256.split('.').collect();
+        let other = jsonwebtoken::encode(
+            &Header::new(Algorithm::ES256),
+            &serde_json::json!({"sub": "mallory", "exp": super::super::unix_now() + 60}),
+            &p256,
+        )
+        .unwrap();
+        let payload = other.split('.').nth(1).unwrap();
+        let tampered = format!("{}.{payload}.{}", parts[0], parts[2]);
+        let e = verifier.verify(&tampered).unwrap_err();
+        assert!(matches!(e, AuthError::BadSignature), "{e:?}");
+        // An algorithm no key of that kid takes.
+        let e = verifier
+            .verify(&sign(Algorithm::RS256, &rsa, Some("dup")))
+            .unwrap_err();
+        assert!(matches!(e, AuthError::AlgorithmNotAllowed), "{e:?}");
+        // No key without kid: unknown, and a fetch is asked for.
+        assert!(jwks.last_fetch.lock().unwrap().is_none());
+        let e = verifier
+            .verify(&sign(Algorithm::ES256, &p256, None))
+            .unwrap_err();
+        assert!(matches!(e, AuthError::UnknownKey), "{e:?}");
+        assert!(
+            jwks.last_fetch.lock().unwrap().is_some(),
+            "a fetch was asked for"
+        );
+    }
+
+    #[test]
     fn unknown_kid_refetch_is_rate_limited() {
         let j = jwks();
         assert!(j.last_fetch.lock().unwrap().is_none());

@@ -4,7 +4,9 @@
 //! [`Jwks`] holds the key set in force and the HTTP client that fetches it.
 //! [`Jwks::run`] fetches the set at start (retrying until one loads), again
 //! every `--jwks-refresh`, and at once when a token names a `kid` the set
-//! does not have, at most once every [`MIN_REFETCH_GAP`]. A failed fetch
+//! does not have, such fetches at most once every [`MIN_REFETCH_GAP`] (the
+//! start-up and periodic fetches do not delay the first of them, so a key
+//! published right after a fetch is still picked up at once). A failed fetch
 //! keeps the last good set.
 //!
 //! Verification never waits for the network: a token whose `kid` is unknown
@@ -87,8 +89,8 @@ pub struct Jwks {
     base: Validation,
     /// The set in force; `None` until the first fetch succeeds.
     set: RwLock<Option<Arc<KeySet>>>,
-    /// When the latest fetch started (for the 10 s limit on `kid` fetches).
-    last_fetch: Mutex<Option<Instant>>,
+    /// When an unknown `kid` last asked for a fetch (the 10 s limit).
+    last_kid_fetch: Mutex<Option<Instant>>,
     /// Wakes the fetch loop for an unknown `kid`.
     wake: Notify,
 }
@@ -127,7 +129,7 @@ impl Jwks {
             refresh: settings.refresh,
             base,
             set: RwLock::new(None),
-            last_fetch: Mutex::new(None),
+            last_kid_fetch: Mutex::new(None),
             wake: Notify::new(),
         })
     }
@@ -184,13 +186,13 @@ impl Jwks {
         result
     }
 
-    /// Ask the fetch loop for a new set unless a fetch started less than
-    /// [`MIN_REFETCH_GAP`] ago. Never waits.
+    /// Ask the fetch loop for a new set unless an unknown `kid` already did
+    /// less than [`MIN_REFETCH_GAP`] ago. Never waits.
     fn request_refetch(&self) {
         let now = Instant::now();
         {
             let mut last = self
-                .last_fetch
+                .last_kid_fetch
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             if last.is_some_and(|t| now.duration_since(t) < MIN_REFETCH_GAP) {
@@ -209,10 +211,6 @@ impl Jwks {
     pub async fn run(self: Arc<Self>, metrics: Arc<Metrics>, cancel: CancellationToken) {
         let mut retry = FIRST_RETRY;
         loop {
-            *self
-                .last_fetch
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
             let fetched = tokio::select! {
                 _ = cancel.cancelled() => return,
                 fetched = self.fetch() => fetched,
@@ -559,13 +557,13 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, AuthError::AlgorithmNotAllowed), "{e:?}");
         // No key without kid: unknown, and a fetch is asked for.
-        assert!(jwks.last_fetch.lock().unwrap().is_none());
+        assert!(jwks.last_kid_fetch.lock().unwrap().is_none());
         let e = verifier
             .verify(&sign(Algorithm::ES256, &p256, None))
             .unwrap_err();
         assert!(matches!(e, AuthError::UnknownKey), "{e:?}");
         assert!(
-            jwks.last_fetch.lock().unwrap().is_some(),
+            jwks.last_kid_fetch.lock().unwrap().is_some(),
             "a fetch was asked for"
         );
     }
@@ -573,12 +571,12 @@ mod tests {
     #[test]
     fn unknown_kid_refetch_is_rate_limited() {
         let j = jwks();
-        assert!(j.last_fetch.lock().unwrap().is_none());
+        assert!(j.last_kid_fetch.lock().unwrap().is_none());
         j.request_refetch();
-        let first = j.last_fetch.lock().unwrap().unwrap();
+        let first = j.last_kid_fetch.lock().unwrap().unwrap();
         for _ in 0..1000 {
             j.request_refetch();
         }
-        assert_eq!(j.last_fetch.lock().unwrap().unwrap(), first);
+        assert_eq!(j.last_kid_fetch.lock().unwrap().unwrap(), first);
     }
 }

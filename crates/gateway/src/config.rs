@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::auth::jwks::JwksSettings;
 use crate::auth::{Verifier, VerifierSettings};
 
 /// `wsgate`: horizontally scaled WebSocket gateway.
@@ -87,9 +88,23 @@ pub struct ServeArgs {
     /// HMAC key for HS256/384/512 tokens.
     #[arg(long, env = "WSGATE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
-    /// Path to a PEM public key (RS256 or ES256).
+    /// Path to a PEM public key (RSA: RS256; EC P-256/P-384: ES256/ES384; Ed25519: EdDSA).
     #[arg(long, env = "WSGATE_JWT_PUBLIC_KEY", conflicts_with = "jwt_secret")]
     pub jwt_public_key: Option<PathBuf>,
+    /// Take the verification keys from this JWKS URL (http or https), e.g. an
+    /// identity provider's `jwks_uri`.
+    #[arg(
+        long,
+        env = "WSGATE_JWT_JWKS_URL",
+        conflicts_with_all = ["jwt_secret", "jwt_public_key"]
+    )]
+    pub jwt_jwks_url: Option<String>,
+    /// How often the JWKS is fetched again.
+    #[arg(long, env = "WSGATE_JWKS_REFRESH", default_value = "5m", value_parser = duration)]
+    pub jwks_refresh: Duration,
+    /// PEM CA certificate(s) trusted for an https JWKS URL, besides the system store.
+    #[arg(long, env = "WSGATE_JWKS_CA_CERT", requires = "jwt_jwks_url")]
+    pub jwks_ca_cert: Option<PathBuf>,
     /// Required `iss` claim.
     #[arg(long, env = "WSGATE_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -254,8 +269,13 @@ pub struct TokenArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// No JWT key outside dev mode.
-    #[error("no JWT key configured: set --jwt-secret or --jwt-public-key (or use --dev)")]
+    #[error(
+        "no JWT key configured: set one of --jwt-secret, --jwt-public-key or --jwt-jwks-url (or use --dev)"
+    )]
     NoKey,
+    /// The JWKS URL or its CA file is unusable.
+    #[error("cannot use --jwt-jwks-url: {0}")]
+    Jwks(String),
     /// The public key could not be read or parsed.
     #[error("cannot use JWT public key {path}: {reason}")]
     PublicKey {
@@ -401,6 +421,18 @@ impl ServeArgs {
             leeway: self.jwt_leeway,
         };
         let (verifier, hmac_secret) = match (&self.jwt_secret, &self.jwt_public_key) {
+            // Several key sources are refused by the flag parser already.
+            (None, None) if self.jwt_jwks_url.is_some() => {
+                let source = JwksSettings {
+                    url: self.jwt_jwks_url.clone().unwrap_or_default(),
+                    refresh: self.jwks_refresh,
+                    ca_cert: self.jwks_ca_cert.clone(),
+                };
+                (
+                    Verifier::jwks(&source, settings).map_err(ConfigError::Jwks)?,
+                    None,
+                )
+            }
             (Some(secret), _) => {
                 if secret.is_empty() {
                     return Err(ConfigError::Invalid {
@@ -645,6 +677,7 @@ mod tests {
         assert_eq!((s.join_rate, s.join_burst), (50.0, 200));
         assert_eq!(s.max_rooms, 100);
         assert_eq!(s.drain_timeout, Duration::from_secs(10));
+        assert_eq!(s.jwks_refresh, Duration::from_secs(300));
         assert!(!s.dev);
     }
 
@@ -729,6 +762,66 @@ mod tests {
             .into_config()
             .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/key.pem"), "{err}");
+    }
+
+    #[test]
+    fn exactly_one_key_source() {
+        for pair in [
+            [
+                "--jwt-secret",
+                "s",
+                "--jwt-jwks-url",
+                "http://127.0.0.1:1/jwks",
+            ],
+            [
+                "--jwt-public-key",
+                "k.pem",
+                "--jwt-jwks-url",
+                "http://127.0.0.1:1/jwks",
+            ],
+            ["--jwt-secret", "s", "--jwt-public-key", "k.pem"],
+        ] {
+            let e = serve(&pair).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
+        }
+        let (cfg, _) = serve(&[
+            "--jwt-jwks-url",
+            "https://idp.example/jwks",
+            "--jwks-refresh",
+            "1m",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        assert!(
+            !cfg.verifier.keys_loaded(),
+            "nothing is fetched before run()"
+        );
+        assert!(cfg.hmac_secret.is_none());
+        for bad in [
+            [
+                "--jwt-jwks-url",
+                "ftp://idp.example/jwks",
+                "--jwks-refresh",
+                "1m",
+            ],
+            [
+                "--jwt-jwks-url",
+                "https://idp.example/jwks",
+                "--jwks-refresh",
+                "0s",
+            ],
+            [
+                "--jwt-jwks-url",
+                "https://idp.example/jwks",
+                "--jwks-ca-cert",
+                "/nonexistent/ca.pem",
+            ],
+        ] {
+            let err = serve(&bad).unwrap().into_config().unwrap_err();
+            assert!(matches!(err, ConfigError::Jwks(_)), "{err}");
+            assert!(!err.to_string().contains('\n'), "{err}");
+        }
     }
 
     #[test]

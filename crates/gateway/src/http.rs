@@ -117,6 +117,10 @@ fn remote(headers: &HeaderMap, peer: Option<&PeerAddr>) -> String {
 }
 
 fn unauthorized(e: &AuthError) -> Response {
+    if matches!(e, AuthError::KeysNotLoaded) {
+        // Not the token's fault: the JWKS has not been fetched yet.
+        return unavailable("5", "token keys not loaded yet; retry shortly");
+    }
     let challenge = match e {
         AuthError::Missing => HeaderValue::from_static("Bearer realm=\"wsgate\""),
         _ => HeaderValue::from_static("Bearer realm=\"wsgate\", error=\"invalid_token\""),

@@ -7,7 +7,7 @@
 //!
 //! # Layout
 //! - [`config`]: flags, environment and the validated [`Config`].
-//! - [`auth`]: JWT verification, room grants, token minting.
+//! - [`auth`]: JWT verification (a static key, or a JWKS kept fresh), room grants, token minting.
 //! - [`http`]: the public router: WebSocket upgrade checks, HTTP publish API, dev pages.
 //! - [`listener`]: accept loop, TLS, HTTP/1 connections.
 //! - [`session`]: one WebSocket connection (reader, writer, protocol).
@@ -253,6 +253,9 @@ pub async fn run(
         background.clone(),
     ));
     tasks.spawn(ops::serve(listeners.ops, app.clone(), background.clone()));
+    if let Some(jwks) = app.config.verifier.jwks_source() {
+        tasks.spawn(jwks.clone().run(app.metrics.clone(), background.clone()));
+    }
     info!(
         node = %app.config.node_id,
         public = %public_addr,

@@ -5,6 +5,9 @@
 //! `process_*` metrics (resident memory, CPU seconds, open files) are exported
 //! unprefixed, as Prometheus client libraries do.
 
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
@@ -103,6 +106,10 @@ pub struct Metrics {
     /// Broker subscriptions (rooms) held by this node.
     pub subscriptions: IntGauge,
     limit_refusals: IntCounterVec,
+    jwks_fetches: IntCounterVec,
+    jwks_age: IntGauge,
+    /// When the key set in force was fetched (`None` before the first).
+    jwks_loaded_at: Arc<Mutex<Option<Instant>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -222,6 +229,16 @@ impl Metrics {
                 "Connections or requests refused by a node-wide limit, by limit",
                 "limit",
             ),
+            jwks_fetches: counter_vec(
+                "jwks_fetches_total",
+                "Fetches of the --jwt-jwks-url key set, by result (ok, failed)",
+                "result",
+            ),
+            jwks_age: gauge(
+                "jwks_age_seconds",
+                "Seconds since the JWKS key set in force was fetched (0 before the first)",
+            ),
+            jwks_loaded_at: Arc::new(Mutex::new(None)),
             registry,
         };
         for l in Limit::ALL {
@@ -235,7 +252,23 @@ impl Metrics {
         ] {
             m.handshake_rejections.with_label_values(&[r.label()]);
         }
+        for result in ["ok", "failed"] {
+            m.jwks_fetches.with_label_values(&[result]);
+        }
         m
+    }
+
+    /// Count a JWKS fetch; a good one restarts the key set's age.
+    pub fn jwks_fetched(&self, ok: bool) {
+        self.jwks_fetches
+            .with_label_values(&[if ok { "ok" } else { "failed" }])
+            .inc();
+        if ok {
+            *self
+                .jwks_loaded_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        }
     }
 
     /// Count a refused handshake.
@@ -261,6 +294,14 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
+        if let Some(at) = *self
+            .jwks_loaded_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            self.jwks_age
+                .set(i64::try_from(at.elapsed().as_secs()).unwrap_or(i64::MAX));
+        }
         let mut out = Vec::with_capacity(8192);
         // Encoding into a Vec only fails on a malformed metric family, which
         // the registry never holds.
@@ -338,6 +379,11 @@ mod tests {
         assert!(text.contains("wsgate_handshake_rejections_total{node=\"n1\",reason=\"auth\"} 0"));
         assert!(text.contains("wsgate_connection_closes_total{code=\"1008\",node=\"n1\"} 1"));
         assert!(text.contains("wsgate_publish_latency_seconds_bucket"));
+        assert!(text.contains("wsgate_jwks_fetches_total{node=\"n1\",result=\"failed\"} 0"));
+        m.jwks_fetched(true);
+        let text = m.render();
+        assert!(text.contains("wsgate_jwks_fetches_total{node=\"n1\",result=\"ok\"} 1"));
+        assert!(text.contains("wsgate_jwks_age_seconds{node=\"n1\"} 0"));
     }
 
     #[cfg(target_os = "linux")]

@@ -38,6 +38,12 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else if !app.broker.is_up() {
         (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n").into_response()
+    } else if !app.config.verifier.keys_loaded() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "JWKS key set not loaded yet\n",
+        )
+            .into_response()
     } else {
         (StatusCode::OK, "ready\n").into_response()
     }

@@ -87,6 +87,43 @@ fn no_jwt_key_outside_dev_mode() {
 }
 
 #[test]
+fn exactly_one_key_source_and_usable_jwks_flags() {
+    let jwks = "http://127.0.0.1:9/jwks.json";
+    assert_refused(&[], &[], "--jwt-jwks-url");
+    for other in [["--jwt-secret", "s"], ["--jwt-public-key", "/tmp/k.pem"]] {
+        let mut args = other.to_vec();
+        args.extend(["--jwt-jwks-url", jwks]);
+        assert_refused(&args, &[], "--jwt-jwks-url");
+    }
+    // A key source from the environment counts too.
+    assert_refused(
+        &["--jwt-jwks-url", jwks],
+        &[("WSGATE_JWT_SECRET", "s")],
+        "--jwt-jwks-url",
+    );
+    assert_refused(
+        &["--jwt-jwks-url", "ftp://idp.example/jwks"],
+        &[],
+        "http://",
+    );
+    assert_refused(
+        &["--jwt-jwks-url", jwks, "--jwks-refresh", "soon"],
+        &[],
+        "--jwks-refresh",
+    );
+    assert_refused(
+        &[
+            "--jwt-jwks-url",
+            jwks,
+            "--jwks-ca-cert",
+            "/nonexistent/ca.pem",
+        ],
+        &[],
+        "/nonexistent/ca.pem",
+    );
+}
+
+#[test]
 fn bad_flags_and_values() {
     assert_refused(
         &["--jwt-secret", "s", "--heartbeat", "soon"],

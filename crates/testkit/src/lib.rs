@@ -97,7 +97,7 @@ impl Node {
                 .iter()
                 .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
         };
-        if !has("--jwt-secret") && !has("--jwt-public-key") {
+        if !has("--jwt-secret") && !has("--jwt-public-key") && !has("--jwt-jwks-url") {
             args.extend(["--jwt-secret".into(), SECRET.into()]);
         }
         let node_id = if has("--node-id") {

@@ -1,13 +1,15 @@
 //! JWT verification, room grants and token minting.
 //!
-//! A [`Verifier`] is built once at start-up from the configured key (an HMAC
-//! secret, or an RSA / EC P-256 public key in PEM) and checks every token the
-//! gateway sees: on the WebSocket upgrade, on `refresh`, and on the HTTP
-//! publish API. It returns the [`Claims`] the gateway needs, with the `rooms`
-//! and `publish` claims precompiled into [`Grants`].
+//! A [`Verifier`] is built once at start-up from the configured key source
+//! (an HMAC secret, a PEM public key, or a JWKS URL whose key set the
+//! [`jwks`] module keeps fresh) and checks every token the gateway sees: on
+//! the WebSocket upgrade, on `refresh`, and on the HTTP API. It returns the
+//! [`Claims`] the gateway needs, with the `rooms` and `publish` claims
+//! precompiled into [`Grants`].
 //!
 //! The key decides the accepted algorithms (HS256/384/512 for a secret, RS256
-//! for an RSA key, ES256 for an EC P-256 key); `alg: none` and HS/RS
+//! for an RSA PEM key, ES256/ES384 for an EC P-256/P-384 key, EdDSA for an
+//! Ed25519 key; see [`jwks`] for JWK keys); `alg: none` and HS/RS
 //! confusion are refused before any signature work. Errors carry a short
 //! machine [`AuthError::reason`] for logs and metrics and never the token
 //! itself; [`redact_query`] keeps `?token=` out of logged URIs.
@@ -16,12 +18,15 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::{header::AUTHORIZATION, HeaderMap};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, DecodingKeyKind, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
+
+pub mod jwks;
 
 /// Tokens longer than this are refused as malformed without any parsing.
 const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -81,6 +86,14 @@ pub enum AuthError {
     /// A token could not be minted.
     #[error("cannot mint token: {0}")]
     Mint(String),
+    /// Keys come from a JWKS URL and no key set has been loaded yet (the
+    /// HTTP layer answers 503, not 401).
+    #[error("no verification keys loaded yet (the JWKS has not been fetched)")]
+    KeysNotLoaded,
+    /// The token's `kid` (or its lack of one) matches no key in the JWKS; a
+    /// fetch of the set has been asked for (at most one every 10 s).
+    #[error("no key for the token's `kid` in the key set")]
+    UnknownKey,
 }
 
 impl AuthError {
@@ -100,6 +113,8 @@ impl AuthError {
             AuthError::MissingClaim(_) => "missing_claim",
             AuthError::BadKey(_) => "bad_key",
             AuthError::Mint(_) => "mint",
+            AuthError::KeysNotLoaded => "keys_not_loaded",
+            AuthError::UnknownKey => "unknown_key",
         }
     }
 }
@@ -131,17 +146,49 @@ impl Default for VerifierSettings {
 /// clone, and `Send + Sync`).
 #[derive(Clone)]
 pub struct Verifier {
-    key: DecodingKey,
+    keys: Keys,
+    /// The claim checks (`iss`, `aud`, leeway, required claims); each key
+    /// carries a copy with its own algorithms.
     validation: Validation,
     /// An empty HMAC secret would let anyone sign: refuse every token.
     empty_secret: bool,
 }
 
+/// Where the verification keys come from.
+#[derive(Clone)]
+enum Keys {
+    /// One key given at start-up (`--jwt-secret`, `--jwt-public-key`); a
+    /// token's `kid` is ignored.
+    Static(Arc<VerifyKey>),
+    /// A key set fetched from `--jwt-jwks-url`, replaced as it changes.
+    Jwks(Arc<jwks::Jwks>),
+}
+
+/// One verification key and the algorithms it accepts.
+pub(crate) struct VerifyKey {
+    /// The JWK `kid`; `None` for a static key or a JWK without one.
+    pub(crate) kid: Option<String>,
+    key: DecodingKey,
+    /// The verifier's validation with `algorithms` set to this key's.
+    validation: Validation,
+}
+
+impl VerifyKey {
+    /// Whether this key accepts `alg`.
+    pub(crate) fn accepts(&self, alg: Algorithm) -> bool {
+        self.validation.algorithms.contains(&alg)
+    }
+}
+
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print the key.
+        let source = match &self.keys {
+            Keys::Static(key) => format!("{:?}", key.validation.algorithms),
+            Keys::Jwks(jwks) => format!("jwks {}", jwks.url_for_logs()),
+        };
         f.debug_struct("Verifier")
-            .field("algorithms", &self.validation.algorithms)
+            .field("keys", &source)
             .field("issuer", &self.validation.iss)
             .field("audience", &self.validation.aud)
             .field("leeway_secs", &self.validation.leeway)
@@ -155,7 +202,7 @@ impl Verifier {
     /// [`AuthError::BadKey`] (configuration should refuse it earlier).
     pub fn hmac(secret: &[u8], settings: VerifierSettings) -> Verifier {
         ensure_crypto_provider();
-        let mut verifier = Self::build(
+        let mut verifier = Self::with_key(
             DecodingKey::from_secret(secret),
             &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512],
             settings,
@@ -165,11 +212,12 @@ impl Verifier {
     }
 
     /// PEM public key: RSA (SPKI `PUBLIC KEY` or PKCS#1 `RSA PUBLIC KEY`,
-    /// 2048 to 4096 bits) accepts RS256 only; EC P-256 accepts ES256 only.
+    /// 2048 to 4096 bits) accepts RS256 only; EC P-256 accepts ES256 only,
+    /// EC P-384 ES384 only; Ed25519 EdDSA only.
     ///
     /// Anything else (not PEM, a private key, a certificate, another curve,
-    /// Ed25519, an RSA key of the wrong size) is an error whose text is meant
-    /// as the one start-up error line.
+    /// an RSA key of the wrong size) is an error whose text is meant as the
+    /// one start-up error line.
     pub fn public_key_pem(pem: &[u8], settings: VerifierSettings) -> Result<Verifier, AuthError> {
         ensure_crypto_provider();
         match pem_label(pem).as_deref() {
@@ -209,55 +257,81 @@ impl Verifier {
                 return Err(AuthError::BadKey("unreadable RSA public key".to_owned()));
             };
             check_rsa_public_der(der)?;
-            return Ok(Self::build(key, &[Algorithm::RS256], settings));
+            return Ok(Self::with_key(key, &[Algorithm::RS256], settings));
         }
 
-        match DecodingKey::from_ec_pem(pem) {
-            Ok(key) => {
-                // Building an ES256 verifier parses the point on P-256: a key
-                // on another curve fails here, once, instead of on every token.
-                let factory = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.verifier_factory;
-                if factory(&Algorithm::ES256, &key).is_err() {
-                    return Err(AuthError::BadKey(
-                        "EC public key is not on curve P-256 (only ES256 with P-256 is supported)"
-                            .to_owned(),
-                    ));
-                }
-                Ok(Self::build(key, &[Algorithm::ES256], settings))
+        if let Ok(key) = DecodingKey::from_ec_pem(pem) {
+            // Building a verifier parses the point on the curve: a key on
+            // another curve fails here, once, instead of on every token.
+            return match [Algorithm::ES256, Algorithm::ES384]
+                .into_iter()
+                .find(|alg| key_fits(*alg, &key))
+            {
+                Some(alg) => Ok(Self::with_key(key, &[alg], settings)),
+                None => Err(AuthError::BadKey(
+                    "EC public key is not on curve P-256 (ES256) or P-384 (ES384)".to_owned(),
+                )),
+            };
+        }
+
+        match DecodingKey::from_ed_pem(pem) {
+            Ok(key) if key_fits(Algorithm::EdDSA, &key) => {
+                Ok(Self::with_key(key, &[Algorithm::EdDSA], settings))
             }
-            Err(_) => Err(AuthError::BadKey(
-                "unsupported or unreadable public key: expected an RSA key (RS256) \
-                 or an EC P-256 key (ES256)"
+            _ => Err(AuthError::BadKey(
+                "unsupported or unreadable public key: expected an RSA key (RS256), \
+                 an EC P-256 (ES256) or P-384 (ES384) key, or an Ed25519 key (EdDSA)"
                     .to_owned(),
             )),
         }
     }
 
-    fn build(key: DecodingKey, algorithms: &[Algorithm], settings: VerifierSettings) -> Verifier {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.algorithms = algorithms.to_vec();
-        validation.leeway = ceil_secs(settings.leeway).min(MAX_LEEWAY_SECS);
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        let mut required = vec!["exp"];
-        if let Some(issuer) = settings.issuer.filter(|s| !s.is_empty()) {
-            validation.set_issuer(&[issuer]);
-            required.push("iss");
-        }
-        match settings.audience.filter(|s| !s.is_empty()) {
-            Some(audience) => {
-                validation.set_audience(&[audience]);
-                validation.validate_aud = true;
-                required.push("aud");
-            }
-            // Not configured: a token's `aud` is not checked at all.
-            None => validation.validate_aud = false,
-        }
-        validation.set_required_spec_claims(&required);
-        Verifier {
-            key,
+    /// Keys from a JSON Web Key Set (`--jwt-jwks-url`): nothing is accepted
+    /// until [`jwks::Jwks::run`] has loaded a set (tokens get
+    /// [`AuthError::KeysNotLoaded`]). The error (a bad URL or CA file) is
+    /// meant as the one start-up error line.
+    pub fn jwks(
+        source: &jwks::JwksSettings,
+        settings: VerifierSettings,
+    ) -> Result<Verifier, String> {
+        ensure_crypto_provider();
+        let validation = base_validation(settings);
+        let jwks = jwks::Jwks::new(source, validation.clone())?;
+        Ok(Verifier {
+            keys: Keys::Jwks(Arc::new(jwks)),
             validation,
             empty_secret: false,
+        })
+    }
+
+    fn with_key(
+        key: DecodingKey,
+        algorithms: &[Algorithm],
+        settings: VerifierSettings,
+    ) -> Verifier {
+        let validation = base_validation(settings);
+        Verifier {
+            keys: Keys::Static(Arc::new(VerifyKey::new(None, key, algorithms, &validation))),
+            validation,
+            empty_secret: false,
+        }
+    }
+
+    /// The JWKS key source, when keys come from a JWKS URL (its fetch loop
+    /// is started by [`crate::run`]).
+    pub fn jwks_source(&self) -> Option<&Arc<jwks::Jwks>> {
+        match &self.keys {
+            Keys::Jwks(jwks) => Some(jwks),
+            Keys::Static(_) => None,
+        }
+    }
+
+    /// Whether tokens can be verified: always for a static key; for a JWKS
+    /// once a key set has been loaded.
+    pub fn keys_loaded(&self) -> bool {
+        match &self.keys {
+            Keys::Static(_) => true,
+            Keys::Jwks(jwks) => jwks.is_loaded(),
         }
     }
 
@@ -266,6 +340,10 @@ impl Verifier {
     /// string, `nbf` honoured, `iat` in the future (beyond leeway) refused,
     /// `iss`/`aud` when configured, leeway applied to `exp`/`nbf`/`iat`.
     /// `rooms`/`publish`, when present, must be arrays of strings.
+    ///
+    /// With a JWKS, the token's `kid` picks the key; an unknown `kid` asks
+    /// for a fetch of the set in the background and is refused
+    /// ([`AuthError::UnknownKey`]): verification never waits for the network.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let token = token.trim();
         if token.is_empty() {
@@ -277,10 +355,17 @@ impl Verifier {
         if self.empty_secret {
             return Err(AuthError::BadKey("the HMAC secret is empty".to_owned()));
         }
-        self.check_header(token)?;
+        let (alg, kid) = token_header(token)?;
 
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
-            .map_err(map_jwt_error)?;
+        let data = match &self.keys {
+            Keys::Static(key) => {
+                if !key.accepts(alg) {
+                    return Err(AuthError::AlgorithmNotAllowed);
+                }
+                key.decode(token)?
+            }
+            Keys::Jwks(jwks) => jwks.decode(token, alg, kid.as_deref())?,
+        };
         let claims = data.claims;
 
         if let Some(iat) = claims.get("iat") {
@@ -315,28 +400,89 @@ impl Verifier {
     pub fn leeway(&self) -> Duration {
         Duration::from_secs(self.validation.leeway)
     }
+}
 
-    /// Refuse a token whose header is unreadable or names an algorithm the
-    /// key does not accept, before any signature work. This also gives
-    /// `alg: none` (which the JWT library cannot even parse) the right reason.
-    fn check_header(&self, token: &str) -> Result<(), AuthError> {
-        let mut parts = token.split('.');
-        let (Some(header), Some(_), Some(_), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(AuthError::Malformed);
-        };
-        let bytes = b64url_decode(header).ok_or(AuthError::Malformed)?;
-        let header: Value = serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
-        let alg = header
-            .get("alg")
-            .and_then(Value::as_str)
-            .ok_or(AuthError::Malformed)?;
-        match Algorithm::from_str(alg) {
-            Ok(alg) if self.validation.algorithms.contains(&alg) => Ok(()),
-            _ => Err(AuthError::AlgorithmNotAllowed),
+impl VerifyKey {
+    pub(crate) fn new(
+        kid: Option<String>,
+        key: DecodingKey,
+        algorithms: &[Algorithm],
+        base: &Validation,
+    ) -> VerifyKey {
+        let mut validation = base.clone();
+        validation.algorithms = algorithms.to_vec();
+        VerifyKey {
+            kid,
+            key,
+            validation,
         }
     }
+
+    /// Check the signature and the standard claims with this key.
+    pub(crate) fn decode(
+        &self,
+        token: &str,
+    ) -> Result<jsonwebtoken::TokenData<Map<String, Value>>, AuthError> {
+        jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
+            .map_err(map_jwt_error)
+    }
+}
+
+/// Whether `key` can verify `alg` tokens: building the verifier parses the
+/// key (an EC point on the curve, an Ed25519 point, the key family).
+pub(crate) fn key_fits(alg: Algorithm, key: &DecodingKey) -> bool {
+    let factory = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.verifier_factory;
+    factory(&alg, key).is_ok()
+}
+
+/// The validation every key starts from: the configured `iss`, `aud` and
+/// leeway; `exp` required and checked; `nbf` honoured.
+fn base_validation(settings: VerifierSettings) -> Validation {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.algorithms.clear();
+    validation.leeway = ceil_secs(settings.leeway).min(MAX_LEEWAY_SECS);
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    let mut required = vec!["exp"];
+    if let Some(issuer) = settings.issuer.filter(|s| !s.is_empty()) {
+        validation.set_issuer(&[issuer]);
+        required.push("iss");
+    }
+    match settings.audience.filter(|s| !s.is_empty()) {
+        Some(audience) => {
+            validation.set_audience(&[audience]);
+            validation.validate_aud = true;
+            required.push("aud");
+        }
+        // Not configured: a token's `aud` is not checked at all.
+        None => validation.validate_aud = false,
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
+/// Read a token's header before any signature work: its `alg` (refused when
+/// unknown to the JWT library, which covers `none`) and its `kid`.
+fn token_header(token: &str) -> Result<(Algorithm, Option<String>), AuthError> {
+    let mut parts = token.split('.');
+    let (Some(header), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AuthError::Malformed);
+    };
+    let bytes = b64url_decode(header).ok_or(AuthError::Malformed)?;
+    let header: Value = serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
+    let alg = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .ok_or(AuthError::Malformed)?;
+    let alg = Algorithm::from_str(alg).map_err(|_| AuthError::AlgorithmNotAllowed)?;
+    let kid = match header.get("kid") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(kid)) => Some(kid.clone()),
+        Some(_) => return Err(AuthError::Malformed),
+    };
+    Ok((alg, kid))
 }
 
 /// The claims the gateway needs from a verified token.

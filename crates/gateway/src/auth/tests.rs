@@ -10,6 +10,10 @@ const RSA_PRIVATE: &[u8] = include_bytes!("../../tests/fixtures/rsa_private.pem"
 const RSA_PUBLIC: &[u8] = include_bytes!("../../tests/fixtures/rsa_public.pem");
 const EC_PRIVATE: &[u8] = include_bytes!("../../tests/fixtures/ec_private.pem");
 const EC_PUBLIC: &[u8] = include_bytes!("../../tests/fixtures/ec_public.pem");
+const EC384_PRIVATE: &[u8] = include_bytes!("../../tests/fixtures/ec384_private.pem");
+const EC384_PUBLIC: &[u8] = include_bytes!("../../tests/fixtures/ec384_public.pem");
+const ED25519_PRIVATE: &[u8] = include_bytes!("../../tests/fixtures/ed25519_private.pem");
+const ED25519_PUBLIC: &[u8] = include_bytes!("../../tests/fixtures/ed25519_public.pem");
 
 /// The PKCS#1 form of `rsa_public.pem`.
 const RSA_PUBLIC_PKCS1: &str = "-----BEGIN RSA PUBLIC KEY-----
@@ -23,14 +27,15 @@ JsjI6YsavhPlBGPbNXd8uQO2jSOFALx3owIDAQAB
 ";
 
 /// Public keys the verifier must refuse (test-only, no private halves kept).
-const EC_P384_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
-MHYwEAYHKoZIzj0CAQYFK4EEACIDYgAEe3zmhOrCfcHP7vWIjSA8asvm3NcX0hdp
-uC0qASqZDlkocydsG9D5ZgsTgAxz74bi/NKLgJFuNjO0eP8AAB2ix7ZaoNMXgtrw
-ziUCNYlrXf8gIJQNCGmiqFNpNZeVkH5R
+const EC_P521_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MIGbMBAGByqGSM49AgEGBSuBBAAjA4GGAAQBBvXpZ69YSiZskHXCc2fAH/GzLSsi
+x9upaBuYd0AnTnDYyflfW3r7TtxrgiUE8fwkDn2fvkubGNdJhzPer8LOAd8Aibc9
+DvLZ3b9cLXaCfdtGSniyP1TAWqAb8PyzbTyFpfsM3MeAhiOZMKrp8LoR52eJjo84
+00UuaEJiv8LjrLq63Qs=
 -----END PUBLIC KEY-----
 ";
-const ED25519_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
-MCowBQYDK2VwAyEANJwa0Mfdc1CGo6Dl31j/y0gSjE7bt5ClaeUZ4Usdm2Y=
+const X25519_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VuAyEAxG+i7R4VSl6rbt8zUdN+51rXwkJ4DMNiGuVbcTMQsgk=
 -----END PUBLIC KEY-----
 ";
 const RSA_1024_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
@@ -448,6 +453,62 @@ fn es256_valid_and_refuses_rs256() {
 }
 
 #[test]
+fn es384_and_eddsa_pem_keys_pick_their_algorithm() {
+    let cases = [
+        (
+            EC384_PUBLIC,
+            Algorithm::ES384,
+            EncodingKey::from_ec_pem(EC384_PRIVATE).unwrap(),
+        ),
+        (
+            ED25519_PUBLIC,
+            Algorithm::EdDSA,
+            EncodingKey::from_ed_pem(ED25519_PRIVATE).unwrap(),
+        ),
+    ];
+    let es256 = sign(
+        Algorithm::ES256,
+        &EncodingKey::from_ec_pem(EC_PRIVATE).unwrap(),
+        &valid_claims(),
+    );
+    for (public, alg, private) in cases {
+        let v = Verifier::public_key_pem(public, settings()).unwrap();
+        let token = sign(alg, &private, &valid_claims());
+        assert_eq!(v.verify(&token).unwrap().sub, "alice", "{alg:?}");
+        // Another algorithm, another key, HMAC with the key bytes: refused.
+        let e = err(v.verify(&es256));
+        assert!(
+            matches!(e, AuthError::AlgorithmNotAllowed),
+            "{alg:?}: {e:?}"
+        );
+        let hs_token = hs(Algorithm::HS256, public, &valid_claims());
+        let e = err(v.verify(&hs_token));
+        assert!(
+            matches!(e, AuthError::AlgorithmNotAllowed),
+            "{alg:?}: {e:?}"
+        );
+        // Tampered claims.
+        let mut parts: Vec<&str> = token.split('.').collect();
+        let other = sign(alg, &private, &json!({"sub": "mallory", "exp": now() + 60}));
+        parts[1] = other.split('.').nth(1).unwrap();
+        let e = err(v.verify(&parts.join(".")));
+        assert!(matches!(e, AuthError::BadSignature), "{alg:?}: {e:?}");
+    }
+    // An ES384 verifier refuses an ES384 token signed by another P-384 key
+    // only by signature; a P-256 key never becomes an ES384 verifier.
+    let p256 = Verifier::public_key_pem(EC_PUBLIC, settings()).unwrap();
+    let es384 = sign(
+        Algorithm::ES384,
+        &EncodingKey::from_ec_pem(EC384_PRIVATE).unwrap(),
+        &valid_claims(),
+    );
+    assert!(matches!(
+        err(p256.verify(&es384)),
+        AuthError::AlgorithmNotAllowed
+    ));
+}
+
+#[test]
 fn bad_public_keys_refused_with_clear_errors() {
     let cases: [(&[u8], &str); 8] = [
         (b"", "not a PEM"),
@@ -458,8 +519,8 @@ fn bad_public_keys_refused_with_clear_errors() {
         ),
         (RSA_PRIVATE, "private key"),
         (EC_PRIVATE, "private key"),
-        (EC_P384_PUBLIC.as_bytes(), "P-256"),
-        (ED25519_PUBLIC.as_bytes(), "unreadable"),
+        (EC_P521_PUBLIC.as_bytes(), "P-384"),
+        (X25519_PUBLIC.as_bytes(), "unreadable"),
         (RSA_1024_PUBLIC.as_bytes(), "1024 bits"),
     ];
     for (pem, needle) in cases {

@@ -1,5 +1,6 @@
 //! The public router: `GET /ws` (checks before the upgrade), the HTTP
-//! publish API, and in dev mode the chat page and a token endpoint.
+//! publish API, the server API's routes ([`api`]), and in dev mode the chat
+//! page and a token endpoint.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +20,9 @@ use serde_json::value::RawValue;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::{debug, info_span, warn};
-use wsgate_protocol::{is_valid_room, MessageParts};
+use wsgate_protocol::MessageParts;
 
+use crate::api::{self, RoomAction};
 use crate::auth::{self, AuthError, Claims, MintRequest};
 use crate::metrics::Rejection;
 use crate::session::{self, now_ms};
@@ -40,10 +42,22 @@ const WS_WRITE_BUFFER: usize = 16 * 1024;
 /// The router of the public listener.
 pub fn router(app: Arc<App>) -> Router {
     let max_body = app.config.max_message_bytes;
-    let mut router = Router::new().route("/ws", get(upgrade)).route(
-        "/api/rooms/{room}/messages",
-        post(api_publish).layer(DefaultBodyLimit::max(max_body)),
-    );
+    // `/api/rooms/{room}/presence` is not routed (404) until presence exists.
+    let api = Router::new()
+        .route(
+            "/api/rooms/{room}/messages",
+            post(api_publish).layer(DefaultBodyLimit::max(max_body)),
+        )
+        .route(
+            "/api/users/{user}/disconnect",
+            post(api::disconnect).layer(DefaultBodyLimit::max(max_body)),
+        )
+        .route("/api/rooms/{room}/history", get(api::history))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            api::count,
+        ));
+    let mut router = Router::new().route("/ws", get(upgrade)).merge(api);
     if app.config.dev {
         router = router
             .route("/", get(dev_page))
@@ -80,7 +94,7 @@ fn remote(headers: &HeaderMap, peer: Option<&PeerAddr>) -> String {
         .unwrap_or_default()
 }
 
-fn unauthorized(e: &AuthError) -> Response {
+pub(crate) fn unauthorized(e: &AuthError) -> Response {
     let challenge = match e {
         AuthError::Missing => HeaderValue::from_static("Bearer realm=\"wsgate\""),
         _ => HeaderValue::from_static("Bearer realm=\"wsgate\", error=\"invalid_token\""),
@@ -93,7 +107,7 @@ fn unauthorized(e: &AuthError) -> Response {
         .into_response()
 }
 
-fn unavailable(retry_after: &'static str, message: &str) -> Response {
+pub(crate) fn unavailable(retry_after: &'static str, message: &str) -> Response {
     (
         StatusCode::SERVICE_UNAVAILABLE,
         [(header::RETRY_AFTER, HeaderValue::from_static(retry_after))],
@@ -102,14 +116,14 @@ fn unavailable(retry_after: &'static str, message: &str) -> Response {
         .into_response()
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let message: String = message.into();
     (status, Json(json!({"error": code, "message": message}))).into_response()
 }
 
-fn authenticate(app: &App, headers: &HeaderMap, uri: &Uri) -> Result<Claims, AuthError> {
+pub(crate) fn authenticate(app: &App, headers: &HeaderMap, uri: &Uri) -> Result<Claims, AuthError> {
     let token = auth::token_from_request(headers, uri.query()).ok_or(AuthError::Missing)?;
-    app.config.verifier.verify(&token)
+    app.verify_token(&token)
 }
 
 async fn upgrade(
@@ -179,24 +193,10 @@ async fn api_publish(
     uri: Uri,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let claims = match authenticate(&app, &headers, &uri) {
+    let caller = match api::room_caller(&app, &headers, &uri, &room, RoomAction::Publish) {
         Ok(c) => c,
-        Err(e) => return unauthorized(&e),
+        Err(r) => return r.into_response(),
     };
-    if !is_valid_room(&room) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "invalid room name: 1 to 128 characters of A-Z a-z 0-9 _ - . :",
-        );
-    }
-    if !claims.publish.allows(&room) {
-        return error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("not allowed to publish to room '{room}'"),
-        );
-    }
     let body = match body {
         Ok(b) => b,
         Err(rejection) => {
@@ -223,7 +223,7 @@ async fn api_publish(
         }
     };
     app.metrics.messages_received.inc();
-    let parts = MessageParts::new(&room, &claims.sub, data, now_ms());
+    let parts = MessageParts::new(&room, caller.name(), data, now_ms());
     match app.publish(&room, parts).await {
         Ok(seq) => Json(json!({"room": room, "seq": seq})).into_response(),
         Err(e) => unavailable("1", &format!("{e}; message not delivered")),

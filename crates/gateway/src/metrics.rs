@@ -66,6 +66,7 @@ pub struct Metrics {
     pub gaps_filled: IntCounter,
     /// Broker subscriptions (rooms) held by this node.
     pub subscriptions: IntGauge,
+    api_requests: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -97,8 +98,8 @@ impl Metrics {
             reg(Box::new(g.clone()));
             g
         };
-        let counter_vec = |name: &str, help: &str, label: &str| {
-            let c = must(IntCounterVec::new(opts(name, help), &[label]));
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = must(IntCounterVec::new(opts(name, help), labels));
             reg(Box::new(c.clone()));
             c
         };
@@ -127,7 +128,7 @@ impl Metrics {
             handshake_rejections: counter_vec(
                 "handshake_rejections_total",
                 "Upgrade requests refused before the upgrade, by reason",
-                "reason",
+                &["reason"],
             ),
             messages_received: counter(
                 "messages_received_total",
@@ -148,7 +149,7 @@ impl Metrics {
             closes: counter_vec(
                 "connection_closes_total",
                 "Connections closed by the server, by close code",
-                "code",
+                &["code"],
             ),
             rooms_active: gauge(
                 "rooms_active",
@@ -171,6 +172,11 @@ impl Metrics {
             subscriptions: gauge(
                 "broker_subscriptions",
                 "Rooms this node is subscribed to at the broker",
+            ),
+            api_requests: counter_vec(
+                "api_requests_total",
+                "HTTP API calls (/api/...), by route pattern and status code",
+                &["endpoint", "status"],
             ),
             registry,
         };
@@ -196,6 +202,14 @@ impl Metrics {
     pub fn closed(&self, code: u16) {
         self.closes
             .with_label_values(&[code.to_string().as_str()])
+            .inc();
+    }
+
+    /// Count an HTTP API call: `endpoint` is the route pattern (never a
+    /// room or user), `status` the answer's code.
+    pub fn api_call(&self, endpoint: &str, status: u16) {
+        self.api_requests
+            .with_label_values(&[endpoint, status.to_string().as_str()])
             .inc();
     }
 

@@ -238,7 +238,7 @@ impl Session {
     async fn run(mut self: Box<Self>, sink: Sink, stream: Stream, conn_id: String) {
         let app = self.app.clone();
         let handle = self.handle.clone();
-        app.conns.insert(&handle);
+        app.conns.insert(&self.claims.sub, &handle);
         if app.is_draining() {
             // Upgraded just as the drain began: close like the others.
             handle.close(CloseReason {
@@ -265,7 +265,7 @@ impl Session {
             write_loop(sink, &handle, &app)
         );
         self.leave_all();
-        app.conns.remove(&handle);
+        app.conns.remove(&self.claims.sub, &handle);
         match handle.close_reason() {
             Some(r) => info!(
                 code = r.code,
@@ -520,7 +520,7 @@ impl Session {
     }
 
     fn refresh(&mut self, token: &str, id: Option<Id>) {
-        match self.app.config.verifier.verify(token) {
+        match self.app.verify_token(token) {
             Ok(claims) if claims.sub == self.claims.sub => {
                 self.expires = expiry_instant(claims.exp, self.app.config.verifier.leeway());
                 let exp = claims.exp;

@@ -12,8 +12,11 @@ use std::sync::Arc;
 use axum::extract::ws::Utf8Bytes;
 use wsgate_protocol::MessageParts;
 
+pub mod control;
 pub mod memory;
 pub mod redis;
+
+use control::ControlMsg;
 
 /// A boxed, sendable future (the trait is used as `dyn Broker`).
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -74,6 +77,22 @@ pub trait Broker: Send + Sync + 'static {
         room: &'a str,
         since: Option<Since<'a>>,
     ) -> BoxFut<'a, Result<RoomHistory, BrokerError>>;
+
+    /// Up to `limit` messages of `room` with seq > `since`, oldest first,
+    /// with the room's epoch and latest seq (`recovered`: the first frame
+    /// is seq `since + 1`, or there is nothing after `since`). Reads at
+    /// most `limit` entries.
+    fn range<'a>(
+        &'a self,
+        room: &'a str,
+        since: u64,
+        limit: usize,
+    ) -> BoxFut<'a, Result<RoomHistory, BrokerError>>;
+
+    /// Deliver a control message to every other node (a revocation is also
+    /// stored for nodes that start later); the caller applies it on this
+    /// node itself.
+    fn control<'a>(&'a self, msg: &'a ControlMsg) -> BoxFut<'a, Result<(), BrokerError>>;
 
     /// Whether the broker is reachable now.
     fn is_up(&self) -> bool;

@@ -41,8 +41,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use wsgate_protocol::MessageParts;
 
+mod range;
 mod sharded;
 
+use super::control::{self, Control, ControlMsg};
 use super::{covers, new_epoch, redact_url, BoxFut, Broker, BrokerError, RoomHistory, Since};
 use crate::metrics::Metrics;
 use crate::rooms::Rooms;
@@ -182,6 +184,7 @@ struct Inner {
     history: Script,
     settings: Settings,
     rooms: Arc<Rooms>,
+    control: Arc<Control>,
     metrics: Arc<Metrics>,
     subs: Mutex<HashMap<Arc<str>, SubState>>,
     commands: mpsc::UnboundedSender<SubCmd>,
@@ -210,11 +213,15 @@ impl RedisBroker {
     /// Set up the broker and start its relay and health tasks on `tasks`;
     /// they stop with `stop`. Redis need not be up yet: the node starts
     /// not ready and connects when Redis appears.
+    // What a node hands its broker, each a distinct part; a struct would
+    // only rename the list.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         url: &str,
         cluster: bool,
         settings: Settings,
         rooms: Arc<Rooms>,
+        control: Arc<Control>,
         metrics: Arc<Metrics>,
         stop: CancellationToken,
         tasks: &TaskTracker,
@@ -260,6 +267,7 @@ impl RedisBroker {
             history: Script::new(HISTORY_LUA),
             settings,
             rooms,
+            control,
             metrics,
             subs: Mutex::new(HashMap::new()),
             commands,
@@ -267,6 +275,9 @@ impl RedisBroker {
             commands_up: AtomicBool::new(false),
         });
         inner.metrics.broker_up.set(0);
+        // Revocations before the first connection is served; the relay
+        // reloads them after each (re)subscription to the control channel.
+        inner.control.reload(inner.conn.clone()).await;
         match (client, pushes) {
             (Some(client), _) => {
                 tasks.spawn(relay(inner.clone(), client, command_rx, stop.clone()));
@@ -387,6 +398,9 @@ impl Inner {
     }
 
     async fn on_message(&self, channel: &str, payload: &[u8]) {
+        if channel == control::CHANNEL {
+            return self.control.on_message(payload);
+        }
         let Some(room) = self.room_of(channel) else {
             return;
         };
@@ -494,6 +508,7 @@ async fn relay(
             continue;
         }
         backoff = BACKOFF_BASE;
+        inner.control.reload(inner.conn.clone()).await;
         inner.set_relay_up(true);
         for state in inner.subs().values() {
             state.ready.send_replace(true);
@@ -554,7 +569,7 @@ async fn subscribe_all(sink: &mut PubSubSink, rooms: &[Arc<str>]) -> redis::Redi
                 redis::RedisError::from((redis::ErrorKind::Io, "subscribe timed out"))
             })??;
     }
-    Ok(())
+    control::subscribe(sink).await
 }
 
 async fn apply(inner: &Inner, sink: &mut PubSubSink, cmd: SubCmd) -> redis::RedisResult<()> {
@@ -708,6 +723,19 @@ impl Broker for RedisBroker {
             }
             Ok(out)
         })
+    }
+
+    fn range<'a>(
+        &'a self,
+        room: &'a str,
+        since: u64,
+        limit: usize,
+    ) -> BoxFut<'a, Result<RoomHistory, BrokerError>> {
+        Box::pin(range::range(&self.inner, room, since, limit))
+    }
+
+    fn control<'a>(&'a self, msg: &'a ControlMsg) -> BoxFut<'a, Result<(), BrokerError>> {
+        Box::pin(self.inner.control.broadcast(self.inner.conn.clone(), msg))
     }
 
     fn is_up(&self) -> bool {

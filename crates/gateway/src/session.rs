@@ -25,6 +25,7 @@ use wsgate_protocol::{
 };
 
 use crate::auth::Claims;
+use crate::broker::control::DISCONNECTED;
 use crate::broker::Since;
 use crate::outbound::{CloseReason, ConnHandle};
 use crate::{App, Slot};
@@ -239,6 +240,11 @@ impl Session {
         let app = self.app.clone();
         let handle = self.handle.clone();
         app.conns.insert(&self.claims.sub, &handle);
+        if app.control.check(&self.claims).is_err() {
+            // Revoked between the token check and the registration above,
+            // so the disconnect did not find this connection.
+            handle.close(DISCONNECTED);
+        }
         if app.is_draining() {
             // Upgraded just as the drain began: close like the others.
             handle.close(CloseReason {

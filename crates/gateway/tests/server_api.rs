@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use wsgate_testkit::{
-    any_token, eventually, http, http_get, now_secs, token, Ended, Node, Redis, Ws,
+    any_token, eventually, http, http_get, now_secs, token, Ended, Node, Redis, RedisCluster, Ws,
 };
 
 const KEY: &str = "test-server-api-key";
@@ -86,7 +86,11 @@ async fn redis_nodes(redis: &Redis, n: usize) -> Vec<Node> {
 }
 
 async fn redis_node(redis: &Redis) -> Node {
-    let node = Node::start(&["--redis-url", &redis.url(), "--api-key", KEY]).await;
+    ready_node(&["--redis-url", &redis.url(), "--api-key", KEY]).await
+}
+
+async fn ready_node(args: &[&str]) -> Node {
+    let node = Node::start(args).await;
     let ready = format!("{}/ready", node.ops_url());
     eventually("node ready", || async {
         matches!(http_get(&ready).await, Ok((200, _, _))).then_some(())
@@ -361,6 +365,31 @@ async fn revoke_refuses_the_old_tokens_on_every_node_including_later_ones() {
         );
         assert_eq!(refresh(&mut ws, &new).await["type"], "refreshed");
     }
+}
+
+#[tokio::test]
+async fn disconnect_and_revoke_reach_every_node_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3);
+    let urls = cluster.urls();
+    let args = ["--redis-url", &urls, "--redis-cluster", "--api-key", KEY];
+    let nodes = [ready_node(&args).await, ready_node(&args).await];
+    let old = any_token("bob");
+    let mut bobs = Vec::new();
+    for node in &nodes {
+        bobs.push(Ws::open_with(&node.ws_url(), &old).await.0);
+    }
+    let (mut alice, _) = Ws::open(&nodes[1].ws_url(), "alice").await;
+    disconnect(&nodes[0], "bob", true).await;
+    for ws in &mut bobs {
+        assert_eq!(ws.ended().await, Ended::Close(4003));
+    }
+    still_open(&mut alice).await;
+    for node in &nodes {
+        let status = eventually("old token refused", || refused(node, &old)).await;
+        assert_eq!(status, 401);
+    }
+    let late = ready_node(&args).await;
+    assert_eq!(refused(&late, &old).await, Some(401));
 }
 
 #[tokio::test]

@@ -28,6 +28,12 @@ use crate::auth::{AuthError, Claims};
 use crate::outbound::CloseReason;
 use crate::{Config, Conns};
 
+/// How a connection closed by the server API closes.
+pub const DISCONNECTED: CloseReason = CloseReason {
+    code: close::DISCONNECTED,
+    reason: "disconnected",
+};
+
 /// The Redis pub/sub channel of control messages.
 pub const CHANNEL: &str = "wsgate:ctl";
 /// The Redis hash of revocations: user -> Unix seconds.
@@ -118,10 +124,7 @@ impl Control {
         }
         let conns = self.conns.of_user(user);
         for c in &conns {
-            c.close(CloseReason {
-                code: close::DISCONNECTED,
-                reason: "disconnected",
-            });
+            c.close(DISCONNECTED);
         }
         if !conns.is_empty() {
             info!(

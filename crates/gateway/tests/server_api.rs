@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use wsgate_testkit::{
-    any_token, eventually, http, http_get, now_secs, token, Ended, Node, Redis, RedisCluster, Ws,
+    any_token, eventually, http, http_get, now_secs, token, Ended, Node, Redis, RedisCluster,
+    TcpProxy, Ws,
 };
 
 const KEY: &str = "test-server-api-key";
@@ -91,12 +92,16 @@ async fn redis_node(redis: &Redis) -> Node {
 
 async fn ready_node(args: &[&str]) -> Node {
     let node = Node::start(args).await;
+    wait_ready(&node, 200).await;
+    node
+}
+
+async fn wait_ready(node: &Node, status: u16) {
     let ready = format!("{}/ready", node.ops_url());
-    eventually("node ready", || async {
-        matches!(http_get(&ready).await, Ok((200, _, _))).then_some(())
+    eventually("readiness", || async {
+        matches!(http_get(&ready).await, Ok((s, _, _)) if s == status).then_some(())
     })
     .await;
-    node
 }
 
 /// Connect with `token` expecting a refusal; the HTTP status.
@@ -365,6 +370,22 @@ async fn revoke_refuses_the_old_tokens_on_every_node_including_later_ones() {
         );
         assert_eq!(refresh(&mut ws, &new).await["type"], "refreshed");
     }
+}
+
+#[tokio::test]
+async fn a_node_cut_off_from_redis_learns_a_revocation_when_it_reconnects() {
+    let redis = Redis::start();
+    let proxy = TcpProxy::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let caller = redis_node(&redis).await;
+    let cut = ready_node(&["--redis-url", &proxy.redis_url(), "--api-key", KEY]).await;
+    let old = any_token("bob");
+    proxy.cut();
+    wait_ready(&cut, 503).await;
+    disconnect(&caller, "bob", true).await;
+    proxy.restore();
+    // Ready again only once the revocations are reloaded.
+    wait_ready(&cut, 200).await;
+    assert_eq!(refused(&cut, &old).await, Some(401));
 }
 
 #[tokio::test]

@@ -179,9 +179,9 @@ impl Control {
         }
     }
 
-    /// Read every stored revocation from Redis into this node's memory.
-    /// Errors are logged: the node keeps what it knew.
-    pub async fn reload<C: ConnectionLike + Send>(&self, mut conn: C) {
+    /// Read every stored revocation from Redis into this node's memory;
+    /// false when Redis did not answer (logged; the node keeps what it knew).
+    pub async fn reload<C: ConnectionLike + Send>(&self, mut conn: C) -> bool {
         let read = tokio::time::timeout(
             COMMAND_TIMEOUT,
             redis::cmd("HGETALL")
@@ -194,12 +194,14 @@ impl Control {
                 for (user, at) in all {
                     self.revoke(&user, at);
                 }
+                return true;
             }
             Ok(Err(e)) => {
                 warn!(error = %redact_url(&e.to_string()), "cannot load revocations from redis")
             }
             Err(_) => warn!("cannot load revocations from redis: timed out"),
         }
+        false
     }
 
     /// Send `msg` to every node through Redis; a revocation is stored first

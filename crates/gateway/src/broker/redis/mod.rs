@@ -507,8 +507,12 @@ async fn relay(
             sleep_backoff(&mut backoff, &stop).await;
             continue;
         }
+        // Revocations sent while this node was away: not up without them.
+        if !inner.control.reload(inner.conn.clone()).await {
+            sleep_backoff(&mut backoff, &stop).await;
+            continue;
+        }
         backoff = BACKOFF_BASE;
-        inner.control.reload(inner.conn.clone()).await;
         inner.set_relay_up(true);
         for state in inner.subs().values() {
             state.ready.send_replace(true);

@@ -15,7 +15,7 @@ use axum::extract::ws::Utf8Bytes;
 use wsgate_protocol::MessageParts;
 
 use super::control::ControlMsg;
-use super::{covers, new_epoch, BoxFut, Broker, BrokerError, RoomHistory, Since};
+use super::{covers, new_epoch, BoxFut, Broker, BrokerError, HistoryPage, RoomHistory, Since};
 use crate::rooms::Rooms;
 
 const SHARDS: usize = 32;
@@ -140,7 +140,7 @@ impl Broker for MemoryBroker {
         room: &'a str,
         since: u64,
         limit: usize,
-    ) -> BoxFut<'a, Result<RoomHistory, BrokerError>> {
+    ) -> BoxFut<'a, Result<HistoryPage, BrokerError>> {
         let mut shard = self.shard(room);
         let log = shard.entry(Box::from(room)).or_insert_with(RoomLog::new);
         // The deque is in seq order: skip to the first seq after `since`.
@@ -151,11 +151,9 @@ impl Broker for MemoryBroker {
             .take(limit)
             .map(|(_, f)| f.clone())
             .collect();
-        let first = log.history.get(start).map(|(s, _)| *s);
-        let out = RoomHistory {
+        let out = HistoryPage {
             epoch: log.epoch.clone(),
             latest: log.seq,
-            recovered: since >= log.seq || first == Some(since + 1),
             frames,
         };
         drop(shard);
@@ -236,19 +234,17 @@ mod tests {
         for _ in 0..8 {
             b.publish("r", parts("x")).await.unwrap();
         }
-        let seqs = |h: &RoomHistory| -> Vec<u64> {
+        let seqs = |h: &HistoryPage| -> Vec<u64> {
             h.frames
                 .iter()
                 .map(|f| wsgate_protocol::peek_message(f.as_str()).unwrap().1)
                 .collect()
         };
         let h = b.range("r", 5, 2).await.unwrap();
-        assert_eq!((h.latest, seqs(&h), h.recovered), (8, vec![6, 7], true));
+        assert_eq!((h.latest, seqs(&h)), (8, vec![6, 7]));
         let h = b.range("r", 0, 100).await.unwrap();
         assert_eq!(seqs(&h), [4, 5, 6, 7, 8], "history keeps 5");
-        assert!(!h.recovered, "seqs 1 to 3 are gone");
-        let h = b.range("r", 8, 100).await.unwrap();
-        assert!(h.frames.is_empty() && h.recovered);
+        assert!(b.range("r", 8, 100).await.unwrap().frames.is_empty());
         assert!(b.range("r", u64::MAX, 1).await.unwrap().frames.is_empty());
     }
 

@@ -42,6 +42,17 @@ pub struct RoomHistory {
     pub frames: Vec<Utf8Bytes>,
 }
 
+/// A page of a room's history (server API).
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    /// The room's history epoch.
+    pub epoch: Arc<str>,
+    /// The room's latest seq (0 for a room with no messages).
+    pub latest: u64,
+    /// Message frames, oldest first.
+    pub frames: Vec<Utf8Bytes>,
+}
+
 /// A resume request: after seq `since`, seen in `epoch` when given.
 #[derive(Debug, Clone, Copy)]
 pub struct Since<'a> {
@@ -79,15 +90,13 @@ pub trait Broker: Send + Sync + 'static {
     ) -> BoxFut<'a, Result<RoomHistory, BrokerError>>;
 
     /// Up to `limit` messages of `room` with seq > `since`, oldest first,
-    /// with the room's epoch and latest seq (`recovered`: the first frame
-    /// is seq `since + 1`, or there is nothing after `since`). Reads at
-    /// most `limit` entries.
+    /// with the room's epoch and latest seq. Reads at most `limit` entries.
     fn range<'a>(
         &'a self,
         room: &'a str,
         since: u64,
         limit: usize,
-    ) -> BoxFut<'a, Result<RoomHistory, BrokerError>>;
+    ) -> BoxFut<'a, Result<HistoryPage, BrokerError>>;
 
     /// Deliver a control message to every other node (a revocation is also
     /// stored for nodes that start later); the caller applies it on this

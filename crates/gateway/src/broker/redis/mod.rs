@@ -45,7 +45,9 @@ mod range;
 mod sharded;
 
 use super::control::{self, Control, ControlMsg};
-use super::{covers, new_epoch, redact_url, BoxFut, Broker, BrokerError, RoomHistory, Since};
+use super::{
+    covers, new_epoch, redact_url, BoxFut, Broker, BrokerError, HistoryPage, RoomHistory, Since,
+};
 use crate::metrics::Metrics;
 use crate::rooms::Rooms;
 use sharded::sharded_relay;
@@ -734,7 +736,7 @@ impl Broker for RedisBroker {
         room: &'a str,
         since: u64,
         limit: usize,
-    ) -> BoxFut<'a, Result<RoomHistory, BrokerError>> {
+    ) -> BoxFut<'a, Result<HistoryPage, BrokerError>> {
         Box::pin(range::range(&self.inner, room, since, limit))
     }
 

@@ -5,21 +5,19 @@
 use redis::{Script, Value};
 use std::sync::LazyLock;
 
-use super::{keys, new_epoch, parse_log, unavailable, Inner, COMMAND_TIMEOUT};
-use crate::broker::{BrokerError, RoomHistory};
+use super::{keys, parse_log, unavailable, Inner, COMMAND_TIMEOUT};
+use crate::broker::{BrokerError, HistoryPage};
 
 /// Same reply shape as the resume script (epoch, latest, -1, then id/frame
-/// pairs); the epoch is created as a join would create it.
+/// pairs). A room without an epoch has no messages either: the reply is
+/// empty, and the resume script then creates the epoch exactly as a join
+/// would (one place decides how epochs are made).
 const RANGE_LUA: &str = r"
 local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  epoch = ARGV[2]
-  redis.call('DEL', KEYS[1], KEYS[3])
-  redis.call('SET', KEYS[2], epoch, 'EX', ARGV[3])
-end
+if not epoch then return {} end
 local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
 local out = {epoch, latest, -1}
-local entries = redis.call('XRANGE', KEYS[3], ARGV[1], '+', 'COUNT', ARGV[4])
+local entries = redis.call('XRANGE', KEYS[3], ARGV[1], '+', 'COUNT', ARGV[2])
 for _, e in ipairs(entries) do
   out[#out + 1] = e[1]
   out[#out + 1] = e[2][2]
@@ -34,7 +32,7 @@ pub(super) async fn range(
     room: &str,
     since: u64,
     limit: usize,
-) -> Result<RoomHistory, BrokerError> {
+) -> Result<HistoryPage, BrokerError> {
     let [seq, epoch, log] = keys(room);
     let mut conn = inner.conn.clone();
     let mut call = SCRIPT.prepare_invoke();
@@ -44,18 +42,18 @@ pub(super) async fn range(
         .key(epoch)
         .key(log)
         .arg(format!("{}-0", since.saturating_add(1)))
-        .arg(new_epoch())
-        .arg(inner.ttl_secs())
         .arg(limit);
     let value: Value = tokio::time::timeout(COMMAND_TIMEOUT, call.invoke_async(&mut conn))
         .await
         .map_err(|_| unavailable("redis timed out"))?
         .map_err(unavailable)?;
-    let log =
-        parse_log(value).ok_or_else(|| unavailable("unexpected reply from the range script"))?;
-    let first = log.entries.first().map(|(s, _)| *s);
-    Ok(RoomHistory {
-        recovered: since >= log.latest || first == Some(since + 1),
+    let log = match value {
+        Value::Array(items) if items.is_empty() => inner.read_log(room, None).await?,
+        value => {
+            parse_log(value).ok_or_else(|| unavailable("unexpected reply from the range script"))?
+        }
+    };
+    Ok(HistoryPage {
         epoch: log.epoch,
         latest: log.latest,
         frames: log

@@ -23,7 +23,7 @@ use subtle::ConstantTimeEq;
 use tracing::info;
 use wsgate_protocol::is_valid_room;
 
-use crate::auth::{AuthError, Claims};
+use crate::auth::{token_from_request, AuthError, Claims};
 use crate::broker::control::ControlMsg;
 use crate::http::{authenticate, error, unauthorized, unavailable};
 use crate::App;
@@ -183,14 +183,16 @@ impl IntoResponse for Refusal {
 
 /// The caller of an endpoint open to the API key and to Bearer tokens: a
 /// request presenting an API key is judged by it when the server API is
-/// enabled; otherwise by its Bearer token.
+/// enabled, and is 404 when it is not (unless it also has a Bearer token);
+/// otherwise the Bearer token decides.
 pub fn caller(app: &App, headers: &HeaderMap, uri: &Uri) -> Result<Caller, Refusal> {
-    if let (Some(key), Some(given)) = (&app.config.api_key, presented_key(headers)) {
-        return if key.matches(given) {
-            Ok(Caller::Server)
-        } else {
-            Err(Refusal::WrongKey)
-        };
+    match (&app.config.api_key, presented_key(headers)) {
+        (Some(key), Some(given)) if key.matches(given) => return Ok(Caller::Server),
+        (Some(_), Some(_)) => return Err(Refusal::WrongKey),
+        (None, Some(_)) if token_from_request(headers, uri.query()).is_none() => {
+            return Err(Refusal::NotEnabled)
+        }
+        _ => {}
     }
     authenticate(app, headers, uri)
         .map(|c| Caller::User(Box::new(c)))

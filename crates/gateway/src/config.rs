@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::api::ApiKey;
 use crate::auth::jwks::JwksSettings;
 use crate::auth::{Verifier, VerifierSettings};
 
@@ -188,6 +189,12 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "WSGATE_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Enables the server API (/api/users/..., history, publish as "server").
+    #[arg(long, env = "WSGATE_API_KEY", hide_env_values = true, value_parser = ApiKey::parse)]
+    pub api_key: Option<ApiKey>,
+    /// With --api-key: longest token lifetime (exp - iat) accepted; revocations are kept this long.
+    #[arg(long, env = "WSGATE_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = duration)]
+    pub max_token_lifetime: Duration,
     /// Development mode: random key when none is set, printed token, chat page at /.
     #[arg(long, env = "WSGATE_DEV")]
     pub dev: bool,
@@ -380,6 +387,11 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// TLS for the public listener.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The server API's key; `None` disables the server API.
+    pub api_key: Option<ApiKey>,
+    /// Longest token lifetime accepted with the server API; revocations
+    /// are kept this long (plus the leeway).
+    pub max_token_lifetime: Duration,
     /// Dev mode.
     pub dev: bool,
     /// Cap on public connections not upgraded yet.
@@ -530,6 +542,12 @@ impl ServeArgs {
         positive("--max-outbound-bytes", self.max_outbound_bytes)?;
         positive("--history", self.history)?;
         positive("--max-rooms", self.max_rooms)?;
+        if self.max_token_lifetime.is_zero() {
+            return Err(ConfigError::Invalid {
+                flag: "--max-token-lifetime",
+                reason: "must be greater than 0".into(),
+            });
+        }
         if self.heartbeat.is_zero() || self.pong_timeout.is_zero() {
             return Err(ConfigError::Invalid {
                 flag: "--heartbeat/--pong-timeout",
@@ -614,6 +632,8 @@ impl ServeArgs {
                 drain_timeout: self.drain_timeout,
                 handshake_timeout: self.handshake_timeout,
                 tls,
+                api_key: self.api_key,
+                max_token_lifetime: self.max_token_lifetime,
                 dev: self.dev,
                 max_pending_connections,
                 body_timeout: self.body_timeout,
@@ -679,6 +699,23 @@ mod tests {
         assert_eq!(s.drain_timeout, Duration::from_secs(10));
         assert_eq!(s.jwks_refresh, Duration::from_secs(300));
         assert!(!s.dev);
+        assert!(s.api_key.is_none());
+        assert_eq!(s.max_token_lifetime, Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
+    fn api_key_is_checked_and_never_printed() {
+        assert!(serve(&["--api-key", ""]).is_err(), "empty key");
+        let s = serve(&["--api-key", "k3y-s3cret"]).unwrap();
+        assert!(!format!("{s:?}").contains("k3y-s3cret"));
+        let key = s.api_key.unwrap();
+        assert!(key.matches("k3y-s3cret"));
+        assert!(!key.matches("k3y-s3creT") && !key.matches("k3y") && !key.matches(""));
+        let err = serve(&["--jwt-secret", "s", "--max-token-lifetime", "0s"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(err.to_string().contains("--max-token-lifetime"), "{err}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The public router: `GET /ws` (checks before the upgrade), the HTTP
-//! publish API, and in dev mode the chat page and a token endpoint.
+//! publish API, the server API's routes ([`api`]), and in dev mode the chat
+//! page and a token endpoint.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +23,9 @@ use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::{debug, error, info_span, warn, Span};
-use wsgate_protocol::{is_valid_room, MessageParts};
+use wsgate_protocol::MessageParts;
 
+use crate::api;
 use crate::auth::{self, AuthError, Claims, MintRequest};
 use crate::broker::BrokerError;
 use crate::metrics::{Limit, Rejection};
@@ -62,10 +64,23 @@ pub fn router(app: Arc<App>) -> Router {
         lingering: Arc::new(Semaphore::new(LINGERING)),
         max_body: app.config.max_message_bytes,
     };
-    let mut router = Router::new().route("/ws", get(upgrade)).route(
-        "/api/rooms/{room}/messages",
-        post(api_publish).layer(Extension(budget)),
-    );
+    let max_body = app.config.max_message_bytes;
+    // `/api/rooms/{room}/presence` is not routed (404) until presence exists.
+    let api = Router::new()
+        .route(
+            "/api/rooms/{room}/messages",
+            post(api_publish).layer(Extension(budget)),
+        )
+        .route(
+            "/api/users/{user}/disconnect",
+            post(api::disconnect).layer(axum::extract::DefaultBodyLimit::max(max_body)),
+        )
+        .route("/api/rooms/{room}/history", get(api::history))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            api::count,
+        ));
+    let mut router = Router::new().route("/ws", get(upgrade)).merge(api);
     if app.config.dev {
         router = router
             .route("/", get(dev_page))
@@ -116,7 +131,7 @@ fn remote(headers: &HeaderMap, peer: Option<&PeerAddr>) -> String {
         .unwrap_or_default()
 }
 
-fn unauthorized(e: &AuthError) -> Response {
+pub(crate) fn unauthorized(e: &AuthError) -> Response {
     if matches!(e, AuthError::KeysNotLoaded) {
         // Not the token's fault: the JWKS has not been fetched yet.
         return unavailable("5", "token keys not loaded yet; retry shortly");
@@ -133,7 +148,7 @@ fn unauthorized(e: &AuthError) -> Response {
         .into_response()
 }
 
-fn unavailable(retry_after: &'static str, message: &str) -> Response {
+pub(crate) fn unavailable(retry_after: &'static str, message: &str) -> Response {
     (
         StatusCode::SERVICE_UNAVAILABLE,
         [(header::RETRY_AFTER, HeaderValue::from_static(retry_after))],
@@ -142,14 +157,14 @@ fn unavailable(retry_after: &'static str, message: &str) -> Response {
         .into_response()
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let message: String = message.into();
     (status, Json(json!({"error": code, "message": message}))).into_response()
 }
 
-fn authenticate(app: &App, headers: &HeaderMap, uri: &Uri) -> Result<Claims, AuthError> {
+pub(crate) fn authenticate(app: &App, headers: &HeaderMap, uri: &Uri) -> Result<Claims, AuthError> {
     let token = auth::token_from_request(headers, uri.query()).ok_or(AuthError::Missing)?;
-    app.config.verifier.verify(&token)
+    app.verify_token(&token)
 }
 
 async fn upgrade(
@@ -240,7 +255,7 @@ async fn api_publish(
     uri: Uri,
     body: Body,
 ) -> Response {
-    let (claims, _held) = match check_head(&app, &budget, &room, &headers, &uri) {
+    let (caller, _held) = match check_head(&app, &budget, &room, &headers, &uri) {
         Ok(admitted) => admitted,
         Err(refused) => return linger(&budget, &headers, body, refused),
     };
@@ -266,16 +281,21 @@ async fn api_publish(
     if let Err(e) = wsgate_protocol::check_depth(data.get()) {
         return error(StatusCode::BAD_REQUEST, "bad_request", e);
     }
-    if let Err(limited) = app.limits.try_take(&claims.sub) {
+    // A user's HTTP publishes share its publish bucket; the API key's do not.
+    let user = match &caller {
+        api::Caller::User(claims) => Some(claims.sub.as_str()),
+        api::Caller::Server => None,
+    };
+    if let Some(Err(limited)) = user.map(|u| app.limits.try_take(u)) {
         return limited.into_response();
     }
     app.metrics.messages_received.inc();
-    let parts = MessageParts::new(&room, &claims.sub, data, now_ms());
+    let parts = MessageParts::new(&room, caller.name(), data, now_ms());
     match app.publish(&room, parts, key).await {
         Ok(seq) => Json(json!({"room": room, "seq": seq})).into_response(),
         Err(e) => {
-            if matches!(e, BrokerError::Unavailable(_)) {
-                app.limits.refund(&claims.sub);
+            if let (BrokerError::Unavailable(_), Some(user)) = (&e, user) {
+                app.limits.refund(user);
             }
             broker_error(&e)
         }
@@ -338,22 +358,11 @@ fn check_head(
     room: &str,
     headers: &HeaderMap,
     uri: &Uri,
-) -> Result<(Claims, OwnedSemaphorePermit), Response> {
-    let claims = authenticate(app, headers, uri).map_err(|e| unauthorized(&e))?;
-    if !is_valid_room(room) {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "invalid room name: 1 to 128 characters of A-Z a-z 0-9 _ - . :",
-        ));
-    }
-    if !claims.publish.allows(room) {
-        return Err(error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("not allowed to publish to room '{room}'"),
-        ));
-    }
+) -> Result<(api::Caller, OwnedSemaphorePermit), Response> {
+    // The API key or a Bearer token (401/404), the room name (400), the
+    // `publish` grant (403).
+    let caller = api::room_caller(app, headers, uri, room, api::RoomAction::Publish)
+        .map_err(IntoResponse::into_response)?;
     if idempotency_key(headers).is_err() {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -383,7 +392,7 @@ fn check_head(
             app.metrics.refused(Limit::InflightBodyBytes);
             unavailable("1", "node is reading too many request bodies; retry")
         })?;
-    Ok((claims, held))
+    Ok((caller, held))
 }
 
 /// Refused bodies drained at once at most (see [`linger`]).

@@ -9,6 +9,7 @@
 //! - [`config`]: flags, environment and the validated [`Config`].
 //! - [`auth`]: JWT verification (a static key, or a JWKS kept fresh), room grants, token minting.
 //! - [`http`]: the public router: WebSocket upgrade checks, HTTP publish API, dev pages.
+//! - [`api`]: the server API (`--api-key`): disconnect and revoke users, room history.
 //! - [`listener`]: accept loop, TLS, HTTP/1 connections.
 //! - [`session`]: one WebSocket connection (reader, writer, protocol).
 //! - [`outbound`]: a connection's bounded outbound queue.
@@ -19,6 +20,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`logging`]: tracing set-up.
 
+pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
@@ -45,6 +47,8 @@ use wsgate_protocol::MessageParts;
 
 pub use config::Config;
 
+use auth::{AuthError, Claims};
+use broker::control::Control;
 use broker::{Broker, BrokerError};
 use metrics::Metrics;
 use outbound::{CloseReason, ConnHandle};
@@ -67,27 +71,41 @@ pub enum RunError {
     Broker(#[from] BrokerError),
 }
 
-/// Open connections, for the drain on shutdown.
+/// Open connections by user: for the drain on shutdown, and for the server
+/// API's disconnect (every transport registers here).
 #[derive(Default)]
-struct Conns {
-    map: Mutex<HashMap<usize, Arc<ConnHandle>>>,
+pub struct Conns {
+    users: Mutex<HashMap<Box<str>, Vec<Arc<ConnHandle>>>>,
 }
 
 impl Conns {
-    fn key(h: &Arc<ConnHandle>) -> usize {
-        Arc::as_ptr(h) as usize
+    /// Register a connection of `user`.
+    pub fn insert(&self, user: &str, h: &Arc<ConnHandle>) {
+        self.lock()
+            .entry(Box::from(user))
+            .or_default()
+            .push(h.clone());
     }
-    fn insert(&self, h: &Arc<ConnHandle>) {
-        self.lock().insert(Self::key(h), h.clone());
+    /// Forget a connection registered with [`insert`](Self::insert).
+    pub fn remove(&self, user: &str, h: &Arc<ConnHandle>) {
+        let mut users = self.lock();
+        if let Some(list) = users.get_mut(user) {
+            list.retain(|c| !Arc::ptr_eq(c, h));
+            if list.is_empty() {
+                users.remove(user);
+            }
+        }
     }
-    fn remove(&self, h: &Arc<ConnHandle>) {
-        self.lock().remove(&Self::key(h));
+    /// Every open connection.
+    pub fn all(&self) -> Vec<Arc<ConnHandle>> {
+        self.lock().values().flatten().cloned().collect()
     }
-    fn all(&self) -> Vec<Arc<ConnHandle>> {
-        self.lock().values().cloned().collect()
+    /// The open connections of `user`.
+    pub fn of_user(&self, user: &str) -> Vec<Arc<ConnHandle>> {
+        self.lock().get(user).cloned().unwrap_or_default()
     }
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Arc<ConnHandle>>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Vec<Arc<ConnHandle>>>> {
+        self.users.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -103,7 +121,9 @@ pub struct App {
     pub broker: Arc<dyn Broker>,
     /// Per-user publish buckets (WebSocket and HTTP API).
     pub limits: limits::UserLimits,
-    conns: Conns,
+    /// Disconnects and revocations of the server API.
+    pub control: Arc<Control>,
+    conns: Arc<Conns>,
     draining: AtomicBool,
     active: AtomicUsize,
     conn_seq: AtomicU64,
@@ -147,6 +167,14 @@ impl App {
         format!("c-{:x}{:x}", self.conn_prefix, n)
     }
 
+    /// Verify a token: signature and claims, then the server API's rules
+    /// (revocations, `--max-token-lifetime`).
+    pub fn verify_token(&self, token: &str) -> Result<Claims, AuthError> {
+        let claims = self.config.verifier.verify(token)?;
+        self.control.check(&claims)?;
+        Ok(claims)
+    }
+
     /// Hand a message to the broker, with its idempotency key if any;
     /// counts and times it. Returns the seq (the first one for a duplicate).
     pub async fn publish(
@@ -188,6 +216,8 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new(&config.node_id));
     let rooms = Arc::new(Rooms::new(metrics.clone()));
+    let conns = Arc::new(Conns::default());
+    let control = Arc::new(Control::new(conns.clone(), &config));
     let background = CancellationToken::new();
     let tasks = TaskTracker::new();
     let broker: Arc<dyn Broker> = match &config.redis_url {
@@ -202,6 +232,7 @@ pub async fn run(
                     ca_cert: config.redis_ca_cert.clone(),
                 },
                 rooms.clone(),
+                control.clone(),
                 metrics.clone(),
                 background.clone(),
                 &tasks,
@@ -233,7 +264,8 @@ pub async fn run(
     };
     let app = Arc::new(App {
         limits: limits::UserLimits::new(config.user_publish_rate, config.user_publish_burst),
-        conns: Conns::default(),
+        conns,
+        control,
         draining: AtomicBool::new(false),
         active: AtomicUsize::new(0),
         conn_seq: AtomicU64::new(0),

@@ -110,6 +110,7 @@ pub struct Metrics {
     jwks_age: IntGauge,
     /// When the key set in force was fetched (`None` before the first).
     jwks_loaded_at: Arc<Mutex<Option<Instant>>>,
+    api_requests: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -141,8 +142,8 @@ impl Metrics {
             reg(Box::new(g.clone()));
             g
         };
-        let counter_vec = |name: &str, help: &str, label: &str| {
-            let c = must(IntCounterVec::new(opts(name, help), &[label]));
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = must(IntCounterVec::new(opts(name, help), labels));
             reg(Box::new(c.clone()));
             c
         };
@@ -171,7 +172,7 @@ impl Metrics {
             handshake_rejections: counter_vec(
                 "handshake_rejections_total",
                 "Upgrade requests refused before the upgrade, by reason",
-                "reason",
+                &["reason"],
             ),
             messages_received: counter(
                 "messages_received_total",
@@ -200,7 +201,7 @@ impl Metrics {
             closes: counter_vec(
                 "connection_closes_total",
                 "Connections closed by the server, by close code",
-                "code",
+                &["code"],
             ),
             rooms_active: gauge(
                 "rooms_active",
@@ -227,18 +228,23 @@ impl Metrics {
             limit_refusals: counter_vec(
                 "limit_refusals_total",
                 "Connections or requests refused by a node-wide limit, by limit",
-                "limit",
+                &["limit"],
             ),
             jwks_fetches: counter_vec(
                 "jwks_fetches_total",
                 "Fetches of the --jwt-jwks-url key set, by result (ok, failed)",
-                "result",
+                &["result"],
             ),
             jwks_age: gauge(
                 "jwks_age_seconds",
                 "Seconds since the JWKS key set in force was fetched (0 before the first)",
             ),
             jwks_loaded_at: Arc::new(Mutex::new(None)),
+            api_requests: counter_vec(
+                "api_requests_total",
+                "HTTP API calls (/api/...), by route pattern and status code",
+                &["endpoint", "status"],
+            ),
             registry,
         };
         for l in Limit::ALL {
@@ -289,6 +295,14 @@ impl Metrics {
     pub fn closed(&self, code: u16) {
         self.closes
             .with_label_values(&[code.to_string().as_str()])
+            .inc();
+    }
+
+    /// Count an HTTP API call: `endpoint` is the route pattern (never a
+    /// room or user), `status` the answer's code.
+    pub fn api_call(&self, endpoint: &str, status: u16) {
+        self.api_requests
+            .with_label_values(&[endpoint, status.to_string().as_str()])
             .inc();
     }
 

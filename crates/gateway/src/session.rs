@@ -25,6 +25,7 @@ use wsgate_protocol::{
 };
 
 use crate::auth::Claims;
+use crate::broker::control::DISCONNECTED;
 use crate::broker::{BrokerError, RoomHistory, Since};
 use crate::limits::Bucket;
 use crate::outbound::{CloseReason, ConnHandle};
@@ -200,7 +201,7 @@ struct Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.leave_all();
-        self.app.conns.remove(&self.handle);
+        self.app.conns.remove(&self.claims.sub, &self.handle);
         self.app.limits.detach(&self.claims.sub);
     }
 }
@@ -229,7 +230,12 @@ impl Session {
     async fn run(mut self: Box<Self>, sink: Sink, stream: Stream, conn_id: String) {
         let app = self.app.clone();
         let handle = self.handle.clone();
-        app.conns.insert(&handle);
+        app.conns.insert(&self.claims.sub, &handle);
+        if app.control.check(&self.claims).is_err() {
+            // Revoked between the token check and the registration above,
+            // so the disconnect did not find this connection.
+            handle.close(DISCONNECTED);
+        }
         if app.is_draining() {
             // Upgraded just as the drain began: close like the others.
             handle.close(CloseReason {
@@ -256,7 +262,7 @@ impl Session {
             write_loop(sink, &handle, &app)
         );
         self.leave_all();
-        app.conns.remove(&handle);
+        app.conns.remove(&self.claims.sub, &handle);
         match handle.close_reason() {
             Some(r) => info!(
                 code = r.code,
@@ -597,7 +603,7 @@ impl Session {
     }
 
     fn refresh(&mut self, token: &str, id: Option<Id>) {
-        match self.app.config.verifier.verify(token) {
+        match self.app.verify_token(token) {
             Ok(claims) if claims.sub == self.claims.sub => {
                 self.expires = expiry_instant(claims.exp, self.app.config.verifier.leeway());
                 let exp = claims.exp;
@@ -706,6 +712,21 @@ mod tests {
         {
             Box::pin(std::future::pending())
         }
+        fn range<'a>(
+            &'a self,
+            _room: &'a str,
+            _since: u64,
+            _limit: usize,
+        ) -> crate::broker::BoxFut<'a, Result<crate::broker::HistoryPage, crate::broker::BrokerError>>
+        {
+            Box::pin(std::future::pending())
+        }
+        fn control<'a>(
+            &'a self,
+            _msg: &'a crate::broker::control::ControlMsg,
+        ) -> crate::broker::BoxFut<'a, Result<(), crate::broker::BrokerError>> {
+            Box::pin(std::future::pending())
+        }
         fn is_up(&self) -> bool {
             true
         }
@@ -716,9 +737,11 @@ mod tests {
         let cli = crate::config::Cli::try_parse_from(["wsgate", "--jwt-secret", "s"]).unwrap();
         let (config, _) = cli.serve.into_config().unwrap();
         let metrics = Arc::new(crate::metrics::Metrics::new("n"));
+        let conns = Arc::new(crate::Conns::default());
         Arc::new(App {
             limits: crate::limits::UserLimits::new(1.0, 1),
-            conns: crate::Conns::default(),
+            control: Arc::new(crate::broker::control::Control::new(conns.clone(), &config)),
+            conns,
             draining: Default::default(),
             active: Default::default(),
             conn_seq: Default::default(),
@@ -737,10 +760,11 @@ mod tests {
         let app = app_with(broker.clone());
         let slot = app.try_slot().unwrap();
         let handle = ConnHandle::new("c-1", 1 << 20, app.metrics.clone());
-        app.conns.insert(&handle);
+        app.conns.insert("alice", &handle);
         let claims = Claims {
             sub: "alice".into(),
             exp: u64::MAX,
+            iat: None,
             rooms: crate::auth::Grants::from_patterns(["*"]),
             publish: crate::auth::Grants::from_patterns(["*"]),
         };

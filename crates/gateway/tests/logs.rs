@@ -1,7 +1,7 @@
 //! Logs (OPERATING.md "Logs", PROTOCOL.md section 1): JSON lines on stdout,
 //! and no token or secret in any line, even at `--log trace`, whichever way
 //! the token came (header, `?token=`, `refresh`, HTTP API) and whether it
-//! was accepted or refused.
+//! was accepted or refused; nor the server API key, right or wrong.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,6 +14,7 @@ use wsgate_testkit::{
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+const API_KEY: &str = "server-api-key-5f1e9a";
 
 /// A distinct valid token for `sub`.
 fn fresh(sub: &str) -> String {
@@ -35,6 +36,8 @@ async fn tokens_and_secrets_never_appear_in_logs() {
             "json",
             "--heartbeat",
             "200ms",
+            "--api-key",
+            API_KEY,
         ],
     )
     .await;
@@ -120,6 +123,39 @@ async fn tokens_and_secrets_never_appear_in_logs() {
     assert_eq!(status, 401);
     tokens.extend([api_token, api_bad, any_token("unused")]);
 
+    // The server API key, right and wrong, in both headers.
+    let wrong_key = "wrong-key-0d6e5b1c";
+    for (header, value, path, want) in [
+        (
+            "x-api-key",
+            API_KEY.to_owned(),
+            "/api/users/nobody/disconnect",
+            202,
+        ),
+        (
+            "authorization",
+            format!("apikey {API_KEY}"),
+            "/api/rooms/lobby/history",
+            200,
+        ),
+        (
+            "x-api-key",
+            wrong_key.to_owned(),
+            "/api/users/nobody/disconnect",
+            401,
+        ),
+    ] {
+        let url = format!("http://{}{path}", node.addr);
+        let body = if path.ends_with("disconnect") {
+            &br#"{"revoke":true}"#[..]
+        } else {
+            b""
+        };
+        let method = if body.is_empty() { "GET" } else { "POST" };
+        let (status, _, _) = http(method, &url, &[(header, &value)], body).await.unwrap();
+        assert_eq!(status, want, "{path}");
+    }
+
     // Let a heartbeat or two go by, then stop so that every line is written.
     let m = ws.json().await;
     assert_eq!((&m["type"], &m["from"]), (&json!("message"), &json!("svc")));
@@ -162,4 +198,13 @@ async fn tokens_and_secrets_never_appear_in_logs() {
         );
     }
     assert!(!all.contains(SECRET), "the secret appears in the logs");
+    assert!(
+        all.contains("/api/users/nobody/disconnect"),
+        "no server API call logged"
+    );
+    assert!(!all.contains(API_KEY), "the API key appears in the logs");
+    assert!(
+        !all.contains("wrong-key-0d6e5b1c"),
+        "a presented key appears in the logs"
+    );
 }

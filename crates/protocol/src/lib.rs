@@ -29,7 +29,7 @@ pub use server::{
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Close codes of PROTOCOL.md section 3.
+/// Close codes of PROTOCOL.md section 3 (and 4003 of section 8).
 pub mod close {
     /// Normal close.
     pub const NORMAL: u16 = 1000;
@@ -51,4 +51,6 @@ pub mod close {
     pub const TRY_AGAIN_LATER: u16 = 1013;
     /// Token expired.
     pub const TOKEN_EXPIRED: u16 = 4001;
+    /// Disconnected by the server API (v1.1, PROTOCOL.md section 8).
+    pub const DISCONNECTED: u16 = 4003;
 }

@@ -80,6 +80,13 @@ pub enum AuthError {
     /// `exp`, `sub`, or a configured `iss`/`aud`.
     #[error("token lacks the required claim `{0}`")]
     MissingClaim(&'static str),
+    /// The user's tokens issued at or before a revocation are refused
+    /// (server API `disconnect` with `revoke`).
+    #[error("token revoked")]
+    Revoked,
+    /// `exp` lies further beyond `iat` (or now) than `--max-token-lifetime`.
+    #[error("token lifetime exceeds the maximum this gateway accepts")]
+    LifetimeTooLong,
     /// The configured key is unusable (start-up error).
     #[error("bad JWT key: {0}")]
     BadKey(String),
@@ -111,6 +118,8 @@ impl AuthError {
             AuthError::WrongAudience => "wrong_audience",
             AuthError::AlgorithmNotAllowed => "algorithm_not_allowed",
             AuthError::MissingClaim(_) => "missing_claim",
+            AuthError::Revoked => "revoked",
+            AuthError::LifetimeTooLong => "lifetime_too_long",
             AuthError::BadKey(_) => "bad_key",
             AuthError::Mint(_) => "mint",
             AuthError::KeysNotLoaded => "keys_not_loaded",
@@ -368,11 +377,12 @@ impl Verifier {
         };
         let claims = data.claims;
 
-        if let Some(iat) = claims.get("iat") {
-            let iat = numeric_date(iat).ok_or(AuthError::Malformed)?;
-            if iat > unix_now().saturating_add(self.validation.leeway) {
-                return Err(AuthError::IssuedInFuture);
-            }
+        let iat = match claims.get("iat") {
+            Some(iat) => Some(numeric_date(iat).ok_or(AuthError::Malformed)?),
+            None => None,
+        };
+        if iat.is_some_and(|iat| iat > unix_now().saturating_add(self.validation.leeway)) {
+            return Err(AuthError::IssuedInFuture);
         }
 
         let sub = match claims.get("sub") {
@@ -390,6 +400,7 @@ impl Verifier {
         Ok(Claims {
             sub,
             exp,
+            iat,
             rooms: grants_claim(&claims, "rooms")?,
             publish: grants_claim(&claims, "publish")?,
         })
@@ -492,6 +503,8 @@ pub struct Claims {
     pub sub: String,
     /// Expiry (`exp`), Unix seconds.
     pub exp: u64,
+    /// Issue time (`iat`), Unix seconds, when the token has one.
+    pub iat: Option<u64>,
     /// Rooms the user may join (`rooms`).
     pub rooms: Grants,
     /// Rooms the user may publish to (`publish`).

@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::Utf8Bytes;
 use wsgate_protocol::MessageParts;
 
+use super::control::ControlMsg;
 use super::{
-    covers, new_epoch, BoxFut, Broker, BrokerError, Published, RoomHistory, Since,
+    covers, new_epoch, BoxFut, Broker, BrokerError, HistoryPage, Published, RoomHistory, Since,
     IDEMPOTENCY_WINDOW,
 };
 use crate::metrics::Metrics;
@@ -318,6 +319,37 @@ impl Broker for MemoryBroker {
         Box::pin(std::future::ready(Ok(page)))
     }
 
+    fn range<'a>(
+        &'a self,
+        room: &'a str,
+        since: u64,
+        limit: usize,
+    ) -> BoxFut<'a, Result<HistoryPage, BrokerError>> {
+        let mut shard = self.shard(room);
+        let log = shard.entry(Box::from(room)).or_insert_with(RoomLog::new);
+        // The deque is in seq order: skip to the first seq after `since`.
+        let start = log.history.partition_point(|(s, _)| *s <= since);
+        let frames: Vec<Utf8Bytes> = log
+            .history
+            .range(start..)
+            .take(limit)
+            .map(|(_, f)| f.clone())
+            .collect();
+        let out = HistoryPage {
+            epoch: log.epoch.clone(),
+            latest: log.seq,
+            frames,
+        };
+        drop(shard);
+        Box::pin(std::future::ready(Ok(out)))
+    }
+
+    /// One node: there is nobody else to tell, and the node's own
+    /// [`Control`](super::control::Control) keeps the revocations.
+    fn control<'a>(&'a self, _msg: &'a ControlMsg) -> BoxFut<'a, Result<(), BrokerError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     fn is_up(&self) -> bool {
         true
     }
@@ -388,6 +420,26 @@ mod tests {
             epoch: Some("nope"),
         });
         assert!(!b.history("r", other).await.unwrap().recovered);
+    }
+
+    #[tokio::test]
+    async fn range_reads_at_most_limit_after_since() {
+        let b = broker(5).await;
+        for _ in 0..8 {
+            b.publish("r", parts("x"), None).await.unwrap();
+        }
+        let seqs = |h: &HistoryPage| -> Vec<u64> {
+            h.frames
+                .iter()
+                .map(|f| wsgate_protocol::peek_message(f.as_str()).unwrap().1)
+                .collect()
+        };
+        let h = b.range("r", 5, 2).await.unwrap();
+        assert_eq!((h.latest, seqs(&h)), (8, vec![6, 7]));
+        let h = b.range("r", 0, 100).await.unwrap();
+        assert_eq!(seqs(&h), [4, 5, 6, 7, 8], "history keeps 5");
+        assert!(b.range("r", 8, 100).await.unwrap().frames.is_empty());
+        assert!(b.range("r", u64::MAX, 1).await.unwrap().frames.is_empty());
     }
 
     #[tokio::test]

@@ -12,8 +12,11 @@ use std::sync::Arc;
 use axum::extract::ws::Utf8Bytes;
 use wsgate_protocol::MessageParts;
 
+pub mod control;
 pub mod memory;
 pub mod redis;
+
+use control::ControlMsg;
 
 /// A boxed, sendable future (the trait is used as `dyn Broker`).
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -59,6 +62,17 @@ pub struct Published {
 /// How long an idempotency key is remembered per room (PROTOCOL.md
 /// section 11).
 pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A page of a room's history (server API).
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    /// The room's history epoch.
+    pub epoch: Arc<str>,
+    /// The room's latest seq (0 for a room with no messages).
+    pub latest: u64,
+    /// Message frames, oldest first.
+    pub frames: Vec<Utf8Bytes>,
+}
 
 /// A resume request: after seq `since`, seen in `epoch` when given.
 #[derive(Debug, Clone, Copy)]
@@ -112,6 +126,20 @@ pub trait Broker: Send + Sync + 'static {
         after: u64,
         upto: u64,
     ) -> BoxFut<'a, Result<Vec<(u64, Utf8Bytes)>, BrokerError>>;
+
+    /// Up to `limit` messages of `room` with seq > `since`, oldest first,
+    /// with the room's epoch and latest seq. Reads at most `limit` entries.
+    fn range<'a>(
+        &'a self,
+        room: &'a str,
+        since: u64,
+        limit: usize,
+    ) -> BoxFut<'a, Result<HistoryPage, BrokerError>>;
+
+    /// Deliver a control message to every other node (a revocation is also
+    /// stored for nodes that start later); the caller applies it on this
+    /// node itself.
+    fn control<'a>(&'a self, msg: &'a ControlMsg) -> BoxFut<'a, Result<(), BrokerError>>;
 
     /// Whether the broker is reachable now.
     fn is_up(&self) -> bool;

@@ -41,12 +41,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use wsgate_protocol::MessageParts;
 
+mod range;
 pub(crate) mod sentinel;
 mod sharded;
 
+use super::control::{self, Control, ControlMsg};
 use super::{
-    covers, new_epoch, redact_url, BoxFut, Broker, BrokerError, Published, RoomHistory, Since,
-    IDEMPOTENCY_WINDOW,
+    covers, new_epoch, redact_url, BoxFut, Broker, BrokerError, HistoryPage, Published,
+    RoomHistory, Since, IDEMPOTENCY_WINDOW,
 };
 use crate::metrics::Metrics;
 use crate::rooms::Rooms;
@@ -273,6 +275,7 @@ struct Inner {
     history: Script,
     settings: Settings,
     rooms: Arc<Rooms>,
+    control: Arc<Control>,
     metrics: Arc<Metrics>,
     subs: Mutex<HashMap<Arc<str>, SubState>>,
     commands: mpsc::UnboundedSender<SubCmd>,
@@ -303,11 +306,15 @@ impl RedisBroker {
     /// Set up the broker and start its relay and health tasks on `tasks`;
     /// they stop with `stop`. Redis need not be up yet: the node starts
     /// not ready and connects when Redis appears.
+    // What a node hands its broker, each a distinct part; a struct would
+    // only rename the list.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         url: &str,
         cluster: bool,
         settings: Settings,
         rooms: Arc<Rooms>,
+        control: Arc<Control>,
         metrics: Arc<Metrics>,
         stop: CancellationToken,
         tasks: &TaskTracker,
@@ -368,6 +375,7 @@ impl RedisBroker {
             history: Script::new(HISTORY_LUA),
             settings,
             rooms,
+            control,
             metrics,
             subs: Mutex::new(HashMap::new()),
             commands,
@@ -375,6 +383,11 @@ impl RedisBroker {
             commands_up: AtomicBool::new(false),
         });
         inner.metrics.broker_up.set(0);
+        // Revocations before the first connection is served; the relay
+        // reloads them after each (re)subscription to the control channel.
+        if let Ok(conn) = inner.conn() {
+            inner.control.reload(conn).await;
+        }
         match pushes {
             Some(pushes) => {
                 tasks.spawn(sharded_relay(
@@ -600,6 +613,9 @@ impl Inner {
     }
 
     async fn on_message(&self, channel: &str, payload: &[u8]) {
+        if channel == control::CHANNEL {
+            return self.control.on_message(payload);
+        }
         let Some(room) = self.room_of(channel) else {
             return;
         };
@@ -715,6 +731,15 @@ async fn relay(
             sleep_backoff(&mut backoff, &stop).await;
             continue;
         }
+        // Revocations sent while this node was away: not up without them.
+        let reloaded = match inner.conn() {
+            Ok(conn) => inner.control.reload(conn).await,
+            Err(_) => false,
+        };
+        if !reloaded {
+            sleep_backoff(&mut backoff, &stop).await;
+            continue;
+        }
         backoff = BACKOFF_BASE;
         inner.set_relay_up(true);
         for state in inner.subs().values() {
@@ -780,7 +805,7 @@ async fn subscribe_all(sink: &mut PubSubSink, rooms: &[Arc<str>]) -> redis::Redi
                 redis::RedisError::from((redis::ErrorKind::Io, "subscribe timed out"))
             })??;
     }
-    Ok(())
+    control::subscribe(sink).await
 }
 
 async fn apply(inner: &Inner, sink: &mut PubSubSink, cmd: SubCmd) -> redis::RedisResult<()> {
@@ -1004,6 +1029,22 @@ impl Broker for RedisBroker {
                 .into_iter()
                 .filter(|(s, _)| *s <= upto)
                 .collect())
+        })
+    }
+
+    fn range<'a>(
+        &'a self,
+        room: &'a str,
+        since: u64,
+        limit: usize,
+    ) -> BoxFut<'a, Result<HistoryPage, BrokerError>> {
+        Box::pin(range::range(&self.inner, room, since, limit))
+    }
+
+    fn control<'a>(&'a self, msg: &'a ControlMsg) -> BoxFut<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let conn = self.inner.conn()?;
+            self.inner.control.broadcast(conn, msg).await
         })
     }
 

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{redact_url, sharded_channel, Conn, Inner, SubCmd, COMMAND_TIMEOUT};
+use super::{control, redact_url, sharded_channel, Conn, Inner, SubCmd, COMMAND_TIMEOUT};
 
 /// The relay on a Redis Cluster: one `SSUBSCRIBE` per room per node on the
 /// shard that owns the room; messages arrive as RESP3 pushes. The library
@@ -22,6 +22,10 @@ pub(super) async fn sharded_relay(
     let Ok(Conn::Cluster(mut conn)) = inner.conn() else {
         return;
     };
+    // The control channel is not sharded: PUBLISH reaches every shard.
+    if let Err(e) = conn.subscribe(control::CHANNEL).await {
+        warn!(error = %redact_url(&e.to_string()), "redis cluster: control channel subscription failed");
+    }
     inner.set_relay_up(true);
     loop {
         tokio::select! {
@@ -67,6 +71,16 @@ pub(super) async fn sharded_relay(
                             if let Ok(channel) = std::str::from_utf8(&channel) {
                                 inner.on_message(channel, &payload).await;
                             }
+                        }
+                    }
+                    redis::PushKind::Message => {
+                        if let Some(Value::BulkString(payload)) = push.data.get(1) {
+                            inner.control.on_message(payload);
+                        }
+                    }
+                    redis::PushKind::Subscribe => {
+                        if let Ok(conn) = inner.conn() {
+                            inner.control.reload(conn).await;
                         }
                     }
                     redis::PushKind::SSubscribe => {

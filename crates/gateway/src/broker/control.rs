@@ -1,0 +1,346 @@
+//! The control channel: cluster-wide disconnects and token revocations of
+//! the server API (PROTOCOL.md section 8).
+//!
+//! A `disconnect` call on any node becomes one [`ControlMsg`]. With Redis it
+//! travels on the pub/sub channel [`CHANNEL`], to which every node's relay
+//! subscribes on every (re)connect; a revocation is also stored in the hash
+//! [`REVOKED_KEY`] (field: user, value: the revocation time in Unix
+//! seconds), so that nodes started later, or cut off while it was sent,
+//! load it. With the in-process broker there is only this node.
+//!
+//! Each node keeps the revocations in memory ([`Control`]): a handshake, a
+//! `refresh` or an HTTP call checks them without a Redis round trip. A
+//! revocation is kept for `--max-token-lifetime` plus `--jwt-leeway`; with
+//! `--api-key` set, tokens living longer than `--max-token-lifetime` are
+//! refused, so that no revoked token outlives its revocation.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::ConnectionLike;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+use wsgate_protocol::close;
+
+use super::{redact_url, BrokerError};
+use crate::auth::{AuthError, Claims};
+use crate::outbound::CloseReason;
+use crate::{Config, Conns};
+
+/// How a connection closed by the server API closes.
+pub const DISCONNECTED: CloseReason = CloseReason {
+    code: close::DISCONNECTED,
+    reason: "disconnected",
+};
+
+/// The Redis pub/sub channel of control messages.
+pub const CHANNEL: &str = "wsgate:ctl";
+/// The Redis hash of revocations: user -> Unix seconds.
+pub const REVOKED_KEY: &str = "wsgate:revoked";
+/// Record a revocation (keeping the later time), drop the ones older than
+/// the retention, and renew the hash's TTL: the hash holds one retention
+/// period of revocations at most.
+static REVOKE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > old then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if tonumber(all[i + 1]) < tonumber(ARGV[3]) then redis.call('HDEL', KEYS[1], all[i]) end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 0
+",
+    )
+});
+
+/// Bound on a control command to Redis.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A message every node acts on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlMsg {
+    /// Close every connection of `user` with 4003; with `revoked_at`, refuse
+    /// the user's tokens issued at or before that time (Unix seconds).
+    Disconnect {
+        /// The user (`sub`).
+        user: String,
+        /// The revocation time, when the call asked for `revoke`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        revoked_at: Option<u64>,
+    },
+}
+
+/// This node's side of the control channel: the revocations it knows and
+/// the connections it closes.
+pub struct Control {
+    conns: Arc<Conns>,
+    revoked: Mutex<HashMap<Box<str>, u64>>,
+    /// How long a revocation is kept.
+    retention: Duration,
+    /// Longest token lifetime accepted, when the server API is enabled.
+    max_lifetime: Option<Duration>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Control {
+    /// Control for a node with `config`, closing connections found in `conns`.
+    pub fn new(conns: Arc<Conns>, config: &Config) -> Control {
+        Control {
+            conns,
+            revoked: Mutex::new(HashMap::new()),
+            retention: config.max_token_lifetime + config.verifier.leeway(),
+            max_lifetime: config
+                .api_key
+                .is_some()
+                .then_some(config.max_token_lifetime),
+        }
+    }
+
+    /// How long a revocation is kept (locally and in Redis).
+    pub fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    fn revoked(&self) -> MutexGuard<'_, HashMap<Box<str>, u64>> {
+        self.revoked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Act on a message on this node: record the revocation, close the
+    /// user's connections with 4003. Returns how many were closed.
+    /// Idempotent, so a message may arrive more than once.
+    pub fn apply(&self, msg: &ControlMsg) -> usize {
+        let ControlMsg::Disconnect { user, revoked_at } = msg;
+        if let Some(at) = revoked_at {
+            self.revoke(user, *at);
+        }
+        let conns = self.conns.of_user(user);
+        for c in &conns {
+            c.close(DISCONNECTED);
+        }
+        if !conns.is_empty() {
+            info!(
+                user,
+                connections = conns.len(),
+                "disconnected by the server API"
+            );
+        }
+        conns.len()
+    }
+
+    /// A message from the control channel (JSON); malformed ones are ignored.
+    pub fn on_message(&self, payload: &[u8]) {
+        match serde_json::from_slice::<ControlMsg>(payload) {
+            Ok(msg) => {
+                self.apply(&msg);
+            }
+            Err(e) => warn!(error = %e, "malformed control message ignored"),
+        }
+    }
+
+    fn revoke(&self, user: &str, at: u64) {
+        let mut revoked = self.revoked();
+        // Forget what has outlived its retention: memory stays bounded by
+        // the revocations of one retention period.
+        let oldest = unix_now().saturating_sub(self.retention.as_secs());
+        revoked.retain(|_, t| *t >= oldest);
+        if at >= oldest {
+            let entry = revoked.entry(Box::from(user)).or_insert(at);
+            *entry = (*entry).max(at);
+        }
+    }
+
+    /// Refuse a token revoked by the server API, or living longer than
+    /// `--max-token-lifetime` when the server API is enabled.
+    pub fn check(&self, claims: &Claims) -> Result<(), AuthError> {
+        if let Some(max) = self.max_lifetime {
+            let from = claims.iat.unwrap_or_else(unix_now);
+            if claims.exp.saturating_sub(from) > max.as_secs() {
+                return Err(AuthError::LifetimeTooLong);
+            }
+        }
+        let revoked_at = self.revoked().get(claims.sub.as_str()).copied();
+        match revoked_at {
+            Some(at)
+                if claims.iat.unwrap_or(0) <= at
+                    && at.saturating_add(self.retention.as_secs()) >= unix_now() =>
+            {
+                Err(AuthError::Revoked)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Read every stored revocation from Redis into this node's memory;
+    /// false when Redis did not answer (logged; the node keeps what it knew).
+    pub async fn reload<C: ConnectionLike + Send>(&self, mut conn: C) -> bool {
+        let read = tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            redis::cmd("HGETALL")
+                .arg(REVOKED_KEY)
+                .query_async::<HashMap<String, u64>>(&mut conn),
+        )
+        .await;
+        match read {
+            Ok(Ok(all)) => {
+                for (user, at) in all {
+                    self.revoke(&user, at);
+                }
+                return true;
+            }
+            Ok(Err(e)) => {
+                warn!(error = %redact_url(&e.to_string()), "cannot load revocations from redis")
+            }
+            Err(_) => warn!("cannot load revocations from redis: timed out"),
+        }
+        false
+    }
+
+    /// Send `msg` to every node through Redis; a revocation is stored first
+    /// (kept for the retention period), so that it also reaches nodes that
+    /// start later or miss the message.
+    pub async fn broadcast<C: ConnectionLike + Send>(
+        &self,
+        mut conn: C,
+        msg: &ControlMsg,
+    ) -> Result<(), BrokerError> {
+        let unavailable =
+            |e: &dyn std::fmt::Display| BrokerError::Unavailable(redact_url(&e.to_string()));
+        let payload = serde_json::to_string(msg).map_err(|e| unavailable(&e))?;
+        let ControlMsg::Disconnect { user, revoked_at } = msg;
+        let work = async {
+            if let Some(at) = revoked_at {
+                let retention = self.retention.as_secs().max(1);
+                REVOKE_SCRIPT
+                    .key(REVOKED_KEY)
+                    .arg(user)
+                    .arg(*at)
+                    .arg(unix_now().saturating_sub(retention))
+                    .arg(retention)
+                    .invoke_async::<()>(&mut conn)
+                    .await?;
+            }
+            redis::cmd("PUBLISH")
+                .arg(CHANNEL)
+                .arg(payload)
+                .query_async::<()>(&mut conn)
+                .await
+        };
+        tokio::time::timeout(COMMAND_TIMEOUT, work)
+            .await
+            .map_err(|_| unavailable(&"redis timed out"))?
+            .map_err(|e| unavailable(&e))
+    }
+}
+
+/// Subscribe the relay's pub/sub connection to the control channel.
+pub async fn subscribe(sink: &mut redis::aio::PubSubSink) -> redis::RedisResult<()> {
+    tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(CHANNEL))
+        .await
+        .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "subscribe timed out")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Grants;
+
+    fn control(api_key: bool) -> Control {
+        Control {
+            conns: Arc::new(Conns::default()),
+            revoked: Mutex::new(HashMap::new()),
+            retention: Duration::from_secs(3600),
+            max_lifetime: api_key.then_some(Duration::from_secs(600)),
+        }
+    }
+
+    fn claims(sub: &str, iat: Option<u64>, exp: u64) -> Claims {
+        Claims {
+            sub: sub.to_owned(),
+            exp,
+            iat,
+            rooms: Grants::default(),
+            publish: Grants::default(),
+        }
+    }
+
+    #[test]
+    fn wire_format_is_tagged_json() {
+        let msg = ControlMsg::Disconnect {
+            user: "bob".into(),
+            revoked_at: Some(7),
+        };
+        let text = serde_json::to_string(&msg).unwrap();
+        assert_eq!(text, r#"{"op":"disconnect","user":"bob","revoked_at":7}"#);
+        let plain: ControlMsg = serde_json::from_str(r#"{"op":"disconnect","user":"a"}"#).unwrap();
+        assert_eq!(
+            plain,
+            ControlMsg::Disconnect {
+                user: "a".into(),
+                revoked_at: None
+            }
+        );
+        assert!(serde_json::from_str::<ControlMsg>(r#"{"op":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn revocation_refuses_tokens_issued_at_or_before_it() {
+        let c = control(false);
+        let now = unix_now();
+        let at = now - 10;
+        c.apply(&ControlMsg::Disconnect {
+            user: "bob".into(),
+            revoked_at: Some(at),
+        });
+        let exp = now + 60;
+        assert!(matches!(
+            c.check(&claims("bob", Some(at), exp)),
+            Err(AuthError::Revoked)
+        ));
+        assert!(c.check(&claims("bob", Some(at - 1), exp)).is_err());
+        assert!(c.check(&claims("bob", None, exp)).is_err(), "no iat = 0");
+        assert!(c.check(&claims("bob", Some(at + 1), exp)).is_ok());
+        assert!(c.check(&claims("alice", Some(at), exp)).is_ok());
+        // A later message with an older time does not move it back.
+        c.on_message(
+            format!(
+                r#"{{"op":"disconnect","user":"bob","revoked_at":{}}}"#,
+                at - 5
+            )
+            .as_bytes(),
+        );
+        assert!(c.check(&claims("bob", Some(at), exp)).is_err());
+        c.on_message(b"not json");
+    }
+
+    #[test]
+    fn revocations_older_than_the_retention_are_forgotten() {
+        let c = control(false);
+        let old = unix_now() - 7200;
+        c.revoke("bob", old);
+        assert!(c.check(&claims("bob", Some(old), unix_now() + 60)).is_ok());
+        assert!(c.revoked().is_empty());
+    }
+
+    #[test]
+    fn lifetime_cap_only_with_the_server_api() {
+        let now = unix_now();
+        let long = claims("a", Some(now), now + 601);
+        let ok = claims("a", Some(now), now + 600);
+        assert!(control(false).check(&long).is_ok());
+        assert!(matches!(
+            control(true).check(&long),
+            Err(AuthError::LifetimeTooLong)
+        ));
+        assert!(control(true).check(&ok).is_ok());
+        assert!(control(true).check(&claims("a", None, now + 700)).is_err());
+    }
+}

@@ -167,6 +167,26 @@ pub(crate) fn authenticate(app: &App, headers: &HeaderMap, uri: &Uri) -> Result<
     app.verify_token(&token)
 }
 
+/// [`authenticate`] for a handshake, which may wait a moment: a token whose
+/// `kid` the JWKS does not have yet is verified once more after the fetch it
+/// asked for (PROTOCOL.md section 9: a new key is accepted as soon as the
+/// provider publishes it).
+async fn authenticate_handshake(
+    app: &App,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Result<Claims, AuthError> {
+    match authenticate(app, headers, uri) {
+        Err(AuthError::UnknownKey) => {
+            if let Some(jwks) = app.config.verifier.jwks_source() {
+                jwks.settle_unknown_kid().await;
+            }
+            authenticate(app, headers, uri)
+        }
+        other => other,
+    }
+}
+
 async fn upgrade(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -190,7 +210,7 @@ async fn upgrade(
         }
         None => {}
     }
-    let claims = match authenticate(&app, &headers, &uri) {
+    let claims = match authenticate_handshake(&app, &headers, &uri).await {
         Ok(c) => c,
         Err(e) => {
             debug!(reason = e.reason(), "token refused");

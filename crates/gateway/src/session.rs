@@ -392,7 +392,7 @@ impl Session {
             ClientCommand::Publish { room, data, key } => {
                 self.publish(&room, data, key.as_deref(), id).await
             }
-            ClientCommand::Refresh { token } => self.refresh(&token, id),
+            ClientCommand::Refresh { token } => self.refresh(&token, id).await,
             ClientCommand::Ping => self.send(ServerFrame::Pong(Pong { id })),
         }
     }
@@ -602,8 +602,17 @@ impl Session {
         }
     }
 
-    fn refresh(&mut self, token: &str, id: Option<Id>) {
-        match self.app.verify_token(token) {
+    async fn refresh(&mut self, token: &str, id: Option<Id>) {
+        let mut verified = self.app.verify_token(token);
+        if let (Err(crate::auth::AuthError::UnknownKey), Some(jwks)) =
+            (&verified, self.app.config.verifier.jwks_source())
+        {
+            // A key the provider has just published: verify again once the
+            // fetch this token asked for is done.
+            jwks.settle_unknown_kid().await;
+            verified = self.app.verify_token(token);
+        }
+        match verified {
             Ok(claims) if claims.sub == self.claims.sub => {
                 self.expires = expiry_instant(claims.exp, self.app.config.verifier.leeway());
                 let exp = claims.exp;

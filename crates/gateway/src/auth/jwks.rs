@@ -9,12 +9,12 @@
 //! published right after a fetch is still picked up at once). A failed fetch
 //! keeps the last good set.
 //!
-//! Verification never waits for the network: a token whose `kid` is unknown
-//! asks the fetch loop for a new set and is refused at once
-//! ([`AuthError::UnknownKey`]); once the set with its key has arrived, the
-//! same token is accepted. So a client retrying a refused connection gets in
-//! as soon as the provider's new key is known, and a flood of tokens with
-//! made-up `kid`s costs at most one fetch every 10 s.
+//! A token whose `kid` is unknown asks the fetch loop for a new set and is
+//! refused ([`AuthError::UnknownKey`]); handshakes and `refresh` then wait
+//! for that fetch ([`Jwks::settle_unknown_kid`], bounded) and verify once
+//! more, so a key the provider has just published is accepted on its first
+//! token. A flood of tokens with made-up `kid`s costs at most one fetch
+//! every 10 s.
 //!
 //! The key decides the algorithms: RSA keys RS256/384/512 and PS256/384/512,
 //! EC keys ES256 (P-256) or ES384 (P-384), OKP Ed25519 keys EdDSA; a JWK
@@ -32,7 +32,9 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, DecodingKeyKind, TokenData, Validation};
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use tokio::sync::Notify;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -93,6 +95,22 @@ pub struct Jwks {
     last_kid_fetch: Mutex<Option<Instant>>,
     /// Wakes the fetch loop for an unknown `kid`.
     wake: Notify,
+    /// A fetch asked for by an unknown `kid` has not finished yet.
+    kid_fetch_pending: AtomicBool,
+    /// Bumped after every fetch attempt (ok or failed).
+    fetched: watch::Sender<u64>,
+}
+
+/// Marks the end of a fetch attempt when dropped: after the set was
+/// stored (or the failure counted), waiters of [`Jwks::settle_unknown_kid`]
+/// wake and verify again.
+struct FetchDone<'a>(&'a Jwks);
+
+impl Drop for FetchDone<'_> {
+    fn drop(&mut self) {
+        self.0.kid_fetch_pending.store(false, Ordering::Release);
+        self.0.fetched.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 /// The keys of one fetched set.
@@ -131,6 +149,8 @@ impl Jwks {
             set: RwLock::new(None),
             last_kid_fetch: Mutex::new(None),
             wake: Notify::new(),
+            kid_fetch_pending: AtomicBool::new(false),
+            fetched: watch::channel(0).0,
         })
     }
 
@@ -201,7 +221,24 @@ impl Jwks {
             *last = Some(now);
         }
         debug!("unknown JWT kid: fetching the key set again");
+        self.kid_fetch_pending.store(true, Ordering::Release);
         self.wake.notify_one();
+    }
+
+    /// After a token was refused for an unknown `kid`: wait (at most the
+    /// fetch timeout and a second) for the fetch that an unknown `kid` asked
+    /// for to finish, so that the caller can verify once more. Returns at
+    /// once when no such fetch is under way (the 10 s limit held it back,
+    /// or it finished already). So a token signed with a key the provider
+    /// has just published is accepted on its first attempt, and a storm of
+    /// unknown `kid`s costs each handshake one wait, never a fetch.
+    pub async fn settle_unknown_kid(&self) {
+        let mut fetched = self.fetched.subscribe();
+        if !self.kid_fetch_pending.load(Ordering::Acquire) {
+            return;
+        }
+        let _ =
+            tokio::time::timeout(FETCH_TIMEOUT + Duration::from_secs(1), fetched.changed()).await;
     }
 
     /// Fetch the set now, every `--jwks-refresh`, and when woken for an
@@ -215,6 +252,9 @@ impl Jwks {
                 _ = cancel.cancelled() => return,
                 fetched = self.fetch() => fetched,
             };
+            // Whatever came of it, a kid's fetch under way is over once the
+            // set (if any) is stored below; waiters re-check after the bump.
+            let done = FetchDone(&self);
             let wait = match fetched {
                 Ok(set) => {
                     let first = !self.is_loaded();
@@ -247,6 +287,7 @@ impl Jwks {
                     wait
                 }
             };
+            drop(done);
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}

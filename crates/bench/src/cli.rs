@@ -257,9 +257,23 @@ pub struct ReconnectArgs {
     /// Longest wait for every client of the node to resume.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub resume_timeout: Duration,
-    /// Longest wait, after publishing stops, for every client to catch up.
-    #[arg(long, default_value = "5s", value_parser = duration)]
+    /// Longest wait, after publishing stops, for every client to catch up
+    /// (clients still receiving when it runs out are reported as lagging,
+    /// not as losing messages).
+    #[arg(long, default_value = "120s", value_parser = duration)]
     pub drain: Duration,
+    /// The drain also ends when no client has received a message for this
+    /// long (the servers are idle): what is still missing then never arrived
+    /// and counts as lost.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub idle: Duration,
+    /// Share of the clients that stop reading for --stall, from --stall/2
+    /// before publishing stops (slow readers: they lag, they lose nothing).
+    #[arg(long, default_value_t = 0.0)]
+    pub stall_share: f64,
+    /// How long the --stall-share clients stop reading (below --idle).
+    #[arg(long, default_value = "0s", value_parser = duration)]
+    pub stall: Duration,
     /// The room.
     #[arg(long, default_value = "failover")]
     pub room: String,
@@ -514,6 +528,20 @@ impl Scenario {
                 check_duration("after", a.after, true)?;
                 check_duration("resume-timeout", a.resume_timeout, false)?;
                 check_duration("drain", a.drain, true)?;
+                check_duration("idle", a.idle, false)?;
+                check_duration("stall", a.stall, true)?;
+                if !(0.0..=1.0).contains(&a.stall_share) {
+                    return Err("--stall-share must be from 0 to 1".to_owned());
+                }
+                if a.stall >= a.idle {
+                    return Err(
+                        "--stall must be below --idle (a stalled client would read as a loss)"
+                            .to_owned(),
+                    );
+                }
+                if a.stall / 2 > a.after {
+                    return Err("--stall/2 must fit in --after".to_owned());
+                }
                 check_room("room", &a.room)?;
                 check_payload(a.payload)?;
             }

@@ -1,4 +1,4 @@
-//! Command line: the six scenarios, their flags, bounds and validation.
+//! Command line: the seven scenarios, their flags, bounds and validation.
 //!
 //! Every run is bounded: connection counts, rates, payloads and durations
 //! have ceilings, and a hard `--deadline` (by default the planned time plus a
@@ -49,6 +49,9 @@ pub enum Scenario {
     Reconnect(ReconnectArgs),
     /// Raise the fan-out rate step by step until p99 passes a limit or a message is lost.
     Ramp(RampArgs),
+    /// Hours-long trust check under churn and faults: every acknowledged
+    /// message reaches every member, once, or the member is told.
+    Soak(SoakArgs),
 }
 
 /// Flags every scenario takes.
@@ -282,6 +285,55 @@ pub struct ReconnectArgs {
     pub payload: usize,
 }
 
+/// `soak`.
+#[derive(Debug, Clone, Args)]
+pub struct SoakArgs {
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub common: Common,
+    /// How long publishing and churn go on (faults are injected from outside,
+    /// e.g. by benches/soak.sh).
+    #[arg(long, short = 'd', default_value = "10m", value_parser = duration)]
+    pub duration: Duration,
+    /// Rooms (named `--room.N`).
+    #[arg(long, default_value_t = 8)]
+    pub rooms: usize,
+    /// Subscribers: long-lived connections, each in --sub-rooms rooms, that
+    /// resume with `since` + `epoch` whenever their connection drops.
+    #[arg(long, short = 's', default_value_t = 120)]
+    pub subscribers: usize,
+    /// Rooms each subscriber joins.
+    #[arg(long, default_value_t = 2)]
+    pub sub_rooms: usize,
+    /// Publishers, each publishing with an id and recording every `ack`.
+    #[arg(long, short = 'p', default_value_t = 4)]
+    pub publishers: usize,
+    /// Steady publish rate of each publisher, messages per second.
+    #[arg(long, short = 'r', default_value_t = 20.0)]
+    pub rate: f64,
+    /// A publish storm every this long...
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub storm_every: Duration,
+    /// ...of this many messages from each publisher at once.
+    #[arg(long, default_value_t = 300)]
+    pub storm: usize,
+    /// Churners: connect, join a room or two, stay a moment, leave, close
+    /// (or drop the TCP connection), again and again.
+    #[arg(long, short = 'c', default_value_t = 30)]
+    pub churners: usize,
+    /// Longest wait after publishing stops for every subscriber to be back
+    /// and quiet.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    pub drain: Duration,
+    /// The drain ends once every subscriber is connected and none has
+    /// received anything for this long.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub idle: Duration,
+    /// Room name prefix.
+    #[arg(long, default_value = "soak")]
+    pub room: String,
+}
+
 /// `ramp`.
 #[derive(Debug, Clone, Args)]
 pub struct RampArgs {
@@ -448,6 +500,7 @@ impl Scenario {
             Scenario::Rooms(_) => "rooms",
             Scenario::Reconnect(_) => "reconnect",
             Scenario::Ramp(_) => "ramp",
+            Scenario::Soak(_) => "soak",
         }
     }
 
@@ -460,6 +513,7 @@ impl Scenario {
             Scenario::Rooms(a) => &a.common,
             Scenario::Reconnect(a) => &a.common,
             Scenario::Ramp(a) => &a.common,
+            Scenario::Soak(a) => &a.common,
         }
     }
 
@@ -472,6 +526,7 @@ impl Scenario {
             Scenario::Rooms(a) => a.connections,
             Scenario::Reconnect(a) => a.clients + 1,
             Scenario::Ramp(a) => a.audience.connections(),
+            Scenario::Soak(a) => a.subscribers + a.publishers + a.churners,
         }
     }
 
@@ -561,6 +616,29 @@ impl Scenario {
                 check_room("room", &a.room)?;
                 a.publisher.validate(common.allow_remote)?;
             }
+            Scenario::Soak(a) => {
+                check_duration("duration", a.duration, false)?;
+                check_count("rooms", a.rooms, 1, 10_000)?;
+                check_count("subscribers", a.subscribers, 1, 3_000)?;
+                check_count("sub-rooms", a.sub_rooms, 1, a.rooms)?;
+                check_count("publishers", a.publishers, 1, 100)?;
+                check_count("churners", a.churners, 0, 1_000)?;
+                check_rate("rate", a.rate)?;
+                check_count("storm", a.storm, 0, 10_000)?;
+                check_duration("storm-every", a.storm_every, false)?;
+                check_duration("drain", a.drain, false)?;
+                check_duration("idle", a.idle, false)?;
+                check_room("room", &a.room)?;
+                // Every acked message is kept for the final check: bound them.
+                let storms = a.duration.as_secs_f64() / a.storm_every.as_secs_f64();
+                let total = a.publishers as f64
+                    * (a.rate * a.duration.as_secs_f64() + storms * a.storm as f64);
+                if total > 5e6 {
+                    return Err(format!(
+                        "the soak would publish about {total:.0} messages; at most 5,000,000 are checked"
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -575,6 +653,7 @@ impl Scenario {
             Scenario::Rooms(a) => a.window.warmup + a.window.duration + a.drain,
             Scenario::Reconnect(a) => a.before + a.resume_timeout + a.after + a.drain,
             Scenario::Ramp(a) => a.step * a.max_steps as u32 + a.step,
+            Scenario::Soak(a) => a.duration + a.drain + Duration::from_secs(30),
         };
         setup + run
     }

@@ -4,7 +4,7 @@
 //! # Layout
 //! - [`member`]: one connection's task.
 //! - [`connect`], [`idle`], [`fanout`] (also `rooms`), [`ramp`],
-//!   [`reconnect`]: one scenario each.
+//!   [`reconnect`], [`soak`]: one scenario each.
 
 pub mod connect;
 pub mod fanout;
@@ -12,6 +12,7 @@ pub mod idle;
 pub mod member;
 pub mod ramp;
 pub mod reconnect;
+pub mod soak;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -108,6 +109,7 @@ pub async fn run(scenario: &Scenario) -> Result<Report> {
         Scenario::Rooms(a) => fanout::run_rooms(&ctx, a).await,
         Scenario::Reconnect(a) => reconnect::run(&ctx, a).await,
         Scenario::Ramp(a) => ramp::run(&ctx, a).await,
+        Scenario::Soak(a) => soak::run(&ctx, a).await,
     }
 }
 

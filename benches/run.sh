@@ -28,8 +28,8 @@ SERVER_CPU=${SERVER_CPU:-0}
 TOOL_CPU=${TOOL_CPU:-1}
 OUT=${OUT:-$(mktemp -d /tmp/wsgate-bench.XXXXXX)}
 SECRET="bench-$RANDOM$RANDOM"
-WSGATE="$ROOT/target/release/wsgate"
-BENCH="$ROOT/target/release/wsgate-bench"
+WSGATE="${CARGO_TARGET_DIR:-$ROOT/target}/release/wsgate"
+BENCH="${CARGO_TARGET_DIR:-$ROOT/target}/release/wsgate-bench"
 mkdir -p "$OUT"
 
 # The table's sizes; QUICK=1 shrinks them to check the script itself.
@@ -43,18 +43,11 @@ else
     : "${D:=10s}" "${WARMUP:=3s}" "${STEP:=5s}" "${HOLD:=20s}" "${BEFORE:=5s}"
 fi
 
-log() { printf '[bench] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+LOG_TAG=bench
+# shellcheck source=benches/common.sh
+source "$ROOT/benches/common.sh"
 
-command -v redis-server >/dev/null || die "redis-server is not installed (apt-get install -y --no-install-recommends redis-server)"
-command -v python3 >/dev/null || die "python3 is needed"
-command -v curl >/dev/null || die "curl is needed"
-
-if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
-    log "building wsgate and wsgate-bench (release)"
-    (cd "$ROOT" && cargo build --release -p wsgate -p wsgate-bench)
-fi
-[[ -x "$WSGATE" && -x "$BENCH" ]] || die "missing $WSGATE or $BENCH"
+prepare_binaries
 
 # Pinning: servers and Redis on SERVER_CPU, the load tool on TOOL_CPU.
 if command -v taskset >/dev/null && [[ $(nproc) -ge 2 ]]; then
@@ -65,18 +58,6 @@ else
     PIN_SERVER=()
     PIN_TOOL=()
 fi
-
-free_ports() {
-    python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
 
 PIDS=()
 REDIS_PID=""
@@ -102,16 +83,6 @@ stop_servers() {
     OPS_PORTS=()
 }
 trap stop_servers EXIT
-
-wait_for() { # wait_for DESCRIPTION COMMAND...: poll for up to 15 s
-    local what=$1
-    shift
-    for _ in $(seq 150); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        sleep 0.1
-    done
-    die "timed out waiting for $what"
-}
 
 # start_servers N [memory]: a fresh redis-server and N nodes (n1..nN) on
 # free ports; with "memory", one node on the in-process broker, no Redis.

@@ -305,6 +305,11 @@ pub struct SoakArgs {
     /// Rooms each subscriber joins.
     #[arg(long, default_value_t = 2)]
     pub sub_rooms: usize,
+    /// Of the rooms, this many (the last ones) get no steady publishing,
+    /// only storm messages: members that joined or resumed since the last
+    /// storm have had no message when a fault hits.
+    #[arg(long, default_value_t = 2)]
+    pub quiet_rooms: usize,
     /// Publishers, each publishing with an id and recording every `ack`.
     #[arg(long, short = 'p', default_value_t = 4)]
     pub publishers: usize,
@@ -621,6 +626,7 @@ impl Scenario {
                 check_count("rooms", a.rooms, 1, 10_000)?;
                 check_count("subscribers", a.subscribers, 1, 3_000)?;
                 check_count("sub-rooms", a.sub_rooms, 1, a.rooms)?;
+                check_count("quiet-rooms", a.quiet_rooms, 0, a.rooms - 1)?;
                 check_count("publishers", a.publishers, 1, 100)?;
                 check_count("churners", a.churners, 0, 1_000)?;
                 check_rate("rate", a.rate)?;

@@ -16,6 +16,10 @@
 //!   member of R in E that joined before S never received it, although it
 //!   received a later seq (a hole) or stayed to the end, and no
 //!   `recovered: false` or new epoch covered it;
+//!   A member still in an older epoch at the end, that was a member while
+//!   a message of a newer epoch was published and did not get it, lost it
+//!   without notice too (an epoch change nobody announced to it); one that
+//!   got it under the older epoch counts in `wrong_epoch`;
 //! - **duplicates**: one seq twice on one membership; two payloads under one
 //!   room + epoch + seq; one payload under two seqs.
 
@@ -84,6 +88,11 @@ pub struct Segment {
     pub duplicates: u64,
     /// Messages at or below the `joined` seq.
     pub below_base: u64,
+    /// The first of them.
+    pub first_below: Option<u64>,
+    /// What opened it: `join`, `joined (new epoch)` (unsolicited),
+    /// `rejoin (new epoch)` (a resume answered in another epoch).
+    pub origin: &'static str,
     /// Messages beyond [`MAX_SPAN`] after the `joined` seq (not recorded).
     pub too_far: u64,
 }
@@ -103,6 +112,8 @@ impl Segment {
             closed_ns: u64::MAX,
             duplicates: 0,
             below_base: 0,
+            first_below: None,
+            origin: "join",
             too_far: 0,
         }
     }
@@ -111,6 +122,7 @@ impl Segment {
     pub fn receive(&mut self, seq: u64, payload: u64) {
         if seq <= self.base {
             self.below_base += 1;
+            self.first_below.get_or_insert(seq);
             return;
         }
         let i = seq - self.base - 1;
@@ -221,17 +233,25 @@ pub struct Verdict {
     pub duplicates: u64,
     /// Two payloads under one room + epoch + seq (must be 0).
     pub conflicts: u64,
-    /// One payload under two seqs or epochs (must be 0).
+    /// One payload under two seqs (must be 0).
     pub payload_twice: u64,
+    /// (acked message, member) pairs where the member got the message under
+    /// an older epoch than other members: it was not told of the new epoch
+    /// (must be 0).
+    pub wrong_epoch: u64,
     /// Payloads received under a seq other than their `ack`'s (must be 0).
     pub seq_mismatch: u64,
     /// Acked messages no member received at all (informational: with every
     /// member of that epoch told otherwise, this is announced loss).
     pub received_by_none: u64,
-    /// Messages at or below a membership's `joined` seq (must be 0).
+    /// Messages at or below a membership's `joined` seq: neither lost nor
+    /// doubled (the membership never had them), but not what a client that
+    /// joined at that seq expects; reported apart, with samples.
     pub below_join: u64,
-    /// Up to 10 losses, for the report: `room epoch seq member`.
+    /// Up to 10 losses, for the report.
     pub samples: Vec<String>,
+    /// Up to 10 memberships that got messages at or below their `joined` seq.
+    pub below_samples: Vec<String>,
 }
 
 impl Verdict {
@@ -242,7 +262,7 @@ impl Verdict {
             && self.conflicts == 0
             && self.payload_twice == 0
             && self.seq_mismatch == 0
-            && self.below_join == 0
+            && self.wrong_epoch == 0
     }
 }
 
@@ -258,19 +278,23 @@ pub fn evaluate(acked: &[Acked], segments: &[(usize, Segment)]) -> Verdict {
     let mut conflicts = HashSet::new();
     let mut twice = HashSet::new();
     let mut by_room: HashMap<usize, Vec<usize>> = HashMap::new();
-    let mut by_epoch: HashMap<(usize, u32), Vec<usize>> = HashMap::new();
     for (i, (_, seg)) in segments.iter().enumerate() {
         v.duplicates += seg.duplicates;
         v.below_join += seg.below_base;
+        if let (Some(first), true) = (seg.first_below, v.below_samples.len() < 10) {
+            v.below_samples.push(format!(
+                "room {} epoch #{} member {}: opened by `{}` at seq {}, then {} messages at or below it, the first at seq {first}",
+                seg.room, seg.epoch, segments[i].0, seg.origin, seg.base, seg.below_base
+            ));
+        }
         by_room.entry(seg.room).or_default().push(i);
-        by_epoch.entry((seg.room, seg.epoch)).or_default().push(i);
         for (seq, p) in seg.received() {
             let first = *at.entry((seg.room, seg.epoch, seq)).or_insert(p);
             if first != p {
                 conflicts.insert((seg.room, seg.epoch, seq));
             }
             let first = *placed.entry(p).or_insert((seg.epoch, seq));
-            if first != (seg.epoch, seq) {
+            if first.1 != seq {
                 twice.insert(p);
             }
         }
@@ -288,31 +312,52 @@ pub fn evaluate(acked: &[Acked], segments: &[(usize, Segment)]) -> Verdict {
         if epoch.is_none() {
             v.received_by_none += 1;
         }
-        // Known epoch: the members of that epoch. Unknown (nobody got it):
-        // every member of the room at the time that did not get another
-        // payload at that seq (which would put it in another epoch).
-        let candidates = match epoch {
-            Some(e) => by_epoch.get(&(a.room, e)).unwrap_or(&none),
-            None => by_room.get(&a.room).unwrap_or(&none),
-        };
+        // Every member of the room is looked at. Of the acked message's
+        // epoch (when someone got it): due after its joined seq. Of an older
+        // epoch: due when it was a member while the message was published
+        // and was never told of a new epoch (still open at the end). When
+        // nobody got it: due as in its own epoch when it was a member while
+        // the message was published and got no other payload at that seq
+        // (which would put it in another epoch).
         let mut lost = false;
-        for &i in candidates {
+        for &i in by_room.get(&a.room).unwrap_or(&none) {
             let (conn, seg) = &segments[i];
-            if epoch.is_none()
-                && (!seg.open_during(a.sent_ns, a.acked_ns) || seg.payload_at(a.seq).is_some())
-            {
-                continue;
+            let same_epoch = epoch == Some(seg.epoch);
+            let got = seg.payload_at(a.seq);
+            if !same_epoch {
+                if !seg.open_during(a.sent_ns, a.acked_ns) {
+                    continue;
+                }
+                if got == Some(a.payload) {
+                    // Received, but under an epoch other members saw it in.
+                    v.due += 1;
+                    v.wrong_epoch += 1;
+                    continue;
+                }
+                // Epochs are numbered as first seen: a member of a newer
+                // one than the message's had moved on.
+                let stale = epoch.is_some_and(|e| seg.epoch < e && seg.close == Close::Open);
+                if got.is_some() || (epoch.is_some() && !stale) {
+                    continue;
+                }
             }
-            if seg.payload_at(a.seq) == Some(a.payload) {
+            if got == Some(a.payload) {
                 v.due += 1;
-            } else if seg.misses(a.seq) {
+            } else if seg.misses(a.seq) || (!same_epoch && epoch.is_some()) {
                 v.due += 1;
                 v.lost_without_notice += 1;
                 lost = true;
                 if v.samples.len() < 10 {
                     v.samples.push(format!(
-                        "room {} epoch #{} seq {} member {} (joined at {}, highest {}, {:?})",
-                        a.room, seg.epoch, a.seq, conn, seg.base, seg.max, seg.close
+                        "room {} seq {} (epoch #{}) member {} in epoch #{} (joined at {}, highest {}, {:?})",
+                        a.room,
+                        a.seq,
+                        epoch.map_or_else(|| "?".to_owned(), |e| e.to_string()),
+                        conn,
+                        seg.epoch,
+                        seg.base,
+                        seg.max,
+                        seg.close
                     ));
                 }
             } else if seg.noticed(a.seq) {
@@ -360,6 +405,8 @@ struct State {
     resumed: AtomicU64,
     not_recovered: AtomicU64,
     epoch_changes: AtomicU64,
+    /// Unsolicited `joined` naming the epoch the member already had.
+    same_epoch_notices: AtomicU64,
     sent: AtomicU64,
     acks: AtomicU64,
     in_flight: AtomicI64,
@@ -536,6 +583,8 @@ async fn subscriber(net: Net, index: usize, rooms: Vec<usize>, token: String) ->
                         Some(mut seg) if j.epoch == s.epoch && j.seq >= seg.max => {
                             if solicited {
                                 st.not_recovered.fetch_add(1, Relaxed);
+                            } else {
+                                st.same_epoch_notices.fetch_add(1, Relaxed);
                             }
                             seg.notice_gap(j.seq);
                             s.seg = Some(seg);
@@ -543,12 +592,20 @@ async fn subscriber(net: Net, index: usize, rooms: Vec<usize>, token: String) ->
                         Some(mut seg) => {
                             if solicited {
                                 st.not_recovered.fetch_add(1, Relaxed);
+                            } else if j.epoch == s.epoch {
+                                st.same_epoch_notices.fetch_add(1, Relaxed);
                             } else {
                                 st.epoch_changes.fetch_add(1, Relaxed);
                             }
                             seg.end(Close::Notice, now);
                             done.push(seg);
-                            s.seg = Some(Segment::new(room, epoch, j.seq, now));
+                            let mut next = Segment::new(room, epoch, j.seq, now);
+                            next.origin = if solicited {
+                                "rejoin (new epoch)"
+                            } else {
+                                "joined (new epoch)"
+                            };
+                            s.seg = Some(next);
                         }
                     }
                     s.epoch = j.epoch;
@@ -608,8 +665,18 @@ fn close_all(subs: &mut [Sub], done: &mut Vec<Segment>, how: Close) {
     }
 }
 
+/// What a publisher sends: `rate` msg/s to the first `busy` rooms, and
+/// `storm` more at once, to any room, at each storm.
+#[derive(Clone, Copy)]
+struct PublishPlan {
+    rate: f64,
+    storm: usize,
+    busy: usize,
+}
+
 /// One publisher: returns what was acked.
-async fn publisher(net: Net, index: usize, rate: f64, storm: usize, token: String) -> Vec<Acked> {
+async fn publisher(net: Net, index: usize, plan: PublishPlan, token: String) -> Vec<Acked> {
+    let PublishPlan { rate, storm, busy } = plan;
     let st = net.state.clone();
     let mut acked = Vec::new();
     let mut counter: u64 = 0;
@@ -675,10 +742,13 @@ async fn publisher(net: Net, index: usize, rate: f64, storm: usize, token: Strin
             }
             let burst = burst.min(MAX_IN_FLIGHT.saturating_sub(pending.len()));
             let mut failed = false;
-            for _ in 0..burst {
+            for n in 0..burst {
                 counter += 1;
                 let payload = ((index as u64 + 1) << 32) | counter;
-                let room = rand::random::<u64>() as usize % net.rooms.len();
+                // The steady message (the first) goes to a busy room; storm
+                // messages reach the quiet rooms too.
+                let span = if n == 0 { busy } else { net.rooms.len() };
+                let room = rand::random::<u64>() as usize % span.max(1);
                 let data = format!(r#"{{"k":{payload}}}"#);
                 let Ok(data) = RawValue::from_string(data) else {
                     continue;
@@ -752,9 +822,13 @@ fn churn_frame(net: &Net, frame: ServerFrame, seg: &mut Option<Segment>, done: &
         }
         ServerFrame::Joined(j) if net.room_index(&j.room) == Some(g.room) => {
             let epoch = net.state.epochs.id(&j.epoch);
-            if epoch != g.epoch {
+            if epoch == g.epoch {
+                net.state.same_epoch_notices.fetch_add(1, Relaxed);
+            } else {
                 let now = clock::now_ns();
-                let mut old = std::mem::replace(g, Segment::new(g.room, epoch, j.seq, now));
+                let mut next = Segment::new(g.room, epoch, j.seq, now);
+                next.origin = "joined (new epoch)";
+                let mut old = std::mem::replace(g, next);
                 old.end(Close::Notice, now);
                 done.push(old);
             }
@@ -930,11 +1004,16 @@ pub async fn run(ctx: &Ctx, args: &SoakArgs) -> Result<Report> {
     for i in 0..args.publishers {
         pub_tokens.push(ctx.tokens.for_user(&format!("soak-pub-{i}"))?);
     }
+    let plan = PublishPlan {
+        rate: args.rate,
+        storm: args.storm,
+        busy: args.rooms - args.quiet_rooms,
+    };
     let pubs = spawn_all(
         pub_tokens
             .into_iter()
             .enumerate()
-            .map(|(i, t)| publisher(net.clone(), i, args.rate, args.storm, t)),
+            .map(|(i, t)| publisher(net.clone(), i, plan, t)),
     );
     let mut churn_tokens = Vec::new();
     for i in 0..args.churners {
@@ -1032,16 +1111,20 @@ pub async fn run(ctx: &Ctx, args: &SoakArgs) -> Result<Report> {
         report::thousands(verdict.noticed as f64)
     ));
     report.line(format!(
-        "duplicates: {} seqs twice on one membership, {} room+epoch+seq with two payloads, {} payloads under two seqs, {} payloads under a seq other than their ack's, {} below a joined seq",
-        verdict.duplicates, verdict.conflicts, verdict.payload_twice, verdict.seq_mismatch, verdict.below_join
+        "duplicates: {} seqs twice on one membership, {} room+epoch+seq with two payloads, {} payloads under two seqs, {} payloads under a seq other than their ack's; {} (message, member) pairs received under an unannounced older epoch; {} messages at or below a joined seq",
+        verdict.duplicates, verdict.conflicts, verdict.payload_twice, verdict.seq_mismatch, verdict.wrong_epoch, verdict.below_join
     ));
     report.line(format!(
-        "acked messages nobody received: {} (epochs seen: {})",
+        "acked messages nobody received: {} (epochs seen: {}; unsolicited joined naming the epoch the member already had: {})",
         verdict.received_by_none,
-        state.epochs.count()
+        state.epochs.count(),
+        state.same_epoch_notices.load(Relaxed)
     ));
     for s in &verdict.samples {
         report.line(format!("  lost: {s}"));
+    }
+    for s in &verdict.below_samples {
+        report.line(format!("  at or below the joined seq: {s}"));
     }
     report.set("verdict", &verdict);
     report.set("load_s", load_s);
@@ -1050,6 +1133,7 @@ pub async fn run(ctx: &Ctx, args: &SoakArgs) -> Result<Report> {
     report.set("resumed", state.resumed.load(Relaxed));
     report.set("not_recovered", state.not_recovered.load(Relaxed));
     report.set("epoch_changes", state.epoch_changes.load(Relaxed));
+    report.set("same_epoch_notices", state.same_epoch_notices.load(Relaxed));
     report.set("published", state.sent.load(Relaxed));
     report.set("unanswered", state.unanswered.load(Relaxed));
     report.set("errors", &errors);
@@ -1062,7 +1146,13 @@ pub async fn run(ctx: &Ctx, args: &SoakArgs) -> Result<Report> {
         ));
     }
     if !verdict.clean() {
-        report.fail("duplicates: a message delivered twice, or two messages under one seq");
+        report.fail("duplicates (a message delivered twice, or two messages under one seq), or a message received under an epoch change nobody announced");
+    }
+    if verdict.below_join > 0 {
+        report.warn(format!(
+            "{} messages arrived at or below their membership's joined seq (not counted as duplicates: see the samples)",
+            verdict.below_join
+        ));
     }
     if verdict.acked == 0 {
         report.fail("no publish was acknowledged");
@@ -1176,6 +1266,28 @@ mod tests {
     }
 
     #[test]
+    fn an_unannounced_epoch_change_is_loss_without_notice() {
+        // Member 0 joined room 0 in epoch 1 at seq 5 and was never told of
+        // epoch 2: it misses 2:1..=5 and gets 2:6 as if it were 1:6.
+        let mut stale = Segment::new(0, 1, 5, 50);
+        stale.receive(6, 2006);
+        let mut told = Segment::new(0, 2, 0, 60);
+        for q in 1..=6 {
+            told.receive(q, 2000 + q);
+        }
+        let all: Vec<Acked> = (1..=6).map(|q| acked(0, q, 2000 + q)).collect();
+        let v = evaluate(&all, &[(1, told.clone()), (0, stale.clone())]);
+        assert_eq!(v.lost_without_notice, 5, "{v:?}");
+        assert_eq!(v.wrong_epoch, 1);
+        assert_eq!(v.payload_twice, 0);
+        assert!(!v.clean());
+        // Told (closed by the notice), it is not due anything of epoch 2.
+        stale.end(Close::Notice, 70);
+        let v = evaluate(&all, &[(1, told), (0, stale)]);
+        assert_eq!(v.lost_without_notice, 0, "{v:?}");
+    }
+
+    #[test]
     fn duplicates_conflicts_and_moved_payloads() {
         let mut a = Segment::new(0, 1, 0, 0);
         a.receive(1, 11);
@@ -1190,7 +1302,11 @@ mod tests {
         assert_eq!(v.conflicts, 1);
         assert_eq!(v.payload_twice, 1);
         assert_eq!(v.below_join, 1);
+        assert_eq!(v.below_samples.len(), 1);
         assert!(!v.clean());
+        let mut early = Segment::new(0, 1, 5, 0);
+        early.receive(3, 7);
+        assert!(evaluate(&[], &[(0, early)]).clean());
     }
 
     #[test]

@@ -629,6 +629,13 @@ impl Scenario {
                 check_count("quiet-rooms", a.quiet_rooms, 0, a.rooms - 1)?;
                 check_count("publishers", a.publishers, 1, 100)?;
                 check_count("churners", a.churners, 0, 1_000)?;
+                // One process, at most ~3,000 connections (20,000 open files).
+                check_count(
+                    "subscribers + --publishers + --churners",
+                    a.subscribers + a.publishers + a.churners,
+                    1,
+                    3_000,
+                )?;
                 check_rate("rate", a.rate)?;
                 check_count("storm", a.storm, 0, 10_000)?;
                 check_duration("storm-every", a.storm_every, false)?;
@@ -692,7 +699,7 @@ mod tests {
 
     #[test]
     fn defaults_are_valid() {
-        for name in ["connect", "idle", "fanout", "rooms", "ramp"] {
+        for name in ["connect", "idle", "fanout", "rooms", "ramp", "soak"] {
             let s = parse(&[name, "--jwt-secret", "s"]).unwrap();
             assert_eq!(s.name(), name);
             assert!(s.deadline() > s.planned());
@@ -782,6 +789,10 @@ mod tests {
             &["fanout", "--room", "bad room"],
             &["fanout", "--publisher-url", "ws://8.8.8.8:1/ws"],
             &["rooms", "--room-size", "0"],
+            &["soak", "-s", "2990", "-c", "20"],
+            &["soak", "--quiet-rooms", "8"],
+            &["soak", "--sub-rooms", "9"],
+            &["soak", "-d", "24h", "-r", "1000"],
             &["rooms", "-n", "10", "--room-size", "11"],
             &["idle", "--rooms", "0"],
             &["ramp", "--factor", "1"],
@@ -827,6 +838,16 @@ mod tests {
         let mut share = two.clone();
         share.extend(["--drain-pid", "99", "--first-share", "1"]);
         assert!(parse(&share).is_err());
+        for stall in [
+            ["--stall", "5s"],
+            ["--stall-share", "2"],
+            ["--stall", "4500ms"],
+        ] {
+            let mut bad = two.clone();
+            bad.extend(["--kill-pid", "99"]);
+            bad.extend(stall);
+            assert!(parse(&bad).is_err(), "{stall:?}");
+        }
         let mut ok = two;
         ok.extend(["--drain-pid", "99", "--first-share", "0.66"]);
         assert!(parse(&ok).is_ok());

@@ -46,6 +46,9 @@ use crate::report::{self, Report};
 
 /// Longest seq span one segment records (beyond it: `too_far`).
 const MAX_SPAN: u64 = 4_000_000;
+/// Largest jump past the highest seq seen that a segment records (a seq
+/// further ahead counts as `too_far`): memory follows the messages received.
+const MAX_JUMP: u64 = 100_000;
 /// Most publishes one publisher has unanswered at once.
 const MAX_IN_FLIGHT: usize = 2_000;
 /// Longest wait for one answer (`joined`, `left`).
@@ -93,7 +96,8 @@ pub struct Segment {
     /// What opened it: `join`, `joined (new epoch)` (unsolicited),
     /// `rejoin (new epoch)` (a resume answered in another epoch).
     pub origin: &'static str,
-    /// Messages beyond [`MAX_SPAN`] after the `joined` seq (not recorded).
+    /// Messages beyond [`MAX_SPAN`] after the `joined` seq, or more than
+    /// [`MAX_JUMP`] past the highest seen (not recorded).
     pub too_far: u64,
 }
 
@@ -126,7 +130,7 @@ impl Segment {
             return;
         }
         let i = seq - self.base - 1;
-        if i >= MAX_SPAN {
+        if i >= MAX_SPAN || seq > self.max.saturating_add(MAX_JUMP) {
             self.too_far += 1;
             return;
         }
@@ -1313,9 +1317,12 @@ mod tests {
     fn seqs_far_beyond_the_join_are_not_recorded() {
         let mut s = Segment::new(0, 1, 0, 0);
         s.receive(MAX_SPAN + 5, 1);
-        assert_eq!(s.too_far, 1);
+        s.receive(MAX_JUMP + 1, 1);
+        assert_eq!(s.too_far, 2);
         assert_eq!(s.max, 0);
         assert!(!s.misses(MAX_SPAN + 5));
+        s.receive(MAX_JUMP, 1);
+        assert_eq!((s.too_far, s.max), (2, MAX_JUMP));
     }
 
     #[test]

@@ -753,16 +753,15 @@ async fn publisher(net: Net, index: usize, plan: PublishPlan, token: String) -> 
                 // messages reach the quiet rooms too.
                 let span = if n == 0 { busy } else { net.rooms.len() };
                 let room = rand::random::<u64>() as usize % span.max(1);
-                let data = format!(r#"{{"k":{payload}}}"#);
-                let Ok(data) = RawValue::from_string(data) else {
-                    continue;
-                };
-                let frame = ClientRequest::Publish {
-                    room: net.rooms[room].clone(),
-                    data,
-                    id: Some(Id::Str(counter.to_string())),
-                }
-                .to_json();
+                // Built as JSON, not as a `ClientRequest`, so that optional
+                // fields the protocol gains (v1.1 `key`) stay out of it.
+                let frame = serde_json::json!({
+                    "type": "publish",
+                    "room": net.rooms[room],
+                    "data": {"k": payload},
+                    "id": counter.to_string(),
+                })
+                .to_string();
                 pending.insert(counter, (room, payload, clock::now_ns()));
                 st.in_flight.fetch_add(1, Relaxed);
                 st.sent.fetch_add(1, Relaxed);

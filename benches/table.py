@@ -103,16 +103,24 @@ def main():
                  f"{fmt(hs, ',.0f')}/s", n, verdict(hs, lambda x: x >= 15000),
                  f"tool {fmt(tool and tool * 100, '.0f')} %"))
 
-    rec = load(out, "reconnect")
-    t, n = median(rec, "all_resumed_s")
-    lost, _ = median(rec, "seq.lost")
-    dup, _ = median(rec, "seq.duplicated")
-    aff, _ = median(rec, "affected")
-    ok = None if t is None else (t <= 5.0 and lost == 0 and dup == 0)
-    rows.append(("reconnect: clients of a killed node resumed on the others", "<= 5 s, 0 lost, 0 duplicated",
-                 f"{fmt(t, '.2f')} s, {fmt(lost, '.0f')} lost, {fmt(dup, '.0f')} duplicated", n,
-                 "not measured" if ok is None else ("met" if ok else "NOT met"),
-                 f"{fmt(aff, ',.0f')} clients on the killed node"))
+    for name, label in (("reconnect", "recovery load"), ("reconnect-overload", "OVERLOAD")):
+        rec = load(out, name)
+        t, n = median(rec, "all_resumed_s")
+        lost, _ = median(rec, "lost")
+        lag, _ = median(rec, "lagging")
+        dup, _ = median(rec, "seq.duplicated")
+        aff, _ = median(rec, "affected")
+        behind, _ = median(rec, "drain.at_start.max")
+        catch, _ = median(rec, "drain.took_s")
+        p99, _ = median(rec, "latency.p99_ms")
+        ok = None if t is None else (t <= 5.0 and lost == 0 and dup == 0 and not lag)
+        rows.append((f"reconnect ({label}): clients of a killed node resumed on the others",
+                     "<= 5 s, 0 lost, 0 duplicated",
+                     f"{fmt(t, '.2f')} s, {fmt(lost, '.0f')} lost, {fmt(dup, '.0f')} duplicated", n,
+                     "not measured" if ok is None else ("met" if ok else "NOT met"),
+                     f"{fmt(aff, ',.0f')} clients on the killed node; lag at the stop up to "
+                     f"{fmt(behind, ',.0f')} messages, caught up in {fmt(catch, '.1f')} s "
+                     f"({fmt(lag, '.0f')} still lagging); delivery p99 {fmt(p99, '.0f')} ms"))
 
     print("| figure | target | measured (median) | runs | verdict | notes |")
     print("|---|---|---|---|---|---|")

@@ -1,4 +1,4 @@
-//! Command line: the six scenarios, their flags, bounds and validation.
+//! Command line: the seven scenarios, their flags, bounds and validation.
 //!
 //! Every run is bounded: connection counts, rates, payloads and durations
 //! have ceilings, and a hard `--deadline` (by default the planned time plus a
@@ -49,6 +49,9 @@ pub enum Scenario {
     Reconnect(ReconnectArgs),
     /// Raise the fan-out rate step by step until p99 passes a limit or a message is lost.
     Ramp(RampArgs),
+    /// Hours-long trust check under churn and faults: every acknowledged
+    /// message reaches every member, once, or the member is told.
+    Soak(SoakArgs),
 }
 
 /// Flags every scenario takes.
@@ -257,15 +260,83 @@ pub struct ReconnectArgs {
     /// Longest wait for every client of the node to resume.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub resume_timeout: Duration,
-    /// Longest wait, after publishing stops, for every client to catch up.
-    #[arg(long, default_value = "5s", value_parser = duration)]
+    /// Longest wait, after publishing stops, for every client to catch up
+    /// (clients still receiving when it runs out are reported as lagging,
+    /// not as losing messages).
+    #[arg(long, default_value = "120s", value_parser = duration)]
     pub drain: Duration,
+    /// The drain also ends when no client has received a message for this
+    /// long (the servers are idle): what is still missing then never arrived
+    /// and counts as lost.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub idle: Duration,
+    /// Share of the clients that stop reading for --stall, from --stall/2
+    /// before publishing stops (slow readers: they lag, they lose nothing).
+    #[arg(long, default_value_t = 0.0)]
+    pub stall_share: f64,
+    /// How long the --stall-share clients stop reading (below --idle).
+    #[arg(long, default_value = "0s", value_parser = duration)]
+    pub stall: Duration,
     /// The room.
     #[arg(long, default_value = "failover")]
     pub room: String,
     /// Padding bytes in each message's `data`.
     #[arg(long, default_value_t = 32)]
     pub payload: usize,
+}
+
+/// `soak`.
+#[derive(Debug, Clone, Args)]
+pub struct SoakArgs {
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub common: Common,
+    /// How long publishing and churn go on (faults are injected from outside,
+    /// e.g. by benches/soak.sh).
+    #[arg(long, short = 'd', default_value = "10m", value_parser = duration)]
+    pub duration: Duration,
+    /// Rooms (named `--room.N`).
+    #[arg(long, default_value_t = 8)]
+    pub rooms: usize,
+    /// Subscribers: long-lived connections, each in --sub-rooms rooms, that
+    /// resume with `since` + `epoch` whenever their connection drops.
+    #[arg(long, short = 's', default_value_t = 120)]
+    pub subscribers: usize,
+    /// Rooms each subscriber joins.
+    #[arg(long, default_value_t = 2)]
+    pub sub_rooms: usize,
+    /// Of the rooms, this many (the last ones) get no steady publishing,
+    /// only storm messages: members that joined or resumed since the last
+    /// storm have had no message when a fault hits.
+    #[arg(long, default_value_t = 2)]
+    pub quiet_rooms: usize,
+    /// Publishers, each publishing with an id and recording every `ack`.
+    #[arg(long, short = 'p', default_value_t = 4)]
+    pub publishers: usize,
+    /// Steady publish rate of each publisher, messages per second.
+    #[arg(long, short = 'r', default_value_t = 20.0)]
+    pub rate: f64,
+    /// A publish storm every this long...
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub storm_every: Duration,
+    /// ...of this many messages from each publisher at once.
+    #[arg(long, default_value_t = 300)]
+    pub storm: usize,
+    /// Churners: connect, join a room or two, stay a moment, leave, close
+    /// (or drop the TCP connection), again and again.
+    #[arg(long, short = 'c', default_value_t = 30)]
+    pub churners: usize,
+    /// Longest wait after publishing stops for every subscriber to be back
+    /// and quiet.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    pub drain: Duration,
+    /// The drain ends once every subscriber is connected and none has
+    /// received anything for this long.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub idle: Duration,
+    /// Room name prefix.
+    #[arg(long, default_value = "soak")]
+    pub room: String,
 }
 
 /// `ramp`.
@@ -434,6 +505,7 @@ impl Scenario {
             Scenario::Rooms(_) => "rooms",
             Scenario::Reconnect(_) => "reconnect",
             Scenario::Ramp(_) => "ramp",
+            Scenario::Soak(_) => "soak",
         }
     }
 
@@ -446,6 +518,7 @@ impl Scenario {
             Scenario::Rooms(a) => &a.common,
             Scenario::Reconnect(a) => &a.common,
             Scenario::Ramp(a) => &a.common,
+            Scenario::Soak(a) => &a.common,
         }
     }
 
@@ -458,6 +531,7 @@ impl Scenario {
             Scenario::Rooms(a) => a.connections,
             Scenario::Reconnect(a) => a.clients + 1,
             Scenario::Ramp(a) => a.audience.connections(),
+            Scenario::Soak(a) => a.subscribers + a.publishers + a.churners,
         }
     }
 
@@ -514,6 +588,20 @@ impl Scenario {
                 check_duration("after", a.after, true)?;
                 check_duration("resume-timeout", a.resume_timeout, false)?;
                 check_duration("drain", a.drain, true)?;
+                check_duration("idle", a.idle, false)?;
+                check_duration("stall", a.stall, true)?;
+                if !(0.0..=1.0).contains(&a.stall_share) {
+                    return Err("--stall-share must be from 0 to 1".to_owned());
+                }
+                if a.stall >= a.idle {
+                    return Err(
+                        "--stall must be below --idle (a stalled client would read as a loss)"
+                            .to_owned(),
+                    );
+                }
+                if a.stall / 2 > a.after {
+                    return Err("--stall/2 must fit in --after".to_owned());
+                }
                 check_room("room", &a.room)?;
                 check_payload(a.payload)?;
             }
@@ -533,6 +621,37 @@ impl Scenario {
                 check_room("room", &a.room)?;
                 a.publisher.validate(common.allow_remote)?;
             }
+            Scenario::Soak(a) => {
+                check_duration("duration", a.duration, false)?;
+                check_count("rooms", a.rooms, 1, 10_000)?;
+                check_count("subscribers", a.subscribers, 1, 3_000)?;
+                check_count("sub-rooms", a.sub_rooms, 1, a.rooms)?;
+                check_count("quiet-rooms", a.quiet_rooms, 0, a.rooms - 1)?;
+                check_count("publishers", a.publishers, 1, 100)?;
+                check_count("churners", a.churners, 0, 1_000)?;
+                // One process, at most ~3,000 connections (20,000 open files).
+                check_count(
+                    "subscribers + --publishers + --churners",
+                    a.subscribers + a.publishers + a.churners,
+                    1,
+                    3_000,
+                )?;
+                check_rate("rate", a.rate)?;
+                check_count("storm", a.storm, 0, 10_000)?;
+                check_duration("storm-every", a.storm_every, false)?;
+                check_duration("drain", a.drain, false)?;
+                check_duration("idle", a.idle, false)?;
+                check_room("room", &a.room)?;
+                // Every acked message is kept for the final check: bound them.
+                let storms = a.duration.as_secs_f64() / a.storm_every.as_secs_f64();
+                let total = a.publishers as f64
+                    * (a.rate * a.duration.as_secs_f64() + storms * a.storm as f64);
+                if total > 5e6 {
+                    return Err(format!(
+                        "the soak would publish about {total:.0} messages; at most 5,000,000 are checked"
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -547,6 +666,7 @@ impl Scenario {
             Scenario::Rooms(a) => a.window.warmup + a.window.duration + a.drain,
             Scenario::Reconnect(a) => a.before + a.resume_timeout + a.after + a.drain,
             Scenario::Ramp(a) => a.step * a.max_steps as u32 + a.step,
+            Scenario::Soak(a) => a.duration + a.drain + Duration::from_secs(30),
         };
         setup + run
     }
@@ -579,7 +699,7 @@ mod tests {
 
     #[test]
     fn defaults_are_valid() {
-        for name in ["connect", "idle", "fanout", "rooms", "ramp"] {
+        for name in ["connect", "idle", "fanout", "rooms", "ramp", "soak"] {
             let s = parse(&[name, "--jwt-secret", "s"]).unwrap();
             assert_eq!(s.name(), name);
             assert!(s.deadline() > s.planned());
@@ -669,6 +789,10 @@ mod tests {
             &["fanout", "--room", "bad room"],
             &["fanout", "--publisher-url", "ws://8.8.8.8:1/ws"],
             &["rooms", "--room-size", "0"],
+            &["soak", "-s", "2990", "-c", "20"],
+            &["soak", "--quiet-rooms", "8"],
+            &["soak", "--sub-rooms", "9"],
+            &["soak", "-d", "24h", "-r", "1000"],
             &["rooms", "-n", "10", "--room-size", "11"],
             &["idle", "--rooms", "0"],
             &["ramp", "--factor", "1"],
@@ -714,6 +838,16 @@ mod tests {
         let mut share = two.clone();
         share.extend(["--drain-pid", "99", "--first-share", "1"]);
         assert!(parse(&share).is_err());
+        for stall in [
+            ["--stall", "5s"],
+            ["--stall-share", "2"],
+            ["--stall", "4500ms"],
+        ] {
+            let mut bad = two.clone();
+            bad.extend(["--kill-pid", "99"]);
+            bad.extend(stall);
+            assert!(parse(&bad).is_err(), "{stall:?}");
+        }
         let mut ok = two;
         ok.extend(["--drain-pid", "99", "--first-share", "0.66"]);
         assert!(parse(&ok).is_ok());

@@ -4,8 +4,9 @@
 //! tokio-tungstenite, one task per connection, and measures what the issue
 //! tracker's benchmark table asks for: handshakes per second, server memory
 //! per idle connection, fan-out deliveries per second with end-to-end
-//! latency and seq checking, the chat shape, fail-over resume time, and the
-//! highest sustained fan-out rate. Every figure comes with the tool's own CPU
+//! latency and seq checking, the chat shape, fail-over resume time, the
+//! highest sustained fan-out rate, and a soak that checks every acknowledged
+//! message under churn and faults. Every figure comes with the tool's own CPU
 //! time, so a run where the tool was the bottleneck shows it.
 //!
 //! The receive path is kept cheap: a message frame is never fully parsed
@@ -22,7 +23,7 @@
 //! - [`net`]: connecting (source addresses, timeouts), frames, hot-path peeks.
 //! - [`probe`]: server figures from `/metrics` and `/proc`, the tool's own CPU.
 //! - [`report`]: the human summary, the JSON line and progress bars.
-//! - [`scenario`]: the six scenarios and the per-connection member task.
+//! - [`scenario`]: the seven scenarios and the per-connection member task.
 
 pub mod cli;
 pub mod clock;

@@ -200,8 +200,13 @@ pub enum Seen {
 pub struct SeqTotals {
     /// Messages observed.
     pub received: u64,
-    /// Seqs never observed.
+    /// Seqs skipped: a later seq arrived and this one never did, or the
+    /// server said the history no longer covers it (`recovered: false`).
     pub lost: u64,
+    /// Seqs after the highest one observed, up to the room's last acked seq:
+    /// not received by the end. Lag or loss: which one, only the drain that
+    /// came before can tell (clients still catching up, or servers idle).
+    pub behind: u64,
     /// Seqs observed more than once.
     pub duplicated: u64,
     /// Seqs observed after a higher one.
@@ -214,6 +219,7 @@ impl AddAssign for SeqTotals {
     fn add_assign(&mut self, o: SeqTotals) {
         self.received += o.received;
         self.lost += o.lost;
+        self.behind += o.behind;
         self.duplicated += o.duplicated;
         self.out_of_order += o.out_of_order;
         self.resyncs += o.resyncs;
@@ -221,9 +227,9 @@ impl AddAssign for SeqTotals {
 }
 
 impl SeqTotals {
-    /// No loss, no duplicate, no disorder.
+    /// No loss, nothing behind, no duplicate, no disorder.
     pub fn clean(&self) -> bool {
-        self.lost == 0 && self.duplicated == 0 && self.out_of_order == 0
+        self.lost == 0 && self.behind == 0 && self.duplicated == 0 && self.out_of_order == 0
     }
 }
 
@@ -325,12 +331,12 @@ impl SeqTracker {
     }
 
     /// Totals; `expected_last` is the room's last seq when known (from the
-    /// publishers' acks): seqs after the highest seen up to it count as lost.
+    /// publishers' acks): seqs after the highest seen up to it are `behind`.
     pub fn totals(&self, expected_last: Option<u64>) -> SeqTotals {
-        let tail = expected_last.map_or(0, |last| last.saturating_sub(self.max));
         SeqTotals {
             received: self.received,
-            lost: self.lost_for_good + self.open_holes() + tail,
+            lost: self.lost_for_good + self.open_holes(),
+            behind: expected_last.map_or(0, |last| last.saturating_sub(self.max)),
             duplicated: self.duplicated,
             out_of_order: self.out_of_order,
             resyncs: self.resyncs,
@@ -439,6 +445,7 @@ mod tests {
             SeqTotals {
                 received: 8,
                 lost: 1,
+                behind: 0,
                 duplicated: 3,
                 out_of_order: 1,
                 resyncs: 0
@@ -447,20 +454,26 @@ mod tests {
     }
 
     #[test]
-    fn missing_tail_counts_as_lost() {
+    fn missing_tail_is_behind_not_lost() {
         let mut t = SeqTracker::new(10);
         t.observe(11);
         t.observe(12);
-        assert_eq!(t.totals(Some(15)).lost, 3);
-        assert_eq!(t.totals(Some(12)).lost, 0);
-        assert_eq!(t.totals(Some(5)).lost, 0);
+        assert_eq!(t.totals(Some(15)).behind, 3);
+        assert_eq!(t.totals(Some(15)).lost, 0);
+        assert!(!t.totals(Some(15)).clean());
+        assert_eq!(t.totals(Some(12)).behind, 0);
+        assert_eq!(t.totals(Some(5)).behind, 0);
+        // A hole below the highest seq seen is lost whatever the drain.
+        t.observe(14);
+        assert_eq!(t.totals(Some(15)).lost, 1);
+        assert_eq!(t.totals(Some(15)).behind, 1);
     }
 
     #[test]
-    fn nothing_received_loses_everything_expected() {
+    fn nothing_received_leaves_everything_expected_behind() {
         let t = SeqTracker::new(3);
-        assert_eq!(t.totals(Some(10)).lost, 7);
-        assert_eq!(t.totals(None).lost, 0);
+        assert_eq!(t.totals(Some(10)).behind, 7);
+        assert_eq!(t.totals(None).behind, 0);
     }
 
     #[test]
@@ -499,6 +512,7 @@ mod tests {
         assert_eq!(t.observe(2), Seen::Next);
         let totals = t.totals(Some(2));
         assert_eq!(totals.lost, 1);
+        assert_eq!(totals.behind, 0);
         assert_eq!(totals.duplicated, 0);
         assert_eq!(totals.resyncs, 1);
         // A backwards "skip" is a new history too.
@@ -512,12 +526,14 @@ mod tests {
         let mut a = SeqTotals {
             received: 1,
             lost: 2,
+            behind: 6,
             duplicated: 3,
             out_of_order: 4,
             resyncs: 5,
         };
         a += a;
         assert_eq!(a.received, 2);
+        assert_eq!(a.behind, 12);
         assert_eq!(a.resyncs, 10);
         assert!(!a.clean());
         assert!(SeqTotals::default().clean());

@@ -63,6 +63,11 @@ pub struct Shared {
     pub stop: CancellationToken,
     /// Per-publisher rate, messages per second (0: not publishing).
     pub rate: watch::Sender<f64>,
+    /// Members with an index below this stop reading until `stall_until_ns`
+    /// (slow readers, to tell lag from loss).
+    pub stall_members: AtomicUsize,
+    /// Clock ns until which those members stop reading.
+    pub stall_until_ns: AtomicU64,
 }
 
 impl Shared {
@@ -84,6 +89,8 @@ impl Shared {
             room_last: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
             stop: CancellationToken::new(),
             rate: watch::channel(0.0).0,
+            stall_members: AtomicUsize::new(0),
+            stall_until_ns: AtomicU64::new(0),
         })
     }
 
@@ -383,6 +390,9 @@ impl Member {
         let sleep = tokio::time::sleep_until(far.into());
         tokio::pin!(sleep);
         loop {
+            if self.spec.index < self.shared.stall_members.load(Relaxed) {
+                self.stall().await;
+            }
             let due = pacer.as_ref().map_or(far, Pacer::next_due);
             if due != armed {
                 sleep.as_mut().reset(due.into());
@@ -428,6 +438,21 @@ impl Member {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Stop reading until the shared stall ends (or the run stops).
+    async fn stall(&self) {
+        let left = self
+            .shared
+            .stall_until_ns
+            .load(Relaxed)
+            .saturating_sub(clock::now_ns());
+        if left > 0 {
+            tokio::select! {
+                _ = self.shared.stop.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_nanos(left)) => {}
             }
         }
     }

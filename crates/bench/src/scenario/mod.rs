@@ -4,7 +4,7 @@
 //! # Layout
 //! - [`member`]: one connection's task.
 //! - [`connect`], [`idle`], [`fanout`] (also `rooms`), [`ramp`],
-//!   [`reconnect`]: one scenario each.
+//!   [`reconnect`], [`soak`]: one scenario each.
 
 pub mod connect;
 pub mod fanout;
@@ -12,6 +12,7 @@ pub mod idle;
 pub mod member;
 pub mod ramp;
 pub mod reconnect;
+pub mod soak;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -108,6 +109,7 @@ pub async fn run(scenario: &Scenario) -> Result<Report> {
         Scenario::Rooms(a) => fanout::run_rooms(&ctx, a).await,
         Scenario::Reconnect(a) => reconnect::run(&ctx, a).await,
         Scenario::Ramp(a) => ramp::run(&ctx, a).await,
+        Scenario::Soak(a) => soak::run(&ctx, a).await,
     }
 }
 
@@ -323,36 +325,118 @@ impl Crowd {
     }
 
     /// Wait until every publish has been answered (ack or error) and every
-    /// member of room `room_of(i)` has seen that room's last acked seq.
+    /// member of room `member_room(i)` has seen that room's last acked seq;
+    /// whether that happened within `limit`.
     pub async fn drain(
         &self,
         limit: Duration,
         member_room: impl Fn(usize) -> Option<usize>,
     ) -> bool {
-        let started = Instant::now();
-        let answered = self
-            .wait_for(limit, |c| {
-                let s = &c.shared;
-                s.acks.load(Relaxed) + s.rate_limited.load(Relaxed) + s.errors.load(Relaxed)
-                    >= s.sent.load(Relaxed)
-            })
-            .await;
-        let left = limit.saturating_sub(started.elapsed());
-        let caught_up = self
-            .wait_for(left, |c| {
-                c.lives
-                    .iter()
-                    .enumerate()
-                    .all(|(i, live)| match member_room(i) {
-                        Some(room) if live.connected.load(Relaxed) => {
-                            live.max_seq.load(Relaxed) >= c.shared.room_last(room)
-                        }
-                        _ => true,
-                    })
-            })
-            .await;
-        answered && caught_up
+        self.catch_up(limit, limit, member_room).await.ended == DrainEnd::CaughtUp
     }
+
+    /// Connected members behind their room's last acked seq, and by how much.
+    pub fn behind(&self, member_room: impl Fn(usize) -> Option<usize>) -> Behind {
+        let mut b = Behind::default();
+        for (i, live) in self.lives.iter().enumerate() {
+            if let Some(room) = member_room(i).filter(|_| live.connected.load(Relaxed)) {
+                let n = self
+                    .shared
+                    .room_last(room)
+                    .saturating_sub(live.max_seq.load(Relaxed));
+                if n > 0 {
+                    b.members += 1;
+                    b.messages += n;
+                    b.max = b.max.max(n);
+                }
+            }
+        }
+        b
+    }
+
+    /// [`Crowd::drain`], telling lag from loss: wait until every publish has
+    /// been answered and every member has caught up, or no member has
+    /// received anything for `idle` (what is missing then never came), or
+    /// `limit` passes (members still receiving: lag).
+    pub async fn catch_up(
+        &self,
+        limit: Duration,
+        idle: Duration,
+        member_room: impl Fn(usize) -> Option<usize>,
+    ) -> CatchUp {
+        let started = Instant::now();
+        let at_start = self.behind(&member_room);
+        let progress = |c: &Crowd| -> u64 {
+            c.lives
+                .iter()
+                .map(|l| l.max_seq.load(Relaxed))
+                .fold(0, u64::wrapping_add)
+        };
+        let mut seen = progress(self);
+        let mut moved = started;
+        let mut ended = DrainEnd::Limit;
+        self.wait_for(limit, |c| {
+            let s = &c.shared;
+            let answered =
+                s.acks.load(Relaxed) + s.rate_limited.load(Relaxed) + s.errors.load(Relaxed)
+                    >= s.sent.load(Relaxed);
+            if answered && c.behind(&member_room).members == 0 {
+                ended = DrainEnd::CaughtUp;
+                return true;
+            }
+            let now = progress(c);
+            if now != seen {
+                (seen, moved) = (now, Instant::now());
+            } else if moved.elapsed() >= idle {
+                ended = DrainEnd::Idle;
+                return true;
+            }
+            false
+        })
+        .await;
+        CatchUp {
+            ended,
+            took_s: started.elapsed().as_secs_f64(),
+            at_start,
+            at_end: self.behind(&member_room),
+        }
+    }
+}
+
+/// How a [`Crowd::catch_up`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainEnd {
+    /// Every member had every acked message.
+    CaughtUp,
+    /// No member received anything for the idle time: nothing was in flight.
+    Idle,
+    /// The limit passed while members were still receiving.
+    Limit,
+}
+
+/// Members behind their room's last acked seq.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Behind {
+    /// Members behind.
+    pub members: u64,
+    /// Messages they miss, summed.
+    pub messages: u64,
+    /// The most one of them misses.
+    pub max: u64,
+}
+
+/// What a [`Crowd::catch_up`] saw.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CatchUp {
+    /// Why it ended.
+    pub ended: DrainEnd,
+    /// Seconds from its start to its end.
+    pub took_s: f64,
+    /// Behind when it started (publishing had just stopped): the lag.
+    pub at_start: Behind,
+    /// Behind when it ended.
+    pub at_end: Behind,
 }
 
 /// Results of a crowd after it finished.
@@ -375,10 +459,11 @@ impl Tally {
     /// One human line about seqs.
     pub fn seq_human(&self) -> String {
         format!(
-            "seq check over {} subscriptions: {} received, {} lost, {} duplicated, {} out of order{}",
+            "seq check over {} subscriptions: {} received, {} lost, {} not received by the end, {} duplicated, {} out of order{}",
             self.trackers,
             report::thousands(self.seq.received as f64),
             self.seq.lost,
+            self.seq.behind,
             self.seq.duplicated,
             self.seq.out_of_order,
             if self.seq.resyncs > 0 {
@@ -389,10 +474,17 @@ impl Tally {
         )
     }
 
-    /// Add failures for loss, duplicates and disorder.
+    /// Add failures for loss, messages not received by the end (lag or
+    /// loss), duplicates and disorder.
     pub fn check_seq(&self, report: &mut Report) {
         if self.seq.lost > 0 {
             report.fail(format!("{} messages lost", self.seq.lost));
+        }
+        if self.seq.behind > 0 {
+            report.fail(format!(
+                "{} messages not received by the end of the drain (lag or loss)",
+                self.seq.behind
+            ));
         }
         if self.seq.duplicated > 0 {
             report.fail(format!("{} messages duplicated", self.seq.duplicated));

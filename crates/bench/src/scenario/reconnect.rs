@@ -6,6 +6,12 @@
 //! of that node has resumed with `recovered: true`, each client's downtime,
 //! and lost / duplicated seqs over the whole run (0 when history covers the
 //! gap).
+//!
+//! Lag is told from loss: after publishing stops, the drain waits until
+//! every client has every acked message, or until no client has received
+//! anything for `--idle` (nothing is in flight: what is missing is lost), or
+//! until `--drain` runs out (clients still receiving: lag, reported apart
+//! and failing the run as inconclusive, never as loss).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -14,12 +20,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::member::{MemberSpec, PublishSpec};
-use super::{round_robin, sleep_with_bar, usage_to_report_except, Crowd, Ctx};
+use super::{round_robin, sleep_with_bar, usage_to_report_except, CatchUp, Crowd, Ctx, DrainEnd};
 use crate::cli::ReconnectArgs;
 use crate::clock;
 use crate::net::PublishEncoder;
 use crate::report::Report;
-use crate::stats::{new_histogram, LatencySummary};
+use crate::stats::{new_histogram, LatencySummary, SeqTotals};
 
 /// Send `signal` (`KILL` or `TERM`) to `pid`.
 pub fn signal(pid: u32, signal: &str) -> Result<()> {
@@ -161,11 +167,20 @@ pub async fn run(ctx: &Ctx, args: &ReconnectArgs) -> Result<Report> {
     let others_dropped = (0..clients)
         .filter(|&i| !hit[i] && crowd.lives[i].disconnects.load(Relaxed) > 0)
         .count();
-    sleep_with_bar(Instant::now() + args.after, "after").await;
+    let stop_at = Instant::now() + args.after;
+    if !args.stall.is_zero() {
+        sleep_with_bar(stop_at - args.stall / 2, "after").await;
+        let stalled = (args.stall_share * clients as f64).round() as usize;
+        shared
+            .stall_until_ns
+            .store(clock::now_ns() + duration_ns(args.stall), Relaxed);
+        shared.stall_members.store(stalled, Relaxed);
+    }
+    sleep_with_bar(stop_at, "after").await;
     let b = ctx.probe.snapshot().await;
     shared.rate.send_replace(0.0);
-    let drained = crowd
-        .drain(args.drain, |i| (i < clients).then_some(0))
+    let drain = crowd
+        .catch_up(args.drain, args.idle, |i| (i < clients).then_some(0))
         .await;
     let latency = LatencySummary::of(&shared.latencies.take());
     let tally = crowd.finish(Duration::from_secs(10)).await;
@@ -192,6 +207,11 @@ pub async fn run(ctx: &Ctx, args: &ReconnectArgs) -> Result<Report> {
     report.line(format!("latency over the run: {}", latency.human()));
     usage_to_report_except(&mut report, &a, &b, Some(pid));
     report.line(tally.seq_human());
+    let verdict = LagOrLoss::of(&tally.seq, &drain);
+    report.line(verdict.human(&drain, args));
+    report.set("drain", drain);
+    report.set("lost", verdict.lost);
+    report.set("lagging", verdict.lagging);
     report.set("affected", affected.len());
     report.set("resumed", resumed.len());
     report.set("failed_resumes", failed_resumes);
@@ -222,14 +242,79 @@ pub async fn run(ctx: &Ctx, args: &ReconnectArgs) -> Result<Report> {
             "{others_dropped} clients of other nodes dropped too"
         ));
     }
-    if !drained {
-        report.warn(format!(
-            "not every client caught up within --drain {:?}",
-            args.drain
-        ));
-    }
-    tally.check_seq(&mut report);
+    verdict.check(&tally.seq, args, &mut report);
     Ok(report)
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The messages clients did not get, split by what the drain saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LagOrLoss {
+    /// Never delivered: holes (a later seq came), unrecovered gaps, and
+    /// whatever was still missing once the servers had gone idle or every
+    /// other client had caught up.
+    pub lost: u64,
+    /// Still arriving when `--drain` ran out: lag, not loss.
+    pub lagging: u64,
+}
+
+impl LagOrLoss {
+    /// Split the seq totals by how the drain ended.
+    pub fn of(seq: &SeqTotals, drain: &CatchUp) -> LagOrLoss {
+        match drain.ended {
+            DrainEnd::Limit => LagOrLoss {
+                lost: seq.lost,
+                lagging: seq.behind,
+            },
+            DrainEnd::CaughtUp | DrainEnd::Idle => LagOrLoss {
+                lost: seq.lost + seq.behind,
+                lagging: 0,
+            },
+        }
+    }
+
+    /// One human line: the lag when publishing stopped, how the drain ended.
+    pub fn human(&self, drain: &CatchUp, args: &ReconnectArgs) -> String {
+        let lag = format!(
+            "lag when publishing stopped: {} clients behind by {} messages in all (at most {})",
+            drain.at_start.members, drain.at_start.messages, drain.at_start.max
+        );
+        let end = match drain.ended {
+            DrainEnd::CaughtUp => format!("every client caught up {:.3} s later", drain.took_s),
+            DrainEnd::Idle => format!(
+                "no message arrived for --idle {:?} with {} clients still behind: {} messages never arrived (lost)",
+                args.idle, drain.at_end.members, self.lost
+            ),
+            DrainEnd::Limit => format!(
+                "--drain {:?} ran out with {} clients still receiving: {} messages still lagging (not counted as lost)",
+                args.drain, drain.at_end.members, self.lagging
+            ),
+        };
+        format!("{lag}; {end}")
+    }
+
+    /// Fail on loss, duplicates and disorder; a run that ended lagging
+    /// measured overload, not recovery: fail it as inconclusive.
+    pub fn check(&self, seq: &SeqTotals, args: &ReconnectArgs, report: &mut Report) {
+        if self.lost > 0 {
+            report.fail(format!("{} messages lost", self.lost));
+        }
+        if self.lagging > 0 {
+            report.fail(format!(
+                "inconclusive: {} messages still arriving when --drain {:?} ran out (lag, not loss): lower the load or raise --drain",
+                self.lagging, args.drain
+            ));
+        }
+        if seq.duplicated > 0 {
+            report.fail(format!("{} messages duplicated", seq.duplicated));
+        }
+        if seq.out_of_order > 0 {
+            report.fail(format!("{} messages out of order", seq.out_of_order));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -247,5 +332,40 @@ mod tests {
             .count();
         assert_eq!(on_first, 10_000);
         assert_eq!(placement(5, 6, 1, Some(0.5)), 0);
+    }
+
+    fn drain(ended: DrainEnd) -> CatchUp {
+        CatchUp {
+            ended,
+            took_s: 1.0,
+            at_start: Default::default(),
+            at_end: Default::default(),
+        }
+    }
+
+    #[test]
+    fn missing_tail_is_lag_only_when_the_drain_ran_out_while_receiving() {
+        let seq = SeqTotals {
+            lost: 2,
+            behind: 5,
+            ..SeqTotals::default()
+        };
+        let limit = LagOrLoss::of(&seq, &drain(DrainEnd::Limit));
+        assert_eq!(
+            limit,
+            LagOrLoss {
+                lost: 2,
+                lagging: 5
+            }
+        );
+        for ended in [DrainEnd::Idle, DrainEnd::CaughtUp] {
+            assert_eq!(
+                LagOrLoss::of(&seq, &drain(ended)),
+                LagOrLoss {
+                    lost: 7,
+                    lagging: 0
+                }
+            );
+        }
     }
 }

@@ -1,17 +1,16 @@
 //! The `wsgate` binary: parses flags, sets up logging, binds the listeners
 //! and runs the gateway library until SIGTERM or SIGINT.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
 
-use clap::Parser;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use wsgate::auth::{mint_hs256, MintRequest};
 use wsgate::config::{Cli, Command, ServeArgs, TokenArgs};
 use wsgate::{logging, Listeners};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::parse_with_dev_defaults(std::env::args_os()) {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
@@ -88,7 +87,7 @@ fn token(args: &TokenArgs) -> Result<(), String> {
 fn serve(args: ServeArgs) -> Result<(), String> {
     let (listen, ops_listen) = (args.listen, args.ops_listen);
     let (log_format, log_filter) = (args.log_format, args.log.clone());
-    let (config, notes) = args.into_config().map_err(|e| e.to_string())?;
+    let (mut config, notes) = args.into_config().map_err(|e| e.to_string())?;
     logging::init(log_format, &log_filter)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -100,7 +99,15 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         let ops = wsgate::listener::bind(ops_listen)
             .map_err(|e| format!("cannot bind --ops-listen {ops_listen}: {e}"))?;
         if config.dev {
-            dev_banner(&config, notes.generated_secret, &public);
+            let page = public
+                .local_addr()
+                .map(|addr| DevPage::new(addr, config.tls.is_some()));
+            if let Ok(page) = &page {
+                for origin in &page.origins {
+                    config.origins.allow(origin);
+                }
+            }
+            dev_banner(&config, notes.generated_secret, page.ok().as_ref());
         }
         let stop = CancellationToken::new();
         tokio::spawn(on_signal(stop.clone()));
@@ -110,11 +117,54 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     })
 }
 
-/// Dev mode: say what was made up, and print a ready token on stderr.
-fn dev_banner(config: &wsgate::Config, generated: bool, public: &TcpListener) {
+/// Where dev mode's chat page is: the URL to print, and the origins a
+/// browser that opens it (by that URL or by the IP address) sends.
+struct DevPage {
+    url: String,
+    origins: Vec<String>,
+}
+
+impl DevPage {
+    fn new(addr: SocketAddr, tls: bool) -> DevPage {
+        let scheme = if tls { "https" } else { "http" };
+        let port = addr.port();
+        let ip = match addr.ip() {
+            // Every interface: a browser on this machine reaches it on loopback.
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        let literal = SocketAddr::new(ip, port);
+        let by_ip = format!("{scheme}://{literal}");
+        // `localhost` only where it reaches this listener (127.0.0.1 or ::1).
+        if ip == IpAddr::V4(Ipv4Addr::LOCALHOST) || ip == IpAddr::V6(Ipv6Addr::LOCALHOST) {
+            let by_name = format!("{scheme}://localhost:{port}");
+            DevPage {
+                url: format!("{by_name}/"),
+                origins: vec![by_name, by_ip],
+            }
+        } else {
+            DevPage {
+                url: format!("{by_ip}/"),
+                origins: vec![by_ip],
+            }
+        }
+    }
+}
+
+/// Dev mode: say what was made up, where the page is, and print a ready
+/// token on stderr.
+fn dev_banner(config: &wsgate::Config, generated: bool, page: Option<&DevPage>) {
     if generated {
         tracing::warn!(
             "dev mode: no JWT key configured, using a random HMAC secret for this process"
+        );
+    }
+    if let Some(page) = page {
+        eprintln!(
+            "wsgate dev mode: chat page at {} (origins allowed: {})",
+            page.url,
+            page.origins.join(", ")
         );
     }
     let Some(secret) = &config.hmac_secret else {
@@ -123,11 +173,6 @@ fn dev_banner(config: &wsgate::Config, generated: bool, public: &TcpListener) {
     let all = ["*".to_owned()];
     match mint_hs256(secret, &wsgate::http::dev_mint_request("dev", &all, config)) {
         Ok(token) => {
-            let addr = public
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
-            eprintln!("wsgate dev mode: chat page at http://{addr}/");
             eprintln!("wsgate dev mode: token (sub \"dev\", all rooms, 1 h):\n{token}");
         }
         Err(e) => tracing::warn!(error = %e, "dev mode: could not mint a token"),

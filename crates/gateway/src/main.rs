@@ -23,10 +23,27 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("wsgate: error: {message}");
+            say(&format!("wsgate: error: {message}"));
             ExitCode::from(2)
         }
     }
+}
+
+/// One line on stderr. Unlike `eprintln!`, never panics: when stderr is a
+/// closed pipe (`wsgate client ... 2>&1 | head -1`) there is no one to tell.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Whether an error comes from writing to a closed pipe (EPIPE): the reader
+/// went away, which ends a CLI quietly.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// `--help` and `--version` print as clap does; a bad flag or value is one
@@ -52,7 +69,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
         .collect::<Vec<_>>()
         .join(" ");
     let message = message.strip_prefix("error: ").unwrap_or(&message);
-    eprintln!("wsgate: error: {message} (see --help)");
+    say(&format!("wsgate: error: {message} (see --help)"));
     ExitCode::from(2)
 }
 
@@ -61,13 +78,19 @@ fn client(args: wsgate_client::cli::ClientArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    runtime
-        .block_on(wsgate_client::cli::run(args))
-        .map_err(|e| format!("{e:#}"))
+    match runtime.block_on(wsgate_client::cli::run(args)) {
+        Err(e) if is_broken_pipe(&e) => Ok(()),
+        result => result.map_err(|e| format!("{e:#}")),
+    }
 }
 
-#[allow(clippy::print_stdout)]
 fn token(args: &TokenArgs) -> Result<(), String> {
+    use std::io::Write;
+    if args.ttl.is_zero() {
+        return Err(
+            "invalid --ttl: must be greater than 0 (the token would be expired at once)".into(),
+        );
+    }
     let token = mint_hs256(
         args.jwt_secret.as_bytes(),
         &MintRequest {
@@ -80,8 +103,12 @@ fn token(args: &TokenArgs) -> Result<(), String> {
         },
     )
     .map_err(|e| e.to_string())?;
-    println!("{token}");
-    Ok(())
+    match writeln!(std::io::stdout(), "{token}") {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(format!("cannot write to stdout: {e}"))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
@@ -161,11 +188,11 @@ fn dev_banner(config: &wsgate::Config, generated: bool, page: Option<&DevPage>) 
         );
     }
     if let Some(page) = page {
-        eprintln!(
+        say(&format!(
             "wsgate dev mode: chat page at {} (origins allowed: {})",
             page.url,
             page.origins.join(", ")
-        );
+        ));
     }
     let Some(secret) = &config.hmac_secret else {
         return;
@@ -173,7 +200,9 @@ fn dev_banner(config: &wsgate::Config, generated: bool, page: Option<&DevPage>) 
     let all = ["*".to_owned()];
     match mint_hs256(secret, &wsgate::http::dev_mint_request("dev", &all, config)) {
         Ok(token) => {
-            eprintln!("wsgate dev mode: token (sub \"dev\", all rooms, 1 h):\n{token}");
+            say(&format!(
+                "wsgate dev mode: token (sub \"dev\", all rooms, 1 h):\n{token}"
+            ));
         }
         Err(e) => tracing::warn!(error = %e, "dev mode: could not mint a token"),
     }

@@ -3,7 +3,7 @@
 # missing (redis-server here; nginx, prometheus, chromium, node packages in
 # the sub-suites), then runs: format and lint checks, every Rust test of the
 # workspace (unit, integration against real redis-server, doc tests), and the
-# deployment and browser sub-suites against the release binary.
+# deployment, browser and doc-example sub-suites against the release binary.
 #
 #   scripts/test.sh            everything
 #   scripts/test.sh --rust     only the Rust checks and tests
@@ -40,7 +40,7 @@ step "cargo test" cargo test --workspace
 if ! $only_rust; then
   if cargo build --release -p wsgate --quiet; then
     export WSGATE_BIN="$PWD/target/release/wsgate"
-    for suite in tests/deploy tests/browser; do
+    for suite in tests/deploy tests/browser tests/docs; do
       [ -f "$suite/run.sh" ] && step "$suite" bash "$suite/run.sh"
     done
   else

@@ -218,6 +218,8 @@ export interface CloseEvent {
   local: boolean;
   url: string;
   node: string | null;
+  /** False when the attempt ended before `welcome` (e.g. a refused handshake). */
+  connected: boolean;
 }
 
 export interface EventMap {

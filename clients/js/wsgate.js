@@ -1,7 +1,8 @@
 // wsgate.js: dependency-free client for the wsgate protocol, version 1.
 //
-// Runs in browsers and in Node 20+ (Node 22 has a global WebSocket; on Node 20
-// pass one in, e.g. `new WsgateClient({ WebSocket: (await import('ws')).WebSocket, ... })`).
+// Runs in browsers and in Node 22+ (global WebSocket). On Node 20 pass one
+// in, e.g. `new WsgateClient({ WebSocket: (await import('ws')).WebSocket, ... })`,
+// or run with `node --experimental-websocket`.
 //
 // What it does for the application:
 // - connects to one of several `ws(s)://host/ws` URLs with `?token=` (browsers
@@ -611,9 +612,13 @@ export class WsgateClient {
     ws.onclose = (ev) => {
       if (gen === this._gen) this._drop({ code: ev?.code ?? 1006, reason: ev?.reason ?? '', wasClean: !!ev?.wasClean });
     };
-    // An error event is always followed by a close event (which carries the
-    // code); the connect timeout and the watchdog cover a close that never comes.
-    ws.onerror = () => {};
+    // An error event is a failed attempt (a refused or broken handshake, a
+    // network error): browsers follow it with a close event, but Node 20's
+    // experimental WebSocket never does after a refused handshake, so do not
+    // wait for one (nor for the connect timeout).
+    ws.onerror = (ev) => {
+      if (gen === this._gen) this._drop({ code: 1006, reason: ev?.message ? String(ev.message) : 'connection failed' });
+    };
     this._timers.connect = this._setTimeout(() => {
       this._timers.connect = null;
       if (gen === this._gen) this._drop({ code: 4000, reason: 'connect timeout', local: true });
@@ -917,7 +922,7 @@ export class WsgateClient {
       if (p.kind !== 'join') p.reject(new WsgateError('disconnected', `connection closed (${info.code}) before the answer`, { room: p.room, request: p.kind }));
     }
     this.backoff.disconnected(this._now());
-    this._emit('close', { code: info.code, reason: info.reason ?? '', wasClean: !!info.wasClean, local: !!info.local, url: this.url, node: this._welcome?.node ?? null });
+    this._emit('close', { code: info.code, reason: info.reason ?? '', wasClean: !!info.wasClean, local: !!info.local, url: this.url, node: this._welcome?.node ?? null, connected: wasConnected });
     this._welcome = null;
     if (this._closedByApp) {
       this._finishClosed();

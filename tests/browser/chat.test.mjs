@@ -194,3 +194,30 @@ test('the page and the client are served by the node in --dev mode', { timeout: 
   const { token } = await res.json();
   assert.equal(token.split('.').length, 3);
 });
+
+test('a refused WebSocket: the page says why (403 origin, 401 token) instead of looping on 1006', { timeout: 60000 }, async () => {
+  // A node that does not allow the origin of the page (served by n1).
+  const [port, opsPort] = await freePorts(2);
+  nodes.strict = await startNode(BIN, { id: 'strict', port, opsPort, secret: SECRET, origins: ['https://app.example'] });
+  const strictWs = encodeURIComponent(`ws://127.0.0.1:${port}/ws`);
+  const reason = async (page) => {
+    await page.waitForFunction(() => document.querySelector('[data-testid=status]').textContent.includes('cannot connect'), null, { timeout: T });
+    return status(page);
+  };
+
+  const refusedOrigin = await openUrl(browser, `${httpUrl(1)}/?name=gina&room=lobby&autoconnect=1&nodes=${strictWs}`);
+  const st = await reason(refusedOrigin);
+  assert.equal(st.state, 'closed');
+  assert.match(st.text, /HTTP 403/);
+  assert.ok(st.text.includes(`origin ${httpUrl(1)}`), st.text);
+  assert.match(st.text, /--allowed-origins/);
+  await refusedOrigin.context().close();
+
+  const badToken = await openUrl(browser, `${httpUrl(1)}/?name=hal&room=lobby&autoconnect=1&token=not-a-jwt&nodes=${encodeURIComponent(wsUrl(1))}`);
+  const st2 = await reason(badToken);
+  assert.equal(st2.state, 'closed');
+  assert.match(st2.text, /HTTP 401/);
+  assert.match(st2.text, /malformed token/);
+  await badToken.context().close();
+  await stop(nodes.strict);
+});

@@ -25,6 +25,10 @@ async function devToken(name) {
   return (await res.json()).token;
 }
 
+if (typeof globalThis.WebSocket !== 'function') {
+  console.error(`node ${process.version} has no global WebSocket: use Node 22+, or on Node 20 run \`node --experimental-websocket ${process.argv[1]} ...\``);
+  process.exit(2);
+}
 const client = new WsgateClient(
   tokenArg.startsWith('dev:')
     ? { urls, getToken: () => devToken(tokenArg.slice(4)) }

@@ -243,6 +243,35 @@ test('no welcome within connectTimeoutMs: give up on that URL and retry', async 
   assert.equal(s.of('close').at(-1).reason, 'connect timeout');
 });
 
+test('an error event without a close (Node 20, refused handshake) is a failed attempt at once', async () => {
+  const s = setup({ options: { connectTimeoutMs: 10000 }, draws: [0] });
+  s.client.connect();
+  await flush();
+  s.last().refuse();
+  assert.equal(s.client.state, 'reconnecting');
+  const close = s.of('close').at(-1);
+  assert.equal(close.code, 1006);
+  assert.equal(close.connected, false);
+  // Fail-over to the next URL after the backoff (0 with this draw), not the connect timeout.
+  s.clock.advance(0);
+  await flush();
+  assert.equal(s.sockets.length, 2);
+  assert.equal(s.last().url, 'ws://127.0.0.1:2/ws?token=tok');
+  s.last().accept({ node: 'n2' });
+  assert.equal(s.client.node, 'n2');
+  // A browser's error + close pair counts once.
+  assert.equal(s.of('close').length, 1);
+});
+
+test('an error and then a close (browsers) is one failed attempt', async () => {
+  const s = setup();
+  s.client.connect();
+  await flush();
+  s.last().fail();
+  assert.equal(s.of('close').length, 1);
+  assert.equal(s.client.state, 'reconnecting');
+});
+
 test('close 4001 calls getToken before reconnecting, then resumes', async () => {
   const clockStart = 1_700_000_000_000;
   let n = 0;

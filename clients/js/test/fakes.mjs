@@ -82,6 +82,13 @@ export function makeFakeWebSocket() {
       this.onclose?.({ code, reason, wasClean: code !== 1006 });
     }
 
+    // Node 20's experimental WebSocket after a refused handshake: an error
+    // event and never a close event.
+    refuse(message = 'Received network error or non-101 status code.') {
+      this.readyState = 3;
+      this.onerror?.({ message });
+    }
+
     fail() {
       this.readyState = 3;
       this.onerror?.({});

@@ -29,7 +29,8 @@ use serde_json::value::RawValue;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio::sync::mpsc;
 
-use crate::{Backoff, Client, ClientConfig, ClientError, TokenSource};
+use crate::{Backoff, Client, ClientConfig, ClientError, Event, TokenSource};
+use wsgate_protocol::close;
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 2m)"))
@@ -303,10 +304,20 @@ where
     ));
     let mut input_done = false;
     tokio::pin!(stop);
+    let static_token = args.token_command.is_none();
+    let mut dead_token = None;
     loop {
         tokio::select! {
             event = events.next() => match event {
-                Some(event) => emit(serde_json::to_string(&event)?)?,
+                Some(event) => {
+                    emit(serde_json::to_string(&event)?)?;
+                    if static_token {
+                        dead_token = dead_static_token(&event);
+                        if dead_token.is_some() {
+                            break;
+                        }
+                    }
+                }
                 None => break,
             },
             answer = answers.recv(), if !input_done => match answer {
@@ -326,7 +337,29 @@ where
     while let Some(event) = events.try_next() {
         emit(serde_json::to_string(&event)?)?;
     }
-    Ok(())
+    match dead_token {
+        Some(why) => Err(anyhow::anyhow!(
+            "{why}; a static --token cannot be renewed: mint a new one, or use --token-command to get a fresh token at every connect"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// With a static token, retrying cannot help once the server refused it
+/// (401) or closed the connection because it expired (4001): say why.
+fn dead_static_token(event: &Event) -> Option<String> {
+    match event {
+        Event::ConnectFailed {
+            status: Some(401),
+            reason,
+            ..
+        } => Some(format!("the server refused the token ({reason})")),
+        Event::Disconnected {
+            code: Some(close::TOKEN_EXPIRED),
+            ..
+        } => Some("the token expired (close 4001)".to_owned()),
+        _ => None,
+    }
 }
 
 /// Publish every input line in order, each after the previous one's answer.

@@ -911,7 +911,7 @@ async fn establish(
         let (mut ws, _) = connect(cfg, req).await.map_err(|e| match e {
             tokio_tungstenite::tungstenite::Error::Http(resp) => Failure {
                 status: Some(resp.status().as_u16()),
-                reason: format!("upgrade refused: HTTP {}", resp.status()),
+                reason: refusal_reason(resp.status(), resp.body().as_deref()),
             },
             e => fail(e.to_string()),
         })?;
@@ -974,6 +974,21 @@ async fn connect(
     tokio_tungstenite::tungstenite::Error,
 > {
     tokio_tungstenite::connect_async_with_config(req, None, true).await
+}
+
+/// A refused upgrade in words: the status, and the gateway's own reason
+/// (the `message` of its JSON error body) when it sent one.
+fn refusal_reason(
+    status: tokio_tungstenite::tungstenite::http::StatusCode,
+    body: Option<&[u8]>,
+) -> String {
+    let message = body
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+        .and_then(|v| v.get("message")?.as_str().map(str::to_owned));
+    match message {
+        Some(m) => format!("upgrade refused: HTTP {status}: {m}"),
+        None => format!("upgrade refused: HTTP {status}"),
+    }
 }
 
 #[cfg(test)]

@@ -4,12 +4,14 @@
 //! [`ServeArgs::into_config`] turns the raw flags into a checked
 //! configuration (keys loaded, TLS prepared) or one clear error line.
 
-use std::net::SocketAddr;
+use std::ffi::OsString;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::api::ApiKey;
 use crate::auth::jwks::JwksSettings;
@@ -30,6 +32,30 @@ pub struct Cli {
     /// Flags of `serve`, accepted without the subcommand name.
     #[command(flatten)]
     pub serve: ServeArgs,
+}
+
+impl Cli {
+    /// Parse a command line (the first item is the program name). In dev
+    /// mode, a listener whose address was not given (by flag or environment)
+    /// binds loopback instead of every interface: a dev node hands out
+    /// tokens to anyone who reaches it.
+    pub fn parse_with_dev_defaults<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let matches = Cli::command().try_get_matches_from(args)?;
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        let (serve, matches) = match &mut cli.command {
+            Some(Command::Serve(serve)) => (serve, matches.subcommand_matches("serve")),
+            None => (&mut cli.serve, Some(&matches)),
+            Some(_) => return Ok(cli),
+        };
+        if let Some(matches) = matches {
+            serve.apply_dev_defaults(matches);
+        }
+        Ok(cli)
+    }
 }
 
 /// Subcommands.
@@ -63,10 +89,10 @@ fn duration(s: &str) -> Result<Duration, String> {
 /// Flags of `wsgate serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Public listener: /ws and /api/...
+    /// Public listener: /ws and /api/... (with --dev: 127.0.0.1:8080).
     #[arg(long, env = "WSGATE_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
-    /// Operations listener: /health, /ready, /metrics.
+    /// Operations listener: /health, /ready, /metrics (with --dev: 127.0.0.1:9090).
     #[arg(long, env = "WSGATE_OPS_LISTEN", default_value = "0.0.0.0:9090")]
     pub ops_listen: SocketAddr,
     /// Node id shown in `welcome` and metrics (default: host name).
@@ -195,7 +221,8 @@ pub struct ServeArgs {
     /// With --api-key: longest token lifetime (exp - iat) accepted; revocations are kept this long.
     #[arg(long, env = "WSGATE_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = duration)]
     pub max_token_lifetime: Duration,
-    /// Development mode: random key when none is set, printed token, chat page at /.
+    /// Development mode: random key when none is set, printed token, chat
+    /// page at /, loopback listeners unless --listen/--ops-listen are given.
     #[arg(long, env = "WSGATE_DEV")]
     pub dev: bool,
     /// Log format.
@@ -317,6 +344,15 @@ pub enum OriginPolicy {
 }
 
 impl OriginPolicy {
+    /// Add an exact origin to a list (`*` already allows it).
+    pub fn allow(&mut self, origin: &str) {
+        if let OriginPolicy::List(list) = self {
+            if !list.iter().any(|o| o.eq_ignore_ascii_case(origin)) {
+                list.push(origin.to_owned());
+            }
+        }
+    }
+
     /// Whether a request with this `Origin` header value is allowed.
     pub fn allows(&self, origin: &str) -> bool {
         match self {
@@ -424,6 +460,20 @@ pub struct DevNotes {
 }
 
 impl ServeArgs {
+    /// Dev mode: listeners left at their default bind 127.0.0.1 (same port).
+    fn apply_dev_defaults(&mut self, matches: &ArgMatches) {
+        if !self.dev {
+            return;
+        }
+        let defaulted = |id: &str| matches.value_source(id) == Some(ValueSource::DefaultValue);
+        if defaulted("listen") {
+            self.listen.set_ip(Ipv4Addr::LOCALHOST.into());
+        }
+        if defaulted("ops_listen") {
+            self.ops_listen.set_ip(Ipv4Addr::LOCALHOST.into());
+        }
+    }
+
     /// Check the flags and load keys and certificates.
     pub fn into_config(self) -> Result<(Config, DevNotes), ConfigError> {
         let mut notes = DevNotes::default();
@@ -673,6 +723,35 @@ mod tests {
             Some(Command::Serve(s)) => Ok(s),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn dev_mode_binds_loopback_unless_told_otherwise() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::parse_with_dev_defaults(args.iter().copied()).unwrap();
+            let s = match cli.command {
+                Some(Command::Serve(s)) => s,
+                None => cli.serve,
+                other => panic!("{other:?}"),
+            };
+            (s.listen.to_string(), s.ops_listen.to_string())
+        };
+        let loopback = ("127.0.0.1:8080".to_owned(), "127.0.0.1:9090".to_owned());
+        assert_eq!(parse(&["wsgate", "--dev"]), loopback);
+        assert_eq!(parse(&["wsgate", "serve", "--dev"]), loopback);
+        assert_eq!(
+            parse(&["wsgate", "serve", "--dev", "--listen", "0.0.0.0:8081"]),
+            ("0.0.0.0:8081".to_owned(), "127.0.0.1:9090".to_owned())
+        );
+        assert_eq!(
+            parse(&["wsgate", "--dev", "--ops-listen", "0.0.0.0:9091"]),
+            ("127.0.0.1:8080".to_owned(), "0.0.0.0:9091".to_owned())
+        );
+        // Outside dev mode the documented defaults stay.
+        assert_eq!(
+            parse(&["wsgate", "serve", "--jwt-secret", "s"]),
+            ("0.0.0.0:8080".to_owned(), "0.0.0.0:9090".to_owned())
+        );
     }
 
     #[test]

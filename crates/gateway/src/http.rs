@@ -85,7 +85,8 @@ pub fn router(app: Arc<App>) -> Router {
         router = router
             .route("/", get(dev_page))
             .route("/wsgate.js", get(dev_js))
-            .route("/dev/token", get(dev_token));
+            .route("/dev/token", get(dev_token))
+            .route("/dev/check", get(dev_check));
     }
     router
         .layer(TimeoutLayer::with_status_code(
@@ -524,6 +525,42 @@ async fn dev_token(State(app): State<Arc<App>>, Query(q): Query<DevTokenQuery>) 
         Ok(token) => Json(json!({"token": token})).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
+}
+
+#[derive(Deserialize)]
+struct DevCheckQuery {
+    origin: Option<String>,
+}
+
+/// Dev mode only: would `/ws` accept this origin and token? A browser cannot
+/// see the HTTP status of a refused WebSocket upgrade (only a bare 1006), so
+/// the chat page asks here to tell the user why. Same answers as the
+/// upgrade's Origin and token checks; readable from any origin.
+async fn dev_check(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    uri: Uri,
+    Query(q): Query<DevCheckQuery>,
+) -> Response {
+    let answer = match q.origin.as_deref().map(|o| o.trim_end_matches('/')) {
+        Some(origin) if !app.config.origins.allows(origin) => error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("origin {origin} not allowed (add it to --allowed-origins)"),
+        ),
+        _ => match authenticate(&app, &headers, &uri) {
+            Ok(_) => Json(json!({"ok": true})).into_response(),
+            Err(e) => unauthorized(&e),
+        },
+    };
+    (
+        [(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        )],
+        answer,
+    )
+        .into_response()
 }
 
 /// The request dev mode mints: every room, one hour, with the configured

@@ -440,3 +440,64 @@ async fn dev_token_endpoint_only_in_dev_mode() {
     let (status, _, _) = http_get(&format!("{}/", node.http_url())).await.unwrap();
     assert_eq!(status, 404);
 }
+
+/// The URL dev mode prints on stderr (`chat page at URL`), once it is there.
+async fn printed_page_url(node: &BinNode) -> String {
+    wsgate_testkit::eventually("the chat page URL on stderr", || async {
+        let stderr = std::fs::read_to_string(&node.stderr).unwrap_or_default();
+        stderr
+            .split("chat page at ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn dev_mode_prints_a_page_url_whose_origin_it_accepts() {
+    // The recipe of issue 17: another port, another origin given; the
+    // printed URL's origin is allowed too, and so is the IP form.
+    let node = BinNode::start_with(
+        Path::new(BIN),
+        &["--dev", "--allowed-origins", "https://app.example"],
+    )
+    .await;
+    let url = printed_page_url(&node).await;
+    let port = node.addr.port();
+    assert_eq!(url, format!("http://localhost:{port}/"));
+    let token = wsgate_testkit::any_token("dev");
+    for origin in [
+        url.trim_end_matches('/').to_owned(),
+        format!("http://127.0.0.1:{port}"),
+        "https://app.example".to_owned(),
+    ] {
+        let ws = Ws::connect(&node.ws_url(), Some(&token), Some(&origin)).await;
+        assert!(ws.is_ok(), "origin {origin} refused: {:?}", ws.err());
+    }
+    let refused = Ws::connect(&node.ws_url(), Some(&token), Some("http://0.0.0.0:8080"))
+        .await
+        .err()
+        .expect("another origin is refused");
+    assert_eq!(refused.status, 403);
+
+    // The page's probe says why a WebSocket would be refused.
+    let check = |query: String| {
+        let url = format!("http://{}/dev/check?{query}", node.addr);
+        async move { http_get(&url).await.unwrap() }
+    };
+    let (status, headers, body) = check("origin=http%3A%2F%2F0.0.0.0%3A8080".into()).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("origin http://0.0.0.0:8080 not allowed"),
+        "{body}"
+    );
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k == "access-control-allow-origin" && v == "*"));
+    let (status, _, body) = check(format!("origin=http://localhost:{port}&token=nope")).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("malformed token"), "{body}");
+    let (status, _, body) = check(format!("origin=http://localhost:{port}&token={token}")).await;
+    assert_eq!(status, 200, "{body}");
+}

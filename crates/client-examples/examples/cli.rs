@@ -2,7 +2,7 @@
 //! (`wsgate_client::cli`), for trying the tool from this crate alone.
 //!
 //! ```text
-//! cargo run -p wsgate-client --example cli -- --url ws://127.0.0.1:8080/ws --room lobby
+//! cargo run -p wsgate-client-examples --example cli -- --url ws://127.0.0.1:8080/ws --room lobby
 //! ```
 
 use clap::Parser;

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! wsgate serve --dev --jwt-secret devsecret --jwt-leeway 0s &
-//! cargo run -p wsgate-client --example token_refresh -- ws://127.0.0.1:8080/ws devsecret
+//! cargo run -p wsgate-client-examples --example token_refresh -- ws://127.0.0.1:8080/ws devsecret
 //! ```
 
 // An example talks to its user on stdout.

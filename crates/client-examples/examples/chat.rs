@@ -4,7 +4,7 @@
 //! ```text
 //! wsgate serve --dev --jwt-secret devsecret &
 //! export WSGATE_TOKEN=$(wsgate token --jwt-secret devsecret --sub alice --rooms '*' --publish '*')
-//! cargo run -p wsgate-client --example chat -- ws://127.0.0.1:8080/ws lobby
+//! cargo run -p wsgate-client-examples --example chat -- ws://127.0.0.1:8080/ws lobby
 //! ```
 //!
 //! Several URLs (comma-separated) give fail-over: stop one node and the chat

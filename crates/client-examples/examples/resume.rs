@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! export WSGATE_TOKEN=$(wsgate token --jwt-secret devsecret --sub bob --rooms '*' --publish '*')
-//! cargo run -p wsgate-client --example resume -- ws://127.0.0.1:8080/ws lobby /tmp/lobby.pos
+//! cargo run -p wsgate-client-examples --example resume -- ws://127.0.0.1:8080/ws lobby /tmp/lobby.pos
 //! # publish a few messages elsewhere, then run it again: it prints only those.
 //! ```
 

@@ -137,12 +137,16 @@ else
 fi
 
 # --- 3. the gateway image -------------------------------------------------------
-say "image $IMG/wsgate:local: building deploy/Dockerfile (cargo build --release inside; log: $WORK/build-wsgate.log)"
+# A cold build keeps the release target/ of the dependencies as a layer:
+# several GB, and a full disk fails it only when the layer is committed.
+mkdir -p /var/lib/containers
+say "image $IMG/wsgate:local: building deploy/Dockerfile (cargo build --release inside; log: $WORK/build-wsgate.log; $(df -h --output=avail /var/lib/containers | tail -1 | tr -d ' ') free, a cold build needs about 5G)"
 start=$SECONDS
-if ! podman build --format docker --layers --label "$LABEL=gateway" \
+if ! timeout 2400 podman build --format docker --layers --label "$LABEL=gateway" \
         --build-arg "RUST_IMAGE=$IMG/rust:bookworm" --build-arg "RUNTIME_IMAGE=$base" \
         -f "$REPO/deploy/Dockerfile" -t "$IMG/wsgate:local" "$REPO" > "$WORK/build-wsgate.log" 2>&1; then
     tail -n 40 "$WORK/build-wsgate.log" >&2
+    ! grep -q 'no space left on device' "$WORK/build-wsgate.log" || say "the disk is full: free some space and run again" >&2
     die "building the gateway image from deploy/Dockerfile"
 fi
 say "image $IMG/wsgate:local: built in $((SECONDS - start))s"

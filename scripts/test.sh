@@ -46,6 +46,8 @@ if ! $only_rust; then
   else
     failed+=("release build")
   fi
+  # docker-compose.yml for real, in podman containers (builds its own images).
+  step "tests/compose" bash tests/compose/run.sh
 fi
 
 echo

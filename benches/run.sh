@@ -13,7 +13,8 @@
 # Environment: RUNS, ONLY (comma list of: connect idle fanout rooms ramp
 # reconnect reconnect-overload, and the extras single cross scale, which
 # are not in the default list), RECONNECT_RATE (default 5 msg/s: recovery),
-# OVERLOAD_RATE (default 100 msg/s: the overload case), OUT, SERVER_CPU (default 0), TOOL_CPU (default 1),
+# OVERLOAD_RATE (default 100 msg/s: the overload case), KEYS=1 (every
+# fanout/rooms publish carries an idempotency key: its cost), OUT, SERVER_CPU (default 0), TOOL_CPU (default 1),
 # SKIP_BUILD=1 (use the binaries already in target/release), QUICK=1 (a
 # tenth of the load and short phases: checks the script, not the figures).
 # Everything listens on 127.0.0.1 on free ports; nothing else is touched.
@@ -210,14 +211,14 @@ EOF
     if wants fanout; then
         # 1,000 subscribers over two nodes (half on the publisher's node), 100 msg/s.
         start_servers 2
-        bench fanout "$run" -s "$N_SUBS" -p 1 -r 100 -d "$D" --warmup "$WARMUP"
+        bench fanout "$run" -s "$N_SUBS" -p 1 -r 100 -d "$D" --warmup "$WARMUP" ${KEYS:+--keys}
         stop_servers
     fi
 
     if wants rooms; then
         # The chat shape: 2,000 connections in rooms of 10, each publishing 1 msg/s.
         start_servers 2
-        bench rooms "$run" -n "$N_ROOMS" -k 10 -r 1 -d "$D" --warmup "$WARMUP"
+        bench rooms "$run" -n "$N_ROOMS" -k 10 -r 1 -d "$D" --warmup "$WARMUP" ${KEYS:+--keys}
         stop_servers
     fi
 

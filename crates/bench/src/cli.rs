@@ -140,6 +140,9 @@ pub struct PublisherArgs {
     /// URL the publishers connect to (default: the first --url).
     #[arg(long)]
     pub publisher_url: Option<String>,
+    /// Give every publish an idempotency key (to measure its cost).
+    #[arg(long)]
+    pub keys: bool,
 }
 
 /// `connect`.
@@ -226,6 +229,9 @@ pub struct RoomsArgs {
     /// Padding bytes in each message's `data`.
     #[arg(long, default_value_t = 32)]
     pub payload: usize,
+    /// Give every publish an idempotency key (to measure its cost).
+    #[arg(long)]
+    pub keys: bool,
 }
 
 /// `reconnect`.

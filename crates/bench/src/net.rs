@@ -370,11 +370,13 @@ pub fn join_frame(room: &str, since: Option<(u64, &str)>) -> String {
     }
 }
 
-/// Builds `publish` frames whose `data` is `{"t":<send ns>,"p":"<padding>"}`.
+/// Builds `publish` frames whose `data` is `{"t":<send ns>,"p":"<padding>"}`,
+/// with an idempotency `key` (`k<send ns>`) when [`keyed`](Self::keyed).
 #[derive(Debug, Clone)]
 pub struct PublishEncoder {
     head: String,
     tail: String,
+    keyed: bool,
 }
 
 impl PublishEncoder {
@@ -385,16 +387,31 @@ impl PublishEncoder {
                 r#"{{"type":"publish","room":{},"data":{{"t":"#,
                 json_str(room)
             ),
-            tail: format!(r#","p":"{}"}}}}"#, "x".repeat(padding)),
+            tail: format!(r#","p":"{}"}}"#, "x".repeat(padding)),
+            keyed: false,
         }
+    }
+
+    /// Give every frame an idempotency key (PROTOCOL.md section 11), to
+    /// measure what the broker's key check costs.
+    pub fn keyed(mut self, keyed: bool) -> PublishEncoder {
+        self.keyed = keyed;
+        self
     }
 
     /// The frame carrying send time `sent_ns`.
     pub fn frame(&self, sent_ns: u64) -> String {
-        let mut out = String::with_capacity(self.head.len() + 20 + self.tail.len());
+        let mut out = String::with_capacity(self.head.len() + 48 + self.tail.len());
+        let ns = itoa(sent_ns, &mut [0u8; 20]).to_owned();
         out.push_str(&self.head);
-        out.push_str(itoa(sent_ns, &mut [0u8; 20]));
+        out.push_str(&ns);
         out.push_str(&self.tail);
+        if self.keyed {
+            out.push_str(r#","key":"k"#);
+            out.push_str(&ns);
+            out.push('"');
+        }
+        out.push('}');
         out
     }
 }
@@ -496,6 +513,10 @@ mod tests {
         assert_eq!(v["data"]["t"], 1_234_567_890_123u64);
         assert_eq!(v["data"]["p"], "xxxxx");
         assert!(wsgate_protocol::parse_client_frame(&frame).is_ok());
+        let keyed = PublishEncoder::new("lobby", 5).keyed(true).frame(42);
+        let v: serde_json::Value = serde_json::from_str(&keyed).unwrap();
+        assert_eq!(v["key"], "k42");
+        assert!(wsgate_protocol::parse_client_frame(&keyed).is_ok());
         assert_eq!(enc.frame(0).matches("\"t\":0,").count(), 1);
         assert_eq!(
             enc.frame(u64::MAX).matches(&u64::MAX.to_string()).count(),

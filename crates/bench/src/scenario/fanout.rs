@@ -124,7 +124,9 @@ pub async fn fanout_crowd(
         .as_deref()
         .and_then(|u| ctx.url_index(u))
         .unwrap_or(0);
-    let encoder = Arc::new(PublishEncoder::new(shape.room, shape.publisher.payload));
+    let encoder = Arc::new(
+        PublishEncoder::new(shape.room, shape.publisher.payload).keyed(shape.publisher.keys),
+    );
     let pubs = (0..publishers)
         .map(|i| MemberSpec {
             index: 0,
@@ -160,7 +162,7 @@ pub async fn run_rooms(ctx: &Ctx, args: &RoomsArgs) -> Result<Report> {
         .collect();
     let encoders: Vec<Arc<PublishEncoder>> = rooms
         .iter()
-        .map(|r| Arc::new(PublishEncoder::new(r, args.payload)))
+        .map(|r| Arc::new(PublishEncoder::new(r, args.payload).keyed(args.keys)))
         .collect();
     let period = pace::due_at(args.rate, 1);
     let specs = (0..args.connections)

@@ -75,6 +75,13 @@ fi
 # One file at a time: each starts its own chromium, nodes and redis.
 node --test --test-concurrency=1 --test-reporter=spec chat.test.mjs nginx.test.mjs || status=1
 
+# --- 3. clients/js in Node against real nodes (idempotent publish retry);
+# Node 20 has its WebSocket behind a flag, Node 22 has it built in.
+echo "== clients/js in Node against real nodes"
+ws_flag=()
+[ "$node_major" -ge 22 ] || ws_flag=(--experimental-websocket)
+node "${ws_flag[@]}" --test --test-concurrency=1 --test-reporter=spec publish.test.mjs || status=1
+
 if [ "$status" -eq 0 ]; then
   echo "browser suite: all passed (screenshots: tests/output/browser/chat.png, nginx.png)"
 else

@@ -362,6 +362,7 @@ export class WsgateClient {
     this._keyPrefix = keyPrefix();
     this._keySeq = 0;
     this._unacked = []; // publishes a drop left without an ack, sent again after the next welcome
+    this._publishRetries = new Set(); // publishes waiting on this connection to be sent again
     this._roomWaiters = new Map(); // room -> [{ resolve, reject }]
     this._joinRetry = new Map(); // room -> { timer, attempt }
     this._connectWaiters = [];
@@ -532,7 +533,7 @@ export class WsgateClient {
     }
     return new Promise((resolve, reject) => {
       this._keySeq += 1;
-      const p = { room, data, key: `${this._keyPrefix}.${this._keySeq}`, since: this._now(), timeouts: 0, timeoutMs, resolve, reject };
+      const p = { room, data, key: `${this._keyPrefix}.${this._keySeq}`, since: this._now(), timeouts: 0, sends: 0, timeoutMs, resolve, reject };
       if (!this._sendPublish(p)) reject(new WsgateError('not_connected', 'not connected', { room, request: 'publish' }));
     });
   }
@@ -757,7 +758,7 @@ export class WsgateClient {
       this._pending.delete(String(f.id));
       this._clearTimeout(pending.timer);
       if (pending.kind === 'join') this._onJoinError(pending.room, err);
-      else if (pending.kind === 'publish' && err.code === 'timeout' && this._retryTimeout(pending.publish)) return;
+      else if (pending.kind === 'publish' && this._retryPublish(pending.publish, err.code)) return;
       else pending.reject(err);
     }
     this._emit('error', err);
@@ -817,7 +818,9 @@ export class WsgateClient {
       }
     }, ms);
     this._pending.set(id, entry);
+    p.sends += 1;
     if (this._send({ type: 'publish', room: p.room, data: p.data, key: p.key, id })) return true;
+    p.sends -= 1;
     this._pending.delete(id);
     this._clearTimeout(entry.timer);
     return false;
@@ -827,12 +830,30 @@ export class WsgateClient {
     return this._now() - p.since >= PUBLISH_RETRY.windowMs;
   }
 
-  // The broker did not confirm in time (fate unknown): the same key makes sending it again safe.
-  _retryTimeout(p) {
-    if (p.timeouts >= PUBLISH_RETRY.timeoutRetries || this._publishExpired(p)) return false;
-    p.timeouts += 1;
-    if (!this._sendPublish(p)) this._keepUnacked([p]);
-    return true;
+  // Whether an error answer to a publish is not final: `timeout` (fate
+  // unknown) is sent again at once; `unavailable` / `rate_limited` to a
+  // publish sent before (an earlier send may have been taken) is sent again
+  // after a growing delay. The same key makes both safe.
+  _retryPublish(p, code) {
+    if (this._publishExpired(p)) return false;
+    if (code === 'timeout' && p.timeouts < PUBLISH_RETRY.timeoutRetries) {
+      p.timeouts += 1;
+      if (!this._sendPublish(p)) this._keepUnacked([p]);
+      return true;
+    }
+    if ((code === 'unavailable' || code === 'rate_limited') && p.sends > 1) {
+      const delay = Math.min(this.backoff.baseMs * 2 ** Math.min(p.sends, 8), this.backoff.capMs);
+      const gen = this._gen;
+      this._publishRetries.add(p);
+      p.retryTimer = this._setTimeout(() => {
+        this._publishRetries.delete(p);
+        p.retryTimer = null;
+        if (gen === this._gen && this._sendPublish(p)) return;
+        this._keepUnacked([p]);
+      }, delay);
+      return true;
+    }
+    return false;
   }
 
   // Keep publishes a drop left unanswered (in send order) for the next connection.
@@ -1021,6 +1042,12 @@ export class WsgateClient {
       if (p.kind === 'publish') unacked.push(p.publish);
       else if (p.kind !== 'join') p.reject(new WsgateError('disconnected', `connection closed (${info.code}) before the answer`, { room: p.room, request: p.kind }));
     }
+    for (const p of this._publishRetries) {
+      this._clearTimeout(p.retryTimer);
+      p.retryTimer = null;
+      unacked.push(p);
+    }
+    this._publishRetries.clear();
     // Sent again, with their keys, after the next welcome (or rejected `closed` below).
     this._keepUnacked(unacked);
     this.backoff.disconnected(this._now());

@@ -134,7 +134,14 @@ test('a publish whose ack a drop swallowed is sent again with its key after the 
   assert.equal(again.key, first.key);
   assert.deepEqual(again.data, { text: 'hi' });
   assert.notEqual(again.id, first.id);
-  ws.frame({ type: 'ack', id: again.id, room: 'lobby', seq: 5 });
+  // `unavailable` to a second send is not final: sent again later, same key.
+  ws.frame({ type: 'error', code: 'unavailable', message: 'broker unavailable', id: again.id });
+  assert.equal(settled, false);
+  s.clock.advance(8000);
+  const third = ws.lastSent('publish');
+  assert.notEqual(third.id, again.id);
+  assert.equal(third.key, first.key);
+  ws.frame({ type: 'ack', id: third.id, room: 'lobby', seq: 5 });
   assert.equal(await pp, 5);
 });
 

@@ -134,8 +134,10 @@ impl Client {
     /// after it was first sent) fails with [`ClientError::PublishExpired`];
     /// beyond 1,000 publishes waiting for a reconnect, a drop fails the
     /// newest with [`ClientError::Disconnected`] (may or may not have been
-    /// taken). `unavailable` is returned as it is: the message was not
-    /// delivered.
+    /// taken). `unavailable` (or `rate_limited`) to the first send is
+    /// returned as it is: the message was not delivered; to a later send it
+    /// is not final (an earlier send may have been taken), so the publish is
+    /// sent again later with the same key.
     pub async fn publish(&self, room: &str, data: impl Serialize) -> Result<u64, ClientError> {
         check_room(room)?;
         let data = serde_json::value::to_raw_value(&data)?;

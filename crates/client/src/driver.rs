@@ -274,6 +274,10 @@ pub(crate) struct Outgoing {
     since: Instant,
     /// `timeout` answers so far.
     timeouts: u32,
+    /// Times sent so far: after the first, an `unavailable` or
+    /// `rate_limited` answer no longer means "not published" (an earlier
+    /// send may have been), so it is sent again later instead.
+    sends: u32,
 }
 
 impl Outgoing {
@@ -461,6 +465,7 @@ impl Driver {
             pending: HashMap::new(),
             deadlines: HashMap::new(),
             retry_joins: HashMap::new(),
+            retry_publishes: Vec::new(),
             request_timeout: self.cfg.request_timeout,
         };
         self.app.emit(Event::Connected {
@@ -499,6 +504,7 @@ impl Driver {
         let end = loop {
             let next_deadline = s.deadlines.values().min().copied();
             let next_retry = s.retry_joins.values().min().copied();
+            let next_resend = s.retry_publishes.iter().map(|(t, _)| *t).min();
             tokio::select! {
                 msg = stream.next() => {
                     last_frame = Instant::now();
@@ -567,6 +573,19 @@ impl Driver {
                         }
                     }
                 }
+                _ = sleep_until(next_resend.unwrap_or_else(far)), if next_resend.is_some() => {
+                    let now = Instant::now();
+                    let (due, later) = std::mem::take(&mut s.retry_publishes).into_iter().partition(|(t, _)| *t <= now);
+                    s.retry_publishes = later;
+                    for (_, o) in due {
+                        if o.expired() {
+                            let _ = o.reply.send(Err(ClientError::PublishExpired));
+                        } else {
+                            let id = self.id();
+                            s.send_publish(id, o);
+                        }
+                    }
+                }
                 _ = sleep_until(refresh_at.unwrap_or_else(far)), if refresh_at.is_some() && refreshing.is_none() => {
                     refresh_at = None;
                     if let TokenSource::Callback(cb) = &self.tokens.source {
@@ -621,6 +640,8 @@ impl Driver {
         // Sent again after the reconnect, in the order they were sent.
         unacked.sort_unstable_by_key(|(id, _)| *id);
         self.app.keep_unacked(unacked.into_iter().map(|(_, o)| o));
+        self.app
+            .keep_unacked(s.retry_publishes.into_iter().map(|(_, o)| o));
         self.app.tracker.disconnected();
         end
     }
@@ -736,6 +757,7 @@ impl Driver {
                         reply,
                         since: Instant::now(),
                         timeouts: 0,
+                        sends: 0,
                     },
                 );
             }
@@ -849,11 +871,25 @@ impl Driver {
         match pending {
             Some(Pending::Publish(mut o)) => {
                 // Fate unknown: the same key makes sending it again safe.
-                if e.code == ErrorCode::Timeout && o.timeouts < TIMEOUT_RETRIES && !o.expired() {
+                let refused_again =
+                    matches!(e.code, ErrorCode::Unavailable | ErrorCode::RateLimited);
+                if o.expired() {
+                    let _ = o.reply.send(Err(err()));
+                } else if e.code == ErrorCode::Timeout && o.timeouts < TIMEOUT_RETRIES {
                     o.timeouts += 1;
                     debug!(room = %o.room, attempt = o.timeouts, "publish timed out in the broker; sending it again with its key");
                     let id = self.id();
                     s.send_publish(id, o);
+                } else if refused_again && o.sends > 1 {
+                    // An earlier send may have been published: this refusal
+                    // does not say it was not, so try again later.
+                    let wait = self
+                        .cfg
+                        .backoff
+                        .base()
+                        .saturating_mul(1 << o.sends.min(8))
+                        .min(self.cfg.backoff.cap());
+                    s.retry_publishes.push((Instant::now() + wait, o));
                 } else {
                     let _ = o.reply.send(Err(err()));
                 }
@@ -908,6 +944,9 @@ struct Session {
     deadlines: HashMap<u64, Instant>,
     /// Rooms whose re-join got `unavailable`, with when to try again.
     retry_joins: HashMap<String, Instant>,
+    /// Publishes sent more than once that got `unavailable` or
+    /// `rate_limited`, with when to send them again.
+    retry_publishes: Vec<(Instant, Outgoing)>,
     request_timeout: Duration,
 }
 
@@ -922,7 +961,8 @@ impl Session {
         self.pending.insert(id, p);
     }
 
-    fn send_publish(&mut self, id: u64, o: Outgoing) {
+    fn send_publish(&mut self, id: u64, mut o: Outgoing) {
+        o.sends += 1;
         self.send(ClientRequest::Publish {
             room: o.room.clone(),
             data: o.data.clone(),

@@ -4,7 +4,8 @@
 //! an epoch change, a silent connection given up after `heartbeat_ms` plus
 //! the margin, request timeouts and id matching, and the publish keys: a
 //! `timeout` sent again with the same key, a publish sent again after a drop
-//! (behind the re-join), one failing once its key may have expired.
+//! (behind the re-join) and again after `unavailable`, one failing once its
+//! key may have expired.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -382,9 +383,21 @@ async fn requests_time_out_timeouts_and_drops_resend_publishes_with_their_key() 
     assert_eq!(again["type"], "publish");
     assert_eq!(again["key"], f3["key"]);
     assert_eq!(again["data"], "c");
+    // `unavailable` for a publish sent before does not mean "not
+    // published": it is sent again later, same key.
     send(
         &mut ws,
-        json!({"type":"ack","id":again["id"],"room":"r","seq":12}),
+        json!({"type":"error","id":again["id"],"code":"unavailable","message":"broker unavailable"}),
+    )
+    .await;
+    let third = recv(&mut ws).await;
+    assert_eq!(
+        (&third["type"], &third["key"]),
+        (&json!("publish"), &f3["key"])
+    );
+    send(
+        &mut ws,
+        json!({"type":"ack","id":third["id"],"room":"r","seq":12}),
     )
     .await;
     assert_eq!(p3.await.unwrap().unwrap(), 12);

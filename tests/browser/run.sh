@@ -6,7 +6,8 @@
 #   WSGATE_BIN=/abs/path/to/wsgate bash tests/browser/run.sh
 #
 # The nginx test (nginx.test.mjs) runs the real nginx (Debian package) with the
-# repo's nginx/nginx.conf in front of three nodes.
+# repo's nginx/nginx.conf in front of three nodes. publish.test.mjs runs
+# clients/js in Node (no browser) against two nodes: idempotent publish retry.
 #
 # Output (logs, screenshots): tests/output/browser/.
 set -uo pipefail

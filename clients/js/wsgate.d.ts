@@ -17,14 +17,25 @@ export interface Defaults {
 }
 export declare const DEFAULTS: Defaults;
 
+/** Limits of the publish retries (idempotent publish, protocol v1.1). */
+export declare const PUBLISH_RETRY: {
+  /** An unacknowledged publish is sent again only while younger than this (ms; the gateway keeps keys 5 minutes). */
+  readonly windowMs: number;
+  /** At most this many publishes wait for a reconnect. */
+  readonly maxQueued: number;
+  /** A `timeout` answer is sent again this many times. */
+  readonly timeoutRetries: number;
+};
+
 /** Error codes sent by the gateway in `error` frames. */
-export type ServerErrorCode = 'bad_request' | 'forbidden' | 'rate_limited' | 'too_many_rooms' | 'unavailable' | 'invalid_token';
+export type ServerErrorCode = 'bad_request' | 'forbidden' | 'rate_limited' | 'too_many_rooms' | 'unavailable' | 'invalid_token' | 'timeout';
 /** Error codes raised by the client itself. */
 export type ClientErrorCode =
   | 'not_connected'
   | 'disconnected'
   | 'timeout'
   | 'closed'
+  | 'publish_expired'
   | 'left'
   | 'token_unavailable'
   | 'token_expired'
@@ -329,7 +340,11 @@ export declare class WsgateClient {
   /** Join (and keep joined across reconnects); resolves when joined. */
   join(room: string, resume?: { since?: number; epoch?: string }): Promise<JoinedEvent>;
   leave(room: string): Promise<void>;
-  /** Resolves with the message's seq. */
+  /**
+   * Resolves with the message's seq. Every publish carries an idempotency
+   * key; one whose ack a drop swallowed is sent again with the same key after
+   * the reconnect (behind the re-joins), a `timeout` answer up to 3 times.
+   */
   publish(room: string, data: Json, options?: { timeoutMs?: number }): Promise<number>;
   /** Application-level ping; resolves with the round trip in ms. */
   ping(options?: { timeoutMs?: number }): Promise<number>;

@@ -39,12 +39,29 @@ export const DEFAULTS = Object.freeze({
   refreshMarginMs: 60000,
 });
 
+// Idempotent publish (protocol v1.1): the gateway remembers a key for 5
+// minutes; an unacknowledged publish is sent again only while younger than
+// this (30 s margin), at most this many wait for a reconnect, and a `timeout`
+// answer is sent again this many times.
+export const PUBLISH_RETRY = Object.freeze({ windowMs: 270000, maxQueued: 1000, timeoutRetries: 3 });
+
+const KEY_CHARS = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789';
+
+/** 16 random characters of the key alphabet (crypto.getRandomValues where there is one). */
+function keyPrefix() {
+  const bytes = new Uint8Array(16);
+  if (globalThis.crypto?.getRandomValues) globalThis.crypto.getRandomValues(bytes);
+  else for (let i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
+  // 248 = 4 * 62: no modulo bias for the bytes kept; the rare others fall back.
+  return Array.from(bytes, (b) => KEY_CHARS[b < 248 ? b % 62 : Math.floor(Math.random() * 62)]).join('');
+}
+
 /**
  * An error from the gateway (an `error` frame) or from the client itself.
  * `code` is one of the protocol's error codes (`bad_request`, `forbidden`,
- * `rate_limited`, `too_many_rooms`, `unavailable`, `invalid_token`) or a
- * client-side code (`not_connected`, `disconnected`, `timeout`, `closed`,
- * `token_unavailable`, `token_expired`).
+ * `rate_limited`, `too_many_rooms`, `unavailable`, `invalid_token`, `timeout`)
+ * or a client-side code (`not_connected`, `disconnected`, `timeout`, `closed`,
+ * `publish_expired`, `token_unavailable`, `token_expired`).
  */
 export class WsgateError extends Error {
   constructor(code, message, details = {}) {
@@ -342,11 +359,15 @@ export class WsgateClient {
     this._everConnected = false;
     this._closedByApp = false;
     this._idSeq = 0;
-    this._pending = new Map(); // id -> { kind, room, resolve, reject, timer }
+    this._pending = new Map(); // id -> { kind, room, resolve, reject, timer, publish? }
+    this._keyPrefix = keyPrefix();
+    this._keySeq = 0;
+    this._unacked = []; // publishes a drop left without an ack, sent again after the next welcome
+    this._publishRetries = new Set(); // publishes waiting on this connection to be sent again
     this._roomWaiters = new Map(); // room -> [{ resolve, reject }]
     this._joinRetry = new Map(); // room -> { timer, attempt }
     this._connectWaiters = [];
-    this._timers = { reconnect: null, connect: null, watchdog: null, refresh: null, probe: null };
+    this._timers = { reconnect: null, connect: null, watchdog: null, refresh: null, probe: null, unacked: null };
     this._retryAt = null;
 
     this._win = o.window ?? (typeof window !== 'undefined' ? window : null);
@@ -498,13 +519,24 @@ export class WsgateClient {
    * Publish `data` (any JSON value) to `room`. Resolves with the message's seq
    * (from the `ack`); rejects with a WsgateError carrying `code`
    * (`forbidden`, `rate_limited`, `unavailable`, `bad_request`,
-   * `not_connected`, `disconnected` — delivery unknown —, `timeout`).
+   * `not_connected`, `timeout`, `publish_expired` / `disconnected` / `closed`
+   * — delivery unknown —).
+   *
+   * Every publish carries an idempotency `key`. When the connection drops
+   * before the `ack`, the publish is sent again with the same key after the
+   * next `welcome` (behind the re-joins) and the promise resolves with that
+   * `ack` (the first seq if the first send was taken); a `timeout` answer is
+   * sent again the same way up to 3 times. See README "Publishing".
    */
   publish(room, data, { timeoutMs } = {}) {
     if (this._state !== 'connected') {
       return Promise.reject(new WsgateError('not_connected', `not connected (state ${this._state})`, { room }));
     }
-    return this._request({ type: 'publish', room, data }, 'publish', room, timeoutMs).then((f) => f.seq);
+    return new Promise((resolve, reject) => {
+      this._keySeq += 1;
+      const p = { room, data, key: `${this._keyPrefix}.${this._keySeq}`, since: this._now(), timeouts: 0, sends: 0, timeoutMs, resolve, reject };
+      if (!this._sendPublish(p)) reject(new WsgateError('not_connected', 'not connected', { room, request: 'publish' }));
+    });
   }
 
   /** Application-level ping; resolves with the round-trip time in ms. */
@@ -680,6 +712,7 @@ export class WsgateClient {
     this._armWatchdog();
     this._scheduleRefresh();
     for (const room of this.tracker.list()) this._sendJoin(room, reconnected);
+    this._resendUnacked();
     const waiters = this._connectWaiters;
     this._connectWaiters = [];
     for (const w of waiters) w(f);
@@ -730,6 +763,7 @@ export class WsgateClient {
       this._pending.delete(String(f.id));
       this._clearTimeout(pending.timer);
       if (pending.kind === 'join') this._onJoinError(pending.room, err);
+      else if (pending.kind === 'publish' && this._retryPublish(pending.publish, err.code)) return;
       else pending.reject(err);
     }
     this._emit('error', err);
@@ -775,6 +809,96 @@ export class WsgateClient {
     const frame = this.tracker.joinFrame(room, id);
     this._pending.set(id, { kind: 'join', room, rejoin, resolve: () => {}, reject: () => {}, timer: null });
     this._send(frame);
+  }
+
+  // Send (or send again) a publish with its key; false when the socket is not open.
+  _sendPublish(p) {
+    const id = this._nextId();
+    const entry = { kind: 'publish', room: p.room, publish: p, resolve: (f) => p.resolve(f.seq), reject: p.reject, timer: null };
+    const ms = p.timeoutMs ?? this._opts.requestTimeoutMs;
+    entry.timer = this._setTimeout(() => {
+      if (this._pending.get(id) === entry) {
+        this._pending.delete(id);
+        p.reject(new WsgateError('timeout', `no answer to publish within ${ms} ms`, { room: p.room, request: 'publish' }));
+      }
+    }, ms);
+    this._pending.set(id, entry);
+    p.sends += 1;
+    if (this._send({ type: 'publish', room: p.room, data: p.data, key: p.key, id })) return true;
+    p.sends -= 1;
+    this._pending.delete(id);
+    this._clearTimeout(entry.timer);
+    return false;
+  }
+
+  _publishExpired(p) {
+    return this._now() - p.since >= PUBLISH_RETRY.windowMs;
+  }
+
+  // Whether an error answer to a publish is not final: `timeout` (fate
+  // unknown) is sent again at once; `unavailable` / `rate_limited` to a
+  // publish sent before (an earlier send may have been taken) is sent again
+  // after a growing delay. The same key makes both safe.
+  _retryPublish(p, code) {
+    if (this._publishExpired(p)) return false;
+    if (code === 'timeout' && p.timeouts < PUBLISH_RETRY.timeoutRetries) {
+      p.timeouts += 1;
+      if (!this._sendPublish(p)) this._keepUnacked([p]);
+      return true;
+    }
+    if ((code === 'unavailable' || code === 'rate_limited') && p.sends > 1) {
+      const delay = Math.min(this.backoff.baseMs * 2 ** Math.min(p.sends, 8), this.backoff.capMs);
+      const gen = this._gen;
+      this._publishRetries.add(p);
+      p.retryTimer = this._setTimeout(() => {
+        this._publishRetries.delete(p);
+        p.retryTimer = null;
+        if (gen === this._gen && this._sendPublish(p)) return;
+        this._keepUnacked([p]);
+      }, delay);
+      return true;
+    }
+    return false;
+  }
+
+  // Keep publishes a drop left unanswered (in send order) for the next connection.
+  _keepUnacked(list) {
+    for (const p of list) {
+      if (this._publishExpired(p)) p.reject(this._expiredError(p));
+      else if (this._unacked.length >= PUBLISH_RETRY.maxQueued) p.reject(new WsgateError('disconnected', 'connection closed before the answer (retry queue full); the message may or may not have been published', { room: p.room, request: 'publish' }));
+      else this._unacked.push(p);
+    }
+    this._armUnackedExpiry();
+  }
+
+  _expiredError(p) {
+    return new WsgateError('publish_expired', 'no ack before the idempotency key expired (the connection did not come back in time); the message may or may not have been published', { room: p.room, request: 'publish' });
+  }
+
+  // Fail queued publishes whose key the gateway may have forgotten; wake for the next one.
+  _armUnackedExpiry() {
+    this._clearTimer('unacked');
+    const kept = [];
+    for (const p of this._unacked) {
+      if (this._publishExpired(p)) p.reject(this._expiredError(p));
+      else kept.push(p);
+    }
+    this._unacked = kept;
+    if (kept.length === 0) return;
+    const next = Math.min(...kept.map((p) => p.since + PUBLISH_RETRY.windowMs));
+    this._timers.unacked = this._setTimeout(() => {
+      this._timers.unacked = null;
+      this._armUnackedExpiry();
+    }, Math.max(0, next - this._now()));
+  }
+
+  _resendUnacked() {
+    this._armUnackedExpiry();
+    this._clearTimer('unacked');
+    const list = this._unacked;
+    this._unacked = [];
+    const failed = list.filter((p) => !this._sendPublish(p));
+    if (failed.length > 0) this._keepUnacked(failed);
   }
 
   _nextId() {
@@ -917,10 +1041,20 @@ export class WsgateClient {
     this.tracker.disconnected();
     const pending = [...this._pending.values()];
     this._pending.clear();
+    const unacked = [];
     for (const p of pending) {
       this._clearTimeout(p.timer);
-      if (p.kind !== 'join') p.reject(new WsgateError('disconnected', `connection closed (${info.code}) before the answer`, { room: p.room, request: p.kind }));
+      if (p.kind === 'publish') unacked.push(p.publish);
+      else if (p.kind !== 'join') p.reject(new WsgateError('disconnected', `connection closed (${info.code}) before the answer`, { room: p.room, request: p.kind }));
     }
+    for (const p of this._publishRetries) {
+      this._clearTimeout(p.retryTimer);
+      p.retryTimer = null;
+      unacked.push(p);
+    }
+    this._publishRetries.clear();
+    // Sent again, with their keys, after the next welcome (or rejected `closed` below).
+    this._keepUnacked(unacked);
     this.backoff.disconnected(this._now());
     this._emit('close', { code: info.code, reason: info.reason ?? '', wasClean: !!info.wasClean, local: !!info.local, url: this.url, node: this._welcome?.node ?? null, connected: wasConnected });
     this._welcome = null;
@@ -955,7 +1089,10 @@ export class WsgateClient {
 
   _finishClosed() {
     this._clearTimer('reconnect');
-    for (const name of ['connect', 'watchdog', 'refresh', 'probe']) this._clearTimer(name);
+    for (const name of ['connect', 'watchdog', 'refresh', 'probe', 'unacked']) this._clearTimer(name);
+    const unacked = this._unacked;
+    this._unacked = [];
+    for (const p of unacked) p.reject(new WsgateError('closed', 'client closed before the ack; the message may or may not have been published', { room: p.room, request: 'publish' }));
     for (const room of [...this._roomWaiters.keys()]) this._rejectRoomWaiters(room, new WsgateError('closed', 'client closed', { room }));
     const waiters = this._connectWaiters;
     this._connectWaiters = [];

@@ -6,7 +6,8 @@
 #   WSGATE_BIN=/abs/path/to/wsgate bash tests/browser/run.sh
 #
 # The nginx test (nginx.test.mjs) runs the real nginx (Debian package) with the
-# repo's nginx/nginx.conf in front of three nodes.
+# repo's nginx/nginx.conf in front of three nodes. publish.test.mjs runs
+# clients/js in Node (no browser) against two nodes: idempotent publish retry.
 #
 # Output (logs, screenshots): tests/output/browser/.
 set -uo pipefail
@@ -74,6 +75,13 @@ if [ ! -f node_modules/playwright-core/package.json ]; then
 fi
 # One file at a time: each starts its own chromium, nodes and redis.
 node --test --test-concurrency=1 --test-reporter=spec chat.test.mjs nginx.test.mjs || status=1
+
+# --- 3. clients/js in Node against real nodes (idempotent publish retry);
+# Node 20 has its WebSocket behind a flag, Node 22 has it built in.
+echo "== clients/js in Node against real nodes"
+ws_flag=()
+[ "$node_major" -ge 22 ] || ws_flag=(--experimental-websocket)
+node "${ws_flag[@]}" --test --test-concurrency=1 --test-reporter=spec publish.test.mjs || status=1
 
 if [ "$status" -eq 0 ]; then
   echo "browser suite: all passed (screenshots: tests/output/browser/chat.png, nginx.png)"

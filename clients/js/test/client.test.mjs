@@ -84,13 +84,100 @@ test('publish errors are typed WsgateErrors carrying the code', async () => {
   assert.deepEqual(s.of('error').map((e) => e.code), ['forbidden', 'rate_limited']);
 });
 
-test('publish while not connected rejects at once; in-flight publishes reject on a drop', async () => {
+test('publish while not connected rejects at once; an in-flight publish rejects `closed` when the app closes', async () => {
   const s = setup();
   await assert.rejects(s.client.publish('lobby', 1), { code: 'not_connected' });
   await connected(s);
   const pp = s.client.publish('lobby', 1);
+  s.client.close();
+  await assert.rejects(pp, { code: 'closed' });
+});
+
+test('every publish carries a distinct key of the protocol alphabet', async () => {
+  const s = setup();
+  await connected(s);
+  const ws = s.last();
+  s.client.publish('lobby', 1);
+  const k1 = ws.lastSent('publish').key;
+  s.client.publish('lobby', 2);
+  const k2 = ws.lastSent('publish').key;
+  for (const k of [k1, k2]) assert.match(k, /^[A-Za-z0-9_.:-]{1,64}$/);
+  assert.notEqual(k1, k2);
+  const other = setup();
+  await connected(other);
+  other.client.publish('lobby', 1);
+  assert.notEqual(other.last().lastSent('publish').key, k1, 'two clients never share keys');
+});
+
+test('a publish whose ack a drop swallowed is sent again with its key after the re-joins, and resolves with that ack', async () => {
+  const s = setup();
+  await connected(s);
+  let ws = s.last();
+  const jp = s.client.join('lobby');
+  ws.frame({ type: 'joined', room: 'lobby', seq: 4, epoch: 'E', id: ws.lastSent('join').id });
+  await jp;
+  const pp = s.client.publish('lobby', { text: 'hi' });
+  const first = ws.lastSent('publish');
+  let settled = false;
+  pp.then(() => (settled = true), () => (settled = true));
+  ws.serverClose(1006);
+  await flush();
+  assert.equal(settled, false, 'kept for the next connection');
+  s.clock.advance(8000);
+  await flush();
+  ws = s.last();
+  assert.notEqual(ws, undefined);
+  ws.accept();
+  const types = ws.sent.map((f) => f.type);
+  assert.deepEqual(types, ['join', 'publish'], 'the re-join goes first');
+  const again = ws.lastSent('publish');
+  assert.equal(again.key, first.key);
+  assert.deepEqual(again.data, { text: 'hi' });
+  assert.notEqual(again.id, first.id);
+  // `unavailable` to a second send is not final: sent again later, same key.
+  ws.frame({ type: 'error', code: 'unavailable', message: 'broker unavailable', id: again.id });
+  assert.equal(settled, false);
+  s.clock.advance(8000);
+  const third = ws.lastSent('publish');
+  assert.notEqual(third.id, again.id);
+  assert.equal(third.key, first.key);
+  ws.frame({ type: 'ack', id: third.id, room: 'lobby', seq: 5 });
+  assert.equal(await pp, 5);
+});
+
+test('a `timeout` answer is sent again with the same key, at most 3 times; `unavailable` is not retried', async () => {
+  const s = setup();
+  await connected(s);
+  const ws = s.last();
+  const pp = s.client.publish('lobby', 1);
+  const key = ws.lastSent('publish').key;
+  for (let i = 0; i < 3; i++) {
+    ws.frame({ type: 'error', code: 'timeout', message: 'broker did not confirm in time', id: ws.lastSent('publish').id });
+    assert.equal(ws.lastSent('publish').key, key);
+  }
+  assert.equal(ws.sent.filter((f) => f.type === 'publish').length, 4);
+  ws.frame({ type: 'error', code: 'timeout', message: 'broker did not confirm in time', id: ws.lastSent('publish').id });
+  await assert.rejects(pp, { code: 'timeout' });
+  assert.equal(ws.sent.filter((f) => f.type === 'publish').length, 4);
+
+  const up = s.client.publish('lobby', 2);
+  ws.frame({ type: 'error', code: 'unavailable', message: 'broker unavailable', id: ws.lastSent('publish').id });
+  await assert.rejects(up, { code: 'unavailable' });
+  assert.equal(ws.sent.filter((f) => f.type === 'publish').length, 5);
+});
+
+test('a publish still unacknowledged when its key may have expired rejects `publish_expired`', async () => {
+  const s = setup();
+  await connected(s);
+  const pp = s.client.publish('lobby', 1);
+  const outcome = pp.then(() => null, (e) => e);
   s.last().serverClose(1006);
-  await assert.rejects(pp, { code: 'disconnected' });
+  // No node answers for 5 minutes (bounded: the fake clock fires due timers only).
+  for (let i = 0; i < 40; i++) {
+    s.clock.advance(8000);
+    await flush();
+  }
+  assert.equal((await outcome)?.code, 'publish_expired');
 });
 
 test('publish times out without an answer', async () => {

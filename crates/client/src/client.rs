@@ -122,9 +122,22 @@ impl Client {
     /// message's seq from the server's `ack`.
     ///
     /// Publishing does not require having joined the room. While
-    /// disconnected it fails at once with [`ClientError::Disconnected`]; a
-    /// drop after sending gives the same error (the message may or may not
-    /// have been taken).
+    /// disconnected it fails at once with [`ClientError::Disconnected`].
+    ///
+    /// Every publish carries an idempotency key (unique to this client), so
+    /// it is never published twice: when the connection drops before the
+    /// `ack`, the client sends it again with the same key after the next
+    /// connection's re-joins, and this future resolves with that `ack` (the
+    /// first seq when the first send had been taken). A `timeout` answer
+    /// (fate unknown) is sent again the same way, up to 3 times. A publish
+    /// still unanswered when its key may have expired (about 4.5 minutes
+    /// after it was first sent) fails with [`ClientError::PublishExpired`];
+    /// beyond 1,000 publishes waiting for a reconnect, a drop fails the
+    /// newest with [`ClientError::Disconnected`] (may or may not have been
+    /// taken). `unavailable` (or `rate_limited`) to the first send is
+    /// returned as it is: the message was not delivered; to a later send it
+    /// is not final (an earlier send may have been taken), so the publish is
+    /// sent again later with the same key.
     pub async fn publish(&self, room: &str, data: impl Serialize) -> Result<u64, ClientError> {
         check_room(room)?;
         let data = serde_json::value::to_raw_value(&data)?;

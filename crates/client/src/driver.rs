@@ -6,11 +6,12 @@
 //! hears from it through the event channel. Each session has a small writer
 //! task so that the reading side never waits on a socket write.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use rand::distr::{Alphanumeric, SampleString};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::value::RawValue;
@@ -86,6 +87,18 @@ struct Failure {
 /// How long to wait for the server to end the connection after its Close.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// The gateway remembers a publish key for 5 minutes; an unacknowledged
+/// publish is sent again only while it is younger than this (30 s margin).
+pub(crate) const RETRY_WINDOW: Duration = Duration::from_secs(270);
+
+/// At most this many unacknowledged publishes wait for a reconnect; beyond
+/// it a dropped connection fails them with `Disconnected` as before.
+pub(crate) const RETRY_QUEUE: usize = 1000;
+
+/// A publish answered `timeout` is sent again (same key) this many times
+/// before the caller gets the `timeout` error.
+pub(crate) const TIMEOUT_RETRIES: u32 = 3;
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -156,6 +169,10 @@ struct AppSide {
     /// reconnects (the re-join answers them).
     waiters: HashMap<String, Vec<Reply<JoinInfo>>>,
     events: UnboundedSender<Event>,
+    /// Publishes sent on a connection that dropped before their `ack`, in
+    /// the order they were first sent: sent again (same key) after the next
+    /// connection's re-joins.
+    unacked: VecDeque<Outgoing>,
 }
 
 impl AppSide {
@@ -207,21 +224,81 @@ impl AppSide {
         }
     }
 
-    /// Fail every waiting join (the client is closing).
+    /// Fail every waiting join and publish (the client is closing).
     fn close_all(&mut self) {
         for (_, ws) in self.waiters.drain() {
             for w in ws {
                 let _ = w.send(Err(ClientError::Closed));
             }
         }
+        for o in self.unacked.drain(..) {
+            let _ = o.reply.send(Err(ClientError::Closed));
+        }
     }
+
+    /// Keep the publishes a dropped connection left unanswered (`pending`
+    /// in the order they were sent) for the next connection, within the
+    /// queue's size and the key window.
+    fn keep_unacked(&mut self, pending: impl IntoIterator<Item = Outgoing>) {
+        for o in pending {
+            if o.expired() {
+                let _ = o.reply.send(Err(ClientError::PublishExpired));
+            } else if self.unacked.len() >= RETRY_QUEUE {
+                let _ = o.reply.send(Err(ClientError::Disconnected));
+            } else {
+                self.unacked.push_back(o);
+            }
+        }
+    }
+
+    /// Fail the queued publishes the gateway may have forgotten the key of;
+    /// when the next one expires.
+    fn expire_unacked(&mut self) -> Option<Instant> {
+        let (expired, kept) = self.unacked.drain(..).partition(Outgoing::expired);
+        self.unacked = kept;
+        for o in Vec::from(expired) {
+            let _ = o.reply.send(Err(ClientError::PublishExpired));
+        }
+        self.unacked.iter().map(|o| o.since + RETRY_WINDOW).min()
+    }
+}
+
+/// A publish that has no `ack` yet, kept whole so that it can be sent again
+/// with the same key.
+pub(crate) struct Outgoing {
+    room: String,
+    data: Box<RawValue>,
+    key: String,
+    reply: Reply<u64>,
+    /// When it was first sent.
+    since: Instant,
+    /// `timeout` answers so far.
+    timeouts: u32,
+    /// Times sent so far: after the first, an `unavailable` or
+    /// `rate_limited` answer no longer means "not published" (an earlier
+    /// send may have been), so it is sent again later instead.
+    sends: u32,
+}
+
+impl Outgoing {
+    /// Too old to send again: the gateway may have forgotten its key.
+    fn expired(&self) -> bool {
+        self.since.elapsed() >= RETRY_WINDOW
+    }
+}
+
+/// The key prefix of one client instance: 16 random characters from the
+/// operating system (never the seeded backoff rng, so that two clients
+/// configured with the same `rng_seed` still get different keys).
+fn key_prefix() -> String {
+    Alphanumeric.sample_string(&mut rand::rng(), 16)
 }
 
 /// A request sent on the current connection, waiting for its answer.
 enum Pending {
     Join { room: String },
     Leave { reply: Reply<()> },
-    Publish { reply: Reply<u64> },
+    Publish(Outgoing),
     Refresh,
 }
 
@@ -235,6 +312,9 @@ pub(crate) struct Driver {
     rng: StdRng,
     next_url: usize,
     next_id: u64,
+    /// Every publish's key is this prefix, a dot and a counter.
+    key_prefix: String,
+    next_key: u64,
     /// Told the outcome of the first connection round (for `connect`).
     first: Option<oneshot::Sender<Result<(), ClientError>>>,
     first_failures: usize,
@@ -263,10 +343,13 @@ impl Driver {
                 tracker: RoomTracker::default(),
                 waiters: HashMap::new(),
                 events,
+                unacked: VecDeque::new(),
             },
             rng,
             next_url: 0,
             next_id: 0,
+            key_prefix: key_prefix(),
+            next_key: 0,
             first,
             first_failures: 0,
             cfg,
@@ -341,8 +424,10 @@ impl Driver {
             });
             let wake = Instant::now() + delay;
             let stop = loop {
+                let expiry = self.app.expire_unacked();
                 tokio::select! {
                     _ = sleep_until(wake) => break None,
+                    _ = sleep_until(expiry.unwrap_or(wake)), if expiry.is_some_and(|t| t < wake) => {}
                     cmd = self.cmds.recv() => {
                         if let Flow::Stop(reply) = self.app.offline(cmd) {
                             break Some(reply);
@@ -380,6 +465,7 @@ impl Driver {
             pending: HashMap::new(),
             deadlines: HashMap::new(),
             retry_joins: HashMap::new(),
+            retry_publishes: Vec::new(),
             request_timeout: self.cfg.request_timeout,
         };
         self.app.emit(Event::Connected {
@@ -397,6 +483,14 @@ impl Driver {
             let id = self.id();
             s.send_join(&mut self.app.tracker, &room, id);
         }
+        // Then the publishes the last connection left without an `ack`,
+        // with their keys: the gateway answers one it already took with
+        // its first seq.
+        self.app.expire_unacked();
+        for o in std::mem::take(&mut self.app.unacked) {
+            let id = self.id();
+            s.send_publish(id, o);
+        }
         let silence = Duration::from_millis(welcome.heartbeat_ms) + self.cfg.heartbeat_margin;
         let mut last_frame = Instant::now();
         let mut refresh_at = self.next_refresh();
@@ -410,6 +504,7 @@ impl Driver {
         let end = loop {
             let next_deadline = s.deadlines.values().min().copied();
             let next_retry = s.retry_joins.values().min().copied();
+            let next_resend = s.retry_publishes.iter().map(|(t, _)| *t).min();
             tokio::select! {
                 msg = stream.next() => {
                     last_frame = Instant::now();
@@ -478,6 +573,19 @@ impl Driver {
                         }
                     }
                 }
+                _ = sleep_until(next_resend.unwrap_or_else(far)), if next_resend.is_some() => {
+                    let now = Instant::now();
+                    let (due, later) = std::mem::take(&mut s.retry_publishes).into_iter().partition(|(t, _)| *t <= now);
+                    s.retry_publishes = later;
+                    for (_, o) in due {
+                        if o.expired() {
+                            let _ = o.reply.send(Err(ClientError::PublishExpired));
+                        } else {
+                            let id = self.id();
+                            s.send_publish(id, o);
+                        }
+                    }
+                }
                 _ = sleep_until(refresh_at.unwrap_or_else(far)), if refresh_at.is_some() && refreshing.is_none() => {
                     refresh_at = None;
                     if let TokenSource::Callback(cb) = &self.tokens.source {
@@ -518,11 +626,10 @@ impl Driver {
         }
         drop(s.out);
         let _ = timeout(Duration::from_secs(1), writer).await;
-        for (_, p) in s.pending {
+        let mut unacked = Vec::new();
+        for (id, p) in s.pending {
             match p {
-                Pending::Publish { reply } => {
-                    let _ = reply.send(Err(ClientError::Disconnected));
-                }
+                Pending::Publish(o) => unacked.push((id, o)),
                 // The room is not joined any more on a closed connection.
                 Pending::Leave { reply } => {
                     let _ = reply.send(Ok(()));
@@ -530,6 +637,11 @@ impl Driver {
                 Pending::Join { .. } | Pending::Refresh => {}
             }
         }
+        // Sent again after the reconnect, in the order they were sent.
+        unacked.sort_unstable_by_key(|(id, _)| *id);
+        self.app.keep_unacked(unacked.into_iter().map(|(_, o)| o));
+        self.app
+            .keep_unacked(s.retry_publishes.into_iter().map(|(_, o)| o));
         self.app.tracker.disconnected();
         end
     }
@@ -551,8 +663,8 @@ impl Driver {
         .await;
         for (_, p) in s.pending.drain() {
             match p {
-                Pending::Publish { reply } => {
-                    let _ = reply.send(Err(ClientError::Closed));
+                Pending::Publish(o) => {
+                    let _ = o.reply.send(Err(ClientError::Closed));
                 }
                 Pending::Leave { reply } => {
                     let _ = reply.send(Err(ClientError::Closed));
@@ -633,14 +745,21 @@ impl Driver {
                 s.track(id, Pending::Leave { reply });
             }
             Command::Publish { room, data, reply } => {
+                self.next_key += 1;
+                let key = format!("{}.{}", self.key_prefix, self.next_key);
                 let id = self.id();
-                s.send(ClientRequest::Publish {
-                    room,
-                    data,
-                    key: None,
-                    id: Some(num(id)),
-                });
-                s.track(id, Pending::Publish { reply });
+                s.send_publish(
+                    id,
+                    Outgoing {
+                        room,
+                        data,
+                        key,
+                        reply,
+                        since: Instant::now(),
+                        timeouts: 0,
+                        sends: 0,
+                    },
+                );
             }
             Command::Position { room, reply } => {
                 let _ = reply.send(self.app.position(&room));
@@ -664,8 +783,8 @@ impl Driver {
         for id in overdue {
             s.deadlines.remove(&id);
             match s.pending.remove(&id) {
-                Some(Pending::Publish { reply }) => {
-                    let _ = reply.send(Err(ClientError::Timeout));
+                Some(Pending::Publish(o)) => {
+                    let _ = o.reply.send(Err(ClientError::Timeout));
                 }
                 Some(Pending::Leave { reply }) => {
                     let _ = reply.send(Err(ClientError::Timeout));
@@ -720,8 +839,8 @@ impl Driver {
                 }
             }
             ServerFrame::Ack(a) => {
-                if let Some(Pending::Publish { reply }) = pending {
-                    let _ = reply.send(Ok(a.seq));
+                if let Some(Pending::Publish(o)) = pending {
+                    let _ = o.reply.send(Ok(a.seq));
                 }
             }
             ServerFrame::Left(_) => {
@@ -750,8 +869,30 @@ impl Driver {
             message: e.message.clone(),
         };
         match pending {
-            Some(Pending::Publish { reply }) => {
-                let _ = reply.send(Err(err()));
+            Some(Pending::Publish(mut o)) => {
+                // Fate unknown: the same key makes sending it again safe.
+                let refused_again =
+                    matches!(e.code, ErrorCode::Unavailable | ErrorCode::RateLimited);
+                if o.expired() {
+                    let _ = o.reply.send(Err(err()));
+                } else if e.code == ErrorCode::Timeout && o.timeouts < TIMEOUT_RETRIES {
+                    o.timeouts += 1;
+                    debug!(room = %o.room, attempt = o.timeouts, "publish timed out in the broker; sending it again with its key");
+                    let id = self.id();
+                    s.send_publish(id, o);
+                } else if refused_again && o.sends > 1 {
+                    // An earlier send may have been published: this refusal
+                    // does not say it was not, so try again later.
+                    let wait = self
+                        .cfg
+                        .backoff
+                        .base()
+                        .saturating_mul(1 << o.sends.min(8))
+                        .min(self.cfg.backoff.cap());
+                    s.retry_publishes.push((Instant::now() + wait, o));
+                } else {
+                    let _ = o.reply.send(Err(err()));
+                }
             }
             Some(Pending::Leave { reply }) => {
                 let _ = reply.send(Err(err()));
@@ -803,6 +944,9 @@ struct Session {
     deadlines: HashMap<u64, Instant>,
     /// Rooms whose re-join got `unavailable`, with when to try again.
     retry_joins: HashMap<String, Instant>,
+    /// Publishes sent more than once that got `unavailable` or
+    /// `rate_limited`, with when to send them again.
+    retry_publishes: Vec<(Instant, Outgoing)>,
     request_timeout: Duration,
 }
 
@@ -815,6 +959,17 @@ impl Session {
         self.deadlines
             .insert(id, Instant::now() + self.request_timeout);
         self.pending.insert(id, p);
+    }
+
+    fn send_publish(&mut self, id: u64, mut o: Outgoing) {
+        o.sends += 1;
+        self.send(ClientRequest::Publish {
+            room: o.room.clone(),
+            data: o.data.clone(),
+            key: Some(o.key.clone()),
+            id: Some(num(id)),
+        });
+        self.track(id, Pending::Publish(o));
     }
 
     fn send_join(&mut self, tracker: &mut RoomTracker, room: &str, id: u64) {

@@ -21,6 +21,11 @@ pub enum ClientError {
     /// publish this means the message may or may not have been taken.
     #[error("not connected (the connection dropped or is being re-established)")]
     Disconnected,
+    /// A publish left without an `ack` by a dropped connection could not be
+    /// sent again while the gateway still remembers its key (the 5-minute
+    /// window, less a margin): it may or may not have been published.
+    #[error("no ack for the publish before its idempotency key expired (the connection did not come back in time); it may or may not have been published")]
+    PublishExpired,
     /// No answer within `request_timeout` on an open connection.
     #[error("no answer within the request timeout")]
     Timeout,

@@ -7,7 +7,10 @@
 //! `heartbeat_ms` plus a margin) reconnects with capped exponential backoff
 //! and full jitter, re-joins every room with `since` and `epoch`, delivers
 //! the replayed messages, never delivers a seq twice, and reports every gap
-//! as an [`Event::Gap`] instead of hiding it. A 4001 close (token expired)
+//! as an [`Event::Gap`] instead of hiding it. Every publish carries an
+//! idempotency key: one whose `ack` a drop (or a `timeout`) swallowed is
+//! sent again with the same key after the reconnect, so it is published once
+//! and the caller gets its seq (see [`Client::publish`]). A 4001 close (token expired)
 //! gets a new token from the [`TokenSource`] before reconnecting, and with a
 //! callback source the token is refreshed on the open connection before it
 //! expires.

@@ -2,7 +2,10 @@
 //! the protocol by hand): duplicates and seq jumps from a misbehaving
 //! server, the exact `join` it re-sends after a drop (`since` + `epoch`),
 //! an epoch change, a silent connection given up after `heartbeat_ms` plus
-//! the margin, request timeouts and id matching.
+//! the margin, request timeouts and id matching, and the publish keys: a
+//! `timeout` sent again with the same key, a publish sent again after a drop
+//! (behind the re-join) and again after `unavailable`, one failing once its
+//! key may have expired.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -53,6 +56,15 @@ async fn recv(ws: &mut Ws) -> Value {
             other => panic!("unexpected {other:?}"),
         }
     }
+}
+
+/// A `welcome` with an hourly heartbeat (no Ping due during a test).
+async fn send_welcome(ws: &mut Ws, conn: &str) {
+    send(
+        ws,
+        json!({"type":"welcome","conn":conn,"user":"u","node":"s","heartbeat_ms":60000}),
+    )
+    .await;
 }
 
 fn msg(room: &str, seq: u64) -> Value {
@@ -259,7 +271,7 @@ async fn duplicates_dropped_jumps_reported_resume_sent_silence_detected() {
 }
 
 #[tokio::test]
-async fn requests_without_an_answer_time_out_and_drops_fail_publishes() {
+async fn requests_time_out_timeouts_and_drops_resend_publishes_with_their_key() {
     let (url, mut conns) = scripted_server().await;
     let welcome = json!({"type":"welcome","conn":"c","user":"u","node":"s","heartbeat_ms":60000});
 
@@ -305,14 +317,121 @@ async fn requests_without_an_answer_time_out_and_drops_fail_publishes() {
     let err = p1.await.unwrap().unwrap_err();
     assert_eq!(err.code(), Some(wsgate_client::ErrorCode::RateLimited));
 
-    // A publish in flight when the connection drops: Disconnected.
+    // Every publish carries a key, unique per publish.
+    assert!(f1["key"].is_string() && f2["key"].is_string());
+    assert_ne!(f1["key"], f2["key"]);
+
+    // `timeout` (fate unknown): sent again with the same key, 3 times, then
+    // the caller gets it. `unavailable` is not sent again.
+    let c4 = client.clone();
+    let p4 = tokio::spawn(async move { c4.publish("r", "t").await });
+    let first = recv(&mut ws).await;
+    let mut last = first.clone();
+    for attempt in 0..4 {
+        send(
+            &mut ws,
+            json!({"type":"error","id":last["id"],"code":"timeout","message":"broker did not confirm in time"}),
+        )
+        .await;
+        if attempt == 3 {
+            break;
+        }
+        last = recv(&mut ws).await;
+        assert_eq!(last["type"], "publish");
+        assert_eq!(last["key"], first["key"]);
+        assert_ne!(last["id"], first["id"]);
+    }
+    let err = p4.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(wsgate_client::ErrorCode::Timeout));
+    let c5 = client.clone();
+    let p5 = tokio::spawn(async move { c5.publish("r", "u").await });
+    let f5 = recv(&mut ws).await;
+    send(
+        &mut ws,
+        json!({"type":"error","id":f5["id"],"code":"unavailable","message":"broker unavailable"}),
+    )
+    .await;
+    let err = p5.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(wsgate_client::ErrorCode::Unavailable));
+
+    // A publish in flight when the connection drops is sent again, same
+    // key, on the next connection after its re-joins; the caller gets that
+    // ack.
+    let joining = {
+        let c = client.clone();
+        tokio::spawn(async move { c.join("j").await })
+    };
+    let jf = recv(&mut ws).await;
+    send(
+        &mut ws,
+        json!({"type":"joined","id":jf["id"],"room":"j","seq":3,"epoch":"E"}),
+    )
+    .await;
+    joining.await.unwrap().unwrap();
     let c3 = client.clone();
     let p3 = tokio::spawn(async move { c3.publish("r", "c").await });
-    let _ = recv(&mut ws).await;
+    let f3 = recv(&mut ws).await;
     drop(ws);
-    let err = p3.await.unwrap().unwrap_err();
+    let mut ws = conns.recv().await.unwrap();
+    send_welcome(&mut ws, "c2").await;
+    let rejoin = recv(&mut ws).await;
+    assert_eq!(
+        (&rejoin["type"], &rejoin["since"]),
+        (&json!("join"), &json!(3))
+    );
+    let again = recv(&mut ws).await;
+    assert_eq!(again["type"], "publish");
+    assert_eq!(again["key"], f3["key"]);
+    assert_eq!(again["data"], "c");
+    // `unavailable` for a publish sent before does not mean "not
+    // published": it is sent again later, same key.
+    send(
+        &mut ws,
+        json!({"type":"error","id":again["id"],"code":"unavailable","message":"broker unavailable"}),
+    )
+    .await;
+    let third = recv(&mut ws).await;
+    assert_eq!(
+        (&third["type"], &third["key"]),
+        (&json!("publish"), &f3["key"])
+    );
+    send(
+        &mut ws,
+        json!({"type":"ack","id":third["id"],"room":"r","seq":12}),
+    )
+    .await;
+    assert_eq!(p3.await.unwrap().unwrap(), 12);
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_publish_unanswered_past_the_key_window_fails_with_publish_expired() {
+    let (url, mut conns) = scripted_server().await;
+    let mut config = ClientConfig::new([url], "t");
+    config.backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(5));
+    let connecting = tokio::spawn(Client::connect(config));
+    let mut ws = conns.recv().await.unwrap();
+    send_welcome(&mut ws, "c").await;
+    let (client, mut events) = connecting.await.unwrap().unwrap();
+    let c = client.clone();
+    let publishing = tokio::spawn(async move { c.publish("r", 1).await });
+    let _ = recv(&mut ws).await;
+    // The node goes away for good: no connection gets a welcome again.
+    drop(ws);
+    drop(conns);
+    until(&mut events, "disconnected", |e| {
+        matches!(e, Event::Disconnected { .. })
+    })
+    .await;
+    // No live connection needs real time now: skip the 4.5 minutes.
+    tokio::time::pause();
+    let err = tokio::time::timeout(Duration::from_secs(600), publishing)
+        .await
+        .expect("failed within the window plus the backoff")
+        .unwrap()
+        .unwrap_err();
     assert!(
-        matches!(err, wsgate_client::ClientError::Disconnected),
+        matches!(err, wsgate_client::ClientError::PublishExpired),
         "{err:?}"
     );
     client.close().await;

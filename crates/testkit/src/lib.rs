@@ -766,6 +766,8 @@ pub struct TcpProxy {
     pub port: u16,
     enabled: std::sync::Arc<std::sync::atomic::AtomicBool>,
     generation: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// While true, bytes from the target are held back from the client.
+    held: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
     task: JoinHandle<()>,
 }
 
@@ -778,7 +780,8 @@ impl TcpProxy {
         let port = listener.local_addr().unwrap().port();
         let enabled = Arc::new(AtomicBool::new(true));
         let generation = Arc::new(tokio::sync::watch::channel(0u64).0);
-        let (en, gen) = (enabled.clone(), generation.clone());
+        let held = Arc::new(tokio::sync::watch::channel(false).0);
+        let (en, gen, hold) = (enabled.clone(), generation.clone(), held.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
@@ -789,12 +792,34 @@ impl TcpProxy {
                     continue;
                 }
                 let mut cut = gen.subscribe();
+                let mut held = hold.subscribe();
                 tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     let Ok(mut outbound) = TcpStream::connect(target).await else {
                         return;
                     };
+                    let (mut in_read, mut in_write) = inbound.split();
+                    let (mut out_read, mut out_write) = outbound.split();
+                    let up = tokio::io::copy(&mut in_read, &mut out_write);
+                    // Target to client, each chunk waiting while held.
+                    let down = async {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            match out_read.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    if held.wait_for(|h| !*h).await.is_err()
+                                        || in_write.write_all(&buf[..n]).await.is_err()
+                                    {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                    };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = up => {}
+                        _ = down => {}
                         _ = cut.changed() => {}
                     }
                 });
@@ -804,8 +829,16 @@ impl TcpProxy {
             port,
             enabled,
             generation,
+            held,
             task,
         }
+    }
+
+    /// Stop passing bytes from the target to the client (the client's bytes
+    /// still reach the target), on open and new connections, until
+    /// [`restore`](Self::restore): for example to lose a server's answer.
+    pub fn hold(&self) {
+        self.held.send_replace(true);
     }
 
     /// Drop every forwarded connection and refuse new ones.
@@ -815,8 +848,9 @@ impl TcpProxy {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    /// Forward again.
+    /// Forward again (both ways).
     pub fn restore(&self) {
+        self.held.send_replace(false);
         self.enabled
             .store(true, std::sync::atomic::Ordering::Release);
     }

@@ -205,6 +205,14 @@ async fn a_sentinel_failover_never_reuses_a_seq_and_loses_nothing_silently() {
         publish_acked(&mut publisher, "fo", json!(format!("m{i}"))).await;
     }
     drop(primary);
+    // No primary: the nodes are not ready until Sentinel promotes one.
+    for node in [&a, &b] {
+        let url = format!("{}/ready", node.ops_url());
+        eventually("ready turns 503 without a primary", || async {
+            matches!(http_get(&url).await, Ok((503, _, _))).then_some(())
+        })
+        .await;
+    }
     replica.signal("CONT");
     eventually("sentinel promoted the replica", || async {
         let addr: Option<Vec<String>> = sentinels[0].query(

@@ -12,8 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-use wsgate_testkit::{eventually, free_port, http_get, wsgate_bin, Node, Ws};
+use serde_json::json;
+use wsgate_testkit::{
+    assert_failover_stream, epoch_stream, eventually, free_port, http_get, publish_acked,
+    wsgate_bin, Node, Ws,
+};
 
 /// A redis-server (or Sentinel) child, killed on drop.
 struct Server {
@@ -124,38 +127,10 @@ async fn ready(node: &Node) {
     .await;
 }
 
-/// Publish until acknowledged (a failover refuses publishes for a while);
-/// returns the ack.
-async fn publish_acked(ws: &mut Ws, room: &str, data: Value) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ack = ws.publish(room, data.clone()).await;
-        if ack["type"] == "ack" {
-            return ack;
-        }
-        assert!(Instant::now() < deadline, "publish never acked: {ack}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// What a member received: (epoch, seq, data) in order, epochs learned from
-/// `joined` frames, until `count` messages.
-async fn stream(ws: &mut Ws, mut epoch: String, count: usize) -> Vec<(String, u64, Value)> {
-    let mut out = Vec::new();
-    while out.len() < count {
-        let v = ws.json().await;
-        match v["type"].as_str() {
-            Some("joined") => {
-                assert_eq!(v["recovered"], false, "an epoch change: {v}");
-                epoch = v["epoch"].as_str().unwrap().to_owned();
-            }
-            Some("message") => {
-                out.push((epoch.clone(), v["seq"].as_u64().unwrap(), v["data"].clone()))
-            }
-            _ => panic!("unexpected {v}"),
-        }
-    }
-    out
+/// Publish `m<i>` with key `k<i>` until acknowledged.
+async fn publish(ws: &mut Ws, room: &str, i: usize) {
+    let limit = Duration::from_secs(30);
+    publish_acked(ws, room, json!(format!("m{i}")), &format!("k{i}"), limit).await;
 }
 
 #[tokio::test]
@@ -192,7 +167,7 @@ async fn a_sentinel_failover_never_reuses_a_seq_and_loses_nothing_silently() {
     on_b.join("fo").await;
     let (mut publisher, _) = Ws::open(&a.ws_url(), "p").await;
     for i in 0..5 {
-        publish_acked(&mut publisher, "fo", json!(format!("m{i}"))).await;
+        publish(&mut publisher, "fo", i).await;
     }
     eventually("replica has seq 5", || async {
         let seq: Option<String> = replica.query(redis::cmd("GET").arg("wsgate:{fo}:seq"));
@@ -202,7 +177,7 @@ async fn a_sentinel_failover_never_reuses_a_seq_and_loses_nothing_silently() {
     // The replica misses the next three writes, then the primary dies.
     replica.signal("STOP");
     for i in 5..8 {
-        publish_acked(&mut publisher, "fo", json!(format!("m{i}"))).await;
+        publish(&mut publisher, "fo", i).await;
     }
     drop(primary);
     replica.signal("CONT");
@@ -218,35 +193,13 @@ async fn a_sentinel_failover_never_reuses_a_seq_and_loses_nothing_silently() {
     ready(&a).await;
     ready(&b).await;
     for i in 8..11 {
-        publish_acked(&mut publisher, "fo", json!(format!("m{i}"))).await;
+        publish(&mut publisher, "fo", i).await;
     }
     for member in [&mut on_a, &mut on_b] {
-        let got = stream(member, epoch.clone(), 11).await;
-        let mut seen = std::collections::HashMap::new();
-        for (e, seq, data) in &got {
-            if let Some(other) = seen.insert((e.clone(), *seq), data.clone()) {
-                panic!("({e}, {seq}) carried {other} and {data}");
-            }
-        }
+        let got = epoch_stream(member, epoch.clone(), 11).await;
         // The messages the replica never got (m5..m7) and the first ones
-        // the promoted replica took (m8..) are in different epochs: their
-        // seqs could otherwise collide.
-        assert_ne!(
-            got[7].0, got[8].0,
-            "a new epoch after the failover: {got:?}"
-        );
-        for pair in got.windows(2) {
-            if pair[0].0 == pair[1].0 {
-                assert_eq!(
-                    pair[1].1,
-                    pair[0].1 + 1,
-                    "gap-free within an epoch: {got:?}"
-                );
-            }
-        }
-        let data: Vec<Value> = got.iter().map(|m| m.2.clone()).collect();
-        let want: Vec<Value> = (0..11).map(|i| json!(format!("m{i}"))).collect();
-        assert_eq!(data, want, "every acknowledged message, in order");
+        // the promoted replica took (m8..) are in different epochs.
+        assert_failover_stream(&got, 8, 11);
     }
     drop(replica);
     drop(sentinels);

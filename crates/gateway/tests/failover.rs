@@ -41,6 +41,11 @@ impl Server {
 
     fn plain(port: u16, extra: &[&str]) -> Server {
         let p = port.to_string();
+        // A replica's full sync writes an RDB file even without `save`: into
+        // the temporary directory, never the working tree.
+        let dir = std::env::temp_dir();
+        let dir = dir.to_str().unwrap();
+        let rdb = format!("wsgate-{port}.rdb");
         let mut args = vec![
             "--port",
             &p,
@@ -50,6 +55,10 @@ impl Server {
             "",
             "--appendonly",
             "no",
+            "--dir",
+            dir,
+            "--dbfilename",
+            &rdb,
         ];
         args.extend_from_slice(extra);
         Server::start(&args, port)
@@ -88,6 +97,8 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let rdb = std::env::temp_dir().join(format!("wsgate-{}.rdb", self.port));
+        let _ = std::fs::remove_file(rdb);
     }
 }
 

@@ -8,12 +8,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-use wsgate_testkit::{eventually, free_port, http_get, wsgate_bin, Node, Ws};
+use serde_json::json;
+use wsgate_testkit::{
+    assert_failover_stream, epoch_stream, eventually, eventually_for, free_port, http_get,
+    publish_acked, wsgate_bin, BinNode, Node, Ws,
+};
 
 /// A redis-server (or Sentinel) child, killed on drop.
 struct Server {
@@ -36,6 +41,11 @@ impl Server {
 
     fn plain(port: u16, extra: &[&str]) -> Server {
         let p = port.to_string();
+        // A replica's full sync writes an RDB file even without `save`: into
+        // the temporary directory, never the working tree.
+        let dir = std::env::temp_dir();
+        let dir = dir.to_str().unwrap();
+        let rdb = format!("wsgate-{port}.rdb");
         let mut args = vec![
             "--port",
             &p,
@@ -45,6 +55,10 @@ impl Server {
             "",
             "--appendonly",
             "no",
+            "--dir",
+            dir,
+            "--dbfilename",
+            &rdb,
         ];
         args.extend_from_slice(extra);
         Server::start(&args, port)
@@ -83,6 +97,8 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let rdb = std::env::temp_dir().join(format!("wsgate-{}.rdb", self.port));
+        let _ = std::fs::remove_file(rdb);
     }
 }
 
@@ -116,46 +132,32 @@ fn sentinels(primary: u16, dir: &Path) -> Vec<Server> {
         .collect()
 }
 
+/// `--redis-url` for these Sentinels' `mymaster`.
+fn sentinel_url(sentinels: &[Server]) -> String {
+    let hosts: Vec<String> = sentinels
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.port))
+        .collect();
+    format!("redis+sentinel://{}/mymaster", hosts.join(","))
+}
+
 async fn ready(node: &Node) {
-    let url = format!("{}/ready", node.ops_url());
-    eventually("node ready", || async {
+    ready_at(&node.ops_url(), wsgate_testkit::WAIT).await;
+}
+
+/// Until the node behind `ops_url` answers `/ready` 200, at most `limit`.
+async fn ready_at(ops_url: &str, limit: Duration) {
+    let url = format!("{ops_url}/ready");
+    eventually_for("node ready", limit, || async {
         matches!(http_get(&url).await, Ok((200, _, _))).then_some(())
     })
     .await;
 }
 
-/// Publish until acknowledged (a failover refuses publishes for a while);
-/// returns the ack.
-async fn publish_acked(ws: &mut Ws, room: &str, data: Value) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ack = ws.publish(room, data.clone()).await;
-        if ack["type"] == "ack" {
-            return ack;
-        }
-        assert!(Instant::now() < deadline, "publish never acked: {ack}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// What a member received: (epoch, seq, data) in order, epochs learned from
-/// `joined` frames, until `count` messages.
-async fn stream(ws: &mut Ws, mut epoch: String, count: usize) -> Vec<(String, u64, Value)> {
-    let mut out = Vec::new();
-    while out.len() < count {
-        let v = ws.json().await;
-        match v["type"].as_str() {
-            Some("joined") => {
-                assert_eq!(v["recovered"], false, "an epoch change: {v}");
-                epoch = v["epoch"].as_str().unwrap().to_owned();
-            }
-            Some("message") => {
-                out.push((epoch.clone(), v["seq"].as_u64().unwrap(), v["data"].clone()))
-            }
-            _ => panic!("unexpected {v}"),
-        }
-    }
-    out
+/// Publish `m<i>` with key `k<i>` until acknowledged.
+async fn publish(ws: &mut Ws, room: &str, i: usize) {
+    let limit = Duration::from_secs(30);
+    publish_acked(ws, room, json!(format!("m{i}")), &format!("k{i}"), limit).await;
 }
 
 #[tokio::test]
@@ -174,14 +176,7 @@ async fn a_sentinel_failover_never_reuses_a_seq_and_loses_nothing_silently() {
         (n == 1).then_some(())
     })
     .await;
-    let url = format!(
-        "redis+sentinel://{}/mymaster",
-        sentinels
-            .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let url = sentinel_url(&sentinels);
     let a = Node::start(&["--redis-url", &url]).await;
     let b = Node::start(&["--redis-url", &url]).await;
     ready(&a).await;
@@ -192,7 +187,7 @@ async fn a_sentinel_failover_never_reuses_a_seq_and_loses_nothing_silently() {
     on_b.join("fo").await;
     let (mut publisher, _) = Ws::open(&a.ws_url(), "p").await;
     for i in 0..5 {
-        publish_acked(&mut publisher, "fo", json!(format!("m{i}"))).await;
+        publish(&mut publisher, "fo", i).await;
     }
     eventually("replica has seq 5", || async {
         let seq: Option<String> = replica.query(redis::cmd("GET").arg("wsgate:{fo}:seq"));
@@ -202,7 +197,7 @@ async fn a_sentinel_failover_never_reuses_a_seq_and_loses_nothing_silently() {
     // The replica misses the next three writes, then the primary dies.
     replica.signal("STOP");
     for i in 5..8 {
-        publish_acked(&mut publisher, "fo", json!(format!("m{i}"))).await;
+        publish(&mut publisher, "fo", i).await;
     }
     drop(primary);
     // No primary: the nodes are not ready until Sentinel promotes one.
@@ -226,35 +221,13 @@ async fn a_sentinel_failover_never_reuses_a_seq_and_loses_nothing_silently() {
     ready(&a).await;
     ready(&b).await;
     for i in 8..11 {
-        publish_acked(&mut publisher, "fo", json!(format!("m{i}"))).await;
+        publish(&mut publisher, "fo", i).await;
     }
     for member in [&mut on_a, &mut on_b] {
-        let got = stream(member, epoch.clone(), 11).await;
-        let mut seen = std::collections::HashMap::new();
-        for (e, seq, data) in &got {
-            if let Some(other) = seen.insert((e.clone(), *seq), data.clone()) {
-                panic!("({e}, {seq}) carried {other} and {data}");
-            }
-        }
+        let got = epoch_stream(member, epoch.clone(), 11).await;
         // The messages the replica never got (m5..m7) and the first ones
-        // the promoted replica took (m8..) are in different epochs: their
-        // seqs could otherwise collide.
-        assert_ne!(
-            got[7].0, got[8].0,
-            "a new epoch after the failover: {got:?}"
-        );
-        for pair in got.windows(2) {
-            if pair[0].0 == pair[1].0 {
-                assert_eq!(
-                    pair[1].1,
-                    pair[0].1 + 1,
-                    "gap-free within an epoch: {got:?}"
-                );
-            }
-        }
-        let data: Vec<Value> = got.iter().map(|m| m.2.clone()).collect();
-        let want: Vec<Value> = (0..11).map(|i| json!(format!("m{i}"))).collect();
-        assert_eq!(data, want, "every acknowledged message, in order");
+        // the promoted replica took (m8..) are in different epochs.
+        assert_failover_stream(&got, 8, 11);
     }
     drop(replica);
     drop(sentinels);
@@ -440,4 +413,321 @@ async fn rediss_with_a_private_ca_relays_and_a_wrong_ca_stops_the_start() {
     assert!(lines[0].contains("TLS"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_dir_all(other);
+}
+
+/// (subscriber index, room).
+type Member = (usize, String);
+
+/// What the load saw in one room: per subscriber, (epoch, seq, data) in
+/// order and when each epoch change arrived; per publisher, the acks.
+#[derive(Default)]
+struct Seen {
+    /// (subscriber, room) -> messages.
+    messages: HashMap<Member, Vec<(String, u64, String)>>,
+    /// (subscriber, room) -> when it was told of each new epoch.
+    epoch_changes: HashMap<Member, Vec<Instant>>,
+    /// (room, data, when acked).
+    acked: Vec<(String, String, Instant)>,
+}
+
+/// A member's frames until `stop`: messages and epoch changes into `seen`.
+async fn subscriber(
+    index: usize,
+    mut ws: Ws,
+    mut epochs: HashMap<String, String>,
+    seen: Arc<Mutex<Seen>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use futures_util::StreamExt;
+    loop {
+        let frame = tokio::select! {
+            _ = stop.cancelled() => return,
+            f = ws.stream.next() => f,
+        };
+        let text = match frame {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => text,
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(c))) => {
+                eprintln!("subscriber {index}: closed {c:?}");
+                return;
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => {
+                eprintln!("subscriber {index}: {e}");
+                return;
+            }
+            None => return,
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let room = v["room"].as_str().unwrap_or("").to_owned();
+        let mut seen = seen.lock().unwrap();
+        match v["type"].as_str() {
+            Some("joined") => {
+                epochs.insert(room.clone(), v["epoch"].as_str().unwrap().to_owned());
+                seen.epoch_changes
+                    .entry((index, room))
+                    .or_default()
+                    .push(Instant::now());
+            }
+            Some("message") => {
+                let epoch = epochs.get(&room).cloned().unwrap_or_default();
+                let data = v["data"].as_str().unwrap_or("").to_owned();
+                seen.messages.entry((index, room)).or_default().push((
+                    epoch,
+                    v["seq"].as_u64().unwrap(),
+                    data,
+                ));
+            }
+            _ => eprintln!("subscriber {index}: {v}"),
+        }
+    }
+}
+
+/// Publishes to every room in turn, one at a time, each with its own key,
+/// every 20 ms until `stop`; records the acks.
+async fn publisher(
+    index: usize,
+    mut ws: Ws,
+    rooms: Vec<String>,
+    seen: Arc<Mutex<Seen>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    for n in 0.. {
+        if stop.is_cancelled() {
+            return;
+        }
+        let room = &rooms[n % rooms.len()];
+        let data = format!("p{index}-{n}");
+        let id = ws.id();
+        ws.send(json!({"type":"publish","room":room,"data":data,"id":id,"key":data}))
+            .await;
+        let answer = ws.json().await;
+        if answer["type"] == "ack" {
+            seen.lock()
+                .unwrap()
+                .acked
+                .push((room.clone(), data, Instant::now()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The failover figures of docs/benchmarks.md ("Failover"), run by
+/// `benches/failover.sh`: `FAILOVERS` (default 10) Sentinel failovers under
+/// load (2 nodes, 4 publishers, 8 rooms, 4 members per room over both
+/// nodes, which are child processes). Per failover, the time from the
+/// primary's SIGKILL to the first acknowledged publish of a probe that
+/// publishes every 50 ms; over all, the (room, epoch, seq) conflicts, the
+/// seq gaps within an epoch and the acknowledged messages a member missed
+/// with no epoch change announced after the ack. Prints one JSON line per
+/// failover and a summary; asserts those three counts are 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a benchmark: benches/failover.sh runs it"]
+async fn failover_figures() {
+    let failovers: usize = std::env::var("FAILOVERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let dir = temp_dir("figures");
+    let mut primary = Server::plain(free_port(), &[]);
+    let p = primary.port.to_string();
+    let mut replica = Server::plain(free_port(), &["--replicaof", "127.0.0.1", &p]);
+    let sentinels = sentinels(primary.port, &dir);
+    let url = sentinel_url(&sentinels);
+    // The nodes are child processes: the harness's own waits cannot
+    // stall them.
+    let a = BinNode::start(&["--redis-url", &url]).await;
+    let b = BinNode::start(&["--redis-url", &url]).await;
+    for node in [&a, &b] {
+        ready_at(&node.ops_url(), Duration::from_secs(30)).await;
+    }
+    let rooms: Vec<String> = (0..8).map(|i| format!("load{i}")).collect();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stop_publishing = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut publishers = Vec::new();
+    for s in 0..4 {
+        let node = if s % 2 == 0 { &a } else { &b };
+        let (mut ws, _) = Ws::open(&node.ws_url(), &format!("sub{s}")).await;
+        let mut epochs = HashMap::new();
+        for room in &rooms {
+            let joined = ws.join(room).await;
+            epochs.insert(room.clone(), joined["epoch"].as_str().unwrap().to_owned());
+        }
+        tasks.push(tokio::spawn(subscriber(
+            s,
+            ws,
+            epochs,
+            seen.clone(),
+            stop.clone(),
+        )));
+    }
+    for p in 0..4 {
+        let node = if p % 2 == 0 { &a } else { &b };
+        let (ws, _) = Ws::open(&node.ws_url(), &format!("pub{p}")).await;
+        publishers.push(tokio::spawn(publisher(
+            p,
+            ws,
+            rooms.clone(),
+            seen.clone(),
+            stop_publishing.clone(),
+        )));
+    }
+    let (mut probe, _) = Ws::open(&a.ws_url(), "probe").await;
+    let mut times = Vec::new();
+    let mut kills = Vec::new();
+    for round in 0..failovers {
+        // The replica is linked and known to the Sentinels.
+        eventually_for("replica in sync", Duration::from_secs(60), || async {
+            let info: Option<String> = replica.query(redis::cmd("INFO").arg("replication"));
+            let linked = info.is_some_and(|i| i.contains("master_link_status:up"));
+            // Every Sentinel names the primary and sees this replica up.
+            let port = replica.port.to_string();
+            let known = sentinels.iter().all(|s| {
+                let master: Option<Vec<String>> = s.query(
+                    redis::cmd("SENTINEL")
+                        .arg("get-master-addr-by-name")
+                        .arg("mymaster"),
+                );
+                let replicas: Vec<HashMap<String, String>> = s
+                    .query(redis::cmd("SENTINEL").arg("replicas").arg("mymaster"))
+                    .unwrap_or_default();
+                master.and_then(|m| m.get(1).cloned()) == Some(primary.port.to_string())
+                    && replicas.iter().any(|r| {
+                        r.get("port") == Some(&port)
+                            && r.get("flags").is_some_and(|f| f == "slave")
+                            && r.get("master-link-status").is_some_and(|l| l == "ok")
+                    })
+            });
+            (linked && known).then_some(())
+        })
+        .await;
+        for node in [&a, &b] {
+            ready_at(&node.ops_url(), Duration::from_secs(60)).await;
+        }
+        let old_port = primary.port;
+        let killed = Instant::now();
+        kills.push(killed);
+        drop(primary);
+        let mut n = 0;
+        let took = loop {
+            n += 1;
+            let ack = probe.publish("probe", json!(n)).await;
+            if ack["type"] == "ack" {
+                break killed.elapsed();
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(120),
+                "never accepted again: {ack}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        println!(
+            "{}",
+            json!({"failover": round + 1, "kill_to_accepted_ms": took.as_millis() as u64})
+        );
+        times.push(took);
+        // The old primary comes back as the new primary's replica.
+        primary = replica;
+        let p = primary.port.to_string();
+        replica = Server::plain(old_port, &["--replicaof", "127.0.0.1", &p]);
+    }
+    // Publishers stop (each after its current publish), the members get
+    // what is in flight, then everything stops and is counted.
+    stop_publishing.cancel();
+    for p in publishers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), p).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
+    let seen = seen.lock().unwrap();
+    let mut payloads: HashMap<(String, String, u64), String> = HashMap::new();
+    let mut conflicts = 0;
+    for ((_, room), got) in &seen.messages {
+        for (epoch, seq, data) in got {
+            let key = (room.clone(), epoch.clone(), *seq);
+            match payloads.get(&key) {
+                Some(other) if other != data => conflicts += 1,
+                Some(_) => {}
+                None => {
+                    payloads.insert(key, data.clone());
+                }
+            }
+        }
+    }
+    // A member's seq gap within an epoch is a loss it cannot see.
+    let mut gaps = 0;
+    for got in seen.messages.values() {
+        for pair in got.windows(2) {
+            if pair[0].0 == pair[1].0 && pair[1].1 != pair[0].1 + 1 {
+                gaps += 1;
+            }
+        }
+    }
+    let mut lost_silently = 0;
+    let mut lost_announced = 0;
+    // failover -> (member deliveries missed, oldest ack before the kill, ms)
+    let mut missed: std::collections::BTreeMap<usize, (u64, u64)> = Default::default();
+    for s in 0..4 {
+        for (room, data, at) in &seen.acked {
+            let key = (s, room.clone());
+            let got = seen
+                .messages
+                .get(&key)
+                .is_some_and(|m| m.iter().any(|x| &x.2 == data));
+            if got {
+                continue;
+            }
+            let announced = seen
+                .epoch_changes
+                .get(&key)
+                .is_some_and(|c| c.iter().any(|t| t >= at));
+            if announced {
+                lost_announced += 1;
+                // Which failover it fell into, and how long before that
+                // kill it was acknowledged.
+                let round = kills.iter().position(|k| k >= at).unwrap_or(kills.len());
+                let before = kills
+                    .get(round)
+                    .map_or(0, |k| k.duration_since(*at).as_millis() as u64);
+                let entry = missed.entry(round + 1).or_insert((0, 0));
+                entry.0 += 1;
+                entry.1 = entry.1.max(before);
+            } else {
+                lost_silently += 1;
+            }
+        }
+    }
+    let mut ms: Vec<u64> = times.iter().map(|t| t.as_millis() as u64).collect();
+    ms.sort_unstable();
+    println!(
+        "{}",
+        json!({
+            "failovers": failovers,
+            "kill_to_accepted_ms": {"min": ms.first(), "median": ms.get(ms.len() / 2), "max": ms.last()},
+            "acked": seen.acked.len(),
+            "delivered": seen.messages.values().map(Vec::len).sum::<usize>(),
+            "conflicts": conflicts,
+            "seq_gaps_within_epoch": gaps,
+            "acked_missed_with_new_epoch": lost_announced,
+            "missed_per_failover": missed
+                .iter()
+                .map(|(f, (n, ms))| json!({"failover": f, "missed": n, "oldest_ack_before_kill_ms": ms}))
+                .collect::<Vec<_>>(),
+            "acked_lost_without_notice": lost_silently,
+        })
+    );
+    if conflicts + lost_silently + gaps > 0 {
+        eprintln!("node a:\n{}\nnode b:\n{}", a.logs(), b.logs());
+    }
+    assert_eq!(conflicts, 0, "(room, epoch, seq) with two payloads");
+    assert_eq!(lost_silently, 0, "acked messages lost without notice");
+    assert_eq!(gaps, 0, "seq gaps within an epoch");
+    drop(replica);
+    drop(primary);
+    drop(sentinels);
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -574,19 +574,12 @@ pub async fn metrics(ops_url: &str) -> Metrics {
 }
 
 /// Poll `check` every 20 ms until it returns `Some`, at most [`WAIT`].
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_for(what, WAIT, check).await
 }
 
 /// A raw WebSocket test client.
@@ -1175,6 +1168,14 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(n: usize) -> RedisCluster {
+        RedisCluster::start_with(n, 0)
+    }
+
+    /// `shards` primaries with `replicas` replicas each. With replicas, a
+    /// short `cluster-node-timeout` (2 s) and no replica validity limit, so
+    /// that a killed primary's replica takes over within a few seconds.
+    pub fn start_with(shards: usize, replicas: usize) -> RedisCluster {
+        let n = shards * (replicas + 1);
         let dir = std::env::temp_dir().join(format!(
             "wsgate-cluster-{}-{}",
             std::process::id(),
@@ -1189,6 +1190,16 @@ impl RedisCluster {
                 .args(["--cluster-enabled", "yes", "--cluster-config-file"])
                 .arg(dir.join(format!("nodes-{port}.conf")))
                 .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .args(if replicas > 0 {
+                    &[
+                        "--cluster-node-timeout",
+                        "2000",
+                        "--cluster-replica-validity-factor",
+                        "0",
+                    ][..]
+                } else {
+                    &[][..]
+                })
                 .arg("--dir")
                 .arg(&dir)
                 .stdout(Stdio::null())
@@ -1223,7 +1234,7 @@ impl RedisCluster {
             create.arg(format!("127.0.0.1:{port}"));
         }
         let out = create
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli must be installed");
         assert!(
@@ -1247,6 +1258,9 @@ impl RedisCluster {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+        if replicas > 0 {
+            cluster.wait_replicated(shards * replicas);
+        }
         cluster
     }
 
@@ -1268,4 +1282,241 @@ impl Drop for RedisCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A replicated cluster's parts, for failover tests.
+impl RedisCluster {
+    fn query<T: redis::FromRedisValue>(port: u16, cmds: &[redis::Cmd]) -> Option<T> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+        let mut c = client
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .ok()?;
+        let (last, before) = cmds.split_last()?;
+        for cmd in before {
+            cmd.query::<redis::Value>(&mut c).ok()?;
+        }
+        last.query(&mut c).ok()
+    }
+
+    /// `CLUSTER NODES` as one server sees it: (port, flags, primary id or
+    /// "-", own id, slot ranges) per node.
+    fn nodes(port: u16) -> Option<Vec<(u16, String, String, String, Vec<(u16, u16)>)>> {
+        let text: String = Self::query(port, &[redis::cmd("CLUSTER").arg("NODES").clone()])?;
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 {
+                continue;
+            }
+            let node_port = f[1]
+                .split(['@', ','])
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()?;
+            let slots = f[8..]
+                .iter()
+                .filter(|r| !r.starts_with('['))
+                .filter_map(|r| match r.split_once('-') {
+                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                    None => r.parse().ok().map(|s| (s, s)),
+                })
+                .collect();
+            out.push((
+                node_port,
+                f[2].to_owned(),
+                f[3].to_owned(),
+                f[0].to_owned(),
+                slots,
+            ));
+        }
+        Some(out)
+    }
+
+    /// Until every server sees `n` replicas and every replica is in sync.
+    fn wait_replicated(&self, n: usize) {
+        let deadline = Instant::now() + WAIT;
+        for port in &self.ports {
+            loop {
+                let nodes = Self::nodes(*port).unwrap_or_default();
+                let replicas = nodes.iter().filter(|n| n.1.contains("slave")).count();
+                let me = nodes.iter().find(|n| n.1.contains("myself"));
+                let synced = me.is_some_and(|me| !me.1.contains("slave"))
+                    || Self::query::<String>(
+                        *port,
+                        &[redis::cmd("INFO").arg("replication").clone()],
+                    )
+                    .is_some_and(|i| i.contains("master_link_status:up"));
+                if replicas == n && synced {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster replicas did not sync");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// The slot of a key (`CLUSTER KEYSLOT`).
+    pub fn slot(&self, key: &str) -> u16 {
+        self.ports
+            .iter()
+            .find_map(|p| Self::query(*p, &[redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).clone()]))
+            .expect("CLUSTER KEYSLOT")
+    }
+
+    /// The port of the primary serving `slot` and of its replicas, as the
+    /// first answering server sees it.
+    pub fn shard(&self, slot: u16) -> (u16, Vec<u16>) {
+        let nodes = self
+            .ports
+            .iter()
+            .find_map(|p| Self::nodes(*p))
+            .expect("CLUSTER NODES");
+        let (port, _, _, id, _) = nodes
+            .iter()
+            .find(|n| n.1.contains("master") && n.4.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+            .expect("a primary for the slot");
+        let replicas = nodes.iter().filter(|n| &n.2 == id).map(|n| n.0).collect();
+        (*port, replicas)
+    }
+
+    /// Whether the server on `port` says it is a primary serving `slot`.
+    pub fn serves(&self, port: u16, slot: u16) -> bool {
+        Self::nodes(port).is_some_and(|nodes| {
+            nodes.iter().any(|n| {
+                n.0 == port
+                    && n.1.contains("myself")
+                    && n.1.contains("master")
+                    && n.4.iter().any(|(a, b)| (*a..=*b).contains(&slot))
+            })
+        })
+    }
+
+    /// `GET key` on one server (a replica too: `READONLY` first).
+    pub fn get_on(&self, port: u16, key: &str) -> Option<String> {
+        Self::query(
+            port,
+            &[redis::cmd("READONLY"), redis::cmd("GET").arg(key).clone()],
+        )
+    }
+
+    /// Send a signal (`STOP`, `CONT`, `KILL`...) to the server on `port`.
+    pub fn signal(&self, port: u16, sig: &str) {
+        let i = self
+            .ports
+            .iter()
+            .position(|p| *p == port)
+            .expect("a port of the cluster");
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), self.children[i].id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {port}");
+    }
+}
+
+/// [`eventually`] with its own bound, for waits longer than [`WAIT`] (a
+/// Redis failover): poll `check` every 20 ms, at most `limit`.
+pub async fn eventually_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Publish with idempotency key `key` until acknowledged (a failover
+/// refuses publishes for a while; a `timeout` may have been delivered, the
+/// key keeps a retry from doubling it), for at most `limit`; returns the
+/// ack. The publisher must not be a member of `room`.
+pub async fn publish_acked(
+    ws: &mut Ws,
+    room: &str,
+    data: serde_json::Value,
+    key: &str,
+    limit: Duration,
+) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let id = ws.id();
+        ws.send(serde_json::json!({"type":"publish","room":room,"data":data,"id":id,"key":key}))
+            .await;
+        let ack = ws.json().await;
+        assert_eq!(ack["id"], id.as_str(), "the answer: {ack}");
+        if ack["type"] == "ack" {
+            return ack;
+        }
+        assert!(Instant::now() < deadline, "publish never acked: {ack}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What a member of one room received, until `count` messages: (epoch,
+/// seq, data) in order, the epoch starting at `epoch` and changed by each
+/// unsolicited `joined` (which must say `recovered: false`).
+pub async fn epoch_stream(
+    ws: &mut Ws,
+    mut epoch: String,
+    count: usize,
+) -> Vec<(String, u64, serde_json::Value)> {
+    let mut out = Vec::new();
+    while out.len() < count {
+        let v = ws.json().await;
+        match v["type"].as_str() {
+            Some("joined") => {
+                assert_eq!(v["recovered"], false, "an epoch change: {v}");
+                epoch = v["epoch"].as_str().unwrap().to_owned();
+            }
+            Some("message") => {
+                out.push((epoch.clone(), v["seq"].as_u64().unwrap(), v["data"].clone()))
+            }
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    out
+}
+
+/// The failover tests' check of one member's [`epoch_stream`]: it carries
+/// `m0`, `m1`... (`total` of them) once, in order; no (epoch, seq) twice;
+/// gap-free within an epoch; and a new epoch between message `switch - 1`
+/// (the last the old primary took) and `switch` (the first the promoted
+/// replica took), whose seqs could otherwise collide.
+pub fn assert_failover_stream(
+    got: &[(String, u64, serde_json::Value)],
+    switch: usize,
+    total: usize,
+) {
+    let mut seen = std::collections::HashMap::new();
+    for (e, seq, data) in got {
+        if let Some(other) = seen.insert((e.clone(), *seq), data.clone()) {
+            panic!("({e}, {seq}) carried {other} and {data}");
+        }
+    }
+    assert_ne!(
+        got[switch - 1].0,
+        got[switch].0,
+        "a new epoch after the failover: {got:?}"
+    );
+    for pair in got.windows(2) {
+        if pair[0].0 == pair[1].0 {
+            assert_eq!(
+                pair[1].1,
+                pair[0].1 + 1,
+                "gap-free within an epoch: {got:?}"
+            );
+        }
+    }
+    let data: Vec<serde_json::Value> = got.iter().map(|m| m.2.clone()).collect();
+    let want: Vec<serde_json::Value> = (0..total)
+        .map(|i| serde_json::json!(format!("m{i}")))
+        .collect();
+    assert_eq!(data, want, "every acknowledged message, once, in order");
 }

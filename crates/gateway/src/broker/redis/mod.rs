@@ -834,6 +834,7 @@ async fn health(inner: Arc<Inner>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut first = true;
+    let mut primaries = String::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -852,6 +853,7 @@ async fn health(inner: Arc<Inner>, stop: CancellationToken) {
             .await,
             Ok(Ok(_))
         );
+        let ok = ok && (!inner.cluster || cluster_up(&inner, &mut conn, &mut primaries).await);
         let was = inner.commands_up.swap(ok, Ordering::AcqRel);
         if was != ok || (first && !ok) {
             if ok {
@@ -863,6 +865,21 @@ async fn health(inner: Arc<Inner>, stop: CancellationToken) {
         first = false;
         inner.update_up();
     }
+}
+
+/// Redis Cluster: every slot-owning primary is up; when they changed (a
+/// replica took over), the rooms' subscriptions follow them first.
+async fn cluster_up(inner: &Inner, conn: &mut Conn, known: &mut String) -> bool {
+    let Some((up, now)) = sharded::primaries(conn).await else {
+        return false;
+    };
+    if up && *known != now {
+        if !known.is_empty() && !sharded::follow_topology(inner, conn, &now).await {
+            return false;
+        }
+        *known = now;
+    }
+    up
 }
 
 /// What a failed publish means for the client: refused before it reached

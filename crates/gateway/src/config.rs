@@ -17,6 +17,9 @@ use crate::api::ApiKey;
 use crate::auth::jwks::JwksSettings;
 use crate::auth::{Verifier, VerifierSettings};
 
+/// The per-user publish bucket is this many connections' worth by default.
+const USER_RATE_FACTOR: f64 = 10.0;
+
 /// `wsgate`: horizontally scaled WebSocket gateway.
 #[derive(Debug, Parser)]
 #[command(
@@ -177,10 +180,10 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_PUBLISH_BURST", default_value_t = 200)]
     pub publish_burst: u32,
     /// Per-user publish limit on this node, messages per second, shared by
-    /// the user's connections and HTTP API calls [default: --publish-rate].
+    /// the user's connections and HTTP API calls [default: 10 x --publish-rate].
     #[arg(long, env = "WSGATE_USER_PUBLISH_RATE")]
     pub user_publish_rate: Option<f64>,
-    /// Per-user publish burst [default: --publish-burst].
+    /// Per-user publish burst [default: 10 x --publish-burst].
     #[arg(long, env = "WSGATE_USER_PUBLISH_BURST")]
     pub user_publish_burst: Option<u32>,
     /// Per-connection `join` limit, joins per second.
@@ -604,8 +607,17 @@ impl ServeArgs {
                 reason: "must be greater than 0".into(),
             });
         }
-        let user_publish_rate = self.user_publish_rate.unwrap_or(self.publish_rate);
-        let user_publish_burst = self.user_publish_burst.unwrap_or(self.publish_burst);
+        // Ten connections' worth by default: PROTOCOL.md gives each
+        // connection its own --publish-rate, so the user's bound must not
+        // cut a client with a few connections (or a back end's HTTP bulk
+        // publish) below it, yet one token can no longer multiply its rate
+        // without bound.
+        let user_publish_rate = self
+            .user_publish_rate
+            .unwrap_or(self.publish_rate * USER_RATE_FACTOR);
+        let user_publish_burst = self
+            .user_publish_burst
+            .unwrap_or(self.publish_burst.saturating_mul(USER_RATE_FACTOR as u32));
         for (flag, rate, burst) in [
             (
                 "--publish-rate/--publish-burst",

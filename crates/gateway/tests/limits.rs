@@ -48,7 +48,17 @@ async fn joins_beyond_the_join_burst_are_rate_limited() {
 
 #[tokio::test]
 async fn one_users_connections_and_http_calls_share_one_publish_bucket() {
-    let node = Node::start(&["--publish-rate", "0.01", "--publish-burst", "3"]).await;
+    let node = Node::start(&[
+        "--publish-rate",
+        "0.01",
+        "--publish-burst",
+        "3",
+        "--user-publish-rate",
+        "0.01",
+        "--user-publish-burst",
+        "3",
+    ])
+    .await;
     let (mut a1, _) = Ws::open(&node.ws_url(), "alice").await;
     let (mut a2, _) = Ws::open(&node.ws_url(), "alice").await;
     let (mut bob, _) = Ws::open(&node.ws_url(), "bob").await;

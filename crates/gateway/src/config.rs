@@ -187,10 +187,10 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_USER_PUBLISH_BURST")]
     pub user_publish_burst: Option<u32>,
     /// Per-connection `join` limit, joins per second.
-    #[arg(long, env = "WSGATE_JOIN_RATE", default_value_t = 50.0)]
+    #[arg(long, env = "WSGATE_JOIN_RATE", default_value_t = 100.0)]
     pub join_rate: f64,
     /// Per-connection `join` burst.
-    #[arg(long, env = "WSGATE_JOIN_BURST", default_value_t = 200)]
+    #[arg(long, env = "WSGATE_JOIN_BURST", default_value_t = 1000)]
     pub join_burst: u32,
     /// Rooms one connection may be in.
     #[arg(long, env = "WSGATE_MAX_ROOMS", default_value_t = 100)]
@@ -785,7 +785,7 @@ mod tests {
         assert_eq!(s.publish_rate, 100.0);
         assert_eq!(s.publish_burst, 200);
         assert_eq!((s.user_publish_rate, s.user_publish_burst), (None, None));
-        assert_eq!((s.join_rate, s.join_burst), (50.0, 200));
+        assert_eq!((s.join_rate, s.join_burst), (100.0, 1000));
         assert_eq!(s.max_rooms, 100);
         assert_eq!(s.drain_timeout, Duration::from_secs(10));
         assert_eq!(s.jwks_refresh, Duration::from_secs(300));

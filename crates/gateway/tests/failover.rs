@@ -235,6 +235,75 @@ async fn a_sentinel_failover_never_reuses_a_seq_and_loses_nothing_silently() {
 }
 
 #[tokio::test]
+async fn with_min_replicas_every_acked_message_from_two_nodes_survives_a_failover() {
+    let dir = temp_dir("sentinel-wait");
+    let primary = Server::plain(free_port(), &[]);
+    let replica_port = free_port();
+    let p = primary.port.to_string();
+    let replica = Server::plain(replica_port, &["--replicaof", "127.0.0.1", &p]);
+    let sentinels = sentinels(primary.port, &dir);
+    eventually("sentinels see the replica", || async {
+        let n = sentinels[0]
+            .query::<Vec<redis::Value>>(redis::cmd("SENTINEL").arg("replicas").arg("mymaster"))
+            .map_or(0, |v| v.len());
+        (n == 1).then_some(())
+    })
+    .await;
+    let url = sentinel_url(&sentinels);
+    let flags = ["--redis-url", url.as_str(), "--redis-min-replicas", "1"];
+    let a = Node::start(&flags).await;
+    let b = Node::start(&flags).await;
+    ready(&a).await;
+    ready(&b).await;
+    let (mut on_a, _) = Ws::open(&a.ws_url(), "m-a").await;
+    let (mut on_b, _) = Ws::open(&b.ws_url(), "m-b").await;
+    let epoch = on_a.join("w").await["epoch"].as_str().unwrap().to_owned();
+    on_b.join("w").await;
+    // Publishers on both nodes, in turn; every ack means a replica has it.
+    let (mut pa, _) = Ws::open(&a.ws_url(), "pa").await;
+    let (mut pb, _) = Ws::open(&b.ws_url(), "pb").await;
+    for i in 0..10 {
+        let p = if i % 2 == 0 { &mut pa } else { &mut pb };
+        publish(p, "w", i).await;
+    }
+    drop(primary);
+    for node in [&a, &b] {
+        let url = format!("{}/ready", node.ops_url());
+        eventually("ready turns 503 without a primary", || async {
+            matches!(http_get(&url).await, Ok((503, _, _))).then_some(())
+        })
+        .await;
+    }
+    eventually("sentinel promoted the replica", || async {
+        let addr: Option<Vec<String>> = sentinels[0].query(
+            redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg("mymaster"),
+        );
+        (addr.and_then(|a| a.get(1).cloned()) == Some(replica_port.to_string())).then_some(())
+    })
+    .await;
+    ready(&a).await;
+    ready(&b).await;
+    // The promoted replica has every acked message; it has no replica of
+    // its own, so publishes now need --redis-min-replicas 0 to be acked:
+    // a third node without the flag publishes the rest.
+    let c = Node::start(&["--redis-url", &url]).await;
+    ready(&c).await;
+    let (mut pc, _) = Ws::open(&c.ws_url(), "pc").await;
+    for i in 10..13 {
+        publish(&mut pc, "w", i).await;
+    }
+    for member in [&mut on_a, &mut on_b] {
+        let got = epoch_stream(member, epoch.clone(), 13).await;
+        assert_failover_stream(&got, 10, 13);
+    }
+    drop(replica);
+    drop(sentinels);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
 async fn min_replicas_answers_unavailable_when_the_replica_does_not_confirm() {
     let primary = Server::plain(free_port(), &[]);
     let p = primary.port.to_string();

@@ -251,7 +251,7 @@ pub async fn run(
             let ttl = config.history_ttl;
             let cancel = background.clone();
             tasks.spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                let mut tick = tokio::time::interval(broker::memory::SWEEP_EVERY);
                 loop {
                     tokio::select! {
                         _ = cancel.cancelled() => break,

@@ -33,6 +33,9 @@ use crate::rooms::Rooms;
 
 const SHARDS: usize = 32;
 
+/// How often the node sweeps the in-process broker ([`MemoryBroker::sweep`]).
+pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
 struct RoomLog {
     epoch: Arc<str>,
     seq: u64,
@@ -150,9 +153,16 @@ impl MemoryBroker {
             let mut map = self.lock(index);
             map.retain(|name, log| {
                 log.expire_keys(tokio::time::Instant::now());
-                // Idempotency keys keep a room for their window.
-                let idle = log.keys.is_empty()
-                    && (log.history.is_empty() || log.touched.elapsed() >= idle_ttl);
+                // Idempotency keys keep a room for their window; a room
+                // without history goes after a sweep period (not at once:
+                // its epoch was just handed to a reader), one with history
+                // after `idle_ttl`.
+                let ttl = if log.history.is_empty() {
+                    idle_ttl.min(SWEEP_EVERY)
+                } else {
+                    idle_ttl
+                };
+                let idle = log.keys.is_empty() && log.touched.elapsed() >= ttl;
                 let keep = !idle || self.rooms.member_count(name) > 0;
                 if !keep {
                     self.forget(log);
@@ -451,6 +461,11 @@ mod tests {
         let h = b.history("r", None).await.unwrap();
         assert_eq!(h.latest, 0);
         assert_ne!(h.epoch, epoch, "a forgotten room starts a new epoch");
+        // A room without history is kept for a sweep period, so that the
+        // epoch just handed out stays the room's.
+        b.sweep(Duration::from_secs(3600));
+        let again = b.history("r", None).await.unwrap();
+        assert_eq!(again.epoch, h.epoch);
     }
 
     #[tokio::test]

@@ -160,15 +160,25 @@ async fn publish(ws: &mut Ws, room: &str, i: usize) {
     publish_acked(ws, room, json!(format!("m{i}")), &format!("k{i}"), limit).await;
 }
 
-#[tokio::test]
-async fn a_sentinel_failover_never_reuses_a_seq_and_loses_nothing_silently() {
-    let dir = temp_dir("sentinel");
+/// A primary, its replica and three Sentinels watching them, ready: the
+/// Sentinels know the replica.
+struct Replicated {
+    dir: PathBuf,
+    primary: Server,
+    replica: Server,
+    replica_port: u16,
+    sentinels: Vec<Server>,
+    /// `redis+sentinel://...` for the nodes.
+    url: String,
+}
+
+async fn replicated(name: &str) -> Replicated {
+    let dir = temp_dir(name);
     let primary = Server::plain(free_port(), &[]);
     let replica_port = free_port();
     let p = primary.port.to_string();
     let replica = Server::plain(replica_port, &["--replicaof", "127.0.0.1", &p]);
     let sentinels = sentinels(primary.port, &dir);
-    // The Sentinels know the replica before anything else happens.
     eventually("sentinels see the replica", || async {
         let n = sentinels[0]
             .query::<Vec<redis::Value>>(redis::cmd("SENTINEL").arg("replicas").arg("mymaster"))
@@ -177,6 +187,50 @@ async fn a_sentinel_failover_never_reuses_a_seq_and_loses_nothing_silently() {
     })
     .await;
     let url = sentinel_url(&sentinels);
+    Replicated {
+        dir,
+        primary,
+        replica,
+        replica_port,
+        sentinels,
+        url,
+    }
+}
+
+/// Every node's `/ready` turns 503 (no primary).
+async fn not_ready(nodes: &[&Node]) {
+    for node in nodes {
+        let url = format!("{}/ready", node.ops_url());
+        eventually("ready turns 503 without a primary", || async {
+            matches!(http_get(&url).await, Ok((503, _, _))).then_some(())
+        })
+        .await;
+    }
+}
+
+/// The Sentinels name the server on `port` as the primary.
+async fn promoted(sentinels: &[Server], port: u16) {
+    eventually("sentinel promoted the replica", || async {
+        let addr: Option<Vec<String>> = sentinels[0].query(
+            redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg("mymaster"),
+        );
+        (addr.and_then(|a| a.get(1).cloned()) == Some(port.to_string())).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_sentinel_failover_never_reuses_a_seq_and_loses_nothing_silently() {
+    let Replicated {
+        dir,
+        primary,
+        replica,
+        replica_port,
+        sentinels,
+        url,
+    } = replicated("sentinel").await;
     let a = Node::start(&["--redis-url", &url]).await;
     let b = Node::start(&["--redis-url", &url]).await;
     ready(&a).await;
@@ -201,23 +255,9 @@ async fn a_sentinel_failover_never_reuses_a_seq_and_loses_nothing_silently() {
     }
     drop(primary);
     // No primary: the nodes are not ready until Sentinel promotes one.
-    for node in [&a, &b] {
-        let url = format!("{}/ready", node.ops_url());
-        eventually("ready turns 503 without a primary", || async {
-            matches!(http_get(&url).await, Ok((503, _, _))).then_some(())
-        })
-        .await;
-    }
+    not_ready(&[&a, &b]).await;
     replica.signal("CONT");
-    eventually("sentinel promoted the replica", || async {
-        let addr: Option<Vec<String>> = sentinels[0].query(
-            redis::cmd("SENTINEL")
-                .arg("get-master-addr-by-name")
-                .arg("mymaster"),
-        );
-        (addr.and_then(|a| a.get(1).cloned()) == Some(replica_port.to_string())).then_some(())
-    })
-    .await;
+    promoted(&sentinels, replica_port).await;
     ready(&a).await;
     ready(&b).await;
     for i in 8..11 {
@@ -236,20 +276,14 @@ async fn a_sentinel_failover_never_reuses_a_seq_and_loses_nothing_silently() {
 
 #[tokio::test]
 async fn with_min_replicas_every_acked_message_from_two_nodes_survives_a_failover() {
-    let dir = temp_dir("sentinel-wait");
-    let primary = Server::plain(free_port(), &[]);
-    let replica_port = free_port();
-    let p = primary.port.to_string();
-    let replica = Server::plain(replica_port, &["--replicaof", "127.0.0.1", &p]);
-    let sentinels = sentinels(primary.port, &dir);
-    eventually("sentinels see the replica", || async {
-        let n = sentinels[0]
-            .query::<Vec<redis::Value>>(redis::cmd("SENTINEL").arg("replicas").arg("mymaster"))
-            .map_or(0, |v| v.len());
-        (n == 1).then_some(())
-    })
-    .await;
-    let url = sentinel_url(&sentinels);
+    let Replicated {
+        dir,
+        primary,
+        replica,
+        replica_port,
+        sentinels,
+        url,
+    } = replicated("sentinel-wait").await;
     let flags = ["--redis-url", url.as_str(), "--redis-min-replicas", "1"];
     let a = Node::start(&flags).await;
     let b = Node::start(&flags).await;
@@ -267,22 +301,8 @@ async fn with_min_replicas_every_acked_message_from_two_nodes_survives_a_failove
         publish(p, "w", i).await;
     }
     drop(primary);
-    for node in [&a, &b] {
-        let url = format!("{}/ready", node.ops_url());
-        eventually("ready turns 503 without a primary", || async {
-            matches!(http_get(&url).await, Ok((503, _, _))).then_some(())
-        })
-        .await;
-    }
-    eventually("sentinel promoted the replica", || async {
-        let addr: Option<Vec<String>> = sentinels[0].query(
-            redis::cmd("SENTINEL")
-                .arg("get-master-addr-by-name")
-                .arg("mymaster"),
-        );
-        (addr.and_then(|a| a.get(1).cloned()) == Some(replica_port.to_string())).then_some(())
-    })
-    .await;
+    not_ready(&[&a, &b]).await;
+    promoted(&sentinels, replica_port).await;
     ready(&a).await;
     ready(&b).await;
     // The promoted replica has every acked message; it has no replica of

@@ -445,6 +445,18 @@ pub struct Config {
     pub ops_timeout: Duration,
 }
 
+impl Config {
+    /// The per-connection publish bucket's shape.
+    pub fn publish_limit(&self) -> crate::limits::Rate {
+        crate::limits::Rate::new(self.publish_rate, self.publish_burst)
+    }
+
+    /// The per-connection join bucket's shape.
+    pub fn join_limit(&self) -> crate::limits::Rate {
+        crate::limits::Rate::new(self.join_rate, self.join_burst)
+    }
+}
+
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")

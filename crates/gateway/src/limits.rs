@@ -21,43 +21,58 @@ use axum::Json;
 use serde_json::json;
 use tokio::time::Instant;
 
-/// Token bucket: starts full, refills at `rate` per second up to `burst`;
-/// only what is accepted takes from it.
+/// A bucket's shape: refill rate (tokens per second) and size. Kept once
+/// per node (from the configuration), not in every bucket: an idle
+/// connection holds two buckets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    per_sec: f64,
+    burst: f64,
+}
+
+impl Rate {
+    /// `per_sec` tokens per second, at most `burst`.
+    pub fn new(per_sec: f64, burst: u32) -> Rate {
+        Rate {
+            per_sec,
+            burst: f64::from(burst),
+        }
+    }
+}
+
+/// Token bucket: starts full, refills at its [`Rate`] up to the burst; only
+/// what is accepted takes from it.
 #[derive(Debug)]
 pub struct Bucket {
     tokens: f64,
-    burst: f64,
-    rate: f64,
     last: Instant,
 }
 
 impl Bucket {
     /// A full bucket.
-    pub fn new(rate: f64, burst: u32) -> Bucket {
+    pub fn new(rate: Rate) -> Bucket {
         Bucket {
-            tokens: f64::from(burst),
-            burst: f64::from(burst),
-            rate,
+            tokens: rate.burst,
             last: Instant::now(),
         }
     }
 
-    fn refill(&mut self) {
+    fn refill(&mut self, rate: Rate) {
         let now = Instant::now();
         let elapsed = now.duration_since(self.last).as_secs_f64();
         self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens = (self.tokens + elapsed * rate.per_sec).min(rate.burst);
     }
 
     /// Give back a token taken for something then refused (the broker did
     /// not take the message): only accepted requests take from the bucket.
-    pub fn refund(&mut self) {
-        self.tokens = (self.tokens + 1.0).min(self.burst);
+    pub fn refund(&mut self, rate: Rate) {
+        self.tokens = (self.tokens + 1.0).min(rate.burst);
     }
 
     /// Take one token if there is one.
-    pub fn try_take(&mut self) -> bool {
-        self.refill();
+    pub fn try_take(&mut self, rate: Rate) -> bool {
+        self.refill(rate);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -67,15 +82,15 @@ impl Bucket {
     }
 
     /// How long until a token is there (zero when one is).
-    pub fn wait(&mut self) -> Duration {
-        self.refill();
+    pub fn wait(&mut self, rate: Rate) -> Duration {
+        self.refill(rate);
         let missing = (1.0 - self.tokens).max(0.0);
-        Duration::try_from_secs_f64(missing / self.rate).unwrap_or(Duration::MAX)
+        Duration::try_from_secs_f64(missing / rate.per_sec).unwrap_or(Duration::MAX)
     }
 
-    fn is_full(&mut self) -> bool {
-        self.refill();
-        self.tokens >= self.burst
+    fn is_full(&mut self, rate: Rate) -> bool {
+        self.refill(rate);
+        self.tokens >= rate.burst
     }
 }
 
@@ -124,8 +139,7 @@ struct Shard {
 
 /// Per-user publish buckets, keyed by `sub`.
 pub struct UserLimits {
-    rate: f64,
-    burst: u32,
+    rate: Rate,
     shards: Vec<Mutex<Shard>>,
 }
 
@@ -136,8 +150,7 @@ impl UserLimits {
     /// Buckets of `rate` per second and `burst`, one per user.
     pub fn new(rate: f64, burst: u32) -> UserLimits {
         UserLimits {
-            rate,
-            burst,
+            rate: Rate::new(rate, burst),
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
         }
     }
@@ -151,6 +164,7 @@ impl UserLimits {
     }
 
     fn with_entry<T>(&self, user: &str, f: impl FnOnce(&mut Entry) -> T) -> T {
+        let rate = self.rate;
         let mut shard = self.shard(user);
         if !shard.users.contains_key(user) {
             // Before growing, drop the entries nobody needs any more, so
@@ -158,13 +172,13 @@ impl UserLimits {
             if shard.users.len() >= shard.sweep_at.max(MIN_SWEEP) {
                 shard
                     .users
-                    .retain(|_, e| e.conns > 0 || !e.bucket.is_full());
+                    .retain(|_, e| e.conns > 0 || !e.bucket.is_full(rate));
                 shard.sweep_at = shard.users.len() * 2;
             }
             shard.users.insert(
                 user.into(),
                 Entry {
-                    bucket: Bucket::new(self.rate, self.burst),
+                    bucket: Bucket::new(self.rate),
                     conns: 0,
                 },
             );
@@ -173,7 +187,7 @@ impl UserLimits {
         match shard.users.get_mut(user) {
             Some(e) => f(e),
             None => f(&mut Entry {
-                bucket: Bucket::new(self.rate, self.burst),
+                bucket: Bucket::new(self.rate),
                 conns: 0,
             }),
         }
@@ -190,7 +204,7 @@ impl UserLimits {
         let mut shard = self.shard(user);
         if let Some(e) = shard.users.get_mut(user) {
             e.conns = e.conns.saturating_sub(1);
-            if e.conns == 0 && e.bucket.is_full() {
+            if e.conns == 0 && e.bucket.is_full(self.rate) {
                 shard.users.remove(user);
             }
         }
@@ -198,12 +212,13 @@ impl UserLimits {
 
     /// Take one of `user`'s tokens, or say how long until there is one.
     pub fn try_take(&self, user: &str) -> Result<(), Limited> {
+        let rate = self.rate;
         self.with_entry(user, |e| {
-            if e.bucket.try_take() {
+            if e.bucket.try_take(rate) {
                 Ok(())
             } else {
                 Err(Limited {
-                    retry_after: e.bucket.wait(),
+                    retry_after: e.bucket.wait(rate),
                 })
             }
         })
@@ -212,7 +227,7 @@ impl UserLimits {
     /// Give back a token taken for a publish the broker then refused.
     pub fn refund(&self, user: &str) {
         if let Some(e) = self.shard(user).users.get_mut(user) {
-            e.bucket.refund();
+            e.bucket.refund(self.rate);
         }
     }
 
@@ -236,19 +251,20 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn bucket_starts_full_and_refills_at_rate() {
-        let mut b = Bucket::new(10.0, 3);
-        assert!(b.try_take() && b.try_take() && b.try_take());
-        assert!(!b.try_take());
-        assert_eq!(b.wait(), Duration::from_millis(100));
+        let r = Rate::new(10.0, 3);
+        let mut b = Bucket::new(r);
+        assert!(b.try_take(r) && b.try_take(r) && b.try_take(r));
+        assert!(!b.try_take(r));
+        assert_eq!(b.wait(r), Duration::from_millis(100));
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(b.try_take(), "one token after 1/rate");
-        assert!(!b.try_take());
+        assert!(b.try_take(r), "one token after 1/rate");
+        assert!(!b.try_take(r));
         tokio::time::advance(Duration::from_secs(60)).await;
-        let taken = (0..10).filter(|_| b.try_take()).count();
+        let taken = (0..10).filter(|_| b.try_take(r)).count();
         assert_eq!(taken, 3, "never more than the burst");
-        b.refund();
-        assert!(b.try_take(), "a refunded token can be taken again");
-        assert!(!b.try_take());
+        b.refund(r);
+        assert!(b.try_take(r), "a refunded token can be taken again");
+        assert!(!b.try_take(r));
     }
 
     #[tokio::test(start_paused = true)]

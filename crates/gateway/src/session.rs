@@ -214,8 +214,8 @@ impl Session {
         // Released by the drop guard, with the rest.
         app.limits.attach(&claims.sub);
         Box::new(Session {
-            bucket: Bucket::new(app.config.publish_rate, app.config.publish_burst),
-            joins: Bucket::new(app.config.join_rate, app.config.join_burst),
+            bucket: Bucket::new(app.config.publish_limit()),
+            joins: Bucket::new(app.config.join_limit()),
             expires: expiry_instant(claims.exp, app.config.verifier.leeway()),
             rooms: RoomSet::default(),
             handle,
@@ -382,11 +382,13 @@ impl Session {
         };
         let id = frame.id;
         match frame.cmd {
-            ClientCommand::Join { .. } if !self.joins.try_take() => self.error(
-                ErrorCode::RateLimited,
-                "join rate limit exceeded; retry later",
-                id,
-            ),
+            ClientCommand::Join { .. } if !self.joins.try_take(self.app.config.join_limit()) => {
+                self.error(
+                    ErrorCode::RateLimited,
+                    "join rate limit exceeded; retry later",
+                    id,
+                )
+            }
             ClientCommand::Join { room, since, epoch } => self.join(room, since, epoch, id).await,
             ClientCommand::Leave { room } => self.leave(&room, id),
             ClientCommand::Publish { room, data, key } => {
@@ -563,7 +565,8 @@ impl Session {
                 id,
             );
         }
-        if !self.bucket.try_take() {
+        let limit = self.app.config.publish_limit();
+        if !self.bucket.try_take(limit) {
             return self.error(
                 ErrorCode::RateLimited,
                 "publish rate limit exceeded; message dropped",
@@ -571,7 +574,7 @@ impl Session {
             );
         }
         if self.app.limits.try_take(&self.claims.sub).is_err() {
-            self.bucket.refund();
+            self.bucket.refund(limit);
             return self.error(
                 ErrorCode::RateLimited,
                 "publish rate limit of this user exceeded; message dropped",
@@ -586,7 +589,7 @@ impl Session {
                 seq,
             })),
             Err(e @ BrokerError::Unavailable(_)) => {
-                self.bucket.refund();
+                self.bucket.refund(limit);
                 self.app.limits.refund(&self.claims.sub);
                 self.error(
                     ErrorCode::Unavailable,

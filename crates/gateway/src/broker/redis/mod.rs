@@ -281,6 +281,11 @@ struct Inner {
     commands: mpsc::UnboundedSender<SubCmd>,
     relay_up: AtomicBool,
     commands_up: AtomicBool,
+    /// A failure was seen (the health check's PING failed, or the relay
+    /// could not connect or lost its connection) and Redis has not been up
+    /// since: joins and publishes are refused at once. Not set while the
+    /// node is still connecting at start, so early joins wait as usual.
+    known_down: AtomicBool,
 }
 
 /// Broker relaying through Redis.
@@ -381,6 +386,7 @@ impl RedisBroker {
             commands,
             relay_up: AtomicBool::new(false),
             commands_up: AtomicBool::new(false),
+            known_down: AtomicBool::new(false),
         });
         inner.metrics.broker_up.set(0);
         // Revocations before the first connection is served; the relay
@@ -471,7 +477,19 @@ impl Inner {
 
     fn update_up(&self) {
         let up = self.is_up();
+        if up {
+            self.known_down.store(false, Ordering::Release);
+        }
         self.metrics.broker_up.set(i64::from(up));
+    }
+
+    /// A failure talking to Redis was seen.
+    fn saw_failure(&self) {
+        self.known_down.store(true, Ordering::Release);
+    }
+
+    fn is_known_down(&self) -> bool {
+        self.known_down.load(Ordering::Acquire)
     }
 
     fn is_up(&self) -> bool {
@@ -517,10 +535,10 @@ impl Inner {
     /// connection drop, or the health check's PING failed), rather than
     /// holding the caller for a command timeout.
     fn check_up(&self) -> Result<(), BrokerError> {
-        if self.is_up() {
-            Ok(())
-        } else {
+        if self.is_known_down() {
             Err(unavailable("redis is unreachable"))
+        } else {
+            Ok(())
         }
     }
 
@@ -714,10 +732,12 @@ async fn relay(
             Ok(Ok(ps)) => ps.split(),
             Ok(Err(e)) => {
                 debug!(error = %redact_url(&e.to_string()), "redis relay connect failed");
+                inner.saw_failure();
                 sleep_backoff(&mut backoff, &stop).await;
                 continue;
             }
             Err(_) => {
+                inner.saw_failure();
                 sleep_backoff(&mut backoff, &stop).await;
                 continue;
             }
@@ -780,6 +800,7 @@ async fn relay(
             }
         }
         warn!("redis relay connection lost; reconnecting");
+        inner.saw_failure();
         inner.set_relay_up(false);
         for state in inner.subs().values() {
             state.ready.send_replace(false);
@@ -854,6 +875,9 @@ async fn health(inner: Arc<Inner>, stop: CancellationToken) {
             Ok(Ok(_))
         );
         let ok = ok && (!inner.cluster || cluster_up(&inner, &mut conn, &mut primaries).await);
+        if !ok {
+            inner.saw_failure();
+        }
         let was = inner.commands_up.swap(ok, Ordering::AcqRel);
         if was != ok || (first && !ok) {
             if ok {
@@ -975,7 +999,7 @@ impl Broker for RedisBroker {
                 let mut tick = tokio::time::interval(Duration::from_millis(50));
                 loop {
                     tick.tick().await;
-                    if !self.inner.is_up() {
+                    if self.inner.is_known_down() {
                         return;
                     }
                 }

@@ -106,7 +106,14 @@ impl Member {
     /// sending a seq it was already sent or told about. Returns whether the
     /// message was queued.
     fn send(&mut self, room: &str, epoch: &Arc<str>, seq: u64, frame: &Utf8Bytes) -> bool {
-        if self.epoch.as_deref() == Some(&**epoch) {
+        // Per member per message: the pointer check settles the usual case
+        // (members hold the room's own `Arc` of its epoch) without
+        // comparing the strings.
+        let same = self
+            .epoch
+            .as_ref()
+            .is_some_and(|e| Arc::ptr_eq(e, epoch) || **e == **epoch);
+        if same {
             if seq <= self.after {
                 return false;
             }

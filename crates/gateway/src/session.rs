@@ -449,7 +449,7 @@ impl Session {
             epoch: epoch.as_deref(),
         });
         match app.broker.history(&room, since).await {
-            Ok(h) => {
+            Ok(mut h) => {
                 self.send(ServerFrame::Joined(Joined {
                     room: room.to_string(),
                     seq: h.latest,
@@ -458,7 +458,8 @@ impl Session {
                     id,
                 }));
                 if let (Some(since), true) = (since, h.recovered) {
-                    if !self.replay(&room, since.seq, &h).await {
+                    let first_page = std::mem::take(&mut h.frames);
+                    if !self.replay(&room, since.seq, &h, first_page).await {
                         return;
                     }
                 }
@@ -485,11 +486,17 @@ impl Session {
     /// closing it, but no longer than the heartbeat would let a silent peer
     /// live. Returns false when the replay could not be completed (the
     /// connection is then closing: a replay cut short must not look whole).
-    async fn replay(&self, room: &str, since: u64, h: &RoomHistory) -> bool {
+    async fn replay(
+        &self,
+        room: &str,
+        since: u64,
+        h: &RoomHistory,
+        first_page: Vec<(u64, Utf8Bytes)>,
+    ) -> bool {
         let app = &self.app;
         let patience = app.config.heartbeat.saturating_add(app.config.pong_timeout);
         let mut next = since.saturating_add(1);
-        let mut page = h.frames.clone();
+        let mut page = first_page;
         let mut replayed = 0;
         let complete = loop {
             for (seq, frame) in page {

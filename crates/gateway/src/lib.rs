@@ -215,7 +215,7 @@ pub async fn run(
     stop: CancellationToken,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new(&config.node_id));
-    let rooms = Arc::new(Rooms::new(metrics.clone()));
+    let delivery = rooms::Delivery::default();
     let conns = Arc::new(Conns::default());
     let control = Arc::new(Control::new(conns.clone(), &config));
     let background = CancellationToken::new();
@@ -231,7 +231,7 @@ pub async fn run(
                     min_replicas: config.redis_min_replicas,
                     ca_cert: config.redis_ca_cert.clone(),
                 },
-                rooms.clone(),
+                delivery.clone(),
                 control.clone(),
                 metrics.clone(),
                 background.clone(),
@@ -243,7 +243,7 @@ pub async fn run(
             let memory = Arc::new(broker::memory::MemoryBroker::new(
                 config.history,
                 config.history_budget_bytes,
-                rooms.clone(),
+                delivery.clone(),
                 metrics.clone(),
             ));
             metrics.broker_up.set(1);
@@ -262,6 +262,7 @@ pub async fn run(
             memory
         }
     };
+    let rooms = Rooms::new(metrics.clone(), broker.clone(), &delivery);
     let app = Arc::new(App {
         limits: limits::UserLimits::new(config.user_publish_rate, config.user_publish_burst),
         conns,

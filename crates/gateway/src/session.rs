@@ -29,7 +29,7 @@ use crate::broker::control::DISCONNECTED;
 use crate::broker::{BrokerError, Since};
 use crate::limits::Bucket;
 use crate::outbound::{CloseReason, ConnHandle};
-use crate::{App, Slot};
+use crate::state::{App, Slot};
 
 /// How long a closing connection waits for the client's Close reply.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -681,25 +681,14 @@ mod tests {
         let cli = crate::config::Cli::try_parse_from(["wsgate", "--jwt-secret", "s"]).unwrap();
         let (config, _) = cli.serve.into_config().unwrap();
         let metrics = Arc::new(crate::metrics::Metrics::new("n"));
-        let conns = Arc::new(crate::Conns::default());
-        Arc::new(App {
-            limits: crate::limits::UserLimits::new(1.0, 1),
-            control: Arc::new(crate::broker::control::Control::new(conns.clone(), &config)),
-            conns,
-            draining: Default::default(),
-            active: Default::default(),
-            conn_seq: Default::default(),
-            conn_prefix: 0,
-            sessions: Default::default(),
-            rooms: crate::rooms::Rooms::new(
-                metrics.clone(),
-                broker.clone(),
-                &crate::rooms::Delivery::default(),
-            ),
-            config,
-            metrics,
-            broker,
-        })
+        let conns = Arc::new(crate::state::Conns::default());
+        let control = Arc::new(crate::broker::control::Control::new(conns.clone(), &config));
+        let rooms = crate::rooms::Rooms::new(
+            metrics.clone(),
+            broker.clone(),
+            &crate::rooms::Delivery::default(),
+        );
+        Arc::new(App::new(config, metrics, rooms, broker, control, conns))
     }
 
     #[tokio::test]

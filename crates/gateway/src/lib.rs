@@ -15,8 +15,10 @@
 //! - [`shutdown`]: signals, background tasks and the paced drain.
 //! - [`listener`]: accept loop, HTTP/1 connections.
 //! - [`tls`]: loading the public listener's certificate and key.
-//! - [`session`]: one WebSocket connection (reader, writer, protocol).
-//! - [`outbound`]: a connection's bounded outbound queue.
+//! - [`session`]: one connection's protocol state machine, over a [`transport::Transport`].
+//! - [`transport`]: what a session needs from a transport.
+//! - [`ws`]: the WebSocket transport: handshake answer, frame codec, socket I/O.
+//! - [`outbound`]: a connection's outbound frames: direct writes, bounded queue.
 //! - [`limits`]: rate limits: token buckets, per-user publish buckets.
 //! - [`rooms`]: room membership (join, leave, subscriptions) and fan-out.
 //! - [`broker`]: the broker trait, in-process and Redis implementations.
@@ -41,6 +43,8 @@ pub mod session;
 pub mod shutdown;
 pub mod state;
 pub mod tls;
+pub mod transport;
+pub mod ws;
 
 pub use config::Config;
 pub use server::{run, Listeners, RunError};

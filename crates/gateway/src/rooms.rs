@@ -13,9 +13,12 @@
 //! members unsubscribed.
 //!
 //! The broker pushes every message of a subscribed room into the
-//! [`Delivery`] sink these rooms gave it, as one shared, already-encoded
-//! frame; fan-out clones the `Utf8Bytes` handle (a reference count) into
-//! each member's outbound queue, never re-encoding. While a member is
+//! [`Delivery`] sink these rooms gave it, as its JSON text; deliver encodes
+//! it once into its complete WebSocket frame (header and payload, one shared
+//! `Bytes`), and fan-out hands that same frame to every member's
+//! [`ConnHandle::send`], which writes it straight into the member's socket
+//! when nothing is queued for it (a reference count and one non-blocking
+//! write per member, never a re-encoding). While a member is
 //! pending, live messages are buffered for it; [`Rooms::go_live`] queues the
 //! buffered messages newer than the replay, under the room lock, so that
 //! replay and live traffic never interleave, duplicate or leave a gap.
@@ -27,17 +30,19 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use wsgate_protocol::server::Id;
 use wsgate_protocol::{close, Joined, ServerFrame};
 
 use crate::broker::{Broker, BrokerError, RoomHistory, Since};
 use crate::metrics::Metrics;
 use crate::outbound::{CloseReason, ConnHandle};
+use crate::ws::codec;
 
 const SHARDS: usize = 64;
 
 /// Frames buffered for a pending member: (epoch, seq, frame).
-type Pending = Vec<(Arc<str>, u64, Utf8Bytes)>;
+type Pending = Vec<(Arc<str>, u64, Bytes)>;
 
 struct Member {
     conn: Arc<ConnHandle>,
@@ -136,9 +141,9 @@ fn joined_frame(
     seq: u64,
     recovered: Option<bool>,
     id: Option<Id>,
-) -> Utf8Bytes {
-    Utf8Bytes::from(
-        ServerFrame::Joined(Joined {
+) -> Bytes {
+    codec::text(
+        &ServerFrame::Joined(Joined {
             room: room.to_owned(),
             seq,
             epoch: epoch.to_owned(),
@@ -154,7 +159,7 @@ impl Member {
     /// epoch first when the member's client knows another one, and never
     /// sending a seq it was already sent or told about. Returns whether the
     /// message was queued.
-    fn send(&mut self, room: &str, epoch: &Arc<str>, seq: u64, frame: &Utf8Bytes) -> bool {
+    fn send(&mut self, room: &str, epoch: &Arc<str>, seq: u64, frame: &Bytes) -> bool {
         // Per member per message: the pointer check settles the usual case
         // (members hold the room's own `Arc` of its epoch) without
         // comparing the strings.
@@ -268,8 +273,8 @@ impl Rooms {
                 return Err(e);
             }
         };
-        conn.send(Utf8Bytes::from(
-            ServerFrame::Joined(Joined {
+        conn.send(codec::text(
+            &ServerFrame::Joined(Joined {
                 room: room.to_owned(),
                 seq: h.latest,
                 epoch: h.epoch.to_string(),
@@ -312,7 +317,7 @@ impl Rooms {
         let mut replayed = 0;
         let complete = loop {
             for (seq, frame) in page {
-                if seq != next || !conn.send_paced(frame, patience).await {
+                if seq != next || !conn.send_paced(codec::text(&frame), patience).await {
                     break;
                 }
                 next += 1;
@@ -497,6 +502,8 @@ impl Rooms {
         };
         state.last_seq = seq;
         state.known = state.known.max(seq);
+        // Encoded once for every member of this node.
+        let frame = &codec::text(frame.as_str());
         let mut sent = 0u64;
         for m in &mut state.members {
             match &mut m.pending {
@@ -538,7 +545,6 @@ impl Rooms {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::VecDeque;
 
     fn setup() -> (Arc<Rooms>, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new("t"));
@@ -556,11 +562,12 @@ mod tests {
         ConnHandle::new("c", 1 << 20, m.clone())
     }
 
-    /// What is queued for `h`, taken out of its queue.
+    /// The payloads of the text frames queued (short frames: 2-byte header).
     fn texts(h: &ConnHandle) -> Vec<String> {
-        let mut batch = VecDeque::new();
-        h.try_take(&mut batch);
-        batch.iter().map(|t| t.as_str().to_owned()).collect()
+        h.take_queued()
+            .iter()
+            .map(|f| String::from_utf8_lossy(&f[2..]).into_owned())
+            .collect()
     }
 
     #[test]

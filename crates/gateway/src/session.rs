@@ -1,22 +1,21 @@
-//! One WebSocket connection: a reader task that runs the protocol and a
-//! writer task that drains the connection's outbound queue in batches.
+//! One connection's protocol state machine, over a [`Transport`].
 //!
-//! The reader owns the connection's state (claims, rooms, rate bucket,
-//! heartbeat and expiry timers) and answers every frame; everything it and
-//! the rooms send goes through the same bounded queue ([`ConnHandle`]), so
-//! answers and room messages keep their order. Closing is started by setting
-//! a close reason on the handle; the writer then sends the Close frame.
+//! The session owns the connection's state (claims, rooms, rate buckets,
+//! heartbeat and expiry timers) and answers every client frame; it runs in
+//! the connection's one task, which also drives the transport's reads and
+//! writes. Everything it and the rooms send goes through the connection's
+//! [`ConnHandle`] (written straight into the socket, or queued behind what
+//! is already queued), so answers and room messages keep their order.
+//! Closing is started by setting a close reason on the handle; the session
+//! then has the transport send the Close and waits a moment for the reply.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use axum::extract::ws::Utf8Bytes;
 use serde_json::value::RawValue;
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, Instrument};
 use wsgate_protocol::server::Id;
 use wsgate_protocol::{
@@ -30,6 +29,8 @@ use crate::broker::{BrokerError, Since};
 use crate::limits::Bucket;
 use crate::outbound::{CloseReason, ConnHandle};
 use crate::state::{App, Slot};
+use crate::transport::{ClientEvent, Transport};
+use crate::ws::{codec, WsTransport};
 
 /// How long a closing connection waits for the client's Close reply.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -58,14 +59,9 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-type Sink = SplitSink<WebSocket, Message>;
-type Stream = SplitStream<WebSocket>;
-
-/// Build a connection's state from an upgraded socket. Synchronous on
-/// purpose: the socket is split here, so that no copy of the (large)
-/// `WebSocket` value is kept alive inside the connection's future.
+/// Build a connection's session and transport from an upgraded socket.
 pub(crate) fn start(
-    ws: WebSocket,
+    upgraded: hyper::upgrade::Upgraded,
     app: Arc<App>,
     claims: Claims,
     remote: &str,
@@ -79,14 +75,15 @@ pub(crate) fn start(
         node = %app.config.node_id,
         remote = %remote,
     );
-    let handle = ConnHandle::new(
-        conn_id.as_str(),
+    let (transport, handle) = WsTransport::new(
+        upgraded,
+        &conn_id,
         app.config.max_outbound_bytes,
+        app.config.max_message_bytes,
         app.metrics.clone(),
     );
-    let (sink, stream) = ws.split();
     Session::new(app, claims, slot, handle)
-        .run(sink, stream, conn_id)
+        .run(transport, conn_id)
         .instrument(span)
 }
 
@@ -94,60 +91,6 @@ fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
     let deadline = Duration::from_secs(exp).saturating_add(leeway);
     let now = Duration::from_secs(now_secs());
     later(Instant::now(), deadline.saturating_sub(now))
-}
-
-/// Writes queued frames, one flush per batch, until the connection closes;
-/// then sends the Close frame if the server is the one closing.
-async fn write_loop(mut sink: Sink, handle: &ConnHandle, app: &App) {
-    let mut batch = VecDeque::new();
-    loop {
-        tokio::select! {
-            biased;
-            _ = handle.closed() => break,
-            ping = handle.take(&mut batch) => {
-                let written = tokio::select! {
-                    biased;
-                    _ = handle.closed() => break,
-                    r = write_batch(&mut sink, &mut batch, ping, handle) => r,
-                };
-                if written.is_err() {
-                    handle.end();
-                    break;
-                }
-            }
-        }
-    }
-    if let Some(reason) = handle.close_reason() {
-        app.metrics.closed(reason.code);
-        let frame = CloseFrame {
-            code: reason.code,
-            reason: Utf8Bytes::from_static(reason.reason),
-        };
-        let _ = timeout(
-            Duration::from_secs(1),
-            sink.send(Message::Close(Some(frame))),
-        )
-        .await;
-    }
-}
-
-async fn write_batch(
-    sink: &mut Sink,
-    batch: &mut VecDeque<Utf8Bytes>,
-    ping: bool,
-    handle: &ConnHandle,
-) -> Result<(), axum::Error> {
-    if ping {
-        sink.feed(Message::Ping(bytes::Bytes::new())).await?;
-    }
-    while let Some(text) = batch.pop_front() {
-        let len = text.len();
-        sink.feed(Message::Text(text)).await?;
-        handle.written(len);
-    }
-    sink.flush().await?;
-    handle.batch_written();
-    Ok(())
 }
 
 /// The rooms one connection is in: a plain vector, since there are at most
@@ -225,9 +168,9 @@ impl Session {
         })
     }
 
-    /// The connection's one task: the reader and the writer run side by
-    /// side in it (joined, not spawned), which saves a task per connection.
-    async fn run(mut self: Box<Self>, sink: Sink, stream: Stream, conn_id: String) {
+    /// The connection's one task: the protocol, and the transport's reads
+    /// and writes.
+    async fn run<T: Transport>(mut self: Box<Self>, mut transport: T, conn_id: String) {
         let app = self.app.clone();
         let handle = self.handle.clone();
         app.conns.insert(&self.claims.sub, &handle);
@@ -250,19 +193,11 @@ impl Session {
             node: app.config.node_id.to_string(),
             heartbeat_ms: app.config.heartbeat.as_millis() as u64,
         }));
-        // Both futures are built inside the join: a named local would keep a
-        // second, moved-from copy of the reader alive in this future's state.
-        let (ended, ()) = tokio::join!(
-            async {
-                let ended = self.read_loop(stream).await;
-                // Ends the writer (which sends our Close frame, if any).
-                handle.end();
-                ended
-            },
-            write_loop(sink, &handle, &app)
-        );
+        let ended = self.serve(&mut transport).await;
+        handle.end();
         self.leave_all();
         app.conns.remove(&self.claims.sub, &handle);
+        transport.finish().await;
         match handle.close_reason() {
             Some(r) => info!(
                 code = r.code,
@@ -274,7 +209,7 @@ impl Session {
     }
 
     fn send(&self, frame: ServerFrame) {
-        self.handle.send(Utf8Bytes::from(frame.to_json()));
+        self.handle.send(codec::text(&frame.to_json()));
     }
 
     fn error(&self, code: ErrorCode, message: impl Into<String>, id: Option<Id>) {
@@ -289,7 +224,17 @@ impl Session {
         self.handle.close(CloseReason { code, reason });
     }
 
-    async fn read_loop(&mut self, mut stream: Stream) -> Ended {
+    /// Have the transport send the server's Close, if the server closes.
+    async fn send_close<T: Transport>(&self, transport: &mut T) {
+        if let Some(reason) = self.handle.close_reason() {
+            self.app.metrics.closed(reason.code);
+            transport.close(reason).await;
+        }
+    }
+
+    /// Answer client events until the connection ends; the heartbeat,
+    /// token expiry and closing linger run here too.
+    async fn serve<T: Transport>(&mut self, transport: &mut T) -> Ended {
         let heartbeat = self.app.config.heartbeat;
         let pong_timeout = self.app.config.pong_timeout;
         let mut next_ping = later(Instant::now(), heartbeat);
@@ -320,6 +265,7 @@ impl Session {
                     if self.handle.close_reason().is_none() {
                         return "write side ended";
                     }
+                    self.send_close(transport).await;
                     closing_since = Some(Instant::now());
                 }
                 _ = &mut timer => {
@@ -332,6 +278,7 @@ impl Session {
                     } else if awaiting.is_some_and(|sent| now >= later(sent, pong_timeout)) {
                         // Do not wait for a silent peer's reply.
                         self.close(close::POLICY, "heartbeat timeout");
+                        self.send_close(transport).await;
                         return "heartbeat timeout";
                     } else if now >= next_ping {
                         self.handle.ping();
@@ -339,32 +286,28 @@ impl Session {
                         next_ping = later(now, heartbeat);
                     }
                 }
-                msg = stream.next() => {
-                    let Some(msg) = msg else { return "connection ended" };
+                event = transport.next_event() => {
                     if closing_since.is_some() {
-                        if msg.is_err() {
-                            return "connection ended";
+                        match event {
+                            ClientEvent::Closed | ClientEvent::Gone | ClientEvent::Violation(_) => {
+                                return "connection ended";
+                            }
+                            _ => continue,
                         }
-                        continue;
                     }
                     awaiting = None;
-                    match msg {
+                    match event {
                         // Boxed: handling a frame needs far more state than
                         // waiting for one, and idle connections only wait.
-                        Ok(Message::Text(text)) => Box::pin(self.on_text(text)).await,
-                        Ok(Message::Binary(_)) => {
+                        ClientEvent::Text(text) => Box::pin(self.on_text(text)).await,
+                        ClientEvent::Binary => {
                             self.close(close::UNSUPPORTED_DATA, "binary frames are not supported");
                         }
-                        Ok(Message::Ping(_) | Message::Pong(_)) => {}
-                        // The library answers the Close; the next read ends the stream.
-                        Ok(Message::Close(_)) => {}
-                        Err(e) => {
-                            if let Some((code, reason)) = classify(e) {
-                                self.close(code, reason);
-                            } else {
-                                return "connection error";
-                            }
-                        }
+                        ClientEvent::Activity => {}
+                        // The transport answered the client's Close.
+                        ClientEvent::Closed => return "closed by the client",
+                        ClientEvent::Violation(reason) => self.close(reason.code, reason.reason),
+                        ClientEvent::Gone => return "connection ended",
                     }
                 }
             }
@@ -567,26 +510,6 @@ impl Session {
     }
 }
 
-/// Map a read error to the close code PROTOCOL.md gives it; `None` when
-/// the connection is simply gone.
-fn classify(e: axum::Error) -> Option<(u16, &'static str)> {
-    use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
-    let inner = e.into_inner();
-    let ws = inner.downcast_ref::<WsError>()?;
-    match ws {
-        // The peer went away (reset or EOF) without a Close frame, as a
-        // killed client does: closed by the client, not a protocol error.
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
-        WsError::Utf8(_) => Some((close::INVALID_PAYLOAD, "invalid UTF-8 in text frame")),
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-            Some((close::TOO_BIG, "message too big"))
-        }
-        WsError::Capacity(_) => Some((close::TOO_BIG, "message too big")),
-        WsError::Protocol(_) => Some((close::PROTOCOL_ERROR, "protocol error")),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -677,17 +600,28 @@ mod tests {
     }
 
     fn app_with(broker: Arc<dyn crate::broker::Broker>) -> Arc<App> {
+        app_from(&[], |_, _| broker)
+    }
+
+    /// A node's state from these flags (and `--jwt-secret s`), with the
+    /// broker `broker` builds for its rooms.
+    fn app_from(
+        flags: &[&str],
+        broker: impl FnOnce(
+            crate::rooms::Delivery,
+            Arc<crate::metrics::Metrics>,
+        ) -> Arc<dyn crate::broker::Broker>,
+    ) -> Arc<App> {
         use clap::Parser;
-        let cli = crate::config::Cli::try_parse_from(["wsgate", "--jwt-secret", "s"]).unwrap();
+        let args = ["wsgate", "--jwt-secret", "s"].iter().chain(flags);
+        let cli = crate::config::Cli::try_parse_from(args).unwrap();
         let (config, _) = cli.serve.into_config().unwrap();
         let metrics = Arc::new(crate::metrics::Metrics::new("n"));
         let conns = Arc::new(crate::state::Conns::default());
         let control = Arc::new(crate::broker::control::Control::new(conns.clone(), &config));
-        let rooms = crate::rooms::Rooms::new(
-            metrics.clone(),
-            broker.clone(),
-            &crate::rooms::Delivery::default(),
-        );
+        let delivery = crate::rooms::Delivery::default();
+        let broker = broker(delivery.clone(), metrics.clone());
+        let rooms = crate::rooms::Rooms::new(metrics.clone(), broker.clone(), &delivery);
         Arc::new(App::new(config, metrics, rooms, broker, control, conns))
     }
 
@@ -740,5 +674,260 @@ mod tests {
         );
         app.rooms.deliver("lobby", "e", 1, &frame);
         assert_eq!(app.metrics.messages_delivered.get(), 0);
+    }
+
+    /// A transport without a socket: the test feeds client events; the
+    /// session's frames stay in its handle's queue.
+    struct FakeTransport {
+        events: tokio::sync::mpsc::UnboundedReceiver<ClientEvent>,
+        closes: Arc<std::sync::Mutex<Vec<CloseReason>>>,
+    }
+
+    impl Transport for FakeTransport {
+        async fn next_event(&mut self) -> ClientEvent {
+            match self.events.recv().await {
+                Some(e) => e,
+                // The test is done sending: a client that stays silent.
+                None => std::future::pending().await,
+            }
+        }
+        async fn close(&mut self, reason: CloseReason) {
+            self.closes.lock().unwrap().push(reason);
+        }
+        async fn finish(self) {}
+    }
+
+    /// A running session of `alice` (token valid for `ttl`) on a node with
+    /// an in-process broker and these flags.
+    struct Running {
+        app: Arc<App>,
+        handle: Arc<ConnHandle>,
+        client: tokio::sync::mpsc::UnboundedSender<ClientEvent>,
+        closes: Arc<std::sync::Mutex<Vec<CloseReason>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn token(_app: &App, sub: &str, ttl: Duration) -> String {
+        let all = ["*".to_owned()];
+        crate::auth::mint_hs256(
+            b"s",
+            &crate::auth::MintRequest {
+                sub,
+                rooms: &all,
+                publish: &all,
+                ttl,
+                issuer: None,
+                audience: None,
+            },
+        )
+        .unwrap()
+    }
+
+    fn running(flags: &[&str], ttl: Duration) -> Running {
+        let app = app_from(flags, |delivery, metrics| {
+            Arc::new(crate::broker::memory::MemoryBroker::new(
+                100,
+                1 << 20,
+                delivery,
+                metrics,
+            ))
+        });
+        let claims = app.verify_token(&token(&app, "alice", ttl)).unwrap();
+        let handle = ConnHandle::new("c-1", 1 << 20, app.metrics.clone());
+        let (client, events) = tokio::sync::mpsc::unbounded_channel();
+        let closes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let transport = FakeTransport {
+            events,
+            closes: closes.clone(),
+        };
+        let slot = app.try_slot().unwrap();
+        let session = Session::new(app.clone(), claims, slot, handle.clone());
+        let task = tokio::spawn(session.run(transport, "c-1".into()));
+        Running {
+            app,
+            handle,
+            client,
+            closes,
+            task,
+        }
+    }
+
+    impl Running {
+        fn say(&self, frame: serde_json::Value) {
+            let text = Utf8Bytes::from(frame.to_string());
+            self.client.send(ClientEvent::Text(text)).unwrap();
+        }
+
+        /// The frames the session sent so far: JSON texts, and "ping".
+        async fn sent(&self) -> Vec<serde_json::Value> {
+            // Let the session handle what it was given.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            let mut out = Vec::new();
+            for f in self.handle.take_queued() {
+                if f[..] == codec::ping()[..] {
+                    out.push(serde_json::json!("ping"));
+                    continue;
+                }
+                let at = match f[1] {
+                    126 => 4,
+                    127 => 10,
+                    _ => 2,
+                };
+                out.push(serde_json::from_slice(&f[at..]).unwrap());
+            }
+            out
+        }
+
+        fn closes(&self) -> Vec<u16> {
+            self.closes.lock().unwrap().iter().map(|r| r.code).collect()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_token_closes_with_4001() {
+        let s = running(&["--heartbeat", "1h"], Duration::from_secs(60));
+        assert_eq!(s.sent().await[0]["type"], "welcome");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(s.closes().is_empty(), "closed before expiry");
+        // exp (60 s, rounded up) plus the 5 s leeway, and the linger.
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        assert_eq!(s.closes(), [close::TOKEN_EXPIRED]);
+        assert_eq!(
+            s.handle.close_reason().map(|r| r.reason),
+            Some("token expired")
+        );
+        tokio::time::sleep(CLOSE_LINGER).await;
+        assert!(s.task.is_finished(), "the closing linger is bounded");
+        assert!(s.app.conns.all().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_pinged_then_closed_with_1008() {
+        let s = running(
+            &["--heartbeat", "30s", "--pong-timeout", "10s"],
+            Duration::from_secs(3600),
+        );
+        assert_eq!(s.sent().await[0]["type"], "welcome");
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert_eq!(s.sent().await, ["ping"]);
+        assert!(s.closes().is_empty());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(s.closes(), [close::POLICY]);
+        assert_eq!(
+            s.handle.close_reason().map(|r| r.reason),
+            Some("heartbeat timeout")
+        );
+        s.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_answers_pings_stays() {
+        let s = running(
+            &["--heartbeat", "30s", "--pong-timeout", "10s"],
+            Duration::from_secs(3600),
+        );
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(31)).await;
+            assert_eq!(s.sent().await.last(), Some(&serde_json::json!("ping")));
+            s.client.send(ClientEvent::Activity).unwrap();
+        }
+        assert!(s.closes().is_empty());
+        assert!(!s.task.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_close_waits_for_the_reply_at_most_the_linger() {
+        let s = running(&[], Duration::from_secs(3600));
+        s.sent().await;
+        s.handle.close(DISCONNECTED);
+        s.sent().await;
+        assert_eq!(s.closes(), [DISCONNECTED.code]);
+        // Frames arriving meanwhile are not answered.
+        s.say(serde_json::json!({"type":"ping","id":1}));
+        assert!(s.sent().await.is_empty());
+        tokio::time::sleep(CLOSE_LINGER - Duration::from_millis(100)).await;
+        assert!(!s.task.is_finished(), "ended before the linger");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(s.task.is_finished(), "lingered past its bound");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_clients_close_reply_ends_the_linger_at_once() {
+        let s = running(&[], Duration::from_secs(3600));
+        s.handle.close(DISCONNECTED);
+        s.sent().await;
+        s.client.send(ClientEvent::Closed).unwrap();
+        s.sent().await;
+        assert!(s.task.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn join_publish_and_refresh_are_answered() {
+        let s = running(&["--heartbeat", "1h"], Duration::from_secs(60));
+        s.sent().await;
+        s.say(serde_json::json!({"type":"join","room":"r","id":"j"}));
+        let got = s.sent().await;
+        assert_eq!(
+            (&got[0]["type"], &got[0]["id"], &got[0]["seq"]),
+            (
+                &serde_json::json!("joined"),
+                &serde_json::json!("j"),
+                &serde_json::json!(0)
+            )
+        );
+        s.say(serde_json::json!({"type":"publish","room":"r","data":{"x":1},"id":"p"}));
+        let got = s.sent().await;
+        let types: Vec<_> = got.iter().map(|v| v["type"].as_str().unwrap()).collect();
+        assert!(
+            types.contains(&"ack") && types.contains(&"message"),
+            "{got:?}"
+        );
+        let ack = got.iter().find(|v| v["type"] == "ack").unwrap();
+        assert_eq!(
+            (&ack["id"], &ack["seq"]),
+            (&serde_json::json!("p"), &serde_json::json!(1))
+        );
+
+        let other = token(&s.app, "bob", Duration::from_secs(60));
+        s.say(serde_json::json!({"type":"refresh","token":other,"id":"r1"}));
+        let got = s.sent().await;
+        assert_eq!(
+            (&got[0]["type"], &got[0]["code"]),
+            (
+                &serde_json::json!("error"),
+                &serde_json::json!("invalid_token")
+            )
+        );
+
+        // A fresh token moves the expiry: no 4001 at the first one.
+        let fresh = token(&s.app, "alice", Duration::from_secs(3600));
+        s.say(serde_json::json!({"type":"refresh","token":fresh,"id":"r2"}));
+        let got = s.sent().await;
+        assert_eq!(
+            (&got[0]["type"], &got[0]["id"]),
+            (&serde_json::json!("refreshed"), &serde_json::json!("r2"))
+        );
+        tokio::time::sleep(Duration::from_secs(90)).await;
+        assert!(s.closes().is_empty(), "{:?}", s.closes());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_binary_frame_or_a_violation_closes_with_its_code() {
+        let s = running(&[], Duration::from_secs(3600));
+        s.client.send(ClientEvent::Binary).unwrap();
+        s.sent().await;
+        assert_eq!(s.closes(), [close::UNSUPPORTED_DATA]);
+
+        let s = running(&[], Duration::from_secs(3600));
+        s.client
+            .send(ClientEvent::Violation(CloseReason {
+                code: close::TOO_BIG,
+                reason: "message too big",
+            }))
+            .unwrap();
+        s.sent().await;
+        assert_eq!(s.closes(), [close::TOO_BIG]);
     }
 }

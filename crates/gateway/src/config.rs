@@ -1,8 +1,12 @@
 //! Command line and environment (OPERATING.md), and the validated [`Config`].
 //!
 //! Every flag can also be set as `WSGATE_<FLAG>`. Parsing is clap derive;
-//! [`ServeArgs::into_config`] turns the raw flags into a checked
-//! configuration (keys loaded, TLS prepared) or one clear error line.
+//! `serve`'s flags come in groups flattened into one command line
+//! ([`BrokerArgs`], [`JwtArgs`], [`Limits`], [`HistoryArgs`], [`TlsArgs`]),
+//! and [`ServeArgs::into_config`] turns them into a checked configuration
+//! (keys loaded, TLS prepared) or one clear error line, each group checked
+//! by its own method. [`CommandLine`] is generic over the subcommands so
+//! the binary adds `client` without repeating the command's attributes.
 
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -20,7 +24,12 @@ use crate::auth::{Verifier, VerifierSettings};
 /// The per-user publish bucket is this many connections' worth by default.
 const USER_RATE_FACTOR: f64 = 10.0;
 
+/// The library's command line: `serve` flags and its subcommands.
+pub type Cli = CommandLine<Command>;
+
 /// `wsgate`: horizontally scaled WebSocket gateway.
+// Generic over the subcommands so that the binary adds `client` (which
+// the library must not depend on) without repeating these attributes.
 #[derive(Debug, Parser)]
 #[command(
     name = "wsgate",
@@ -28,31 +37,48 @@ const USER_RATE_FACTOR: f64 = 10.0;
     about,
     args_conflicts_with_subcommands = true
 )]
-pub struct Cli {
+pub struct CommandLine<C: Subcommand> {
     /// What to do; `serve` when omitted.
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub command: Option<C>,
     /// Flags of `serve`, accepted without the subcommand name.
     #[command(flatten)]
     pub serve: ServeArgs,
 }
 
-impl Cli {
+/// A set of subcommands that may hold `serve`.
+pub trait ServeCommand {
+    /// The `serve` flags, if this is `serve`.
+    fn serve_mut(&mut self) -> Option<&mut ServeArgs>;
+}
+
+impl ServeCommand for Command {
+    fn serve_mut(&mut self) -> Option<&mut ServeArgs> {
+        match self {
+            Command::Serve(serve) => Some(serve),
+            Command::Token(_) => None,
+        }
+    }
+}
+
+impl<C: Subcommand + ServeCommand> CommandLine<C> {
     /// Parse a command line (the first item is the program name). In dev
     /// mode, a listener whose address was not given (by flag or environment)
     /// binds loopback instead of every interface: a dev node hands out
     /// tokens to anyone who reaches it.
-    pub fn parse_with_dev_defaults<I, T>(args: I) -> Result<Cli, clap::Error>
+    pub fn parse_with_dev_defaults<I, T>(args: I) -> Result<Self, clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        let matches = Cli::command().try_get_matches_from(args)?;
-        let mut cli = Cli::from_arg_matches(&matches)?;
+        let matches = Self::command().try_get_matches_from(args)?;
+        let mut cli = Self::from_arg_matches(&matches)?;
         let (serve, matches) = match &mut cli.command {
-            Some(Command::Serve(serve)) => (serve, matches.subcommand_matches("serve")),
             None => (&mut cli.serve, Some(&matches)),
-            Some(_) => return Ok(cli),
+            Some(command) => match command.serve_mut() {
+                Some(serve) => (serve, matches.subcommand_matches("serve")),
+                None => return Ok(cli),
+            },
         };
         if let Some(matches) = matches {
             serve.apply_dev_defaults(matches);
@@ -87,7 +113,9 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 2m)"))
 }
 
-/// Flags of `wsgate serve`.
+/// Flags of `wsgate serve`: a few of the node's own, then one group per
+/// concern. Each group is flattened into the command line (the flags keep
+/// their names) and most are moved whole into [`Config`].
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Public listener: /ws and /api/... (with --dev: 127.0.0.1:8080).
@@ -99,6 +127,53 @@ pub struct ServeArgs {
     /// Node id shown in `welcome` and metrics (default: host name).
     #[arg(long, env = "WSGATE_NODE_ID")]
     pub node_id: Option<String>,
+    /// Redis relay: `--redis-*`.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Token verification: `--jwt-*`, `--jwks-*`.
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+    /// Comma list of exact origins allowed to connect; `*` allows any.
+    #[arg(
+        long,
+        env = "WSGATE_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        default_value = "http://localhost:8080,http://127.0.0.1:8080"
+    )]
+    pub allowed_origins: Vec<String>,
+    /// Refuse connections that carry no Origin header (browsers always send one).
+    #[arg(long, env = "WSGATE_REQUIRE_ORIGIN")]
+    pub require_origin: bool,
+    /// Bounds on connections, messages, rates and timeouts.
+    #[command(flatten)]
+    pub limits: Limits,
+    /// Room history: `--history*`.
+    #[command(flatten)]
+    pub history: HistoryArgs,
+    /// TLS on the public listener: `--tls-cert`, `--tls-key`.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Enables the server API (/api/users/..., history, publish as "server").
+    #[arg(long, env = "WSGATE_API_KEY", hide_env_values = true, value_parser = ApiKey::parse)]
+    pub api_key: Option<ApiKey>,
+    /// With --api-key: longest token lifetime (exp - iat) accepted; revocations are kept this long.
+    #[arg(long, env = "WSGATE_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = duration)]
+    pub max_token_lifetime: Duration,
+    /// Development mode: random key when none is set, printed token, chat
+    /// page at /, loopback listeners unless --listen/--ops-listen are given.
+    #[arg(long, env = "WSGATE_DEV")]
+    pub dev: bool,
+    /// Log format.
+    #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+    /// Log filter, RUST_LOG syntax (e.g. `info`, `wsgate=debug`).
+    #[arg(long, env = "WSGATE_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// `--redis-*`: the cross-node relay.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
     /// Redis URL for the cross-node relay; unset means the in-process broker.
     #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
@@ -113,6 +188,12 @@ pub struct ServeArgs {
     /// PEM CA certificate for `rediss://` (default: the system's roots).
     #[arg(long, env = "WSGATE_REDIS_CA_CERT")]
     pub redis_ca_cert: Option<PathBuf>,
+}
+
+/// `--jwt-*`, `--jwks-*`: where the verification keys come from and which
+/// claims are required.
+#[derive(Debug, Clone, Args)]
+pub struct JwtArgs {
     /// HMAC key for HS256/384/512 tokens.
     #[arg(long, env = "WSGATE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -139,17 +220,17 @@ pub struct ServeArgs {
     /// Required `aud` claim.
     #[arg(long, env = "WSGATE_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
-    /// Comma list of exact origins allowed to connect; `*` allows any.
-    #[arg(
-        long,
-        env = "WSGATE_ALLOWED_ORIGINS",
-        value_delimiter = ',',
-        default_value = "http://localhost:8080,http://127.0.0.1:8080"
-    )]
-    pub allowed_origins: Vec<String>,
-    /// Refuse connections that carry no Origin header (browsers always send one).
-    #[arg(long, env = "WSGATE_REQUIRE_ORIGIN")]
-    pub require_origin: bool,
+    /// Leeway on exp, nbf and iat.
+    #[arg(long, env = "WSGATE_JWT_LEEWAY", default_value = "5s", value_parser = duration)]
+    pub jwt_leeway: Duration,
+}
+
+/// Bounds on connections, messages, rates and timeouts, used as given
+/// (after [`ServeArgs::into_config`] checked them). The two per-user
+/// rates and `--max-pending-connections` have computed defaults: read the
+/// resolved values from [`Config`].
+#[derive(Debug, Clone, Args)]
+pub struct Limits {
     /// Larger client frames close with 1009; larger API bodies get 413.
     #[arg(long, env = "WSGATE_MAX_MESSAGE_BYTES", default_value_t = 1_048_576)]
     pub max_message_bytes: usize,
@@ -162,12 +243,6 @@ pub struct ServeArgs {
     /// Connections per node; beyond it the upgrade gets 503.
     #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
-    /// Messages kept per room for resume (at least this many).
-    #[arg(long, env = "WSGATE_HISTORY", default_value_t = 1000)]
-    pub history: usize,
-    /// Leeway on exp, nbf and iat.
-    #[arg(long, env = "WSGATE_JWT_LEEWAY", default_value = "5s", value_parser = duration)]
-    pub jwt_leeway: Duration,
     /// Per-connection queue of unwritten frames; overflow closes with 1008.
     #[arg(long, env = "WSGATE_MAX_OUTBOUND_BYTES", default_value_t = 1_048_576)]
     pub max_outbound_bytes: usize,
@@ -199,39 +274,6 @@ pub struct ServeArgs {
     /// Time allowed for the TLS handshake, the HTTP upgrade request and its headers.
     #[arg(long, env = "WSGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub handshake_timeout: Duration,
-    /// Idle rooms' history lives this long in Redis after the last message.
-    #[arg(long, env = "WSGATE_HISTORY_TTL", default_value = "24h", value_parser = duration)]
-    pub history_ttl: Duration,
-    /// In-process broker: most history bytes over all rooms; past it the
-    /// rooms least recently published to lose their history (new epoch).
-    #[arg(
-        long,
-        env = "WSGATE_HISTORY_BUDGET_BYTES",
-        default_value_t = 268_435_456
-    )]
-    pub history_budget_bytes: usize,
-    /// PEM certificate chain; with --tls-key the public listener speaks TLS.
-    #[arg(long, env = "WSGATE_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert.
-    #[arg(long, env = "WSGATE_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Enables the server API (/api/users/..., history, publish as "server").
-    #[arg(long, env = "WSGATE_API_KEY", hide_env_values = true, value_parser = ApiKey::parse)]
-    pub api_key: Option<ApiKey>,
-    /// With --api-key: longest token lifetime (exp - iat) accepted; revocations are kept this long.
-    #[arg(long, env = "WSGATE_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = duration)]
-    pub max_token_lifetime: Duration,
-    /// Development mode: random key when none is set, printed token, chat
-    /// page at /, loopback listeners unless --listen/--ops-listen are given.
-    #[arg(long, env = "WSGATE_DEV")]
-    pub dev: bool,
-    /// Log format.
-    #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
-    pub log_format: LogFormat,
-    /// Log filter, RUST_LOG syntax (e.g. `info`, `wsgate=debug`).
-    #[arg(long, env = "WSGATE_LOG", default_value = "info")]
-    pub log: String,
     /// Public-listener connections not (yet) upgraded to a WebSocket: TLS
     /// handshakes, request heads, HTTP API requests. Beyond it new TCP
     /// connections are closed at once. Default: a quarter of the file limit
@@ -250,6 +292,36 @@ pub struct ServeArgs {
     /// Longest an operations connection lives (one request per connection).
     #[arg(long, env = "WSGATE_OPS_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub ops_timeout: Duration,
+}
+
+/// `--history*`: how much of each room is kept for resume, and for how long.
+#[derive(Debug, Clone, Args)]
+pub struct HistoryArgs {
+    /// Messages kept per room for resume (at least this many).
+    #[arg(long, env = "WSGATE_HISTORY", default_value_t = 1000)]
+    pub history: usize,
+    /// Idle rooms' history lives this long in Redis after the last message.
+    #[arg(long, env = "WSGATE_HISTORY_TTL", default_value = "24h", value_parser = duration)]
+    pub history_ttl: Duration,
+    /// In-process broker: most history bytes over all rooms; past it the
+    /// rooms least recently published to lose their history (new epoch).
+    #[arg(
+        long,
+        env = "WSGATE_HISTORY_BUDGET_BYTES",
+        default_value_t = 268_435_456
+    )]
+    pub history_budget_bytes: usize,
+}
+
+/// `--tls-cert`, `--tls-key`.
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// PEM certificate chain; with --tls-key the public listener speaks TLS.
+    #[arg(long, env = "WSGATE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "WSGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Default of `--max-inflight-body-bytes`: 64 MiB.
@@ -414,40 +486,16 @@ pub struct Config {
     pub origins: OriginPolicy,
     /// Refuse requests without Origin.
     pub require_origin: bool,
-    /// Largest client frame / API body.
-    pub max_message_bytes: usize,
-    /// Ping interval.
-    pub heartbeat: Duration,
-    /// Silence allowed after a Ping.
-    pub pong_timeout: Duration,
-    /// Connection cap.
-    pub max_connections: usize,
-    /// History kept per room.
-    pub history: usize,
-    /// TTL of idle rooms' history in Redis.
-    pub history_ttl: Duration,
-    /// In-process broker: history bytes over all rooms.
-    pub history_budget_bytes: usize,
-    /// Outbound queue cap per connection.
-    pub max_outbound_bytes: usize,
-    /// Publish rate per connection (messages/s).
-    pub publish_rate: f64,
-    /// Publish burst per connection.
-    pub publish_burst: u32,
-    /// Publish rate per user on this node (messages/s).
+    /// Bounds on connections, messages, rates and timeouts, as given.
+    pub limits: Limits,
+    /// Publish rate per user on this node (messages/s), resolved.
     pub user_publish_rate: f64,
-    /// Publish burst per user on this node.
+    /// Publish burst per user on this node, resolved.
     pub user_publish_burst: u32,
-    /// Join rate per connection (joins/s).
-    pub join_rate: f64,
-    /// Join burst per connection.
-    pub join_burst: u32,
-    /// Rooms per connection.
-    pub max_rooms: usize,
-    /// Drain bound.
-    pub drain_timeout: Duration,
-    /// Handshake bound.
-    pub handshake_timeout: Duration,
+    /// Cap on public connections not upgraded yet, resolved.
+    pub max_pending_connections: usize,
+    /// Room history kept for resume.
+    pub history: HistoryArgs,
     /// TLS for the public listener.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The server API's key; `None` disables the server API.
@@ -457,27 +505,17 @@ pub struct Config {
     pub max_token_lifetime: Duration,
     /// Dev mode.
     pub dev: bool,
-    /// Cap on public connections not upgraded yet.
-    pub max_pending_connections: usize,
-    /// Deadline for reading an HTTP API body.
-    pub body_timeout: Duration,
-    /// Node-wide budget of HTTP API body bytes in flight.
-    pub max_inflight_body_bytes: usize,
-    /// Cap on operations connections.
-    pub max_ops_connections: usize,
-    /// Lifetime of an operations connection.
-    pub ops_timeout: Duration,
 }
 
 impl Config {
     /// The per-connection publish bucket's shape.
     pub fn publish_limit(&self) -> crate::limits::Rate {
-        crate::limits::Rate::new(self.publish_rate, self.publish_burst)
+        crate::limits::Rate::new(self.limits.publish_rate, self.limits.publish_burst)
     }
 
     /// The per-connection join bucket's shape.
     pub fn join_limit(&self) -> crate::limits::Rate {
-        crate::limits::Rate::new(self.join_rate, self.join_burst)
+        crate::limits::Rate::new(self.limits.join_rate, self.limits.join_burst)
     }
 }
 
@@ -517,12 +555,90 @@ impl ServeArgs {
     /// Check the flags and load keys and certificates.
     pub fn into_config(self) -> Result<(Config, DevNotes), ConfigError> {
         let mut notes = DevNotes::default();
+        let (verifier, hmac_secret) = self.jwt.verifier(self.dev, &mut notes)?;
+        let origins = if self.allowed_origins.iter().any(|o| o.trim() == "*") {
+            OriginPolicy::Any
+        } else {
+            OriginPolicy::List(
+                self.allowed_origins
+                    .iter()
+                    .map(|o| o.trim().trim_end_matches('/').to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect(),
+            )
+        };
+        let broker = self.broker.choice()?;
+        positive("--max-message-bytes", self.limits.max_message_bytes)?;
+        positive("--max-outbound-bytes", self.limits.max_outbound_bytes)?;
+        positive("--history", self.history.history)?;
+        positive("--max-rooms", self.limits.max_rooms)?;
+        if self.max_token_lifetime.is_zero() {
+            return Err(ConfigError::Invalid {
+                flag: "--max-token-lifetime",
+                reason: "must be greater than 0".into(),
+            });
+        }
+        let (user_publish_rate, user_publish_burst, max_pending_connections) =
+            self.limits.check()?;
+        let tls = self.tls.load()?;
+        let node_id = match self.node_id {
+            Some(id) if !id.trim().is_empty() => id,
+            _ => hostname(),
+        };
+        Ok((
+            Config {
+                node_id: Arc::from(node_id),
+                broker,
+                verifier: Arc::new(verifier),
+                hmac_secret,
+                jwt_issuer: self.jwt.jwt_issuer.filter(|s| !s.is_empty()),
+                jwt_audience: self.jwt.jwt_audience.filter(|s| !s.is_empty()),
+                origins,
+                require_origin: self.require_origin,
+                limits: self.limits,
+                user_publish_rate,
+                user_publish_burst,
+                max_pending_connections,
+                history: self.history,
+                tls,
+                api_key: self.api_key,
+                max_token_lifetime: self.max_token_lifetime,
+                dev: self.dev,
+            },
+            notes,
+        ))
+    }
+}
+
+/// `Invalid` naming `flag` unless `v` is above zero.
+fn positive(flag: &'static str, v: usize) -> Result<(), ConfigError> {
+    if v == 0 {
+        Err(ConfigError::Invalid {
+            flag,
+            reason: "must be greater than 0".into(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// An HMAC key as bytes (dev mode mints tokens with it).
+type HmacSecret = Arc<[u8]>;
+
+impl JwtArgs {
+    /// The verifier for the one key source given (dev mode: a random HMAC
+    /// secret when none is), and the HMAC secret if there is one.
+    fn verifier(
+        &self,
+        dev: bool,
+        notes: &mut DevNotes,
+    ) -> Result<(Verifier, Option<HmacSecret>), ConfigError> {
         let settings = VerifierSettings {
             issuer: self.jwt_issuer.clone(),
             audience: self.jwt_audience.clone(),
             leeway: self.jwt_leeway,
         };
-        let (verifier, hmac_secret) = match (&self.jwt_secret, &self.jwt_public_key) {
+        Ok(match (&self.jwt_secret, &self.jwt_public_key) {
             // Several key sources are refused by the flag parser already.
             (None, None) if self.jwt_jwks_url.is_some() => {
                 let source = JwksSettings {
@@ -558,48 +674,45 @@ impl ServeArgs {
                 })?;
                 (v, None)
             }
-            (None, None) if self.dev => {
+            (None, None) if dev => {
                 notes.generated_secret = true;
                 let secret: [u8; 32] = rand::random();
                 let bytes: Arc<[u8]> = Arc::from(&secret[..]);
                 (Verifier::hmac(&bytes, settings), Some(bytes))
             }
             (None, None) => return Err(ConfigError::NoKey),
+        })
+    }
+}
+
+impl BrokerArgs {
+    /// The broker these flags choose, with the Redis URL(s) checked and the
+    /// CA certificate read.
+    fn choice(self) -> Result<BrokerChoice, ConfigError> {
+        let Some(url) = self.redis_url else {
+            return Ok(BrokerChoice::Memory);
         };
-        let origins = if self.allowed_origins.iter().any(|o| o.trim() == "*") {
-            OriginPolicy::Any
+        let urls: Vec<&str> = if self.redis_cluster {
+            url.split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .collect()
         } else {
-            OriginPolicy::List(
-                self.allowed_origins
-                    .iter()
-                    .map(|o| o.trim().trim_end_matches('/').to_owned())
-                    .filter(|o| !o.is_empty())
-                    .collect(),
-            )
+            vec![url.as_str()]
         };
-        if let Some(url) = &self.redis_url {
-            let urls: Vec<&str> = if self.redis_cluster {
-                url.split(',')
-                    .map(str::trim)
-                    .filter(|u| !u.is_empty())
-                    .collect()
-            } else {
-                vec![url.as_str()]
-            };
-            for url in urls {
-                match crate::broker::redis::sentinel::parse(url) {
-                    Some(parsed) => {
-                        parsed.map_err(|e| ConfigError::RedisUrl(crate::broker::redact_url(&e)))?;
-                    }
-                    None => {
-                        redis::Client::open(url).map_err(|e| {
-                            ConfigError::RedisUrl(crate::broker::redact_url(&e.to_string()))
-                        })?;
-                    }
+        for url in urls {
+            match crate::broker::redis::sentinel::parse(url) {
+                Some(parsed) => {
+                    parsed.map_err(|e| ConfigError::RedisUrl(crate::broker::redact_url(&e)))?;
+                }
+                None => {
+                    redis::Client::open(url).map_err(|e| {
+                        ConfigError::RedisUrl(crate::broker::redact_url(&e.to_string()))
+                    })?;
                 }
             }
         }
-        let redis_ca_cert = match &self.redis_ca_cert {
+        let ca_cert = match &self.redis_ca_cert {
             None => None,
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| ConfigError::Invalid {
@@ -618,26 +731,23 @@ impl ServeArgs {
                 Some(pem)
             }
         };
-        let positive = |flag: &'static str, v: usize| {
-            if v == 0 {
-                Err(ConfigError::Invalid {
-                    flag,
-                    reason: "must be greater than 0".into(),
-                })
-            } else {
-                Ok(())
-            }
+        let redis = RedisConfig {
+            url,
+            min_replicas: self.redis_min_replicas,
+            ca_cert,
         };
-        positive("--max-message-bytes", self.max_message_bytes)?;
-        positive("--max-outbound-bytes", self.max_outbound_bytes)?;
-        positive("--history", self.history)?;
-        positive("--max-rooms", self.max_rooms)?;
-        if self.max_token_lifetime.is_zero() {
-            return Err(ConfigError::Invalid {
-                flag: "--max-token-lifetime",
-                reason: "must be greater than 0".into(),
-            });
-        }
+        Ok(if self.redis_cluster {
+            BrokerChoice::RedisCluster(redis)
+        } else {
+            BrokerChoice::Redis(redis)
+        })
+    }
+}
+
+impl Limits {
+    /// Check the bounds; the resolved per-user publish rate and burst and
+    /// `--max-pending-connections`.
+    fn check(&self) -> Result<(f64, u32, usize), ConfigError> {
         if self.heartbeat.is_zero() || self.pong_timeout.is_zero() {
             return Err(ConfigError::Invalid {
                 flag: "--heartbeat/--pong-timeout",
@@ -692,70 +802,23 @@ impl ServeArgs {
                 });
             }
         }
-        let tls = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => {
-                Some(crate::tls::load_tls(cert, key).map_err(|e| ConfigError::Tls(e.to_string()))?)
-            }
-            _ => None,
-        };
-        let broker = match self.redis_url {
-            None => BrokerChoice::Memory,
-            Some(url) => {
-                let redis = RedisConfig {
-                    url,
-                    min_replicas: self.redis_min_replicas,
-                    ca_cert: redis_ca_cert,
-                };
-                if self.redis_cluster {
-                    BrokerChoice::RedisCluster(redis)
-                } else {
-                    BrokerChoice::Redis(redis)
-                }
-            }
-        };
-        let node_id = match self.node_id {
-            Some(id) if !id.trim().is_empty() => id,
-            _ => hostname(),
-        };
         Ok((
-            Config {
-                node_id: Arc::from(node_id),
-                broker,
-                verifier: Arc::new(verifier),
-                hmac_secret,
-                jwt_issuer: self.jwt_issuer.filter(|s| !s.is_empty()),
-                jwt_audience: self.jwt_audience.filter(|s| !s.is_empty()),
-                origins,
-                require_origin: self.require_origin,
-                max_message_bytes: self.max_message_bytes,
-                heartbeat: self.heartbeat,
-                pong_timeout: self.pong_timeout,
-                max_connections: self.max_connections,
-                history: self.history,
-                history_ttl: self.history_ttl,
-                history_budget_bytes: self.history_budget_bytes,
-                max_outbound_bytes: self.max_outbound_bytes,
-                publish_rate: self.publish_rate,
-                publish_burst: self.publish_burst,
-                user_publish_rate,
-                user_publish_burst,
-                join_rate: self.join_rate,
-                join_burst: self.join_burst,
-                max_rooms: self.max_rooms,
-                drain_timeout: self.drain_timeout,
-                handshake_timeout: self.handshake_timeout,
-                tls,
-                api_key: self.api_key,
-                max_token_lifetime: self.max_token_lifetime,
-                dev: self.dev,
-                max_pending_connections,
-                body_timeout: self.body_timeout,
-                max_inflight_body_bytes: self.max_inflight_body_bytes,
-                max_ops_connections: self.max_ops_connections,
-                ops_timeout: self.ops_timeout,
-            },
-            notes,
+            user_publish_rate,
+            user_publish_burst,
+            max_pending_connections,
         ))
+    }
+}
+
+impl TlsArgs {
+    /// The public listener's TLS configuration, when both files are given.
+    fn load(&self) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => crate::tls::load_tls(cert, key)
+                .map(Some)
+                .map_err(|e| ConfigError::Tls(e.to_string())),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -826,20 +889,23 @@ mod tests {
             s.allowed_origins,
             vec!["http://localhost:8080", "http://127.0.0.1:8080"]
         );
-        assert_eq!(s.max_message_bytes, 1_048_576);
-        assert_eq!(s.heartbeat, Duration::from_secs(30));
-        assert_eq!(s.pong_timeout, Duration::from_secs(10));
-        assert_eq!(s.max_connections, 100_000);
-        assert_eq!(s.history, 1000);
-        assert_eq!(s.jwt_leeway, Duration::from_secs(5));
-        assert_eq!(s.max_outbound_bytes, 1_048_576);
-        assert_eq!(s.publish_rate, 100.0);
-        assert_eq!(s.publish_burst, 200);
-        assert_eq!((s.user_publish_rate, s.user_publish_burst), (None, None));
-        assert_eq!((s.join_rate, s.join_burst), (100.0, 1000));
-        assert_eq!(s.max_rooms, 100);
-        assert_eq!(s.drain_timeout, Duration::from_secs(10));
-        assert_eq!(s.jwks_refresh, Duration::from_secs(300));
+        assert_eq!(s.limits.max_message_bytes, 1_048_576);
+        assert_eq!(s.limits.heartbeat, Duration::from_secs(30));
+        assert_eq!(s.limits.pong_timeout, Duration::from_secs(10));
+        assert_eq!(s.limits.max_connections, 100_000);
+        assert_eq!(s.history.history, 1000);
+        assert_eq!(s.jwt.jwt_leeway, Duration::from_secs(5));
+        assert_eq!(s.limits.max_outbound_bytes, 1_048_576);
+        assert_eq!(s.limits.publish_rate, 100.0);
+        assert_eq!(s.limits.publish_burst, 200);
+        assert_eq!(
+            (s.limits.user_publish_rate, s.limits.user_publish_burst),
+            (None, None)
+        );
+        assert_eq!((s.limits.join_rate, s.limits.join_burst), (100.0, 1000));
+        assert_eq!(s.limits.max_rooms, 100);
+        assert_eq!(s.limits.drain_timeout, Duration::from_secs(10));
+        assert_eq!(s.jwt.jwks_refresh, Duration::from_secs(300));
         assert!(!s.dev);
         assert!(s.api_key.is_none());
         assert_eq!(s.max_token_lifetime, Duration::from_secs(24 * 3600));
@@ -863,11 +929,11 @@ mod tests {
     #[test]
     fn limits_and_budgets_defaults() {
         let s = serve(&[]).unwrap();
-        assert_eq!(s.max_pending_connections, None);
-        assert_eq!(s.body_timeout, Duration::from_secs(10));
-        assert_eq!(s.max_inflight_body_bytes, 64 * 1024 * 1024);
-        assert_eq!(s.max_ops_connections, 64);
-        assert_eq!(s.ops_timeout, Duration::from_secs(10));
+        assert_eq!(s.limits.max_pending_connections, None);
+        assert_eq!(s.limits.body_timeout, Duration::from_secs(10));
+        assert_eq!(s.limits.max_inflight_body_bytes, 64 * 1024 * 1024);
+        assert_eq!(s.limits.max_ops_connections, 64);
+        assert_eq!(s.limits.ops_timeout, Duration::from_secs(10));
         let (cfg, _) = serve(&["--jwt-secret", "s"])
             .unwrap()
             .into_config()
@@ -903,13 +969,16 @@ mod tests {
         let cli = Cli::try_parse_from(["wsgate", "--dev", "--heartbeat", "500ms"]).unwrap();
         assert!(cli.command.is_none());
         assert!(cli.serve.dev);
-        assert_eq!(cli.serve.heartbeat, Duration::from_millis(500));
+        assert_eq!(cli.serve.limits.heartbeat, Duration::from_millis(500));
     }
 
     #[test]
     fn human_durations_and_bad_values() {
         assert_eq!(
-            serve(&["--drain-timeout", "2m"]).unwrap().drain_timeout,
+            serve(&["--drain-timeout", "2m"])
+                .unwrap()
+                .limits
+                .drain_timeout,
             Duration::from_secs(120)
         );
         assert!(serve(&["--heartbeat", "soon"]).is_err());

@@ -52,14 +52,14 @@ struct BodyBudget {
 
 /// The router of the public listener.
 pub fn router(app: Arc<App>) -> Router {
-    let total = app.config.max_inflight_body_bytes;
+    let total = app.config.limits.max_inflight_body_bytes;
     let budget = BodyBudget {
         bytes: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
         total,
         lingering: Arc::new(Semaphore::new(LINGERING)),
-        max_body: app.config.max_message_bytes,
+        max_body: app.config.limits.max_message_bytes,
     };
-    let max_body = app.config.max_message_bytes;
+    let max_body = app.config.limits.max_message_bytes;
     // `/api/rooms/{room}/presence` is not routed (404) until presence exists.
     let api = Router::new()
         .route(
@@ -399,7 +399,7 @@ fn check_head(
             "invalid Idempotency-Key: 1 to 64 characters of A-Z a-z 0-9 _ - . :",
         ));
     }
-    let max = app.config.max_message_bytes;
+    let max = app.config.limits.max_message_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -465,9 +465,9 @@ fn linger(budget: &BodyBudget, headers: &HeaderMap, body: Body, refused: Respons
 /// Read an API body: at most `--max-message-bytes` (413), within
 /// `--body-timeout` (408).
 async fn read_body(app: &App, body: Body) -> Result<Bytes, Response> {
-    let max = app.config.max_message_bytes;
+    let max = app.config.limits.max_message_bytes;
     let read = Limited::new(body, max).collect();
-    match tokio::time::timeout(app.config.body_timeout, read).await {
+    match tokio::time::timeout(app.config.limits.body_timeout, read).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large(max)),
         Ok(Err(e)) => Err(error(

@@ -66,7 +66,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken
             nofile, "--max-pending-connections is not below the file limit (ulimit -n)"
         );
     }
-    let handshake = app.config.handshake_timeout;
+    let handshake = app.config.limits.handshake_timeout;
     let refuse = |tcp: TcpStream| {
         app.metrics.refused(Limit::PendingConnections);
         if tls.is_none() {

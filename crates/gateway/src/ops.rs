@@ -118,8 +118,8 @@ fn admit(open: &Arc<Mutex<Open>>, cap: usize, metrics: &Metrics) -> OpsSlot {
 pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken) {
     let router = router(app.clone());
     let open = Arc::new(Mutex::new(Open::default()));
-    let cap = app.config.max_ops_connections;
-    let lifetime = app.config.ops_timeout;
+    let cap = app.config.limits.max_ops_connections;
+    let lifetime = app.config.limits.ops_timeout;
     let http = Http1 {
         header_timeout: lifetime,
         keep_alive: false,

@@ -105,8 +105,8 @@ async fn start_broker(
         &redis.url,
         cluster,
         broker::redis::Settings {
-            history: config.history,
-            history_ttl: config.history_ttl,
+            history: config.history.history,
+            history_ttl: config.history.history_ttl,
             min_replicas: redis.min_replicas,
             ca_cert: redis.ca_cert.clone(),
         },
@@ -127,14 +127,14 @@ fn start_memory(
     background: &Background,
 ) -> Arc<dyn Broker> {
     let memory = Arc::new(broker::memory::MemoryBroker::new(
-        config.history,
-        config.history_budget_bytes,
+        config.history.history,
+        config.history.history_budget_bytes,
         delivery.clone(),
         metrics.clone(),
     ));
     metrics.broker_up.set(1);
     let sweeper = memory.clone();
-    let ttl = config.history_ttl;
+    let ttl = config.history.history_ttl;
     let cancel = background.stop.clone();
     background.tasks.spawn(async move {
         let mut tick = tokio::time::interval(broker::memory::SWEEP_EVERY);

@@ -78,8 +78,8 @@ pub(crate) fn start(
     let (transport, handle) = WsTransport::new(
         upgraded,
         &conn_id,
-        app.config.max_outbound_bytes,
-        app.config.max_message_bytes,
+        app.config.limits.max_outbound_bytes,
+        app.config.limits.max_message_bytes,
         app.metrics.clone(),
     );
     Session::new(app, claims, slot, handle)
@@ -191,7 +191,7 @@ impl Session {
             conn: conn_id,
             user: self.claims.sub.clone(),
             node: app.config.node_id.to_string(),
-            heartbeat_ms: app.config.heartbeat.as_millis() as u64,
+            heartbeat_ms: app.config.limits.heartbeat.as_millis() as u64,
         }));
         let ended = self.serve(&mut transport).await;
         handle.end();
@@ -235,8 +235,8 @@ impl Session {
     /// Answer client events until the connection ends; the heartbeat,
     /// token expiry and closing linger run here too.
     async fn serve<T: Transport>(&mut self, transport: &mut T) -> Ended {
-        let heartbeat = self.app.config.heartbeat;
-        let pong_timeout = self.app.config.pong_timeout;
+        let heartbeat = self.app.config.limits.heartbeat;
+        let pong_timeout = self.app.config.limits.pong_timeout;
         let mut next_ping = later(Instant::now(), heartbeat);
         // When a Ping went out with nothing heard since.
         let mut awaiting: Option<Instant> = None;
@@ -357,12 +357,12 @@ impl Session {
             );
         }
         let member = self.rooms.contains(room.as_ref());
-        if !member && self.rooms.len() >= self.app.config.max_rooms {
+        if !member && self.rooms.len() >= self.app.config.limits.max_rooms {
             return self.error(
                 ErrorCode::TooManyRooms,
                 format!(
                     "connection is at its limit of {} rooms",
-                    self.app.config.max_rooms
+                    self.app.config.limits.max_rooms
                 ),
                 id,
             );
@@ -377,8 +377,9 @@ impl Session {
         let patience = self
             .app
             .config
+            .limits
             .heartbeat
-            .saturating_add(self.app.config.pong_timeout);
+            .saturating_add(self.app.config.limits.pong_timeout);
         let joined = self
             .app
             .rooms

@@ -55,7 +55,7 @@ impl Background {
 /// to end.
 pub(crate) async fn drain(app: &Arc<App>) {
     let started = Instant::now();
-    let budget = app.config.drain_timeout;
+    let budget = app.config.limits.drain_timeout;
     app.start_draining();
     let conns = app.conns.all();
     info!(connections = conns.len(), "draining");

@@ -130,7 +130,7 @@ impl App {
         if self.is_draining() {
             return None;
         }
-        let max = self.config.max_connections;
+        let max = self.config.limits.max_connections;
         self.active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)

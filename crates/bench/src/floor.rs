@@ -140,6 +140,8 @@ pub fn websocket_key(head: &[u8]) -> Option<&str> {
 struct Conn {
     stream: TcpStream,
     queued: RefCell<Vec<u8>>,
+    /// How much of `queued` is already written.
+    sent: std::cell::Cell<usize>,
     wake: Notify,
     dead: std::cell::Cell<bool>,
 }
@@ -166,7 +168,7 @@ impl Conn {
             0
         };
         if written < bytes.len() {
-            if queued.len() + bytes.len() - written > MAX_QUEUED {
+            if queued.len() - self.sent.get() + bytes.len() - written > MAX_QUEUED {
                 self.dead.set(true);
             } else {
                 queued.extend_from_slice(&bytes[written..]);
@@ -274,6 +276,7 @@ async fn connection(mut stream: TcpStream, state: Rc<RefCell<State>>) -> io::Res
     let conn = Rc::new(Conn {
         stream,
         queued: RefCell::new(Vec::new()),
+        sent: std::cell::Cell::new(0),
         wake: Notify::new(),
         dead: std::cell::Cell::new(false),
     });
@@ -335,9 +338,20 @@ async fn session(
             r = conn.stream.writable(), if has_queue => {
                 r?;
                 let mut queued = conn.queued.borrow_mut();
-                match conn.stream.try_write(&queued) {
+                let mut sent = conn.sent.get();
+                match conn.stream.try_write(&queued[sent..]) {
                     Ok(n) => {
-                        queued.drain(..n);
+                        // Compact only once half is sent: no memmove of a
+                        // long backlog per short write.
+                        sent += n;
+                        if sent == queued.len() {
+                            queued.clear();
+                            sent = 0;
+                        } else if sent > queued.len() / 2 {
+                            queued.drain(..sent);
+                            sent = 0;
+                        }
+                        conn.sent.set(sent);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),

@@ -12,6 +12,7 @@
 //! - [`api`]: the server API (`--api-key`): disconnect and revoke users, room history.
 //! - [`listener`]: accept loop, TLS, HTTP/1 connections.
 //! - [`session`]: one WebSocket connection (reader, writer, protocol).
+//! - [`deflate`]: permessage-deflate: negotiation, compress once, bounded inflate.
 //! - [`outbound`]: a connection's bounded outbound queue.
 //! - [`limits`]: rate limits: token buckets, per-user publish buckets.
 //! - [`rooms`]: local room registry and fan-out.
@@ -24,6 +25,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod deflate;
 pub mod http;
 pub mod limits;
 pub mod listener;

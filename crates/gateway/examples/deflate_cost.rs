@@ -15,7 +15,8 @@ use wsgate::deflate::{compress, inflate};
 
 /// A `message` frame whose `data` is a dashboard of host metrics.
 fn dashboard(n: usize) -> Vec<u8> {
-    let mut s = String::from(r#"{"type":"message","room":"dashboard","seq":1234,"from":"svc","data":["#);
+    let mut s =
+        String::from(r#"{"type":"message","room":"dashboard","seq":1234,"from":"svc","data":["#);
     let mut i = 0usize;
     while s.len() < n {
         s.push_str(&format!(

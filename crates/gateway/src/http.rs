@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::FromRequestParts;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use base64::Engine as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::upgrade::OnUpgrade;
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -30,18 +31,12 @@ use crate::auth::{self, AuthError, Claims, MintRequest};
 use crate::broker::BrokerError;
 use crate::metrics::{Limit, Rejection};
 use crate::session::{self, now_ms};
+use crate::ws;
 use crate::App;
 
 /// The peer address of an HTTP connection (set by the listener).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub std::net::SocketAddr);
-
-/// Read buffer of each WebSocket: small, since most frames are small and
-/// idle connections should cost little; larger frames grow it as needed.
-const WS_READ_BUFFER: usize = 256;
-/// Bytes the WebSocket gathers before writing to the socket; the writer
-/// flushes at the end of every batch anyway.
-const WS_WRITE_BUFFER: usize = 16 * 1024;
 
 /// The node-wide budget of HTTP API body bytes being read or held
 /// (`--max-inflight-body-bytes`), one semaphore permit a byte.
@@ -190,11 +185,15 @@ async fn authenticate_handshake(
 
 async fn upgrade(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    uri: Uri,
     peer: Option<axum::Extension<PeerAddr>>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    request: Request<Body>,
 ) -> Response {
+    let (mut parts, _) = request.into_parts();
+    // The extractor checks the request (and takes hyper's upgrade handle
+    // out of it: a clone of it is kept for the connection).
+    let on_upgrade = parts.extensions.get::<OnUpgrade>().cloned();
+    let ws = WebSocketUpgrade::from_request_parts(&mut parts, &()).await;
+    let (headers, uri) = (&parts.headers, &parts.uri);
     match headers.get(header::ORIGIN) {
         Some(origin) => {
             let allowed = origin
@@ -211,7 +210,7 @@ async fn upgrade(
         }
         None => {}
     }
-    let claims = match authenticate_handshake(&app, &headers, &uri).await {
+    let claims = match authenticate_handshake(&app, headers, uri).await {
         Ok(c) => c,
         Err(e) => {
             debug!(reason = e.reason(), "token refused");
@@ -228,7 +227,7 @@ async fn upgrade(
         };
     };
     let ws = match ws {
-        Ok(_) if !valid_key(&headers) => {
+        Ok(_) if !valid_key(headers) => {
             app.metrics.reject(Rejection::BadRequest);
             return error(
                 StatusCode::BAD_REQUEST,
@@ -242,18 +241,27 @@ async fn upgrade(
             return rejection.into_response();
         }
     };
+    drop(ws);
+    let Some(on_upgrade) = on_upgrade else {
+        app.metrics.reject(Rejection::BadRequest);
+        return error(
+            StatusCode::UPGRADE_REQUIRED,
+            "bad_request",
+            "connection cannot be upgraded",
+        );
+    };
     app.metrics.connections_accepted.inc();
-    let max = app.config.max_message_bytes;
-    let remote = remote(&headers, peer.as_ref().map(|p| &p.0));
+    let remote = remote(headers, peer.as_ref().map(|p| &p.0));
+    let response = ws::handshake::switching_protocols(headers);
     let session_app = app.clone();
-    ws.read_buffer_size(WS_READ_BUFFER)
-        .write_buffer_size(WS_WRITE_BUFFER)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_failed_upgrade(|e| warn!(error = %e, "websocket upgrade failed"))
-        .on_upgrade(move |socket| {
-            app.track_session(session::start(socket, session_app, claims, &remote, slot))
-        })
+    let session = app.track_session(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => session::start(upgraded, session_app, claims, &remote, slot).await,
+            Err(e) => warn!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    tokio::spawn(session);
+    response
 }
 
 /// RFC 6455 4.1: the key is 16 random bytes, base64-encoded.

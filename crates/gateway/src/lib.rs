@@ -11,9 +11,11 @@
 //! - [`http`]: the public router: WebSocket upgrade checks, HTTP publish API, dev pages.
 //! - [`api`]: the server API (`--api-key`): disconnect and revoke users, room history.
 //! - [`listener`]: accept loop, TLS, HTTP/1 connections.
-//! - [`session`]: one WebSocket connection (reader, writer, protocol).
+//! - [`session`]: one connection's protocol state machine, over a [`transport::Transport`].
+//! - [`transport`]: what a session needs from a transport.
+//! - [`ws`]: the WebSocket transport: handshake answer, frame codec, socket I/O.
 //! - [`deflate`]: permessage-deflate: negotiation, compress once, bounded inflate.
-//! - [`outbound`]: a connection's bounded outbound queue.
+//! - [`outbound`]: a connection's outbound frames: direct writes, bounded queue.
 //! - [`limits`]: rate limits: token buckets, per-user publish buckets.
 //! - [`rooms`]: local room registry and fan-out.
 //! - [`broker`]: the broker trait, in-process and Redis implementations.
@@ -35,6 +37,8 @@ pub mod ops;
 pub mod outbound;
 pub mod rooms;
 pub mod session;
+pub mod transport;
+pub mod ws;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -1,9 +1,12 @@
 //! The node's local room registry and fan-out.
 //!
 //! A room exists here while it has at least one local member. The broker
-//! hands every message of a subscribed room to [`Rooms::deliver`] as one
-//! shared, already-encoded frame; fan-out clones the `Utf8Bytes` handle (a
-//! reference count) into each member's outbound queue, never re-encoding.
+//! hands every message of a subscribed room to [`Rooms::deliver`] as its
+//! JSON text; deliver encodes it once into its complete WebSocket frame
+//! (header and payload, one shared `Bytes`), and fan-out hands that same
+//! frame to every member's [`ConnHandle::send`], which writes it straight
+//! into the member's socket when nothing is queued for it (a reference
+//! count and one non-blocking write per member, never a re-encoding).
 //!
 //! A member that is joining is *pending*: live messages are buffered for it
 //! while its `joined` answer and replay are prepared, then
@@ -17,16 +20,18 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use wsgate_protocol::server::Id;
 use wsgate_protocol::{Joined, ServerFrame};
 
 use crate::metrics::Metrics;
 use crate::outbound::{CloseReason, ConnHandle};
+use crate::ws::codec;
 
 const SHARDS: usize = 64;
 
 /// Frames buffered for a pending member: (epoch, seq, frame).
-type Pending = Vec<(Arc<str>, u64, Utf8Bytes)>;
+type Pending = Vec<(Arc<str>, u64, Bytes)>;
 
 struct Member {
     conn: Arc<ConnHandle>,
@@ -87,9 +92,9 @@ fn joined_frame(
     seq: u64,
     recovered: Option<bool>,
     id: Option<Id>,
-) -> Utf8Bytes {
-    Utf8Bytes::from(
-        ServerFrame::Joined(Joined {
+) -> Bytes {
+    codec::text(
+        &ServerFrame::Joined(Joined {
             room: room.to_owned(),
             seq,
             epoch: epoch.to_owned(),
@@ -105,7 +110,7 @@ impl Member {
     /// epoch first when the member's client knows another one, and never
     /// sending a seq it was already sent or told about. Returns whether the
     /// message was queued.
-    fn send(&mut self, room: &str, epoch: &Arc<str>, seq: u64, frame: &Utf8Bytes) -> bool {
+    fn send(&mut self, room: &str, epoch: &Arc<str>, seq: u64, frame: &Bytes) -> bool {
         // Per member per message: the pointer check settles the usual case
         // (members hold the room's own `Arc` of its epoch) without
         // comparing the strings.
@@ -297,6 +302,8 @@ impl Rooms {
         };
         state.last_seq = seq;
         state.known = state.known.max(seq);
+        // Encoded once for every member of this node.
+        let frame = &codec::text(frame.as_str());
         let mut sent = 0u64;
         for m in &mut state.members {
             match &mut m.pending {
@@ -338,7 +345,6 @@ impl Rooms {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::VecDeque;
 
     fn setup() -> (Rooms, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new("t"));
@@ -350,10 +356,12 @@ mod tests {
         (h.clone(), h)
     }
 
+    /// The payloads of the text frames queued (short frames: 2-byte header).
     fn texts(h: &mut Arc<ConnHandle>) -> Vec<String> {
-        let mut batch = VecDeque::new();
-        h.try_take(&mut batch);
-        batch.iter().map(|t| t.as_str().to_owned()).collect()
+        h.take_queued()
+            .iter()
+            .map(|f| String::from_utf8_lossy(&f[2..]).into_owned())
+            .collect()
     }
 
     #[test]

@@ -1,22 +1,21 @@
-//! One WebSocket connection: a reader task that runs the protocol and a
-//! writer task that drains the connection's outbound queue in batches.
+//! One connection's protocol state machine, over a [`Transport`].
 //!
-//! The reader owns the connection's state (claims, rooms, rate bucket,
-//! heartbeat and expiry timers) and answers every frame; everything it and
-//! the rooms send goes through the same bounded queue ([`ConnHandle`]), so
-//! answers and room messages keep their order. Closing is started by setting
-//! a close reason on the handle; the writer then sends the Close frame.
+//! The session owns the connection's state (claims, rooms, rate buckets,
+//! heartbeat and expiry timers) and answers every client frame; it runs in
+//! the connection's one task, which also drives the transport's reads and
+//! writes. Everything it and the rooms send goes through the connection's
+//! [`ConnHandle`] (written straight into the socket, or queued behind what
+//! is already queued), so answers and room messages keep their order.
+//! Closing is started by setting a close reason on the handle; the session
+//! then has the transport send the Close and waits a moment for the reply.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use axum::extract::ws::Utf8Bytes;
 use serde_json::value::RawValue;
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, Instrument};
 use wsgate_protocol::server::Id;
 use wsgate_protocol::{
@@ -29,6 +28,8 @@ use crate::broker::control::DISCONNECTED;
 use crate::broker::{BrokerError, RoomHistory, Since};
 use crate::limits::Bucket;
 use crate::outbound::{CloseReason, ConnHandle};
+use crate::transport::{ClientEvent, Transport};
+use crate::ws::{codec, WsTransport};
 use crate::{App, Slot};
 
 /// How long a closing connection waits for the client's Close reply.
@@ -58,14 +59,9 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-type Sink = SplitSink<WebSocket, Message>;
-type Stream = SplitStream<WebSocket>;
-
-/// Build a connection's state from an upgraded socket. Synchronous on
-/// purpose: the socket is split here, so that no copy of the (large)
-/// `WebSocket` value is kept alive inside the connection's future.
+/// Build a connection's session and transport from an upgraded socket.
 pub(crate) fn start(
-    ws: WebSocket,
+    upgraded: hyper::upgrade::Upgraded,
     app: Arc<App>,
     claims: Claims,
     remote: &str,
@@ -79,14 +75,15 @@ pub(crate) fn start(
         node = %app.config.node_id,
         remote = %remote,
     );
-    let handle = ConnHandle::new(
-        conn_id.as_str(),
+    let (transport, handle) = WsTransport::new(
+        upgraded,
+        &conn_id,
         app.config.max_outbound_bytes,
+        app.config.max_message_bytes,
         app.metrics.clone(),
     );
-    let (sink, stream) = ws.split();
     Session::new(app, claims, slot, handle)
-        .run(sink, stream, conn_id)
+        .run(transport, conn_id)
         .instrument(span)
 }
 
@@ -94,60 +91,6 @@ fn expiry_instant(exp: u64, leeway: Duration) -> Instant {
     let deadline = Duration::from_secs(exp).saturating_add(leeway);
     let now = Duration::from_secs(now_secs());
     later(Instant::now(), deadline.saturating_sub(now))
-}
-
-/// Writes queued frames, one flush per batch, until the connection closes;
-/// then sends the Close frame if the server is the one closing.
-async fn write_loop(mut sink: Sink, handle: &ConnHandle, app: &App) {
-    let mut batch = VecDeque::new();
-    loop {
-        tokio::select! {
-            biased;
-            _ = handle.closed() => break,
-            ping = handle.take(&mut batch) => {
-                let written = tokio::select! {
-                    biased;
-                    _ = handle.closed() => break,
-                    r = write_batch(&mut sink, &mut batch, ping, handle) => r,
-                };
-                if written.is_err() {
-                    handle.end();
-                    break;
-                }
-            }
-        }
-    }
-    if let Some(reason) = handle.close_reason() {
-        app.metrics.closed(reason.code);
-        let frame = CloseFrame {
-            code: reason.code,
-            reason: Utf8Bytes::from_static(reason.reason),
-        };
-        let _ = timeout(
-            Duration::from_secs(1),
-            sink.send(Message::Close(Some(frame))),
-        )
-        .await;
-    }
-}
-
-async fn write_batch(
-    sink: &mut Sink,
-    batch: &mut VecDeque<Utf8Bytes>,
-    ping: bool,
-    handle: &ConnHandle,
-) -> Result<(), axum::Error> {
-    if ping {
-        sink.feed(Message::Ping(bytes::Bytes::new())).await?;
-    }
-    while let Some(text) = batch.pop_front() {
-        let len = text.len();
-        sink.feed(Message::Text(text)).await?;
-        handle.written(len);
-    }
-    sink.flush().await?;
-    handle.batch_written();
-    Ok(())
 }
 
 /// The rooms one connection is in: a plain vector, since there are at most
@@ -225,9 +168,9 @@ impl Session {
         })
     }
 
-    /// The connection's one task: the reader and the writer run side by
-    /// side in it (joined, not spawned), which saves a task per connection.
-    async fn run(mut self: Box<Self>, sink: Sink, stream: Stream, conn_id: String) {
+    /// The connection's one task: the protocol, and the transport's reads
+    /// and writes.
+    async fn run<T: Transport>(mut self: Box<Self>, mut transport: T, conn_id: String) {
         let app = self.app.clone();
         let handle = self.handle.clone();
         app.conns.insert(&self.claims.sub, &handle);
@@ -250,19 +193,11 @@ impl Session {
             node: app.config.node_id.to_string(),
             heartbeat_ms: app.config.heartbeat.as_millis() as u64,
         }));
-        // Both futures are built inside the join: a named local would keep a
-        // second, moved-from copy of the reader alive in this future's state.
-        let (ended, ()) = tokio::join!(
-            async {
-                let ended = self.read_loop(stream).await;
-                // Ends the writer (which sends our Close frame, if any).
-                handle.end();
-                ended
-            },
-            write_loop(sink, &handle, &app)
-        );
+        let ended = self.serve(&mut transport).await;
+        handle.end();
         self.leave_all();
         app.conns.remove(&self.claims.sub, &handle);
+        transport.finish().await;
         match handle.close_reason() {
             Some(r) => info!(
                 code = r.code,
@@ -274,7 +209,7 @@ impl Session {
     }
 
     fn send(&self, frame: ServerFrame) {
-        self.handle.send(Utf8Bytes::from(frame.to_json()));
+        self.handle.send(codec::text(&frame.to_json()));
     }
 
     fn error(&self, code: ErrorCode, message: impl Into<String>, id: Option<Id>) {
@@ -289,7 +224,17 @@ impl Session {
         self.handle.close(CloseReason { code, reason });
     }
 
-    async fn read_loop(&mut self, mut stream: Stream) -> Ended {
+    /// Have the transport send the server's Close, if the server closes.
+    async fn send_close<T: Transport>(&self, transport: &mut T) {
+        if let Some(reason) = self.handle.close_reason() {
+            self.app.metrics.closed(reason.code);
+            transport.close(reason).await;
+        }
+    }
+
+    /// Answer client events until the connection ends; the heartbeat,
+    /// token expiry and closing linger run here too.
+    async fn serve<T: Transport>(&mut self, transport: &mut T) -> Ended {
         let heartbeat = self.app.config.heartbeat;
         let pong_timeout = self.app.config.pong_timeout;
         let mut next_ping = later(Instant::now(), heartbeat);
@@ -320,6 +265,7 @@ impl Session {
                     if self.handle.close_reason().is_none() {
                         return "write side ended";
                     }
+                    self.send_close(transport).await;
                     closing_since = Some(Instant::now());
                 }
                 _ = &mut timer => {
@@ -332,6 +278,7 @@ impl Session {
                     } else if awaiting.is_some_and(|sent| now >= later(sent, pong_timeout)) {
                         // Do not wait for a silent peer's reply.
                         self.close(close::POLICY, "heartbeat timeout");
+                        self.send_close(transport).await;
                         return "heartbeat timeout";
                     } else if now >= next_ping {
                         self.handle.ping();
@@ -339,32 +286,28 @@ impl Session {
                         next_ping = later(now, heartbeat);
                     }
                 }
-                msg = stream.next() => {
-                    let Some(msg) = msg else { return "connection ended" };
+                event = transport.next_event() => {
                     if closing_since.is_some() {
-                        if msg.is_err() {
-                            return "connection ended";
+                        match event {
+                            ClientEvent::Closed | ClientEvent::Gone | ClientEvent::Violation(_) => {
+                                return "connection ended";
+                            }
+                            _ => continue,
                         }
-                        continue;
                     }
                     awaiting = None;
-                    match msg {
+                    match event {
                         // Boxed: handling a frame needs far more state than
                         // waiting for one, and idle connections only wait.
-                        Ok(Message::Text(text)) => Box::pin(self.on_text(text)).await,
-                        Ok(Message::Binary(_)) => {
+                        ClientEvent::Text(text) => Box::pin(self.on_text(text)).await,
+                        ClientEvent::Binary => {
                             self.close(close::UNSUPPORTED_DATA, "binary frames are not supported");
                         }
-                        Ok(Message::Ping(_) | Message::Pong(_)) => {}
-                        // The library answers the Close; the next read ends the stream.
-                        Ok(Message::Close(_)) => {}
-                        Err(e) => {
-                            if let Some((code, reason)) = classify(e) {
-                                self.close(code, reason);
-                            } else {
-                                return "connection error";
-                            }
-                        }
+                        ClientEvent::Activity => {}
+                        // The transport answered the client's Close.
+                        ClientEvent::Closed => return "closed by the client",
+                        ClientEvent::Violation(reason) => self.close(reason.code, reason.reason),
+                        ClientEvent::Gone => return "connection ended",
                     }
                 }
             }
@@ -500,7 +443,7 @@ impl Session {
         let mut replayed = 0;
         let complete = loop {
             for (seq, frame) in page {
-                if seq != next || !self.handle.send_paced(frame, patience).await {
+                if seq != next || !self.handle.send_paced(codec::text(&frame), patience).await {
                     break;
                 }
                 next += 1;
@@ -641,26 +584,6 @@ impl Session {
                 id,
             ),
         }
-    }
-}
-
-/// Map a read error to the close code PROTOCOL.md gives it; `None` when
-/// the connection is simply gone.
-fn classify(e: axum::Error) -> Option<(u16, &'static str)> {
-    use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
-    let inner = e.into_inner();
-    let ws = inner.downcast_ref::<WsError>()?;
-    match ws {
-        // The peer went away (reset or EOF) without a Close frame, as a
-        // killed client does: closed by the client, not a protocol error.
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
-        WsError::Utf8(_) => Some((close::INVALID_PAYLOAD, "invalid UTF-8 in text frame")),
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-            Some((close::TOO_BIG, "message too big"))
-        }
-        WsError::Capacity(_) => Some((close::TOO_BIG, "message too big")),
-        WsError::Protocol(_) => Some((close::PROTOCOL_ERROR, "protocol error")),
-        _ => None,
     }
 }
 

@@ -119,8 +119,11 @@ async fn since_beyond_history_is_not_recovered_and_replays_nothing() {
     let (mut pubr, _) = Ws::open(&node.ws_url(), "pub").await;
     let (mut ws, _) = Ws::open(&node.ws_url(), "alice").await;
     let epoch = ws.join("r").await["epoch"].as_str().unwrap().to_owned();
-    ws.close(1000).await;
+    // Published while alice is still a member: a room left without history
+    // and members is forgotten (a new epoch), and alice's close must not
+    // race the first publish.
     publish_n(&mut pubr, "r", 0, 10).await;
+    ws.close(1000).await;
     let (mut ws, _) = Ws::open(&node.ws_url(), "alice").await;
     // History keeps at least 3: seq 7 onwards. Resuming from 2 needs seq 3.
     let joined = resume(&mut ws, "r", 2, Some(&epoch)).await;

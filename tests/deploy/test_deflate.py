@@ -31,7 +31,6 @@ def clients(node, *subs):
     return [WsClient(node.ws_url, mint_token(SECRET, sub), compression="deflate") for sub in subs]
 
 
-@pytest.mark.skip(reason="needs the connection-layer codec")
 def test_websockets_negotiates_deflate_and_reads_compressed_frames(node):
     alice, bob = clients(node, "alice", "bob")
     try:

@@ -259,6 +259,17 @@ pub enum InflateError {
     Corrupt,
 }
 
+impl RsvError {
+    /// The close reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            RsvError::NotNegotiated => "RSV1 without permessage-deflate",
+            RsvError::Control => "RSV1 on a control frame",
+            RsvError::Continuation => "RSV1 on a continuation frame",
+        }
+    }
+}
+
 impl InflateError {
     /// The WebSocket close code this ends the connection with.
     pub fn close_code(self) -> u16 {

@@ -683,11 +683,25 @@ mod tests {
     }
 
     fn app_with(broker: Arc<dyn crate::broker::Broker>) -> Arc<App> {
+        app_from(&[], |_, _| broker)
+    }
+
+    /// A node's state from these flags (and `--jwt-secret s`), with the
+    /// broker `broker` builds for its rooms.
+    fn app_from(
+        flags: &[&str],
+        broker: impl FnOnce(
+            Arc<crate::rooms::Rooms>,
+            Arc<crate::metrics::Metrics>,
+        ) -> Arc<dyn crate::broker::Broker>,
+    ) -> Arc<App> {
         use clap::Parser;
-        let cli = crate::config::Cli::try_parse_from(["wsgate", "--jwt-secret", "s"]).unwrap();
+        let args = ["wsgate", "--jwt-secret", "s"].iter().chain(flags);
+        let cli = crate::config::Cli::try_parse_from(args).unwrap();
         let (config, _) = cli.serve.into_config().unwrap();
         let metrics = Arc::new(crate::metrics::Metrics::new("n"));
         let conns = Arc::new(crate::Conns::default());
+        let rooms = Arc::new(crate::rooms::Rooms::new(metrics.clone()));
         Arc::new(App {
             limits: crate::limits::UserLimits::new(1.0, 1),
             control: Arc::new(crate::broker::control::Control::new(conns.clone(), &config)),
@@ -697,10 +711,10 @@ mod tests {
             conn_seq: Default::default(),
             conn_prefix: 0,
             sessions: Default::default(),
-            rooms: Arc::new(crate::rooms::Rooms::new(metrics.clone())),
+            broker: broker(rooms.clone(), metrics.clone()),
+            rooms,
             config,
             metrics,
-            broker,
         })
     }
 
@@ -753,5 +767,260 @@ mod tests {
         );
         app.rooms.deliver("lobby", "e", 1, &frame);
         assert_eq!(app.metrics.messages_delivered.get(), 0);
+    }
+
+    /// A transport without a socket: the test feeds client events; the
+    /// session's frames stay in its handle's queue.
+    struct FakeTransport {
+        events: tokio::sync::mpsc::UnboundedReceiver<ClientEvent>,
+        closes: Arc<std::sync::Mutex<Vec<CloseReason>>>,
+    }
+
+    impl Transport for FakeTransport {
+        async fn next_event(&mut self) -> ClientEvent {
+            match self.events.recv().await {
+                Some(e) => e,
+                // The test is done sending: a client that stays silent.
+                None => std::future::pending().await,
+            }
+        }
+        async fn close(&mut self, reason: CloseReason) {
+            self.closes.lock().unwrap().push(reason);
+        }
+        async fn finish(self) {}
+    }
+
+    /// A running session of `alice` (token valid for `ttl`) on a node with
+    /// an in-process broker and these flags.
+    struct Running {
+        app: Arc<App>,
+        handle: Arc<ConnHandle>,
+        client: tokio::sync::mpsc::UnboundedSender<ClientEvent>,
+        closes: Arc<std::sync::Mutex<Vec<CloseReason>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn token(_app: &App, sub: &str, ttl: Duration) -> String {
+        let all = ["*".to_owned()];
+        crate::auth::mint_hs256(
+            b"s",
+            &crate::auth::MintRequest {
+                sub,
+                rooms: &all,
+                publish: &all,
+                ttl,
+                issuer: None,
+                audience: None,
+            },
+        )
+        .unwrap()
+    }
+
+    fn running(flags: &[&str], ttl: Duration) -> Running {
+        let app = app_from(flags, |rooms, metrics| {
+            Arc::new(crate::broker::memory::MemoryBroker::new(
+                100,
+                1 << 20,
+                rooms,
+                metrics,
+            ))
+        });
+        let claims = app.verify_token(&token(&app, "alice", ttl)).unwrap();
+        let handle = ConnHandle::new("c-1", 1 << 20, app.metrics.clone());
+        let (client, events) = tokio::sync::mpsc::unbounded_channel();
+        let closes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let transport = FakeTransport {
+            events,
+            closes: closes.clone(),
+        };
+        let slot = app.try_slot().unwrap();
+        let session = Session::new(app.clone(), claims, slot, handle.clone());
+        let task = tokio::spawn(session.run(transport, "c-1".into()));
+        Running {
+            app,
+            handle,
+            client,
+            closes,
+            task,
+        }
+    }
+
+    impl Running {
+        fn say(&self, frame: serde_json::Value) {
+            let text = Utf8Bytes::from(frame.to_string());
+            self.client.send(ClientEvent::Text(text)).unwrap();
+        }
+
+        /// The frames the session sent so far: JSON texts, and "ping".
+        async fn sent(&self) -> Vec<serde_json::Value> {
+            // Let the session handle what it was given.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            let mut out = Vec::new();
+            for f in self.handle.take_queued() {
+                if f[..] == codec::ping()[..] {
+                    out.push(serde_json::json!("ping"));
+                    continue;
+                }
+                let at = match f[1] {
+                    126 => 4,
+                    127 => 10,
+                    _ => 2,
+                };
+                out.push(serde_json::from_slice(&f[at..]).unwrap());
+            }
+            out
+        }
+
+        fn closes(&self) -> Vec<u16> {
+            self.closes.lock().unwrap().iter().map(|r| r.code).collect()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_token_closes_with_4001() {
+        let s = running(&["--heartbeat", "1h"], Duration::from_secs(60));
+        assert_eq!(s.sent().await[0]["type"], "welcome");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(s.closes().is_empty(), "closed before expiry");
+        // exp (60 s, rounded up) plus the 5 s leeway, and the linger.
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        assert_eq!(s.closes(), [close::TOKEN_EXPIRED]);
+        assert_eq!(
+            s.handle.close_reason().map(|r| r.reason),
+            Some("token expired")
+        );
+        tokio::time::sleep(CLOSE_LINGER).await;
+        assert!(s.task.is_finished(), "the closing linger is bounded");
+        assert!(s.app.conns.all().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_pinged_then_closed_with_1008() {
+        let s = running(
+            &["--heartbeat", "30s", "--pong-timeout", "10s"],
+            Duration::from_secs(3600),
+        );
+        assert_eq!(s.sent().await[0]["type"], "welcome");
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert_eq!(s.sent().await, ["ping"]);
+        assert!(s.closes().is_empty());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(s.closes(), [close::POLICY]);
+        assert_eq!(
+            s.handle.close_reason().map(|r| r.reason),
+            Some("heartbeat timeout")
+        );
+        s.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_answers_pings_stays() {
+        let s = running(
+            &["--heartbeat", "30s", "--pong-timeout", "10s"],
+            Duration::from_secs(3600),
+        );
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(31)).await;
+            assert_eq!(s.sent().await.last(), Some(&serde_json::json!("ping")));
+            s.client.send(ClientEvent::Activity).unwrap();
+        }
+        assert!(s.closes().is_empty());
+        assert!(!s.task.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_close_waits_for_the_reply_at_most_the_linger() {
+        let s = running(&[], Duration::from_secs(3600));
+        s.sent().await;
+        s.handle.close(DISCONNECTED);
+        s.sent().await;
+        assert_eq!(s.closes(), [DISCONNECTED.code]);
+        // Frames arriving meanwhile are not answered.
+        s.say(serde_json::json!({"type":"ping","id":1}));
+        assert!(s.sent().await.is_empty());
+        tokio::time::sleep(CLOSE_LINGER - Duration::from_millis(100)).await;
+        assert!(!s.task.is_finished(), "ended before the linger");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(s.task.is_finished(), "lingered past its bound");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_clients_close_reply_ends_the_linger_at_once() {
+        let s = running(&[], Duration::from_secs(3600));
+        s.handle.close(DISCONNECTED);
+        s.sent().await;
+        s.client.send(ClientEvent::Closed).unwrap();
+        s.sent().await;
+        assert!(s.task.is_finished());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn join_publish_and_refresh_are_answered() {
+        let s = running(&["--heartbeat", "1h"], Duration::from_secs(60));
+        s.sent().await;
+        s.say(serde_json::json!({"type":"join","room":"r","id":"j"}));
+        let got = s.sent().await;
+        assert_eq!(
+            (&got[0]["type"], &got[0]["id"], &got[0]["seq"]),
+            (
+                &serde_json::json!("joined"),
+                &serde_json::json!("j"),
+                &serde_json::json!(0)
+            )
+        );
+        s.say(serde_json::json!({"type":"publish","room":"r","data":{"x":1},"id":"p"}));
+        let got = s.sent().await;
+        let types: Vec<_> = got.iter().map(|v| v["type"].as_str().unwrap()).collect();
+        assert!(
+            types.contains(&"ack") && types.contains(&"message"),
+            "{got:?}"
+        );
+        let ack = got.iter().find(|v| v["type"] == "ack").unwrap();
+        assert_eq!(
+            (&ack["id"], &ack["seq"]),
+            (&serde_json::json!("p"), &serde_json::json!(1))
+        );
+
+        let other = token(&s.app, "bob", Duration::from_secs(60));
+        s.say(serde_json::json!({"type":"refresh","token":other,"id":"r1"}));
+        let got = s.sent().await;
+        assert_eq!(
+            (&got[0]["type"], &got[0]["code"]),
+            (
+                &serde_json::json!("error"),
+                &serde_json::json!("invalid_token")
+            )
+        );
+
+        // A fresh token moves the expiry: no 4001 at the first one.
+        let fresh = token(&s.app, "alice", Duration::from_secs(3600));
+        s.say(serde_json::json!({"type":"refresh","token":fresh,"id":"r2"}));
+        let got = s.sent().await;
+        assert_eq!(
+            (&got[0]["type"], &got[0]["id"]),
+            (&serde_json::json!("refreshed"), &serde_json::json!("r2"))
+        );
+        tokio::time::sleep(Duration::from_secs(90)).await;
+        assert!(s.closes().is_empty(), "{:?}", s.closes());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_binary_frame_or_a_violation_closes_with_its_code() {
+        let s = running(&[], Duration::from_secs(3600));
+        s.client.send(ClientEvent::Binary).unwrap();
+        s.sent().await;
+        assert_eq!(s.closes(), [close::UNSUPPORTED_DATA]);
+
+        let s = running(&[], Duration::from_secs(3600));
+        s.client
+            .send(ClientEvent::Violation(CloseReason {
+                code: close::TOO_BIG,
+                reason: "message too big",
+            }))
+            .unwrap();
+        s.sent().await;
+        assert_eq!(s.closes(), [close::TOO_BIG]);
     }
 }

@@ -598,6 +598,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ws::codec;
 
     #[test]
     fn expiry_includes_leeway() {

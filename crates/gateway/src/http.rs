@@ -31,8 +31,8 @@ use crate::auth::{self, AuthError, Claims, MintRequest};
 use crate::broker::BrokerError;
 use crate::metrics::{Limit, Rejection};
 use crate::session::{self, now_ms};
+use crate::state::App;
 use crate::ws;
-use crate::App;
 
 /// The peer address of an HTTP connection (set by the listener).
 #[derive(Debug, Clone, Copy)]

@@ -250,6 +250,9 @@ pub struct ServeArgs {
     /// Longest an operations connection lives (one request per connection).
     #[arg(long, env = "WSGATE_OPS_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub ops_timeout: Duration,
+    /// Compression (permessage-deflate).
+    #[command(flatten)]
+    pub compression: crate::deflate::CompressionArgs,
 }
 
 /// Default of `--max-inflight-body-bytes`: 64 MiB.
@@ -467,6 +470,8 @@ pub struct Config {
     pub max_ops_connections: usize,
     /// Lifetime of an operations connection.
     pub ops_timeout: Duration,
+    /// permessage-deflate settings.
+    pub compression: crate::deflate::Compression,
 }
 
 impl Config {
@@ -753,6 +758,7 @@ impl ServeArgs {
                 max_inflight_body_bytes: self.max_inflight_body_bytes,
                 max_ops_connections: self.max_ops_connections,
                 ops_timeout: self.ops_timeout,
+                compression: self.compression.settings(),
             },
             notes,
         ))

@@ -252,11 +252,21 @@ async fn upgrade(
     };
     app.metrics.connections_accepted.inc();
     let remote = remote(headers, peer.as_ref().map(|p| &p.0));
-    let response = ws::handshake::switching_protocols(headers);
+    let compression = app.config.compression;
+    let deflate = compression.negotiate(
+        headers
+            .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    );
+    let response = ws::handshake::switching_protocols(headers, deflate);
+    let compress_from = deflate.map(|_| compression.min_bytes);
     let session_app = app.clone();
     let session = app.track_session(async move {
         match on_upgrade.await {
-            Ok(upgraded) => session::start(upgraded, session_app, claims, &remote, slot).await,
+            Ok(upgraded) => {
+                session::start(upgraded, session_app, claims, &remote, slot, compress_from).await
+            }
             Err(e) => warn!(error = %e, "websocket upgrade failed"),
         }
     });

@@ -18,6 +18,7 @@
 //! - [`session`]: one connection's protocol state machine, over a [`transport::Transport`].
 //! - [`transport`]: what a session needs from a transport.
 //! - [`ws`]: the WebSocket transport: handshake answer, frame codec, socket I/O.
+//! - [`deflate`]: permessage-deflate: negotiation, compress once, bounded inflate.
 //! - [`outbound`]: a connection's outbound frames: direct writes, bounded queue.
 //! - [`limits`]: rate limits: token buckets, per-user publish buckets.
 //! - [`rooms`]: room membership (join, leave, subscriptions) and fan-out.
@@ -30,6 +31,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod deflate;
 pub mod http;
 pub mod limits;
 pub mod listener;

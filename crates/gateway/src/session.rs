@@ -30,7 +30,7 @@ use crate::limits::Bucket;
 use crate::outbound::{CloseReason, ConnHandle};
 use crate::state::{App, Slot};
 use crate::transport::{ClientEvent, Transport};
-use crate::ws::{codec, WsTransport};
+use crate::ws::WsTransport;
 
 /// How long a closing connection waits for the client's Close reply.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -59,13 +59,15 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Build a connection's session and transport from an upgraded socket.
+/// Build a connection's session and transport from an upgraded socket;
+/// `compress_from` when permessage-deflate was negotiated.
 pub(crate) fn start(
     upgraded: hyper::upgrade::Upgraded,
     app: Arc<App>,
     claims: Claims,
     remote: &str,
     slot: Slot,
+    compress_from: Option<usize>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let conn_id = app.next_conn_id();
     let span = tracing::info_span!(
@@ -81,6 +83,7 @@ pub(crate) fn start(
         app.config.max_outbound_bytes,
         app.config.max_message_bytes,
         app.metrics.clone(),
+        compress_from,
     );
     Session::new(app, claims, slot, handle)
         .run(transport, conn_id)
@@ -209,7 +212,7 @@ impl Session {
     }
 
     fn send(&self, frame: ServerFrame) {
-        self.handle.send(codec::text(&frame.to_json()));
+        self.handle.send(self.handle.text(&frame.to_json()));
     }
 
     fn error(&self, code: ErrorCode, message: impl Into<String>, id: Option<Id>) {
@@ -513,6 +516,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ws::codec;
 
     #[test]
     fn expiry_includes_leeway() {

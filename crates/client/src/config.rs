@@ -116,6 +116,10 @@ pub struct ClientConfig {
     /// Seed of the backoff's jitter, for reproducible schedules in tests;
     /// `None` seeds from the operating system.
     pub rng_seed: Option<u64>,
+    /// Offer permessage-deflate (RFC 7692) in the upgrade (default `true`):
+    /// a gateway that accepts it sends its larger frames compressed, and the
+    /// client inflates them (it sends its own frames uncompressed).
+    pub compression: bool,
     /// TLS settings for `wss://` (for example a private root certificate);
     /// `None` uses the platform's root certificates.
     #[cfg(feature = "tls")]
@@ -138,6 +142,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             rng_seed: None,
+            compression: true,
             #[cfg(feature = "tls")]
             tls: None,
         }

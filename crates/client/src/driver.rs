@@ -33,10 +33,11 @@ use crate::backoff::Backoff;
 use crate::config::{ClientConfig, TokenSource};
 use crate::error::ClientError;
 use crate::event::{Event, JoinInfo};
+use crate::inflate::Inflating;
 use crate::jwt::jwt_exp;
 use crate::tracker::RoomTracker;
 
-type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type WsStream = WebSocketStream<Inflating<MaybeTlsStream<TcpStream>>>;
 type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
 
 /// A request from a [`Client`](crate::Client) handle.
@@ -457,6 +458,7 @@ impl Driver {
 
     /// Serve one connection until it ends.
     async fn session(&mut self, ws: WsStream, welcome: Welcome, url: &str) -> SessionEnd {
+        let compressed = ws.get_ref().negotiated();
         let (sink, mut stream) = ws.split();
         let (out, out_rx) = mpsc::unbounded_channel();
         let writer: JoinHandle<()> = tokio::spawn(write_loop(sink, out_rx));
@@ -474,6 +476,7 @@ impl Driver {
             conn: welcome.conn.clone(),
             user: welcome.user.clone(),
             heartbeat_ms: welcome.heartbeat_ms,
+            compressed,
         });
         // `connect` returns after the `Connected` event is queued.
         if let Some(first) = self.first.take() {
@@ -1102,33 +1105,89 @@ async fn establish(
     }
 }
 
+type Request = tokio_tungstenite::tungstenite::handshake::client::Request;
+type Response = tokio_tungstenite::tungstenite::handshake::client::Response;
+type WsError = tokio_tungstenite::tungstenite::Error;
+
+/// TCP (+ TLS for `wss://`), then the upgrade, offering permessage-deflate
+/// unless `cfg.compression` is off. The TLS layer is set up here rather
+/// than by tokio-tungstenite so that the inflating adapter sits between it
+/// and the WebSocket protocol (see `inflate.rs`).
+async fn connect(cfg: &ClientConfig, mut req: Request) -> Result<(WsStream, Response), WsError> {
+    use tokio_tungstenite::tungstenite::error::UrlError;
+    let uri = req.uri();
+    let tls = match uri.scheme_str() {
+        Some("wss") => true,
+        Some("ws") => false,
+        _ => return Err(WsError::Url(UrlError::UnsupportedUrlScheme)),
+    };
+    let host = uri
+        .host()
+        .ok_or(WsError::Url(UrlError::NoHostName))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+    tcp.set_nodelay(true)?;
+    let stream = if tls {
+        tls_stream(cfg, &host, tcp).await?
+    } else {
+        MaybeTlsStream::Plain(tcp)
+    };
+    if cfg.compression {
+        req.headers_mut().insert(
+            "sec-websocket-extensions",
+            HeaderValue::from_static(crate::inflate::OFFER),
+        );
+    }
+    tokio_tungstenite::client_async_with_config(req, Inflating::new(stream), None).await
+}
+
 #[cfg(feature = "tls")]
-async fn connect(
+async fn tls_stream(
     cfg: &ClientConfig,
-    req: tokio_tungstenite::tungstenite::handshake::client::Request,
-) -> Result<
-    (
-        WsStream,
-        tokio_tungstenite::tungstenite::handshake::client::Response,
-    ),
-    tokio_tungstenite::tungstenite::Error,
-> {
-    let connector = cfg.tls.clone().map(tokio_tungstenite::Connector::Rustls);
-    tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector).await
+    host: &str,
+    tcp: TcpStream,
+) -> Result<MaybeTlsStream<TcpStream>, WsError> {
+    use std::sync::Arc;
+    use tokio_tungstenite::tungstenite::error::TlsError;
+    let config = match &cfg.tls {
+        Some(c) => c.clone(),
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            if found.certs.is_empty() {
+                return Err(WsError::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no native root CA certificates found",
+                )));
+            }
+            roots.add_parsable_certificates(found.certs);
+            Arc::new(
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            )
+        }
+    };
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|_| WsError::Tls(TlsError::InvalidDnsName))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    Ok(MaybeTlsStream::Rustls(tls))
 }
 
 #[cfg(not(feature = "tls"))]
-async fn connect(
+async fn tls_stream(
     _cfg: &ClientConfig,
-    req: tokio_tungstenite::tungstenite::handshake::client::Request,
-) -> Result<
-    (
-        WsStream,
-        tokio_tungstenite::tungstenite::handshake::client::Response,
-    ),
-    tokio_tungstenite::tungstenite::Error,
-> {
-    tokio_tungstenite::connect_async_with_config(req, None, true).await
+    _host: &str,
+    _tcp: TcpStream,
+) -> Result<MaybeTlsStream<TcpStream>, WsError> {
+    Err(WsError::Url(
+        tokio_tungstenite::tungstenite::error::UrlError::TlsFeatureNotEnabled,
+    ))
 }
 
 /// A refused upgrade in words: the status, and the gateway's own reason

@@ -29,6 +29,9 @@ pub enum Event {
         user: String,
         /// The node's Ping interval.
         heartbeat_ms: u64,
+        /// Whether the node accepted permessage-deflate (its larger frames
+        /// arrive compressed; see `ClientConfig::compression`).
+        compressed: bool,
     },
     /// A room message, delivered once: never a seq twice within an epoch.
     Message(Message),

@@ -51,6 +51,7 @@ mod config;
 mod driver;
 mod error;
 mod event;
+mod inflate;
 mod jwt;
 mod tracker;
 

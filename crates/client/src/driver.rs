@@ -853,7 +853,11 @@ impl Driver {
                 return Some(self.next_refresh());
             }
             ServerFrame::Error(e) => return self.on_error(s, pending, e),
-            ServerFrame::Welcome(_) | ServerFrame::Pong(_) => {}
+            ServerFrame::Welcome(_)
+            | ServerFrame::Pong(_)
+            | ServerFrame::Presence(_)
+            | ServerFrame::PresenceJoin(_)
+            | ServerFrame::PresenceLeave(_) => {}
         }
         None
     }
@@ -978,6 +982,7 @@ impl Session {
             room: room.to_owned(),
             since,
             epoch,
+            presence: false,
             id: Some(num(id)),
         });
         self.track(

@@ -15,6 +15,7 @@
 //! - [`outbound`]: a connection's bounded outbound queue.
 //! - [`limits`]: rate limits: token buckets, per-user publish buckets.
 //! - [`rooms`]: local room registry and fan-out.
+//! - [`presence`]: who is in a room, across the cluster (leases in Redis).
 //! - [`broker`]: the broker trait, in-process and Redis implementations.
 //! - [`ops`]: `/health`, `/ready`, `/metrics` on the operations listener.
 //! - [`metrics`]: Prometheus metrics.
@@ -31,6 +32,7 @@ pub mod logging;
 pub mod metrics;
 pub mod ops;
 pub mod outbound;
+pub mod presence;
 pub mod rooms;
 pub mod session;
 
@@ -119,6 +121,8 @@ pub struct App {
     pub rooms: Arc<Rooms>,
     /// The broker.
     pub broker: Arc<dyn Broker>,
+    /// Presence (section 6).
+    pub presence: Arc<presence::Presence>,
     /// Per-user publish buckets (WebSocket and HTTP API).
     pub limits: limits::UserLimits,
     /// Disconnects and revocations of the server API.
@@ -220,9 +224,9 @@ pub async fn run(
     let control = Arc::new(Control::new(conns.clone(), &config));
     let background = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let broker: Arc<dyn Broker> = match &config.redis_url {
+    let (broker, presence): (Arc<dyn Broker>, _) = match &config.redis_url {
         Some(url) => {
-            broker::redis::RedisBroker::start(
+            let redis = broker::redis::RedisBroker::start(
                 url,
                 config.redis_cluster,
                 broker::redis::Settings {
@@ -237,7 +241,16 @@ pub async fn run(
                 background.clone(),
                 &tasks,
             )
-            .await?
+            .await?;
+            let presence = presence::Presence::redis(
+                redis.link(),
+                config.presence_ttl,
+                &metrics,
+                &config.node_id,
+                background.clone(),
+                &tasks,
+            );
+            (redis, presence)
         }
         None => {
             let memory = Arc::new(broker::memory::MemoryBroker::new(
@@ -259,7 +272,10 @@ pub async fn run(
                     }
                 }
             });
-            memory
+            (
+                memory,
+                presence::Presence::memory(&metrics, &config.node_id),
+            )
         }
     };
     let app = Arc::new(App {
@@ -275,6 +291,7 @@ pub async fn run(
         metrics,
         rooms,
         broker,
+        presence,
     });
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let public_addr = addr(&listeners.public);
@@ -299,6 +316,7 @@ pub async fn run(
 
     stop.cancelled().await;
     drain(&app).await;
+    app.presence.stop().await;
     background.cancel();
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_millis(500), tasks.wait()).await;

@@ -402,6 +402,7 @@ impl Session {
                     let app = &self.app;
                     app.presence
                         .join(&room, &self.claims.sub, &self.handle, presence);
+                    app.presence.settled(&room, &self.claims.sub).await;
                 }
             }
             ClientCommand::Presence { room } => self.presence(&room, id).await,

@@ -164,6 +164,15 @@ impl Presence {
         }
     }
 
+    /// After [`join`](Self::join): wait until the cluster sees `user` in
+    /// `room` (Redis: this node's write of it is done, bounded), so that a
+    /// query right after a join lists the joining user.
+    pub async fn settled(&self, room: &str, user: &str) {
+        if let Some(r) = &self.redis {
+            r.settled(room, user).await;
+        }
+    }
+
     /// `conn` is no longer a member of `room` (idempotent).
     pub fn leave(&self, room: &str, conn: &Arc<ConnHandle>) {
         let mut local = lock(&self.local);

@@ -52,6 +52,8 @@ const IN_FLIGHT: usize = 256;
 const REAP_BATCH: usize = 16;
 /// Pause after a failed flush before the next attempt.
 const RETRY: Duration = Duration::from_millis(500);
+/// Longest a join waits for its presence to be written.
+const SETTLE_WAIT: Duration = Duration::from_secs(1);
 
 /// KEYS: held, refs, users. ARGV: user, '1' add / '0' remove, channel,
 /// publish command. Idempotent: an add of a user the incarnation already
@@ -143,7 +145,10 @@ pub struct RedisPresence {
     node: String,
     ttl: Duration,
     inc: Mutex<String>,
-    dirty: Mutex<HashSet<Entry>>,
+    /// Entries to write, and how many batches were taken from it so far.
+    dirty: Mutex<(HashSet<Entry>, u64)>,
+    /// The last batch written (or given up on).
+    done: tokio::sync::watch::Sender<u64>,
     wake: Notify,
     /// Held during a flush; `stop` takes it so that no write follows its
     /// clean-up.
@@ -174,6 +179,7 @@ impl Presence {
                 ttl,
                 inc: Mutex::new(new_incarnation(node)),
                 dirty: Mutex::default(),
+                done: tokio::sync::watch::channel(0).0,
                 wake: Notify::new(),
                 flushing: tokio::sync::Mutex::new(()),
                 stopped: AtomicBool::new(false),
@@ -198,8 +204,28 @@ impl RedisPresence {
 
     /// `user`'s local presence in `room` changed: write it soon.
     pub(super) fn changed(&self, room: &str, user: &Arc<str>) {
-        lock(&self.dirty).insert((Arc::from(room), user.clone()));
+        lock(&self.dirty).0.insert((Arc::from(room), user.clone()));
         self.wake.notify_one();
+    }
+
+    /// Wait (at most [`SETTLE_WAIT`]) until `user`'s presence in `room` as
+    /// this node sees it is written, so that a query right after a join
+    /// lists the joining user.
+    pub(super) async fn settled(&self, room: &str, user: &str) {
+        let mut done = self.done.subscribe();
+        let written = |done: u64| {
+            let dirty = lock(&self.dirty);
+            // Not waiting, and every batch taken so far is written.
+            !dirty.0.contains(&(Arc::from(room), Arc::from(user))) && done >= dirty.1
+        };
+        let _ = tokio::time::timeout(SETTLE_WAIT, async {
+            while !written(*done.borrow_and_update()) {
+                if done.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
     }
 
     pub(super) async fn query(&self, room: &str) -> Result<Snapshot, BrokerError> {
@@ -286,17 +312,22 @@ async fn flush_loop(p: Arc<Presence>, stop: CancellationToken) {
         if r.stopped.load(Ordering::Acquire) {
             return;
         }
-        let batch: Vec<Entry> = lock(&r.dirty).drain().collect();
-        if batch.is_empty() {
-            retry = false;
-            continue;
-        }
+        let (batch, round) = {
+            let mut dirty = lock(&r.dirty);
+            if dirty.0.is_empty() {
+                retry = false;
+                continue;
+            }
+            dirty.1 += 1;
+            (dirty.0.drain().collect::<Vec<Entry>>(), dirty.1)
+        };
         let failed = flush(&p, r, &batch).await;
         drop(guard);
+        r.done.send_replace(round);
         retry = !failed.is_empty();
         if retry {
             debug!(entries = failed.len(), "presence: writes failed; retrying");
-            lock(&r.dirty).extend(failed);
+            lock(&r.dirty).0.extend(failed);
         }
     }
 }
@@ -404,7 +435,7 @@ async fn lease_loop(p: Arc<Presence>, stop: CancellationToken) {
                     .query_async::<()>(&mut conn.clone())
                     .await;
                 if renewed.is_ok() {
-                    lock(&r.dirty).extend(p.all_local());
+                    lock(&r.dirty).0.extend(p.all_local());
                     r.wake.notify_one();
                 }
             }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use wsgate_testkit::{
-    any_token, eventually, eventually_for, http, http_get, token, BinNode, Node, Redis, Ws,
+    any_token, eventually, eventually_for, http, http_get, token, BinNode, Node, Redis,
+    RedisCluster, Ws,
 };
 
 /// The presence lease of the Redis tests: short, to keep them fast.
@@ -391,4 +392,50 @@ async fn presence_recovers_after_redis_restarts_empty() {
     .await;
     let v = query(&mut a, "lobby").await;
     assert_eq!(v["count"], 2);
+}
+
+#[tokio::test]
+async fn presence_works_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3);
+    let urls = cluster.urls();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let node = Node::start(&[
+            "--redis-url",
+            &urls,
+            "--redis-cluster",
+            "--presence-ttl",
+            TTL,
+        ])
+        .await;
+        wait_ready(&node.ops_url()).await;
+        nodes.push(node);
+    }
+    let (mut watcher, _) = Ws::open(&nodes[1].ws_url(), "w").await;
+    // Rooms on different slots: each room's keys and events stay on its own.
+    for room in ["lobby", "r2", "r3"] {
+        join(&mut watcher, room, true).await;
+    }
+    let (mut a, _) = Ws::open(&nodes[0].ws_url(), "alice").await;
+    for room in ["lobby", "r2", "r3"] {
+        join(&mut a, room, false).await;
+        assert_eq!(
+            event(&mut watcher, Duration::from_secs(2)).await,
+            json!({"type":"presence_join","room":room,"user":"alice"})
+        );
+        until_users(&mut watcher, room, &["alice", "w"], Duration::from_secs(2)).await;
+    }
+    a.close(1000).await;
+    a.ended().await;
+    let mut left = Vec::new();
+    for _ in 0..3 {
+        let v = event(&mut watcher, Duration::from_secs(2)).await;
+        assert_eq!(
+            (v["type"].as_str(), v["user"].as_str()),
+            (Some("presence_leave"), Some("alice"))
+        );
+        left.push(v["room"].as_str().unwrap().to_owned());
+    }
+    left.sort();
+    assert_eq!(left, ["lobby", "r2", "r3"]);
 }

@@ -357,6 +357,27 @@ mod tests {
     }
 
     #[test]
+    fn the_ttl_flag_defaults_to_15s_and_refuses_less_than_1s() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["wsgate", "--jwt-secret", "s"];
+            args.extend_from_slice(extra);
+            crate::config::Cli::try_parse_from(args)
+                .unwrap()
+                .serve
+                .into_config()
+                .map(|(c, _)| c.presence_ttl)
+        };
+        assert_eq!(parse(&[]).unwrap(), std::time::Duration::from_secs(15));
+        assert_eq!(
+            parse(&["--presence-ttl", "2s"]).unwrap(),
+            std::time::Duration::from_secs(2)
+        );
+        let err = parse(&["--presence-ttl", "500ms"]).unwrap_err().to_string();
+        assert!(err.contains("--presence-ttl"), "{err}");
+    }
+
+    #[test]
     fn a_snapshot_lists_at_most_the_cap() {
         let metrics = Arc::new(Metrics::new("n"));
         let p = Presence::memory(&metrics, "n");

@@ -26,7 +26,7 @@ use wsgate_protocol::is_valid_room;
 use crate::auth::{token_from_request, AuthError, Claims};
 use crate::broker::control::ControlMsg;
 use crate::http::{authenticate, error, unauthorized, unavailable};
-use crate::App;
+use crate::state::App;
 
 /// Messages a history page returns when `limit` is not given.
 pub const DEFAULT_HISTORY_LIMIT: usize = 100;

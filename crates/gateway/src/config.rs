@@ -369,19 +369,45 @@ impl OriginPolicy {
     }
 }
 
+/// Which broker a node runs with.
+#[derive(Clone)]
+pub enum BrokerChoice {
+    /// In-process: one node, no Redis (no `--redis-url`).
+    Memory,
+    /// One Redis primary, or a Sentinel set (`redis+sentinel://`).
+    Redis(RedisConfig),
+    /// A Redis Cluster (`--redis-cluster`): `url` lists seed nodes.
+    RedisCluster(RedisConfig),
+}
+
+impl BrokerChoice {
+    /// `memory` or `redis`, for the log.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BrokerChoice::Memory => "memory",
+            BrokerChoice::Redis(_) | BrokerChoice::RedisCluster(_) => "redis",
+        }
+    }
+}
+
+/// Where and how to reach Redis.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// `--redis-url` (comma-separated seed nodes for a cluster).
+    pub url: String,
+    /// Replicas that must confirm a publish.
+    pub min_replicas: u32,
+    /// PEM CA for `rediss://`, read at start.
+    pub ca_cert: Option<Vec<u8>>,
+}
+
 /// The validated configuration a node runs with.
 #[derive(Clone)]
 pub struct Config {
     /// Node id.
     pub node_id: Arc<str>,
-    /// Redis URL, when relaying through Redis.
-    pub redis_url: Option<String>,
-    /// `redis_url` lists Redis Cluster seed nodes.
-    pub redis_cluster: bool,
-    /// Replicas that must confirm a publish.
-    pub redis_min_replicas: u32,
-    /// PEM CA for `rediss://`, read at start.
-    pub redis_ca_cert: Option<Vec<u8>>,
+    /// The broker: in-process, or Redis.
+    pub broker: BrokerChoice,
     /// Token verifier.
     pub verifier: Arc<Verifier>,
     /// HMAC secret (dev mode mints tokens with it).
@@ -467,7 +493,7 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("node_id", &self.node_id)
-            .field("redis", &self.redis_url.is_some())
+            .field("broker", &self.broker.name())
             .field("dev", &self.dev)
             .finish_non_exhaustive()
     }
@@ -680,8 +706,25 @@ impl ServeArgs {
             }
         }
         let tls = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Some(crate::listener::load_tls(cert, key)?),
+            (Some(cert), Some(key)) => {
+                Some(crate::tls::load_tls(cert, key).map_err(|e| ConfigError::Tls(e.to_string()))?)
+            }
             _ => None,
+        };
+        let broker = match self.redis_url {
+            None => BrokerChoice::Memory,
+            Some(url) => {
+                let redis = RedisConfig {
+                    url,
+                    min_replicas: self.redis_min_replicas,
+                    ca_cert: redis_ca_cert,
+                };
+                if self.redis_cluster {
+                    BrokerChoice::RedisCluster(redis)
+                } else {
+                    BrokerChoice::Redis(redis)
+                }
+            }
         };
         let node_id = match self.node_id {
             Some(id) if !id.trim().is_empty() => id,
@@ -690,10 +733,7 @@ impl ServeArgs {
         Ok((
             Config {
                 node_id: Arc::from(node_id),
-                redis_url: self.redis_url,
-                redis_cluster: self.redis_cluster,
-                redis_min_replicas: self.redis_min_replicas,
-                redis_ca_cert,
+                broker,
                 verifier: Arc::new(verifier),
                 hmac_secret,
                 jwt_issuer: self.jwt_issuer.filter(|s| !s.is_empty()),

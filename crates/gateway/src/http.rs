@@ -30,7 +30,7 @@ use crate::auth::{self, AuthError, Claims, MintRequest};
 use crate::broker::BrokerError;
 use crate::metrics::{Limit, Rejection};
 use crate::session::{self, now_ms};
-use crate::App;
+use crate::state::App;
 
 /// The peer address of an HTTP connection (set by the listener).
 #[derive(Debug, Clone, Copy)]

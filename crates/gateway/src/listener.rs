@@ -9,7 +9,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,10 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
-use crate::config::ConfigError;
 use crate::http::{self, PeerAddr};
 use crate::metrics::Limit;
-use crate::App;
+use crate::state::App;
 
 /// Pending connections the kernel queues for `accept` (the system's
 /// `somaxconn` may lower it): large, so that bursts of reconnects after a
@@ -44,35 +42,6 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
-}
-
-/// Load a PEM certificate chain and private key into a TLS configuration.
-pub fn load_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
-    let read =
-        |p: &Path| std::fs::read(p).map_err(|e| ConfigError::Tls(format!("{}: {e}", p.display())));
-    let cert_pem = read(cert)?;
-    let key_pem = read(key)?;
-    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ConfigError::Tls(format!("{}: {e}", cert.display())))?;
-    if certs.is_empty() {
-        return Err(ConfigError::Tls(format!(
-            "{}: no certificate found",
-            cert.display()
-        )));
-    }
-    let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| ConfigError::Tls(format!("{}: {e}", key.display())))?
-        .ok_or_else(|| ConfigError::Tls(format!("{}: no private key found", key.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key_der)
-        .map_err(|e| ConfigError::Tls(e.to_string()))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
 }
 
 /// What a full public listener writes before closing a new connection

@@ -137,7 +137,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             dev_banner(&config, notes.generated_secret, page.ok().as_ref());
         }
         let stop = CancellationToken::new();
-        tokio::spawn(on_signal(stop.clone()));
+        tokio::spawn(wsgate::shutdown::on_signal(stop.clone()));
         wsgate::run(Listeners { public, ops }, config, stop)
             .await
             .map_err(|e| e.to_string())
@@ -206,20 +206,4 @@ fn dev_banner(config: &wsgate::Config, generated: bool, page: Option<&DevPage>) 
         }
         Err(e) => tracing::warn!(error = %e, "dev mode: could not mint a token"),
     }
-}
-
-async fn on_signal(stop: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM");
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
-    }
-    stop.cancel();
 }

@@ -22,7 +22,7 @@ use tracing::debug;
 
 use crate::listener::{self, Http1};
 use crate::metrics::{Limit, Metrics};
-use crate::App;
+use crate::state::App;
 
 /// The operations router.
 pub fn router(app: Arc<App>) -> Router {

@@ -1,25 +1,36 @@
-//! The node's local room registry and fan-out.
+//! The node's rooms: membership end to end, and fan-out.
 //!
-//! A room exists here while it has at least one local member. The broker
-//! hands every message of a subscribed room to [`Rooms::deliver`] as one
-//! shared, already-encoded frame; fan-out clones the `Utf8Bytes` handle (a
-//! reference count) into each member's outbound queue, never re-encoding.
+//! A room exists here while it has at least one local member; that is the
+//! one place the node counts them. [`Rooms::join`] runs a join from start to
+//! end: the member is added *pending*, the node subscribes to the room at
+//! the broker when it is the room's first local member, waits for the
+//! subscription, reads the room's history, answers `joined`, replays a
+//! resume, and turns the member live. [`Rooms::leave`] is the one clean-up:
+//! it removes the member and unsubscribes the node when it was the last.
+//! Membership changes of a room and the broker's `subscribe`/`unsubscribe`
+//! calls happen in one order (a per-shard membership lock, never held by
+//! fan-out), so interleaved joins and leaves cannot leave a room with local
+//! members unsubscribed.
 //!
-//! A member that is joining is *pending*: live messages are buffered for it
-//! while its `joined` answer and replay are prepared, then
-//! [`Rooms::go_live`] queues the buffered messages newer than the replay,
-//! under the room lock, so that replay and live traffic never interleave,
-//! duplicate or leave a gap.
+//! The broker pushes every message of a subscribed room into the
+//! [`Delivery`] sink these rooms gave it, as one shared, already-encoded
+//! frame; fan-out clones the `Utf8Bytes` handle (a reference count) into
+//! each member's outbound queue, never re-encoding. While a member is
+//! pending, live messages are buffered for it; [`Rooms::go_live`] queues the
+//! buffered messages newer than the replay, under the room lock, so that
+//! replay and live traffic never interleave, duplicate or leave a gap.
 
 use std::collections::hash_map::{DefaultHasher, Entry};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use wsgate_protocol::server::Id;
-use wsgate_protocol::{Joined, ServerFrame};
+use wsgate_protocol::{close, Joined, ServerFrame};
 
+use crate::broker::{Broker, BrokerError, RoomHistory, Since};
 use crate::metrics::Metrics;
 use crate::outbound::{CloseReason, ConnHandle};
 
@@ -69,7 +80,45 @@ type Shard = Mutex<HashMap<Arc<str>, Arc<Room>>>;
 /// Local rooms and their members.
 pub struct Rooms {
     shards: Box<[Shard]>,
+    /// Per shard: held while a membership changes together with the
+    /// broker's subscription, so that `subscribe` and `unsubscribe` of a
+    /// room are called in the order its membership changed. Fan-out never
+    /// takes it (a broker may deliver under its own locks).
+    membership: Box<[Mutex<()>]>,
+    broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
+}
+
+/// Where a broker pushes the messages it relays: the node's rooms. Made
+/// before the rooms (a broker is built first), bound to them by
+/// [`Rooms::new`]; until then, and once they are gone, it delivers nothing.
+/// It holds the rooms weakly: the rooms own the broker, not the reverse.
+#[derive(Clone, Default)]
+pub struct Delivery(Arc<OnceLock<Weak<Rooms>>>);
+
+impl Delivery {
+    fn rooms(&self) -> Option<Arc<Rooms>> {
+        self.0.get().and_then(Weak::upgrade)
+    }
+
+    /// Fan a message of `room` out to its local members (see
+    /// [`Rooms::deliver`]).
+    pub fn deliver(&self, room: &str, epoch: &str, seq: u64, frame: &Utf8Bytes) {
+        if let Some(rooms) = self.rooms() {
+            rooms.deliver(room, epoch, seq, frame);
+        }
+    }
+
+    /// The room's epoch here and the highest seq known in it: where a gap
+    /// fill starts.
+    pub fn position(&self, room: &str) -> Option<(Arc<str>, u64)> {
+        self.rooms()?.position(room)
+    }
+
+    /// Whether `room` has local members.
+    pub fn is_local(&self, room: &str) -> bool {
+        self.rooms().is_some_and(|r| r.member_count(room) > 0)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -128,18 +177,167 @@ impl Member {
 }
 
 impl Rooms {
-    /// An empty registry.
-    pub fn new(metrics: Arc<Metrics>) -> Rooms {
-        Rooms {
+    /// An empty registry subscribing at `broker`, which delivers into
+    /// `delivery` (bound here to the new rooms).
+    pub fn new(metrics: Arc<Metrics>, broker: Arc<dyn Broker>, delivery: &Delivery) -> Arc<Rooms> {
+        let rooms = Arc::new(Rooms {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            membership: (0..SHARDS).map(|_| Mutex::new(())).collect(),
+            broker,
             metrics,
-        }
+        });
+        // A sink is bound once; a second binding would be a wiring bug that
+        // leaves the first rooms' delivery as it was.
+        let _ = delivery.0.set(Arc::downgrade(&rooms));
+        rooms
+    }
+
+    fn index(room: &str) -> usize {
+        let mut h = DefaultHasher::new();
+        room.hash(&mut h);
+        (h.finish() as usize) % SHARDS
     }
 
     fn shard(&self, room: &str) -> &Shard {
-        let mut h = DefaultHasher::new();
-        room.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+        &self.shards[Self::index(room)]
+    }
+
+    /// Add `conn` to `room` as a pending member (see
+    /// [`add_pending`](Self::add_pending)); the room's first local member
+    /// subscribes the node. Returns true when `conn` was not a member.
+    pub fn enter(&self, room: &str, conn: &Arc<ConnHandle>) -> bool {
+        let _order = lock(&self.membership[Self::index(room)]);
+        let first = self.get(room).is_none();
+        let new = self.add_pending(room, conn);
+        if first {
+            self.broker.subscribe(room);
+        }
+        new
+    }
+
+    /// Remove `conn` from `room`; the last local member unsubscribes the
+    /// node. Returns true when it was a member. The one clean-up of a
+    /// membership: a leave, a failed join, a connection's end.
+    pub fn leave(&self, room: &str, conn: &Arc<ConnHandle>) -> bool {
+        let _order = lock(&self.membership[Self::index(room)]);
+        let was = self.remove(room, conn);
+        if was && self.get(room).is_none() {
+            self.broker.unsubscribe(room);
+        }
+        was
+    }
+
+    /// Join `room` (or repeat a join: answered in line when live and not a
+    /// resume, see [`rejoin`](Self::rejoin)): enter it
+    /// pending, wait for the node's subscription, read the history, answer
+    /// `joined` (with `id`), replay a recovered resume page by page, then go
+    /// live. A new membership that fails is left again; a repeated one
+    /// stays with its previous position. A replay cut short closes the
+    /// connection (1013) and leaves the member pending until it ends.
+    /// `patience`: how long a paced replay waits for the client to read.
+    /// The caller records the membership before awaiting this, so that it
+    /// is released even if this future is dropped mid-way.
+    pub async fn join(
+        &self,
+        room: &str,
+        conn: &Arc<ConnHandle>,
+        since: Option<Since<'_>>,
+        id: Option<Id>,
+        patience: Duration,
+    ) -> Result<(), BrokerError> {
+        // A repeated join of a live membership, without a resume: it stays
+        // live and loses nothing; `joined` is queued behind what it got.
+        if since.is_none() && self.rejoin(room, conn, id.clone()) {
+            return Ok(());
+        }
+        let new = self.enter(room, conn);
+        if new {
+            if let Err(e) = self.broker.ready(room).await {
+                self.leave(room, conn);
+                return Err(e);
+            }
+        }
+        let mut h = match self.broker.history(room, since).await {
+            Ok(h) => h,
+            Err(e) => {
+                if new {
+                    self.leave(room, conn);
+                } else {
+                    self.go_live(room, conn, None);
+                }
+                return Err(e);
+            }
+        };
+        conn.send(Utf8Bytes::from(
+            ServerFrame::Joined(Joined {
+                room: room.to_owned(),
+                seq: h.latest,
+                epoch: h.epoch.to_string(),
+                recovered: since.map(|_| h.recovered),
+                id,
+            })
+            .to_json(),
+        ));
+        if let (Some(since), true) = (since, h.recovered) {
+            let first_page = std::mem::take(&mut h.frames);
+            if !self
+                .replay(room, conn, since.seq, &h, first_page, patience)
+                .await
+            {
+                return Ok(());
+            }
+        }
+        self.go_live(room, conn, Some((&*h.epoch, h.latest)));
+        Ok(())
+    }
+
+    /// Send a resume's replay, `(since, h.latest]`, page by page: a page is
+    /// read from the broker only when the previous one is queued, so a
+    /// replay never holds a whole history. Paced: a replay may be larger
+    /// than the outbound limit; it waits for the client to read instead of
+    /// closing it, but no longer than `patience`. Returns false when the
+    /// replay could not be completed (the connection is then closing: a
+    /// replay cut short must not look whole).
+    async fn replay(
+        &self,
+        room: &str,
+        conn: &ConnHandle,
+        since: u64,
+        h: &RoomHistory,
+        first_page: Vec<(u64, Utf8Bytes)>,
+        patience: Duration,
+    ) -> bool {
+        let mut next = since.saturating_add(1);
+        let mut page = first_page;
+        let mut replayed = 0;
+        let complete = loop {
+            for (seq, frame) in page {
+                if seq != next || !conn.send_paced(frame, patience).await {
+                    break;
+                }
+                next += 1;
+                replayed += 1;
+            }
+            if next > h.latest || conn.is_closing() {
+                break next > h.latest;
+            }
+            page = match self
+                .broker
+                .replay_page(room, &h.epoch, next - 1, h.latest)
+                .await
+            {
+                Ok(p) if p.first().is_some_and(|(s, _)| *s == next) => p,
+                _ => break false,
+            };
+        };
+        self.metrics.messages_delivered.inc_by(replayed);
+        if !complete {
+            conn.close(CloseReason {
+                code: close::TRY_AGAIN_LATER,
+                reason: "replay interrupted; resume again",
+            });
+        }
+        complete
     }
 
     fn get(&self, room: &str) -> Option<Arc<Room>> {
@@ -148,8 +346,9 @@ impl Rooms {
 
     /// Add `conn` to `room` as a pending member (or turn its existing
     /// membership pending again, for a repeated `join` with `since`).
-    /// Returns true when the connection was not a member before.
-    pub fn add_pending(&self, room: &str, conn: &Arc<ConnHandle>) -> bool {
+    /// Returns true when the connection was not a member before. The
+    /// registry alone: [`enter`](Self::enter) also subscribes.
+    fn add_pending(&self, room: &str, conn: &Arc<ConnHandle>) -> bool {
         let mut shard = lock(self.shard(room));
         let entry = match shard.entry(Arc::from(room)) {
             Entry::Occupied(e) => e.get().clone(),
@@ -188,7 +387,7 @@ impl Rooms {
     /// reports that message's seq (or the seq its last `joined` reported).
     /// Returns false when `conn` is not a live member with a known position
     /// (then the caller joins the slow way).
-    pub fn rejoin(&self, room: &str, conn: &Arc<ConnHandle>, id: Option<Id>) -> bool {
+    fn rejoin(&self, room: &str, conn: &Arc<ConnHandle>, id: Option<Id>) -> bool {
         let Some(entry) = self.get(room) else {
             return false;
         };
@@ -212,7 +411,7 @@ impl Rooms {
     /// read) keeps the member's previous position. The first join of a quiet
     /// room records the room's epoch here, so that an epoch change is noticed
     /// even before any message was delivered on this node.
-    pub fn go_live(&self, room: &str, conn: &Arc<ConnHandle>, joined: Option<(&str, u64)>) {
+    fn go_live(&self, room: &str, conn: &Arc<ConnHandle>, joined: Option<(&str, u64)>) {
         let Some(entry) = self.get(room) else { return };
         let mut guard = lock(&entry.state);
         let state = &mut *guard;
@@ -251,8 +450,9 @@ impl Rooms {
         self.metrics.messages_delivered.inc_by(sent);
     }
 
-    /// Remove `conn` from `room`. Returns true when it was a member.
-    pub fn remove(&self, room: &str, conn: &Arc<ConnHandle>) -> bool {
+    /// Remove `conn` from `room`. Returns true when it was a member. The
+    /// registry alone: [`leave`](Self::leave) also unsubscribes.
+    fn remove(&self, room: &str, conn: &Arc<ConnHandle>) -> bool {
         let mut shard = lock(self.shard(room));
         let Some(entry) = shard.get(room).cloned() else {
             return false;
@@ -340,9 +540,16 @@ mod tests {
     use super::*;
     use std::collections::VecDeque;
 
-    fn setup() -> (Rooms, Arc<Metrics>) {
+    fn setup() -> (Arc<Rooms>, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new("t"));
-        (Rooms::new(metrics.clone()), metrics)
+        let delivery = Delivery::default();
+        let broker = Arc::new(crate::broker::memory::MemoryBroker::new(
+            10,
+            usize::MAX,
+            delivery.clone(),
+            metrics.clone(),
+        ));
+        (Rooms::new(metrics.clone(), broker, &delivery), metrics)
     }
 
     fn conn(m: &Arc<Metrics>) -> (Arc<ConnHandle>, Arc<ConnHandle>) {

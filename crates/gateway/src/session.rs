@@ -20,16 +20,16 @@ use tokio::time::{sleep_until, timeout, Instant};
 use tracing::{debug, info, Instrument};
 use wsgate_protocol::server::Id;
 use wsgate_protocol::{
-    close, parse_client_frame, Ack, ClientCommand, ErrorCode, ErrorFrame, Joined, Left,
-    MessageParts, Pong, Refreshed, ServerFrame, Welcome,
+    close, parse_client_frame, Ack, ClientCommand, ErrorCode, ErrorFrame, Left, MessageParts, Pong,
+    Refreshed, ServerFrame, Welcome,
 };
 
 use crate::auth::Claims;
 use crate::broker::control::DISCONNECTED;
-use crate::broker::{BrokerError, RoomHistory, Since};
+use crate::broker::{BrokerError, Since};
 use crate::limits::Bucket;
 use crate::outbound::{CloseReason, ConnHandle};
-use crate::{App, Slot};
+use crate::state::{App, Slot};
 
 /// How long a closing connection waits for the client's Close reply.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -440,105 +440,30 @@ impl Session {
                 id,
             );
         }
-        let app = self.app.clone();
-        // A repeated join of a live membership, without a resume: it stays
-        // live and loses nothing; `joined` is queued behind what it got.
-        if member && since.is_none() && app.rooms.rejoin(&room, &self.handle, id.clone()) {
-            return;
-        }
-        app.rooms.add_pending(&room, &self.handle);
-        if !member {
-            // The broker takes its reference when `subscribe` is called:
-            // from then on the room is in `self.rooms`, so that the drop
-            // guard releases it even if this future is dropped mid-await.
-            let subscribed = app.broker.subscribe(&room);
-            self.rooms.insert(Arc::from(room.as_ref()));
-            if let Err(e) = subscribed.await {
-                // A failed subscribe has already given its reference back.
-                self.rooms.remove(room.as_ref());
-                app.rooms.remove(&room, &self.handle);
-                return self.error(ErrorCode::Unavailable, format!("{e}; retry later"), id);
-            }
-        }
+        // Recorded before the join awaits anything: the drop guard then
+        // releases the membership even if this future is dropped mid-join.
+        self.rooms.insert(Arc::from(room.as_ref()));
         let since = since.map(|seq| Since {
             seq,
             epoch: epoch.as_deref(),
         });
-        match app.broker.history(&room, since).await {
-            Ok(mut h) => {
-                self.send(ServerFrame::Joined(Joined {
-                    room: room.to_string(),
-                    seq: h.latest,
-                    epoch: h.epoch.to_string(),
-                    recovered: since.map(|_| h.recovered),
-                    id,
-                }));
-                if let (Some(since), true) = (since, h.recovered) {
-                    let first_page = std::mem::take(&mut h.frames);
-                    if !self.replay(&room, since.seq, &h, first_page).await {
-                        return;
-                    }
-                }
-                app.rooms
-                    .go_live(&room, &self.handle, Some((&*h.epoch, h.latest)));
+        let patience = self
+            .app
+            .config
+            .heartbeat
+            .saturating_add(self.app.config.pong_timeout);
+        let joined = self
+            .app
+            .rooms
+            .join(&room, &self.handle, since, id.clone(), patience)
+            .await;
+        if let Err(e) = joined {
+            if !member {
+                // Rooms already left the room again.
+                self.rooms.remove(room.as_ref());
             }
-            Err(e) => {
-                if member {
-                    app.rooms.go_live(&room, &self.handle, None);
-                } else {
-                    self.rooms.remove(room.as_ref());
-                    app.rooms.remove(&room, &self.handle);
-                    app.broker.unsubscribe(&room);
-                }
-                self.error(ErrorCode::Unavailable, format!("{e}; retry later"), id);
-            }
+            self.error(ErrorCode::Unavailable, format!("{e}; retry later"), id);
         }
-    }
-
-    /// Send a resume's replay, `(since, h.latest]`, page by page: a page is
-    /// read from the broker only when the previous one is queued, so a
-    /// replay never holds a whole history. Paced: a replay may be larger
-    /// than the outbound limit; it waits for the client to read instead of
-    /// closing it, but no longer than the heartbeat would let a silent peer
-    /// live. Returns false when the replay could not be completed (the
-    /// connection is then closing: a replay cut short must not look whole).
-    async fn replay(
-        &self,
-        room: &str,
-        since: u64,
-        h: &RoomHistory,
-        first_page: Vec<(u64, Utf8Bytes)>,
-    ) -> bool {
-        let app = &self.app;
-        let patience = app.config.heartbeat.saturating_add(app.config.pong_timeout);
-        let mut next = since.saturating_add(1);
-        let mut page = first_page;
-        let mut replayed = 0;
-        let complete = loop {
-            for (seq, frame) in page {
-                if seq != next || !self.handle.send_paced(frame, patience).await {
-                    break;
-                }
-                next += 1;
-                replayed += 1;
-            }
-            if next > h.latest || self.handle.is_closing() {
-                break next > h.latest;
-            }
-            page = match app
-                .broker
-                .replay_page(room, &h.epoch, next - 1, h.latest)
-                .await
-            {
-                Ok(p) if p.first().is_some_and(|(s, _)| *s == next) => p,
-                _ => break false,
-            };
-        };
-        app.metrics.messages_delivered.inc_by(replayed);
-        if !complete {
-            self.close(close::TRY_AGAIN_LATER, "replay interrupted; resume again");
-        }
-        complete
     }
 
     fn leave(&mut self, room: &str, id: Option<Id>) {
@@ -551,12 +476,10 @@ impl Session {
         }));
     }
 
-    /// Give up a membership already taken out of `self.rooms`: the local
-    /// registry entry and the broker reference.
+    /// Give up a membership already taken out of `self.rooms`.
     fn release(&self, room: &str) {
         self.app.presence.leave(room, &self.handle);
-        self.app.rooms.remove(room, &self.handle);
-        self.app.broker.unsubscribe(room);
+        self.app.rooms.leave(room, &self.handle);
     }
 
     fn leave_all(&mut self) {
@@ -724,8 +647,8 @@ mod tests {
         assert_eq!(later(t, Duration::MAX), later(t, FAR_FUTURE));
     }
 
-    /// A broker whose subscriptions never become ready (a frozen Redis):
-    /// like the real ones, it takes its reference when `subscribe` is called.
+    /// A broker whose subscriptions never become ready (a frozen Redis);
+    /// `refs` counts the subscriptions rooms started and did not end.
     #[derive(Default)]
     struct StuckBroker {
         refs: std::sync::atomic::AtomicI64,
@@ -741,11 +664,13 @@ mod tests {
         {
             Box::pin(std::future::pending())
         }
-        fn subscribe<'a>(
+        fn subscribe(&self, _room: &str) {
+            self.refs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn ready<'a>(
             &'a self,
             _room: &'a str,
         ) -> crate::broker::BoxFut<'a, Result<(), crate::broker::BrokerError>> {
-            self.refs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Box::pin(std::future::pending())
         }
         fn unsubscribe(&self, _room: &str) {
@@ -794,22 +719,14 @@ mod tests {
         let cli = crate::config::Cli::try_parse_from(["wsgate", "--jwt-secret", "s"]).unwrap();
         let (config, _) = cli.serve.into_config().unwrap();
         let metrics = Arc::new(crate::metrics::Metrics::new("n"));
-        let conns = Arc::new(crate::Conns::default());
-        Arc::new(App {
-            limits: crate::limits::UserLimits::new(1.0, 1),
-            control: Arc::new(crate::broker::control::Control::new(conns.clone(), &config)),
-            conns,
-            draining: Default::default(),
-            active: Default::default(),
-            conn_seq: Default::default(),
-            conn_prefix: 0,
-            sessions: Default::default(),
-            rooms: Arc::new(crate::rooms::Rooms::new(metrics.clone())),
-            presence: crate::presence::Presence::memory(&metrics, "n"),
-            config,
-            metrics,
-            broker,
-        })
+        let conns = Arc::new(crate::state::Conns::default());
+        let control = Arc::new(crate::broker::control::Control::new(conns.clone(), &config));
+        let rooms = crate::rooms::Rooms::new(
+            metrics.clone(),
+            broker.clone(),
+            &crate::rooms::Delivery::default(),
+        );
+        Arc::new(App::new(config, metrics, rooms, broker, control, conns))
     }
 
     #[tokio::test]

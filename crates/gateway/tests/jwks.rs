@@ -476,7 +476,7 @@ async fn https_with_a_private_ca() {
     let Some((_dir, cert, key)) = wsgate_testkit::self_signed_cert() else {
         return;
     };
-    let tls = wsgate::listener::load_tls(&cert, &key).unwrap();
+    let tls = wsgate::tls::load_tls(&cert, &key).unwrap();
     let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let listener = TlsListener {
         tcp,

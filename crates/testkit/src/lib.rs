@@ -293,7 +293,8 @@ impl Drop for Redis {
 }
 
 /// The `wsgate` binary: `$WSGATE_BIN`, else next to the test executable's
-/// target directory (`target/<profile>/wsgate`).
+/// target directory (`target/<profile>/wsgate`), built there first when
+/// missing (only the gateway's own tests make cargo build it).
 pub fn wsgate_bin() -> PathBuf {
     if let Ok(p) = std::env::var("WSGATE_BIN") {
         return PathBuf::from(p);
@@ -305,7 +306,49 @@ pub fn wsgate_bin() -> PathBuf {
     } else {
         dir
     };
-    dir.join("wsgate")
+    let bin = dir.join("wsgate");
+    if !bin.exists() {
+        build_wsgate(dir);
+    }
+    bin
+}
+
+/// `cargo build -p wsgate --bin wsgate` into the target directory `profile_dir`
+/// (`<target>/debug` or `<target>/release`) belongs to, once per process
+/// (tests run on threads); test processes running at once are serialized by
+/// cargo's own lock on the target directory.
+fn build_wsgate(profile_dir: &std::path::Path) {
+    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if *built && profile_dir.join("wsgate").exists() {
+        return;
+    }
+    let target = profile_dir.parent().unwrap();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = Command::new(cargo);
+    build
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "wsgate",
+            "--bin",
+            "wsgate",
+            "--target-dir",
+        ])
+        .arg(target)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir.ends_with("release") {
+        build.arg("--release");
+    }
+    let status = build
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build wsgate: {e}"));
+    assert!(
+        status.success(),
+        "cargo build -p wsgate --bin wsgate failed"
+    );
+    *built = true;
 }
 
 /// The binary as a child process on free loopback ports.

@@ -25,8 +25,9 @@ use wsgate_protocol::close;
 
 use super::{redact_url, BrokerError};
 use crate::auth::{AuthError, Claims};
+use crate::config::Config;
 use crate::outbound::CloseReason;
-use crate::{Config, Conns};
+use crate::state::Conns;
 
 /// How a connection closed by the server API closes.
 pub const DISCONNECTED: CloseReason = CloseReason {

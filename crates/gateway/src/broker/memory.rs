@@ -25,11 +25,10 @@ use wsgate_protocol::MessageParts;
 
 use super::control::ControlMsg;
 use super::{
-    covers, new_epoch, BoxFut, Broker, BrokerError, HistoryPage, Published, RoomHistory, Since,
-    IDEMPOTENCY_WINDOW,
+    covers, new_epoch, BoxFut, Broker, BrokerError, Delivery, HistoryPage, Published, RoomHistory,
+    Since, IDEMPOTENCY_WINDOW,
 };
 use crate::metrics::Metrics;
-use crate::rooms::Rooms;
 
 const SHARDS: usize = 32;
 
@@ -98,17 +97,17 @@ pub struct MemoryBroker {
     budget: usize,
     /// History bytes over all rooms.
     bytes: AtomicUsize,
-    rooms: Arc<Rooms>,
+    delivery: Delivery,
     metrics: Arc<Metrics>,
 }
 
 impl MemoryBroker {
     /// A broker keeping `history` messages per room and at most
-    /// `budget_bytes` of history over all rooms, delivering to `rooms`.
+    /// `budget_bytes` of history over all rooms, delivering to `delivery`.
     pub fn new(
         history: usize,
         budget_bytes: usize,
-        rooms: Arc<Rooms>,
+        delivery: Delivery,
         metrics: Arc<Metrics>,
     ) -> MemoryBroker {
         MemoryBroker {
@@ -116,7 +115,7 @@ impl MemoryBroker {
             history,
             budget: budget_bytes,
             bytes: AtomicUsize::new(0),
-            rooms,
+            delivery,
             metrics,
         }
     }
@@ -163,7 +162,7 @@ impl MemoryBroker {
                     idle_ttl
                 };
                 let idle = log.keys.is_empty() && log.touched.elapsed() >= ttl;
-                let keep = !idle || self.rooms.member_count(name) > 0;
+                let keep = !idle || self.delivery.is_local(name);
                 if !keep {
                     self.forget(log);
                 }
@@ -198,7 +197,7 @@ impl MemoryBroker {
                 continue;
             };
             self.forget(log);
-            if self.rooms.member_count(&name) == 0 && log.keys.is_empty() {
+            if !self.delivery.is_local(&name) && log.keys.is_empty() {
                 map.remove(&name);
             } else {
                 log.reset();
@@ -251,7 +250,7 @@ impl Broker for MemoryBroker {
         }
         // Deliver under the room log's lock: concurrent publishers to one
         // room are delivered in seq order.
-        self.rooms.deliver(room, &log.epoch, seq, &frame);
+        self.delivery.deliver(room, &log.epoch, seq, &frame);
         drop(shard);
         self.evict();
         Box::pin(std::future::ready(Ok(Published {
@@ -260,7 +259,9 @@ impl Broker for MemoryBroker {
         })))
     }
 
-    fn subscribe<'a>(&'a self, _room: &'a str) -> BoxFut<'a, Result<(), BrokerError>> {
+    fn subscribe(&self, _room: &str) {}
+
+    fn ready<'a>(&'a self, _room: &'a str) -> BoxFut<'a, Result<(), BrokerError>> {
         Box::pin(std::future::ready(Ok(())))
     }
 
@@ -270,7 +271,6 @@ impl Broker for MemoryBroker {
         if shard
             .get(room)
             .is_some_and(|log| log.history.is_empty() && log.keys.is_empty())
-            && self.rooms.member_count(room) == 0
         {
             shard.remove(room);
         }
@@ -369,6 +369,7 @@ impl Broker for MemoryBroker {
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
+    use crate::rooms::Rooms;
     use serde_json::value::RawValue;
 
     fn parts(text: &str) -> MessageParts {
@@ -376,17 +377,21 @@ mod tests {
         MessageParts::new("r", "u", &data, 1)
     }
 
-    async fn broker(history: usize) -> MemoryBroker {
+    async fn broker(history: usize) -> Arc<MemoryBroker> {
         budgeted(history, usize::MAX).0
     }
 
-    fn budgeted(history: usize, budget: usize) -> (MemoryBroker, Arc<Rooms>) {
+    fn budgeted(history: usize, budget: usize) -> (Arc<MemoryBroker>, Arc<Rooms>) {
         let metrics = Arc::new(Metrics::new("t"));
-        let rooms = Arc::new(Rooms::new(metrics.clone()));
-        (
-            MemoryBroker::new(history, budget, rooms.clone(), metrics),
-            rooms,
-        )
+        let delivery = Delivery::default();
+        let broker = Arc::new(MemoryBroker::new(
+            history,
+            budget,
+            delivery.clone(),
+            metrics.clone(),
+        ));
+        let rooms = Rooms::new(metrics, broker.clone(), &delivery);
+        (broker, rooms)
     }
 
     #[tokio::test]
@@ -475,10 +480,9 @@ mod tests {
         let conn = crate::outbound::ConnHandle::new("c", 1 << 20, metrics);
         for i in 0..1000 {
             let room = format!("r{i}");
-            rooms.add_pending(&room, &conn);
+            rooms.enter(&room, &conn);
             b.history(&room, None).await.unwrap();
-            rooms.remove(&room, &conn);
-            b.unsubscribe(&room);
+            rooms.leave(&room, &conn);
         }
         let logs: usize = (0..SHARDS).map(|i| b.lock(i).len()).sum();
         assert_eq!(

@@ -2,8 +2,9 @@
 //! messages to every node subscribed to the room.
 //!
 //! Two implementations: [`memory::MemoryBroker`] for a single node, and
-//! [`redis::RedisBroker`] for a cluster. Both hand inbound messages to the
-//! node's [`Rooms`](crate::rooms::Rooms) registry.
+//! [`redis::RedisBroker`] for a cluster. Both push the messages they relay
+//! into the [`Delivery`] sink the node's rooms gave them; they do not know
+//! who is in a room, only whether it has local members.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,6 +17,7 @@ pub mod control;
 pub mod memory;
 pub mod redis;
 
+pub use crate::rooms::Delivery;
 use control::ControlMsg;
 
 /// A boxed, sendable future (the trait is used as `dyn Broker`).
@@ -98,13 +100,18 @@ pub trait Broker: Send + Sync + 'static {
         key: Option<&'a str>,
     ) -> BoxFut<'a, Result<Published, BrokerError>>;
 
-    /// Take one reference on this node's subscription to `room`; resolves
-    /// once messages of the room are being received. One subscription per
-    /// room per node, however many references.
-    fn subscribe<'a>(&'a self, room: &'a str) -> BoxFut<'a, Result<(), BrokerError>>;
+    /// Start receiving the messages of `room` on this node. Called only by
+    /// [`Rooms`](crate::rooms::Rooms), when the room gets its first local
+    /// member; [`unsubscribe`](Self::unsubscribe) follows when its last one
+    /// leaves. The two are called in order per room, never under a lock of
+    /// the rooms (a broker may call its [`Delivery`] under its own locks).
+    fn subscribe(&self, room: &str);
 
-    /// Drop one reference taken by `subscribe`; the last one ends the
-    /// node's subscription.
+    /// Resolves once messages of `room` (subscribed) are being received, or
+    /// fails when the broker cannot receive them in time.
+    fn ready<'a>(&'a self, room: &'a str) -> BoxFut<'a, Result<(), BrokerError>>;
+
+    /// End this node's subscription to `room`: its last local member left.
     fn unsubscribe(&self, room: &str);
 
     /// The room's epoch and latest seq, and with `since` the messages after it.

@@ -71,7 +71,9 @@ struct LocalRoom {
     conns: Vec<LocalConn>,
 }
 
-/// Presence metrics (`wsgate_presence_*`).
+/// Presence metrics (`wsgate_presence_*`): registered once per node
+/// ([`new`](Self::new)); clones share the same series.
+#[derive(Clone)]
 pub struct PresenceMetrics {
     /// Presence queries answered (WebSocket and HTTP).
     pub queries: IntCounter,
@@ -82,7 +84,8 @@ pub struct PresenceMetrics {
 }
 
 impl PresenceMetrics {
-    fn new(metrics: &Metrics, node: &str) -> PresenceMetrics {
+    /// Create and register the metrics with the node's registry.
+    pub fn new(metrics: &Metrics, node: &str) -> PresenceMetrics {
         let opts = |name: &str, help: &str| {
             Opts::new(name, help)
                 .namespace("wsgate")
@@ -128,11 +131,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Presence {
     /// Presence of a single node (in-process broker): exact and immediate.
-    pub fn memory(metrics: &Metrics, node: &str) -> Arc<Presence> {
+    pub fn memory(metrics: PresenceMetrics) -> Arc<Presence> {
         Arc::new(Presence {
             local: Mutex::default(),
             redis: None,
-            metrics: PresenceMetrics::new(metrics, node),
+            metrics,
         })
     }
 
@@ -335,7 +338,7 @@ mod tests {
     #[test]
     fn users_count_once_and_leave_with_their_last_connection() {
         let metrics = Arc::new(Metrics::new("n"));
-        let p = Presence::memory(&metrics, "n");
+        let p = Presence::memory(PresenceMetrics::new(&metrics, "n"));
         let (a1, a2, b) = (conn(&metrics), conn(&metrics), conn(&metrics));
         p.join("r", "alice", &a1, false);
         p.join("r", "alice", &a2, false);
@@ -380,7 +383,7 @@ mod tests {
     #[test]
     fn a_snapshot_lists_at_most_the_cap() {
         let metrics = Arc::new(Metrics::new("n"));
-        let p = Presence::memory(&metrics, "n");
+        let p = Presence::memory(PresenceMetrics::new(&metrics, "n"));
         for i in 0..=MAX_PRESENCE_USERS {
             p.join("r", &format!("u{i:05}"), &conn(&metrics), false);
         }

@@ -43,7 +43,6 @@ use wsgate_protocol::MAX_PRESENCE_USERS;
 use super::{lock, Presence, PresenceMetrics, Snapshot};
 use crate::broker::redis::{Conn, Link};
 use crate::broker::BrokerError;
-use crate::metrics::Metrics;
 
 const NODES: &str = "wsgate:presence:nodes";
 /// Scripts in flight at once during a flush.
@@ -166,7 +165,7 @@ impl Presence {
     pub fn redis(
         link: Link,
         ttl: Duration,
-        metrics: &Metrics,
+        metrics: PresenceMetrics,
         node: &str,
         stop: CancellationToken,
         tasks: &TaskTracker,
@@ -188,7 +187,7 @@ impl Presence {
                 renew: Script::new(RENEW_LUA),
                 reap: Script::new(REAP_LUA),
             }),
-            metrics: PresenceMetrics::new(metrics, node),
+            metrics,
         });
         link.attach(Arc::downgrade(&presence));
         tasks.spawn(flush_loop(presence.clone(), stop.clone()));

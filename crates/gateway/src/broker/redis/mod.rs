@@ -15,8 +15,9 @@
 //! in the seq.
 //!
 //! Each node holds one pub/sub connection and one `SUBSCRIBE` per room with
-//! local members, reference counted here so that interleaved joins and
-//! leaves can never leave a room unsubscribed. When the connection drops,
+//! local members: the node's rooms count the members and call
+//! `subscribe`/`unsubscribe` in order, so the broker only keeps the set of
+//! subscribed rooms (and whether each is ready). When the connection drops,
 //! the node reconnects with capped, jittered exponential backoff,
 //! re-subscribes every room and reads back from the log what it missed; a
 //! seq gap seen on the live relay is filled from the log the same way.
@@ -48,11 +49,10 @@ mod sharded;
 
 use super::control::{self, Control, ControlMsg};
 use super::{
-    covers, new_epoch, redact_url, BoxFut, Broker, BrokerError, HistoryPage, Published,
+    covers, new_epoch, redact_url, BoxFut, Broker, BrokerError, Delivery, HistoryPage, Published,
     RoomHistory, Since, IDEMPOTENCY_WINDOW,
 };
 use crate::metrics::Metrics;
-use crate::rooms::Rooms;
 pub use link::Link;
 use sharded::sharded_relay;
 
@@ -258,11 +258,6 @@ enum SubCmd {
     Unsubscribe(Arc<str>),
 }
 
-struct SubState {
-    refs: usize,
-    ready: watch::Sender<bool>,
-}
-
 struct Inner {
     /// A Redis Cluster (sharded pub/sub, channels named after the slot).
     cluster: bool,
@@ -276,10 +271,12 @@ struct Inner {
     publish: Script,
     history: Script,
     settings: Settings,
-    rooms: Arc<Rooms>,
+    delivery: Delivery,
     control: Arc<Control>,
     metrics: Arc<Metrics>,
-    subs: Mutex<HashMap<Arc<str>, SubState>>,
+    /// The subscribed rooms, each with whether its messages are being
+    /// received now.
+    subs: Mutex<HashMap<Arc<str>, watch::Sender<bool>>>,
     commands: mpsc::UnboundedSender<SubCmd>,
     relay_up: AtomicBool,
     commands_up: AtomicBool,
@@ -322,7 +319,7 @@ impl RedisBroker {
         url: &str,
         cluster: bool,
         settings: Settings,
-        rooms: Arc<Rooms>,
+        delivery: Delivery,
         control: Arc<Control>,
         metrics: Arc<Metrics>,
         stop: CancellationToken,
@@ -383,7 +380,7 @@ impl RedisBroker {
             publish: Script::new(PUBLISH_LUA),
             history: Script::new(HISTORY_LUA),
             settings,
-            rooms,
+            delivery,
             control,
             metrics,
             subs: Mutex::new(HashMap::new()),
@@ -471,7 +468,7 @@ impl Inner {
         Ok(())
     }
 
-    fn subs(&self) -> MutexGuard<'_, HashMap<Arc<str>, SubState>> {
+    fn subs(&self) -> MutexGuard<'_, HashMap<Arc<str>, watch::Sender<bool>>> {
         self.subs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -605,7 +602,7 @@ impl Inner {
                     self.metrics.gaps_filled.inc_by(n);
                     return n;
                 }
-                self.rooms.deliver(room, &epoch, seq, &frame);
+                self.delivery.deliver(room, &epoch, seq, &frame);
                 after = seq;
                 n += 1;
             }
@@ -650,7 +647,7 @@ impl Inner {
             return;
         };
         self.metrics.relayed_in.inc();
-        if let Some((known, last)) = self.rooms.position(room) {
+        if let Some((known, last)) = self.delivery.position(room) {
             // A gap in the known epoch, or a new epoch whose first messages
             // went by before this node saw it: fill from the log.
             let from = if &*known == epoch { last } else { 0 };
@@ -659,7 +656,7 @@ impl Inner {
                 debug!(room, from, seq, filled, "relay gap filled from history");
             }
         }
-        self.rooms.deliver(room, epoch, seq, &frame);
+        self.delivery.deliver(room, epoch, seq, &frame);
     }
 }
 
@@ -770,15 +767,15 @@ async fn relay(
         }
         backoff = BACKOFF_BASE;
         inner.set_relay_up(true);
-        for state in inner.subs().values() {
-            state.ready.send_replace(true);
+        for ready in inner.subs().values() {
+            ready.send_replace(true);
         }
         inner.metrics.subscriptions.set(rooms.len() as i64);
         if connected_before {
             inner.metrics.broker_reconnects.inc();
             info!(rooms = rooms.len(), "redis relay reconnected; catching up");
             for room in &rooms {
-                if let Some((epoch, last)) = inner.rooms.position(room) {
+                if let Some((epoch, last)) = inner.delivery.position(room) {
                     inner.fill(room, &epoch, last, None).await;
                 }
             }
@@ -810,8 +807,8 @@ async fn relay(
         warn!("redis relay connection lost; reconnecting");
         inner.saw_failure();
         inner.set_relay_up(false);
-        for state in inner.subs().values() {
-            state.ready.send_replace(false);
+        for ready in inner.subs().values() {
+            ready.send_replace(false);
         }
     }
 }
@@ -844,8 +841,8 @@ async fn apply(inner: &Inner, sink: &mut PubSubSink, cmd: SubCmd) -> redis::Redi
             tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(channel(&room)))
                 .await
                 .map_err(|_| timed_out())??;
-            if let Some(state) = inner.subs().get(&room) {
-                state.ready.send_replace(true);
+            if let Some(ready) = inner.subs().get(&room) {
+                ready.send_replace(true);
             }
         }
         SubCmd::Unsubscribe(room) => {
@@ -985,21 +982,21 @@ impl Broker for RedisBroker {
         })
     }
 
-    fn subscribe<'a>(&'a self, room: &'a str) -> BoxFut<'a, Result<(), BrokerError>> {
-        let mut ready = {
-            let mut subs = self.inner.subs();
+    fn subscribe(&self, room: &str) {
+        let mut subs = self.inner.subs();
+        if !subs.contains_key(room) {
             let key: Arc<str> = Arc::from(room);
-            let state = subs.entry(key.clone()).or_insert_with(|| SubState {
-                refs: 0,
-                ready: watch::channel(false).0,
-            });
-            state.refs += 1;
-            if state.refs == 1 {
-                let _ = self.inner.commands.send(SubCmd::Subscribe(key));
-            }
-            state.ready.subscribe()
-        };
+            subs.insert(key.clone(), watch::channel(false).0);
+            let _ = self.inner.commands.send(SubCmd::Subscribe(key));
+        }
+    }
+
+    fn ready<'a>(&'a self, room: &'a str) -> BoxFut<'a, Result<(), BrokerError>> {
+        let ready = self.inner.subs().get(room).map(watch::Sender::subscribe);
         Box::pin(async move {
+            let Some(mut ready) = ready else {
+                return Err(unavailable("room not subscribed"));
+            };
             // Wait for the subscription, but answer at once when Redis is
             // known to be down (the health check notices within a second or
             // two) instead of holding the connection's other frames.
@@ -1012,30 +1009,19 @@ impl Broker for RedisBroker {
                     }
                 }
             };
-            let result = tokio::select! {
+            tokio::select! {
                 r = tokio::time::timeout(SUBSCRIBE_WAIT, ready.wait_for(|r| *r)) => match r {
                     Ok(Ok(_)) => Ok(()),
                     _ => Err(unavailable("redis subscription not available")),
                 },
                 () = down => Err(unavailable("redis is unreachable")),
-            };
-            if result.is_err() {
-                self.unsubscribe(room);
             }
-            result
         })
     }
 
     fn unsubscribe(&self, room: &str) {
-        let mut subs = self.inner.subs();
-        let Some(state) = subs.get_mut(room) else {
-            return;
-        };
-        state.refs = state.refs.saturating_sub(1);
-        if state.refs == 0 {
-            if let Some((key, _)) = subs.remove_entry(room) {
-                let _ = self.inner.commands.send(SubCmd::Unsubscribe(key));
-            }
+        if let Some((key, _)) = self.inner.subs().remove_entry(room) {
+            let _ = self.inner.commands.send(SubCmd::Unsubscribe(key));
         }
     }
 

@@ -54,8 +54,8 @@ pub(super) async fn sharded_relay(
                 };
                 match (result, cmd) {
                     (Ok(()), SubCmd::Subscribe(room)) => {
-                        if let Some(state) = inner.subs().get(&room) {
-                            state.ready.send_replace(true);
+                        if let Some(ready) = inner.subs().get(&room) {
+                            ready.send_replace(true);
                         }
                     }
                     (Ok(()), SubCmd::Unsubscribe(_)) => {}
@@ -92,7 +92,7 @@ pub(super) async fn sharded_relay(
                         if let Some(Value::BulkString(channel)) = push.data.first() {
                             let room = std::str::from_utf8(channel).ok().and_then(|c| inner.room_of(c)).map(str::to_owned);
                             if let Some(room) = room {
-                                if let Some((epoch, last)) = inner.rooms.position(&room) {
+                                if let Some((epoch, last)) = inner.delivery.position(&room) {
                                     inner.fill(&room, &epoch, last, None).await;
                                 }
                             }

@@ -1,5 +1,5 @@
 //! Async Rust client for the wsgate gateway (protocol version 1), and the
-//! `wsgate client` command line tool built on it.
+//! `wsgate client` command line tool built on it (feature `cli`).
 //!
 //! A [`Client`] keeps one logical connection to a cluster of gateway nodes:
 //! it joins rooms, publishes with acks, and on any drop (close 1001, 1006 or
@@ -41,9 +41,10 @@
 //! - [`Event`], [`EventStream`], [`Gap`], [`JoinInfo`], [`PresenceInfo`]: what the application hears.
 //! - [`Backoff`]: the reconnect schedule, pure and testable.
 //! - [`ClientError`]: typed errors.
-//! - [`cli`]: `wsgate client`.
+//! - `cli` (feature `cli`): the `wsgate client` command line tool.
 
 mod backoff;
+#[cfg(feature = "cli")]
 pub mod cli;
 mod client;
 mod config;

@@ -61,7 +61,7 @@ impl Cli {
     }
 }
 
-/// Subcommands.
+/// Subcommands of the library (the binary adds `client`).
 // Parsed once at start-up: the size difference between variants is irrelevant.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
@@ -70,8 +70,6 @@ pub enum Command {
     Serve(ServeArgs),
     /// Mint a token with the configured HMAC secret and print it on stdout.
     Token(TokenArgs),
-    /// Connect as a client: join rooms, print events as JSON lines, publish stdin lines.
-    Client(wsgate_client::cli::ClientArgs),
 }
 
 /// Log output format.
@@ -508,7 +506,8 @@ pub struct DevNotes {
 
 impl ServeArgs {
     /// Dev mode: listeners left at their default bind 127.0.0.1 (same port).
-    fn apply_dev_defaults(&mut self, matches: &ArgMatches) {
+    /// `matches`: the parsed arguments these flags came from.
+    pub fn apply_dev_defaults(&mut self, matches: &ArgMatches) {
         if !self.dev {
             return;
         }

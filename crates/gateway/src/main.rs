@@ -4,20 +4,70 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
 
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use wsgate::auth::{mint_hs256, MintRequest};
-use wsgate::config::{Cli, Command, ServeArgs, TokenArgs};
+use wsgate::config::{Command, ServeArgs, TokenArgs};
 use wsgate::{logging, Listeners};
 
+// The library's command line (`wsgate::config::Cli`) plus `client`, which
+// lives here so that the gateway library does not depend on the client SDK.
+// Its attributes and doc comment are the library's, so that `--help` reads
+// the same.
+/// `wsgate`: horizontally scaled WebSocket gateway.
+#[derive(Debug, Parser)]
+#[command(
+    name = "wsgate",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    command: Option<BinCommand>,
+    /// Flags of `serve`, accepted without the subcommand name.
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// The library's subcommands, then `client`.
+// Parsed once at start-up: the size difference between variants is irrelevant.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+enum BinCommand {
+    #[command(flatten)]
+    Gateway(Command),
+    /// Connect as a client: join rooms, print events as JSON lines, publish stdin lines.
+    Client(wsgate_client::cli::ClientArgs),
+}
+
+/// Parse the command line; a dev node's listeners default to loopback (see
+/// [`ServeArgs::apply_dev_defaults`]).
+fn parse_args() -> Result<Cli, clap::Error> {
+    let matches = Cli::command().try_get_matches_from(std::env::args_os())?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    match &mut cli.command {
+        Some(BinCommand::Gateway(Command::Serve(serve))) => {
+            if let Some(m) = matches.subcommand_matches("serve") {
+                serve.apply_dev_defaults(m);
+            }
+        }
+        None => cli.serve.apply_dev_defaults(&matches),
+        Some(_) => {}
+    }
+    Ok(cli)
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::parse_with_dev_defaults(std::env::args_os()) {
+    let cli = match parse_args() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
     let result = match cli.command {
-        Some(Command::Token(args)) => token(&args),
-        Some(Command::Client(args)) => client(args),
-        Some(Command::Serve(args)) => serve(args),
+        Some(BinCommand::Gateway(Command::Token(args))) => token(&args),
+        Some(BinCommand::Client(args)) => client(args),
+        Some(BinCommand::Gateway(Command::Serve(args))) => serve(args),
         None => serve(cli.serve),
     };
     match result {

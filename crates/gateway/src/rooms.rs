@@ -552,12 +552,12 @@ mod tests {
         (Rooms::new(metrics.clone(), broker, &delivery), metrics)
     }
 
-    fn conn(m: &Arc<Metrics>) -> (Arc<ConnHandle>, Arc<ConnHandle>) {
-        let h = ConnHandle::new("c", 1 << 20, m.clone());
-        (h.clone(), h)
+    fn conn(m: &Arc<Metrics>) -> Arc<ConnHandle> {
+        ConnHandle::new("c", 1 << 20, m.clone())
     }
 
-    fn texts(h: &mut Arc<ConnHandle>) -> Vec<String> {
+    /// What is queued for `h`, taken out of its queue.
+    fn texts(h: &ConnHandle) -> Vec<String> {
         let mut batch = VecDeque::new();
         h.try_take(&mut batch);
         batch.iter().map(|t| t.as_str().to_owned()).collect()
@@ -566,38 +566,38 @@ mod tests {
     #[test]
     fn pending_members_get_buffered_messages_after_the_replay_point() {
         let (rooms, m) = setup();
-        let (c, mut rx) = conn(&m);
+        let c = conn(&m);
         assert!(rooms.add_pending("r", &c));
         rooms.deliver("r", "e", 5, &Utf8Bytes::from("m5"));
         rooms.deliver("r", "e", 6, &Utf8Bytes::from("m6"));
-        assert!(texts(&mut rx).is_empty(), "nothing before go_live");
+        assert!(texts(&c).is_empty(), "nothing before go_live");
         rooms.go_live("r", &c, Some(("e", 5)));
         rooms.deliver("r", "e", 7, &Utf8Bytes::from("m7"));
-        assert_eq!(texts(&mut rx), ["m6", "m7"]);
+        assert_eq!(texts(&c), ["m6", "m7"]);
     }
 
     #[test]
     fn a_late_relay_message_already_covered_by_the_join_is_not_sent_again() {
         let (rooms, m) = setup();
-        let (c, mut rx) = conn(&m);
+        let c = conn(&m);
         rooms.add_pending("r", &c);
         // joined reported seq 8 (replay up to 8); seq 8 reaches the relay late.
         rooms.go_live("r", &c, Some(("e", 8)));
         rooms.deliver("r", "e", 8, &Utf8Bytes::from("m8"));
         rooms.deliver("r", "e", 9, &Utf8Bytes::from("m9"));
-        assert_eq!(texts(&mut rx), ["m9"]);
+        assert_eq!(texts(&c), ["m9"]);
     }
 
     #[test]
     fn duplicates_are_dropped_and_epoch_changes_announced() {
         let (rooms, m) = setup();
-        let (c, mut rx) = conn(&m);
+        let c = conn(&m);
         rooms.add_pending("r", &c);
         rooms.go_live("r", &c, Some(("e1", 0)));
         rooms.deliver("r", "e1", 1, &Utf8Bytes::from("a"));
         rooms.deliver("r", "e1", 1, &Utf8Bytes::from("a-again"));
         rooms.deliver("r", "e2", 1, &Utf8Bytes::from("b"));
-        let got = texts(&mut rx);
+        let got = texts(&c);
         assert_eq!(got[0], "a");
         assert_eq!(
             got[1],
@@ -610,8 +610,8 @@ mod tests {
     #[test]
     fn rooms_disappear_with_their_last_member() {
         let (rooms, m) = setup();
-        let (a, _ra) = conn(&m);
-        let (b, _rb) = conn(&m);
+        let a = conn(&m);
+        let b = conn(&m);
         rooms.add_pending("r", &a);
         assert!(
             !rooms.add_pending("r", &a),
@@ -630,7 +630,7 @@ mod tests {
     #[test]
     fn a_quiet_room_learns_its_epoch_at_the_join_and_announces_a_new_one() {
         let (rooms, m) = setup();
-        let (c, mut rx) = conn(&m);
+        let c = conn(&m);
         rooms.add_pending("r", &c);
         rooms.go_live("r", &c, Some(("e1", 5)));
         assert_eq!(
@@ -640,7 +640,7 @@ mod tests {
         // The room's keys vanished: a new epoch starts at 1, below the join's 5.
         rooms.deliver("r", "e2", 1, &Utf8Bytes::from("n1"));
         rooms.deliver("r", "e2", 2, &Utf8Bytes::from("n2"));
-        let got = texts(&mut rx);
+        let got = texts(&c);
         assert_eq!(
             got[0],
             r#"{"type":"joined","room":"r","seq":0,"epoch":"e2","recovered":false}"#
@@ -651,21 +651,21 @@ mod tests {
     #[test]
     fn a_rejoin_of_a_live_member_is_answered_in_line_and_loses_nothing() {
         let (rooms, m) = setup();
-        let (c, mut rx) = conn(&m);
+        let c = conn(&m);
         rooms.add_pending("r", &c);
         rooms.go_live("r", &c, Some(("e", 3)));
         rooms.deliver("r", "e", 4, &Utf8Bytes::from("m4"));
         assert!(rooms.rejoin("r", &c, Some(Id::Str("j".into()))));
         rooms.deliver("r", "e", 5, &Utf8Bytes::from("m5"));
         assert_eq!(
-            texts(&mut rx),
+            texts(&c),
             [
                 "m4",
                 r#"{"type":"joined","room":"r","seq":4,"epoch":"e","id":"j"}"#,
                 "m5"
             ]
         );
-        let (other, _) = conn(&m);
+        let other = conn(&m);
         assert!(!rooms.rejoin("r", &other, None), "not a member");
     }
 }

@@ -120,6 +120,14 @@ pub struct ClientConfig {
     /// a gateway that accepts it sends its larger frames compressed, and the
     /// client inflates them (it sends its own frames uncompressed).
     pub compression: bool,
+    /// Join every room with `"presence":true` (v1.1): the room's
+    /// `presence_join` / `presence_leave` arrive as
+    /// [`Event::PresenceJoin`](crate::Event::PresenceJoin) /
+    /// [`Event::PresenceLeave`](crate::Event::PresenceLeave), and after
+    /// every join (the re-joins after a reconnect too, since events are not
+    /// replayed) the client asks for the room's presence and reports it as
+    /// [`Event::Presence`](crate::Event::Presence). Default off.
+    pub presence: bool,
     /// TLS settings for `wss://` (for example a private root certificate);
     /// `None` uses the platform's root certificates.
     #[cfg(feature = "tls")]
@@ -143,6 +151,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(10),
             rng_seed: None,
             compression: true,
+            presence: false,
             #[cfg(feature = "tls")]
             tls: None,
         }

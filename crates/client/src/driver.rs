@@ -32,7 +32,7 @@ use wsgate_protocol::{close, ClientRequest, ErrorCode, ErrorFrame, Id, ServerFra
 use crate::backoff::Backoff;
 use crate::config::{ClientConfig, TokenSource};
 use crate::error::ClientError;
-use crate::event::{Event, JoinInfo};
+use crate::event::{Event, JoinInfo, PresenceInfo};
 use crate::inflate::Inflating;
 use crate::jwt::jwt_exp;
 use crate::tracker::RoomTracker;
@@ -59,6 +59,10 @@ pub(crate) enum Command {
     Position {
         room: String,
         reply: oneshot::Sender<Option<(u64, String)>>,
+    },
+    Presence {
+        room: String,
+        reply: Reply<PresenceInfo>,
     },
     Close {
         reply: oneshot::Sender<()>,
@@ -213,6 +217,9 @@ impl AppSide {
             Command::Position { room, reply } => {
                 let _ = reply.send(self.position(&room));
             }
+            Command::Presence { reply, .. } => {
+                let _ = reply.send(Err(ClientError::Disconnected));
+            }
             Command::Close { reply } => return Flow::Stop(Some(reply)),
         }
         Flow::Continue
@@ -297,8 +304,17 @@ fn key_prefix() -> String {
 
 /// A request sent on the current connection, waiting for its answer.
 enum Pending {
-    Join { room: String },
-    Leave { reply: Reply<()> },
+    Join {
+        room: String,
+    },
+    /// A presence query: the application's (with its reply), or the
+    /// client's own after a join (reported as an event).
+    Presence {
+        reply: Option<Reply<PresenceInfo>>,
+    },
+    Leave {
+        reply: Reply<()>,
+    },
     Publish(Outgoing),
     Refresh,
 }
@@ -469,6 +485,7 @@ impl Driver {
             retry_joins: HashMap::new(),
             retry_publishes: Vec::new(),
             request_timeout: self.cfg.request_timeout,
+            presence: self.cfg.presence,
         };
         self.app.emit(Event::Connected {
             url: url.to_owned(),
@@ -637,7 +654,10 @@ impl Driver {
                 Pending::Leave { reply } => {
                     let _ = reply.send(Ok(()));
                 }
-                Pending::Join { .. } | Pending::Refresh => {}
+                Pending::Presence { reply: Some(reply) } => {
+                    let _ = reply.send(Err(ClientError::Disconnected));
+                }
+                Pending::Join { .. } | Pending::Refresh | Pending::Presence { reply: None } => {}
             }
         }
         // Sent again after the reconnect, in the order they were sent.
@@ -672,7 +692,10 @@ impl Driver {
                 Pending::Leave { reply } => {
                     let _ = reply.send(Err(ClientError::Closed));
                 }
-                Pending::Join { .. } | Pending::Refresh => {}
+                Pending::Presence { reply: Some(reply) } => {
+                    let _ = reply.send(Err(ClientError::Closed));
+                }
+                Pending::Join { .. } | Pending::Refresh | Pending::Presence { reply: None } => {}
             }
         }
         SessionEnd::Stop(reply)
@@ -767,6 +790,10 @@ impl Driver {
             Command::Position { room, reply } => {
                 let _ = reply.send(self.app.position(&room));
             }
+            Command::Presence { room, reply } => {
+                let id = self.id();
+                s.send_presence(&room, id, Some(reply));
+            }
             // Handled by the session loop.
             Command::Close { reply } => {
                 let _ = reply.send(());
@@ -797,6 +824,11 @@ impl Driver {
                     // connection) still joins it.
                     self.app.answer_waiters(&room, || Err(ClientError::Timeout));
                     s.pending.insert(id, Pending::Join { room });
+                }
+                Some(Pending::Presence { reply }) => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(ClientError::Timeout));
+                    }
                 }
                 Some(Pending::Refresh) | None => {}
             }
@@ -831,6 +863,11 @@ impl Driver {
                         recovered,
                     });
                 }
+                if j.id.is_some() && self.cfg.presence && self.app.tracker.has(&j.room) {
+                    // Events are not replayed: ask again after every join.
+                    let id = self.id();
+                    s.send_presence(&j.room, id, None);
+                }
                 if j.id.is_some() && self.app.tracker.has(&j.room) {
                     let info = JoinInfo {
                         room: j.room.clone(),
@@ -856,6 +893,20 @@ impl Driver {
                 return Some(self.next_refresh());
             }
             ServerFrame::Error(e) => return self.on_error(s, pending, e),
+            ServerFrame::Presence(p) => match pending {
+                Some(Pending::Presence { reply: Some(reply) }) => {
+                    let _ = reply.send(Ok(p.into()));
+                }
+                _ => self.app.emit(Event::Presence(p.into())),
+            },
+            ServerFrame::PresenceJoin(e) => self.app.emit(Event::PresenceJoin {
+                room: e.room,
+                user: e.user,
+            }),
+            ServerFrame::PresenceLeave(e) => self.app.emit(Event::PresenceLeave {
+                room: e.room,
+                user: e.user,
+            }),
             ServerFrame::Welcome(_) | ServerFrame::Pong(_) => {}
         }
         None
@@ -899,6 +950,15 @@ impl Driver {
             }
             Some(Pending::Leave { reply }) => {
                 let _ = reply.send(Err(err()));
+            }
+            Some(Pending::Presence { reply: Some(reply) }) => {
+                let _ = reply.send(Err(err()));
+            }
+            Some(Pending::Presence { reply: None }) => {
+                debug!(
+                    code = e.code.as_str(),
+                    "presence query after a join refused"
+                );
             }
             Some(Pending::Join { room }) => {
                 let app_waiting = self.app.waiters.contains_key(&room);
@@ -951,6 +1011,8 @@ struct Session {
     /// `rate_limited`, with when to send them again.
     retry_publishes: Vec<(Instant, Outgoing)>,
     request_timeout: Duration,
+    /// Joins ask for presence events ([`ClientConfig::presence`]).
+    presence: bool,
 }
 
 impl Session {
@@ -975,12 +1037,21 @@ impl Session {
         self.track(id, Pending::Publish(o));
     }
 
+    fn send_presence(&mut self, room: &str, id: u64, reply: Option<Reply<PresenceInfo>>) {
+        self.send(ClientRequest::Presence {
+            room: room.to_owned(),
+            id: Some(num(id)),
+        });
+        self.track(id, Pending::Presence { reply });
+    }
+
     fn send_join(&mut self, tracker: &mut RoomTracker, room: &str, id: u64) {
         let (since, epoch) = tracker.join_args(room);
         self.send(ClientRequest::Join {
             room: room.to_owned(),
             since,
             epoch,
+            presence: self.presence,
             id: Some(num(id)),
         });
         self.track(
@@ -1017,6 +1088,9 @@ fn refuse(cmd: Command) {
         }
         Command::Position { reply, .. } => {
             let _ = reply.send(None);
+        }
+        Command::Presence { reply, .. } => {
+            let _ = reply.send(Err(ClientError::Closed));
         }
         Command::Close { reply } => {
             let _ = reply.send(());

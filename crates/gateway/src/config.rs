@@ -202,6 +202,10 @@ pub struct ServeArgs {
     /// Idle rooms' history lives this long in Redis after the last message.
     #[arg(long, env = "WSGATE_HISTORY_TTL", default_value = "24h", value_parser = duration)]
     pub history_ttl: Duration,
+    /// How long a stopped node's users stay present before other nodes
+    /// remove them (Redis; at least 1s).
+    #[arg(long, env = "WSGATE_PRESENCE_TTL", default_value = "15s", value_parser = duration)]
+    pub presence_ttl: Duration,
     /// In-process broker: most history bytes over all rooms; past it the
     /// rooms least recently published to lose their history (new epoch).
     #[arg(
@@ -429,6 +433,8 @@ pub struct Config {
     pub history: usize,
     /// TTL of idle rooms' history in Redis.
     pub history_ttl: Duration,
+    /// A node's presence lease (`--presence-ttl`).
+    pub presence_ttl: Duration,
     /// In-process broker: history bytes over all rooms.
     pub history_budget_bytes: usize,
     /// Outbound queue cap per connection.
@@ -521,6 +527,12 @@ impl ServeArgs {
 
     /// Check the flags and load keys and certificates.
     pub fn into_config(self) -> Result<(Config, DevNotes), ConfigError> {
+        if self.presence_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                flag: "--presence-ttl",
+                reason: "must be at least 1s".into(),
+            });
+        }
         let mut notes = DevNotes::default();
         let settings = VerifierSettings {
             issuer: self.jwt_issuer.clone(),
@@ -738,6 +750,7 @@ impl ServeArgs {
                 max_connections: self.max_connections,
                 history: self.history,
                 history_ttl: self.history_ttl,
+                presence_ttl: self.presence_ttl,
                 history_budget_bytes: self.history_budget_bytes,
                 max_outbound_bytes: self.max_outbound_bytes,
                 publish_rate: self.publish_rate,

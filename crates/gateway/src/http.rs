@@ -60,7 +60,6 @@ pub fn router(app: Arc<App>) -> Router {
         max_body: app.config.max_message_bytes,
     };
     let max_body = app.config.max_message_bytes;
-    // `/api/rooms/{room}/presence` is not routed (404) until presence exists.
     let api = Router::new()
         .route(
             "/api/rooms/{room}/messages",
@@ -71,6 +70,7 @@ pub fn router(app: Arc<App>) -> Router {
             post(api::disconnect).layer(axum::extract::DefaultBodyLimit::max(max_body)),
         )
         .route("/api/rooms/{room}/history", get(api::history))
+        .route("/api/rooms/{room}/presence", get(crate::presence::http_get))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             api::count,

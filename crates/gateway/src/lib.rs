@@ -22,6 +22,7 @@
 //! - [`outbound`]: a connection's outbound frames: direct writes, bounded queue.
 //! - [`limits`]: rate limits: token buckets, per-user publish buckets.
 //! - [`rooms`]: room membership (join, leave, subscriptions) and fan-out.
+//! - [`presence`]: who is in a room, across the cluster (leases in Redis).
 //! - [`broker`]: the broker trait, in-process and Redis implementations.
 //! - [`ops`]: `/health`, `/ready`, `/metrics` on the operations listener.
 //! - [`metrics`]: Prometheus metrics.
@@ -39,6 +40,7 @@ pub mod logging;
 pub mod metrics;
 pub mod ops;
 pub mod outbound;
+pub mod presence;
 pub mod rooms;
 pub mod server;
 pub mod session;

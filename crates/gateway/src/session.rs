@@ -335,7 +335,23 @@ impl Session {
                     id,
                 )
             }
-            ClientCommand::Join { room, since, epoch } => self.join(room, since, epoch, id).await,
+            ClientCommand::Join {
+                room,
+                since,
+                epoch,
+                presence,
+            } => {
+                self.join(room.clone(), since, epoch, id).await;
+                // Presence hook: count the membership (if the join made
+                // one), and set whether it receives presence events.
+                if self.rooms.contains(&room) {
+                    let app = &self.app;
+                    app.presence
+                        .join(&room, &self.claims.sub, &self.handle, presence);
+                    app.presence.settled(&room, &self.claims.sub).await;
+                }
+            }
+            ClientCommand::Presence { room } => self.presence(&room, id).await,
             ClientCommand::Leave { room } => self.leave(&room, id),
             ClientCommand::Publish { room, data, key } => {
                 self.publish(&room, data, key.as_deref(), id).await
@@ -408,6 +424,7 @@ impl Session {
 
     /// Give up a membership already taken out of `self.rooms`.
     fn release(&self, room: &str) {
+        self.app.presence.leave(room, &self.handle);
         self.app.rooms.leave(room, &self.handle);
     }
 
@@ -430,6 +447,27 @@ impl Session {
             .collect();
         for room in gone {
             self.leave(&room, None);
+        }
+    }
+
+    /// `presence`: needs the `rooms` grant, not membership.
+    async fn presence(&self, room: &str, id: Option<Id>) {
+        if !self.claims.rooms.allows(room) {
+            return self.error(
+                ErrorCode::Forbidden,
+                format!("not allowed to read room '{room}'"),
+                id,
+            );
+        }
+        match self.app.presence.query(room).await {
+            Ok(s) => self.send(ServerFrame::Presence(wsgate_protocol::Presence {
+                room: room.to_owned(),
+                count: s.count,
+                truncated: s.truncated(),
+                users: s.users,
+                id,
+            })),
+            Err(e) => self.error(ErrorCode::Unavailable, format!("{e}; retry later"), id),
         }
     }
 

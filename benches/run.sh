@@ -9,10 +9,15 @@
 #
 #   benches/run.sh                       # the whole table (about 10 minutes)
 #   ONLY=fanout,rooms RUNS=1 benches/run.sh
+#   ONLY=issue10-15 RUNS=2 benches/run.sh  # the issue 10/15 before-and-after table (~9 min)
 #
 # Environment: RUNS, ONLY (comma list of: connect idle fanout rooms ramp
-# reconnect reconnect-overload, and the extras single cross scale, which
-# are not in the default list), RECONNECT_RATE (default 5 msg/s: recovery),
+# reconnect reconnect-overload, and the extras single cross scale floor wire
+# idle-deflate, which are not in the default list; issue10-15 stands for
+# idle,idle-deflate,floor,rooms,wire), FLOOR_RATES (default "100 500": the
+# rates `floor` measures the floor server and wsgate's fan-out at),
+# PAYLOAD_BYTES (default 2048: the dashboard payload of `wire`),
+# RECONNECT_RATE (default 5 msg/s: recovery),
 # OVERLOAD_RATE (default 100 msg/s: the overload case), KEYS=1 (every
 # fanout/rooms publish carries an idempotency key: its cost), OUT, SERVER_CPU (default 0), TOOL_CPU (default 1),
 # SKIP_BUILD=1 (use the binaries already in target/release), QUICK=1 (a
@@ -23,6 +28,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RUNS=${RUNS:-3}
 ONLY=${ONLY:-connect,idle,fanout,rooms,ramp,reconnect,reconnect-overload}
+ONLY=${ONLY//issue10-15/idle,idle-deflate,floor,rooms,wire}
+FLOOR_RATES=${FLOOR_RATES:-100 500}
+PAYLOAD_BYTES=${PAYLOAD_BYTES:-2048}
 RECONNECT_RATE=${RECONNECT_RATE:-5}
 OVERLOAD_RATE=${OVERLOAD_RATE:-100}
 SERVER_CPU=${SERVER_CPU:-0}
@@ -160,6 +168,79 @@ bench() { # bench NAME RUN [SCENARIO] ARGS...: run the tool pinned, keep its JSO
 
 wants() { [[ ",$ONLY," == *",$1,"* ]]; }
 
+# run_idle NAME RUN [TOOL FLAGS...]: 20,000 connections joined to a room,
+# over two nodes. One process may open 20,000 files here, so one tool
+# process per node, 10,000 each; the server memory is measured by this
+# script from /proc before and after. IDLE_NODES=3 N_IDLE=16667 gives the
+# 50,000-connection point.
+run_idle() {
+    local name=$1 run=$2
+    shift 2
+    local local_nodes=${IDLE_NODES:-2} flags tools=() t before after held want
+    start_servers "$local_nodes"
+    mapfile -t flags < <(target_flags)
+    before=$(rss)
+    log "$name run $run: $local_nodes x wsgate-bench idle -n $N_IDLE --hold $HOLD $*"
+    for ((t = 0; t < local_nodes; t++)); do
+        "${PIN_TOOL[@]}" "$BENCH" idle "${flags[@]}" -n "$N_IDLE" --hold "$HOLD" --json "$@" \
+            --source-ips "127.0.0.$((2 * t + 2)),127.0.0.$((2 * t + 3))" \
+            >"$OUT/$name.$run.$t.json" 2>"$OUT/$name.$run.$t.err" &
+        tools+=($!)
+    done
+    want=$((local_nodes * N_IDLE))
+    # Poll (at most 90 s) until the tools hold all their connections.
+    for _ in $(seq 900); do [[ $(active) -ge $want ]] && break; sleep 0.1; done
+    held=$(active)
+    sleep 3 # let the allocator settle before reading RSS (not synchronization)
+    after=$(rss)
+    for t in "${!tools[@]}"; do
+        wait "${tools[$t]}" || log "warning: idle tool $t failed (see $OUT/$name.$run.$t.*)"
+    done
+    python3 - "$name" "$before" "$after" "$held" "$want" >"$OUT/$name.$run.json" <<'EOF'
+import json, sys
+name = sys.argv[1]
+before, after, held, want = (int(x) for x in sys.argv[2:])
+print(json.dumps({"scenario": name, "ok": held >= want, "held": held,
+                  "server_kib_before": before, "server_kib_after": after,
+                  "server_kib_per_connection": (after - before) / max(held, 1)}))
+EOF
+    log "$name run $run: $held connections, $(((after - before) * 1024 / (held > 0 ? held : 1))) bytes each"
+    stop_servers
+}
+
+rss() { local t=0 p; for p in "${NODE_PIDS[@]}"; do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo "$t"; }
+active() { local t=0 o v; for o in "${OPS_PORTS[@]}"; do v=$(curl -sf "http://127.0.0.1:$o/metrics" | awk '/^wsgate_connections_active/ {print $2}' || true); v=${v%.*}; t=$((t + ${v:-0})); done; echo "$t"; }
+
+# floor NAME RUN RATE: the floor server (wsgate-bench floor-server, pinned
+# like the nodes) under the same fan-out as wsgate's: N_SUBS subscribers,
+# one publisher at RATE; its CPU is read from /proc like the nodes'.
+floor() {
+    local name=$1 run=$2 rate=$3 port pid rc=0
+    "${PIN_SERVER[@]}" "$BENCH" floor-server --listen 127.0.0.1:0 >"$OUT/$name.$run.server" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    wait_for "floor server" grep -q '^listening ' "$OUT/$name.$run.server"
+    port=$(awk '/^listening / {n = split($2, a, ":"); print a[n]}' "$OUT/$name.$run.server")
+    log "$name run $run: wsgate-bench fanout against the floor server, -s $N_SUBS -r $rate"
+    "${PIN_TOOL[@]}" "$BENCH" fanout --url "ws://127.0.0.1:$port/ws" --pid "$pid" --jwt-secret "$SECRET" \
+        -s "$N_SUBS" -p 1 -r "$rate" -d "$D" --warmup "$WARMUP" >"$OUT/$name.$run.out" 2>"$OUT/$name.$run.err" || rc=$?
+    tail -n 1 "$OUT/$name.$run.out" >"$OUT/$name.$run.json"
+    grep -v '^{' "$OUT/$name.$run.out" >&2 || true
+    [[ $rc -eq 0 ]] || log "warning: $name run $run exited $rc (see $OUT/$name.$run.*)"
+    stop_servers
+}
+
+# ratio WSGATE FLOOR RUN: print wsgate's server CPU per delivery over the floor's.
+ratio() {
+    python3 - "$OUT/$1.$3.json" "$OUT/$2.$3.json" >&2 <<'EOF' || true
+import json, sys
+w, f = (json.load(open(p)).get("server_cpu_us_per_delivery") for p in sys.argv[1:])
+if w and f:
+    print(f"[bench] server CPU per delivery: wsgate {w:.2f} us, floor {f:.2f} us: {w / f:.2f}x the floor")
+EOF
+}
+
+
 for ((run = 1; run <= RUNS; run++)); do
     if wants connect; then
         # HS256 JWT + Origin check + welcome; connections held until all are open.
@@ -170,42 +251,13 @@ for ((run = 1; run <= RUNS; run++)); do
     fi
 
     if wants idle; then
-        # 20,000 connections joined to a room, over two nodes. One process may
-        # open 20,000 files here, so one tool process per node, 10,000 each;
-        # the server memory is measured by this script from /proc before and after.
-        # IDLE_NODES=3 N_IDLE=16667 gives the 50,000-connection point.
-        local_nodes=${IDLE_NODES:-2}
-        start_servers "$local_nodes"
-        mapfile -t flags < <(target_flags)
-        rss() { local t=0 p; for p in "${NODE_PIDS[@]}"; do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo "$t"; }
-        active() { local t=0 o v; for o in "${OPS_PORTS[@]}"; do v=$(curl -sf "http://127.0.0.1:$o/metrics" | awk '/^wsgate_connections_active/ {print $2}' || true); v=${v%.*}; t=$((t + ${v:-0})); done; echo "$t"; }
-        before=$(rss)
-        log "idle run $run: $local_nodes x wsgate-bench idle -n $N_IDLE --hold $HOLD"
-        tools=()
-        for ((t = 0; t < local_nodes; t++)); do
-            "${PIN_TOOL[@]}" "$BENCH" idle "${flags[@]}" -n "$N_IDLE" --hold "$HOLD" --json \
-                --source-ips "127.0.0.$((2 * t + 2)),127.0.0.$((2 * t + 3))" \
-                >"$OUT/idle.$run.$t.json" 2>"$OUT/idle.$run.$t.err" &
-            tools+=($!)
-        done
-        want=$((local_nodes * N_IDLE))
-        # Poll (at most 90 s) until the tools hold all their connections.
-        for _ in $(seq 900); do [[ $(active) -ge $want ]] && break; sleep 0.1; done
-        held=$(active)
-        sleep 3 # let the allocator settle before reading RSS (not synchronization)
-        after=$(rss)
-        for t in "${!tools[@]}"; do
-            wait "${tools[$t]}" || log "warning: idle tool $t failed (see $OUT/idle.$run.$t.*)"
-        done
-        python3 - "$before" "$after" "$held" "$want" >"$OUT/idle.$run.json" <<'EOF'
-import json, sys
-before, after, held, want = (int(x) for x in sys.argv[1:])
-print(json.dumps({"scenario": "idle", "ok": held >= want, "held": held,
-                  "server_kib_before": before, "server_kib_after": after,
-                  "server_kib_per_connection": (after - before) / max(held, 1)}))
-EOF
-        log "idle run $run: $held connections, $(((after - before) * 1024 / (held > 0 ? held : 1))) bytes each"
-        stop_servers
+        run_idle idle "$run"
+    fi
+
+    if wants idle-deflate; then
+        # The same with permessage-deflate offered (and negotiated once the
+        # server supports it): what the extension costs an idle connection.
+        run_idle idle-deflate "$run" --deflate
     fi
 
     if wants fanout; then
@@ -227,6 +279,30 @@ EOF
         start_servers 2
         bench ramp "$run" -s "$N_SUBS" -p 1 --start-rate 50 --factor 1.2 --step "$STEP" --max-steps 30 \
             --max-rate 2000 --p99-limit 50ms
+        stop_servers
+    fi
+
+    if wants floor; then
+        # wsgate's fan-out (two nodes + Redis) and the floor, in the same run
+        # and pinning, at each of FLOOR_RATES: the ratio is issue 10's target.
+        for rate in $FLOOR_RATES; do
+            floor "floor-r$rate" "$run" "$rate"
+            start_servers 2
+            bench "fanout-r$rate" "$run" fanout -s "$N_SUBS" -p 1 -r "$rate" -d "$D" --warmup "$WARMUP"
+            stop_servers
+            ratio "fanout-r$rate" "floor-r$rate" "$run"
+        done
+    fi
+
+    if wants wire; then
+        # A ~2 KiB dashboard JSON payload to 1,000 subscribers at 100 msg/s,
+        # plain and with permessage-deflate offered: bytes on the wire and
+        # server CPU per delivery (issue 15).
+        start_servers 2
+        bench wire-plain "$run" fanout -s "$N_SUBS" -p 1 -r 100 -d "$D" --warmup "$WARMUP" --payload-bytes "$PAYLOAD_BYTES"
+        stop_servers
+        start_servers 2
+        bench wire-deflate "$run" fanout -s "$N_SUBS" -p 1 -r 100 -d "$D" --warmup "$WARMUP" --payload-bytes "$PAYLOAD_BYTES" --deflate
         stop_servers
     fi
 

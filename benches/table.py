@@ -126,7 +126,68 @@ def main():
     print("|---|---|---|---|---|---|")
     for figure, target, measured, runs, verdict_text, notes in rows:
         print(f"| {figure} | {target} | {measured} | {runs} | {verdict_text} | {notes} |")
+    issue_10_15(out)
     return 0
+
+
+def values(runs, path, spec):
+    """Every run's value, in run order, formatted."""
+    return ", ".join(fmt(dig(r, path), spec) for r in runs if isinstance(dig(r, path), (int, float)))
+
+
+def issue_10_15(out):
+    """The issue 10/15 table (ONLY=issue10-15), when any of its runs exist."""
+    rows = []
+
+    def add(figure, target, name, path, spec, unit):
+        runs = load(out, name)
+        if not runs:
+            return None
+        v, n = median(runs, path)
+        rows.append((figure, target, f"{values(runs, path, spec)}: **{fmt(v, spec)}{unit}**", n))
+        return v
+
+    add("memory per idle connection, 20,000 over two nodes", "<= 2.5 KiB",
+        "idle", "server_kib_per_connection", ".2f", " KiB")
+    add("the same with permessage-deflate offered", "within 0.2 KiB of plain",
+        "idle-deflate", "server_kib_per_connection", ".2f", " KiB")
+    for rate in (100, 500):
+        w = add(f"server CPU per delivery, 1,000 subscribers over two nodes + Redis, {rate} msg/s",
+                "", f"fanout-r{rate}", "server_cpu_us_per_delivery", ".2f", " us")
+        f = add(f"floor server CPU per delivery, same load", "", f"floor-r{rate}",
+                "server_cpu_us_per_delivery", ".2f", " us")
+        ratios = []
+        for a, b in zip(load(out, f"fanout-r{rate}"), load(out, f"floor-r{rate}")):
+            x, y = dig(a, "server_cpu_us_per_delivery"), dig(b, "server_cpu_us_per_delivery")
+            if x and y:
+                ratios.append(x / y)
+        if ratios:
+            rows.append((f"ratio to the floor at {rate} msg/s",
+                         "<= 1.25x" if rate == 100 else "no worse than before",
+                         ", ".join(f"{r:.2f}" for r in ratios) + f": **{statistics.median(ratios):.2f}x**",
+                         len(ratios)))
+        elif w is not None and f is not None:
+            rows.append((f"ratio to the floor at {rate} msg/s", "", f"{w / f:.2f}x (of medians)", 1))
+    add("fan-out p99 at 100 msg/s", "no worse than before", "fanout-r100", "latency.p99_ms", ".2f", " ms")
+    add("chat shape p99 (2,000 connections in rooms of 10)", "<= 0.5 ms", "rooms", "latency.p99_ms", ".2f", " ms")
+    plain = add("bytes on the wire per delivery, ~2 KiB dashboard payload, plain", "",
+                "wire-plain", "wire_bytes_per_delivery", ".0f", " B")
+    comp = add("the same with permessage-deflate offered", "at least 3x smaller",
+               "wire-deflate", "wire_bytes_per_delivery", ".0f", " B")
+    negotiated, _ = median(load(out, "wire-deflate"), "deflate_negotiated")
+    if plain and comp:
+        rows.append(("plain / deflate bytes", ">= 3x", f"**{plain / comp:.2f}x** (deflate negotiated on "
+                     f"{fmt(negotiated, '.0f')} connections)", 1))
+    add("server CPU per delivery, 2 KiB payload, plain", "", "wire-plain", "server_cpu_us_per_delivery", ".2f", " us")
+    add("server CPU per delivery, 2 KiB payload, deflate offered", "within 15 % of plain",
+        "wire-deflate", "server_cpu_us_per_delivery", ".2f", " us")
+    if not rows:
+        return
+    print()
+    print("| figure (issue 10 / 15) | target | runs: median | runs |")
+    print("|---|---|---|---|")
+    for figure, target, measured, n in rows:
+        print(f"| {figure} | {target} | {measured} | {n} |")
 
 
 if __name__ == "__main__":

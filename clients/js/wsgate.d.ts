@@ -82,16 +82,39 @@ export interface RoomState {
   joined: boolean;
 }
 
+/** Who is in a room (v1.1): `users` sorted, at most 1,000. */
+export interface PresenceInfo {
+  room: string;
+  count: number;
+  users: string[];
+  /** `users` lists fewer than `count`. */
+  truncated: boolean;
+}
+
+/** `presence_join` / `presence_leave` (v1.1). */
+export interface PresenceEvent {
+  room: string;
+  user: string;
+}
+
+export interface JoinOptions {
+  since?: number;
+  epoch?: string;
+  /** v1.1: receive presence events for the room and its presence after each (re-)join. */
+  presence?: boolean;
+}
+
 export interface JoinFrame {
   type: 'join';
   room: string;
   since?: number;
   epoch?: string;
+  presence?: true;
   id?: string;
 }
 
 export declare class RoomTracker {
-  want(room: string, resume?: { since?: number; epoch?: string }): unknown;
+  want(room: string, resume?: JoinOptions): unknown;
   unwant(room: string): void;
   has(room: string): boolean;
   get(room: string): RoomState | undefined;
@@ -246,6 +269,10 @@ export interface EventMap {
   error: WsgateError;
   close: CloseEvent;
   wake: { reason: 'online' | 'visible' };
+  /** The room's presence, asked after each (re-)join of a room joined with `presence: true`. */
+  presence: PresenceInfo;
+  presence_join: PresenceEvent;
+  presence_leave: PresenceEvent;
   /** A frame of a type this client does not know. */
   frame: { type: string; [key: string]: unknown };
 }
@@ -338,8 +365,10 @@ export declare class WsgateClient {
   roomState(room: string): RoomState | undefined;
 
   /** Join (and keep joined across reconnects); resolves when joined. */
-  join(room: string, resume?: { since?: number; epoch?: string }): Promise<JoinedEvent>;
+  join(room: string, options?: JoinOptions): Promise<JoinedEvent>;
   leave(room: string): Promise<void>;
+  /** Who is in `room` (v1.1; needs the `rooms` grant, not membership). */
+  presence(room: string, options?: { timeoutMs?: number }): Promise<PresenceInfo>;
   /**
    * Resolves with the message's seq. Every publish carries an idempotency
    * key; one whose ack a drop swallowed is sent again with the same key after

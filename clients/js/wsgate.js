@@ -143,12 +143,13 @@ export class RoomTracker {
   }
 
   /** Start tracking `room` (idempotent). `since`/`epoch` seed a resume point, e.g. from storage. */
-  want(room, { since, epoch } = {}) {
+  want(room, { since, epoch, presence } = {}) {
     let st = this.rooms.get(room);
     if (!st) {
-      st = { room, epoch: null, lastSeq: null, joined: false, replayUntil: null, askedSince: null };
+      st = { room, epoch: null, lastSeq: null, joined: false, replayUntil: null, askedSince: null, presence: false };
       this.rooms.set(room, st);
     }
+    if (presence !== undefined) st.presence = Boolean(presence);
     if (since !== undefined && since !== null) {
       st.lastSeq = since;
       st.epoch = epoch ?? null;
@@ -178,6 +179,7 @@ export class RoomTracker {
   joinFrame(room, id) {
     const st = this.want(room);
     const f = { type: 'join', room };
+    if (st.presence) f.presence = true;
     if (st.lastSeq !== null) {
       f.since = st.lastSeq;
       if (st.epoch) f.epoch = st.epoch;
@@ -486,16 +488,37 @@ export class WsgateClient {
    * `{ room, seq, epoch, recovered, resumed }` once joined; rejects with a
    * WsgateError (`forbidden`, `too_many_rooms`, `bad_request`, `closed`).
    * `since`/`epoch` ask for the messages after `since` (e.g. a seq stored by the app).
+   * `presence: true` (v1.1) asks for `presence_join` / `presence_leave` events of the
+   * room, and after every join (re-joins after a reconnect too: events are not
+   * replayed) the client asks for the room's presence and emits it as `presence`.
    */
-  join(room, { since, epoch } = {}) {
+  join(room, { since, epoch, presence } = {}) {
     if (this._closedByApp && this._state === 'closed') return Promise.reject(new WsgateError('closed', 'client is closed', { room }));
     const p = new Promise((resolve, reject) => {
       if (!this._roomWaiters.has(room)) this._roomWaiters.set(room, []);
       this._roomWaiters.get(room).push({ resolve, reject });
     });
-    this.tracker.want(room, { since, epoch });
+    this.tracker.want(room, { since, epoch, presence });
     if (this._state === 'connected') this._sendJoin(room);
     return p;
+  }
+
+  /**
+   * Who is in `room` (v1.1; needs the `rooms` grant, not membership). Resolves
+   * with `{ room, count, users, truncated }` (`users` sorted, at most 1,000);
+   * rejects with a WsgateError (`forbidden`, `bad_request`, `unavailable`,
+   * `not_connected`, `timeout`).
+   */
+  presence(room, { timeoutMs } = {}) {
+    if (this._state !== 'connected') {
+      return Promise.reject(new WsgateError('not_connected', `not connected (state ${this._state})`, { room }));
+    }
+    return this._request({ type: 'presence', room }, 'presence', room, timeoutMs).then((f) => ({
+      room: f.room,
+      count: f.count,
+      users: f.users,
+      truncated: f.truncated === true,
+    }));
   }
 
   /** Leave `room`; resolves once the server confirms (at once when not connected). */
@@ -691,6 +714,13 @@ export class WsgateClient {
       case 'refreshed':
         this._resolvePending(f);
         return;
+      case 'presence':
+        this._resolvePending(f);
+        return;
+      case 'presence_join':
+      case 'presence_leave':
+        this._emit(f.type, { room: f.room, user: f.user });
+        return;
       case 'error':
         return this._onError(f);
       default:
@@ -727,6 +757,13 @@ export class WsgateClient {
     const { resumed, gap } = this.tracker.onJoined(f);
     const ev = { room: f.room, seq: f.seq, epoch: f.epoch, recovered: f.recovered, resumed, rejoin, unsolicited: f.id === undefined && !pending };
     this._emit('joined', ev);
+    if (pending && this.tracker.rooms.get(f.room)?.presence) {
+      // Events are not replayed: ask who is here after every (re-)join.
+      this.presence(f.room).then(
+        (p) => this._emit('presence', p),
+        (err) => this._emit('error', err),
+      );
+    }
     if (gap) {
       this.stats.gaps += 1;
       this._emit('gap', gap);

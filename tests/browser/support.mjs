@@ -153,7 +153,8 @@ async function httpStatus(url) {
 }
 
 /**
- * Start `$WSGATE_BIN serve --dev` on the given ports; resolves once /ready is 200.
+ * Start `$WSGATE_BIN serve --dev` on the given ports (every frame compressed
+ * for clients that negotiate permessage-deflate); resolves once /ready is 200.
  * `opts`: { id, port, opsPort, secret, redisUrl, origins, extraArgs }
  */
 export async function startNode(bin, opts) {
@@ -165,6 +166,9 @@ export async function startNode(bin, opts) {
     '--node-id', opts.id,
     '--jwt-secret', opts.secret,
     '--allowed-origins', opts.origins.join(','),
+    // Chromium offers permessage-deflate: compress every server frame, so
+    // that the page reads compressed frames throughout (PROTOCOL.md 12).
+    '--compression-min-bytes', '0',
     ...(opts.redisUrl ? ['--redis-url', opts.redisUrl] : []),
     ...(opts.extraArgs ?? []),
   ];

@@ -322,11 +322,12 @@ def start_nginx(prefix: Path, logdir: Path, upstreams: list[str], tls: bool = Fa
 
 
 class WsClient:
-    """A protocol-v1 client: records every frame; message frames per room."""
+    """A protocol-v1 client: records every frame; message frames per room.
+    `compression="deflate"` offers permessage-deflate (websockets' default)."""
 
     def __init__(self, url: str, token: str, *, source: str | None = None, origin: str | None = None,
                  ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
-                 timeout: float = 10.0):
+                 timeout: float = 10.0, compression: str | None = None):
         m = re.match(r"wss?://([^:/]+):(\d+)", url)
         assert m, url
         host, port = m.group(1), int(m.group(2))
@@ -334,7 +335,7 @@ class WsClient:
                                         source_address=(source, 0) if source else None)
         self.source = source or "127.0.0.1"
         kwargs = dict(sock=sock, additional_headers={"Authorization": f"Bearer {token}"},
-                      open_timeout=timeout, close_timeout=2, proxy=None, compression=None)
+                      open_timeout=timeout, close_timeout=2, proxy=None, compression=compression)
         if origin:
             kwargs["origin"] = origin
         if ssl_context is not None:

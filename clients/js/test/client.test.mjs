@@ -572,3 +572,57 @@ test('a failing getToken with a still-valid token reconnects with the old one', 
   assert.equal(s.sockets.length, 2, 'tried again with the token it had');
   s.client.close();
 });
+
+test('presence: join with presence:true, query after each (re-)join, events emitted', async () => {
+  const s = setup();
+  const got = [];
+  for (const type of ['presence', 'presence_join', 'presence_leave']) s.client.on(type, (ev) => got.push([type, ev]));
+  await connected(s);
+  let ws = s.last();
+  const jp = s.client.join('lobby', { presence: true });
+  const jf = ws.lastSent('join');
+  assert.equal(jf.presence, true);
+  ws.frame({ type: 'joined', room: 'lobby', seq: 0, epoch: 'E', id: jf.id });
+  await jp;
+  const q = ws.lastSent('presence');
+  assert.deepEqual({ type: q.type, room: q.room }, { type: 'presence', room: 'lobby' });
+  ws.frame({ type: 'presence', room: 'lobby', count: 1, users: ['alice'], id: q.id });
+  await flush();
+  ws.frame({ type: 'presence_join', room: 'lobby', user: 'bob' });
+  ws.frame({ type: 'presence_leave', room: 'lobby', user: 'bob' });
+  assert.deepEqual(got, [
+    ['presence', { room: 'lobby', count: 1, users: ['alice'], truncated: false }],
+    ['presence_join', { room: 'lobby', user: 'bob' }],
+    ['presence_leave', { room: 'lobby', user: 'bob' }],
+  ]);
+  // An explicit query resolves with the answer.
+  const pp = s.client.presence('lobby');
+  const q2 = ws.lastSent('presence');
+  ws.frame({ type: 'presence', room: 'lobby', count: 1001, users: ['a'], truncated: true, id: q2.id });
+  assert.deepEqual(await pp, { room: 'lobby', count: 1001, users: ['a'], truncated: true });
+  // After a reconnect the re-join keeps the flag and presence is asked again.
+  ws.serverClose(1001);
+  await flush();
+  s.clock.advance(60000);
+  await flush();
+  ws = s.last();
+  ws.accept();
+  await flush();
+  const rj = ws.lastSent('join');
+  assert.equal(rj.presence, true);
+  ws.frame({ type: 'joined', room: 'lobby', seq: 0, epoch: 'E', id: rj.id });
+  await flush();
+  assert.equal(ws.lastSent('presence').room, 'lobby');
+});
+
+test('a join without presence sends no flag and asks nothing', async () => {
+  const s = setup();
+  await connected(s);
+  const ws = s.last();
+  const jp = s.client.join('lobby');
+  const jf = ws.lastSent('join');
+  assert.equal(jf.presence, undefined);
+  ws.frame({ type: 'joined', room: 'lobby', seq: 0, epoch: 'E', id: jf.id });
+  await jp;
+  assert.equal(ws.lastSent('presence'), undefined);
+});

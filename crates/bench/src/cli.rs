@@ -29,9 +29,46 @@ fn duration(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Parser)]
 #[command(name = "wsgate-bench", version, about, long_about = None)]
 pub struct Cli {
-    /// The scenario to run.
+    /// The scenario to run (or the floor server).
     #[command(subcommand)]
-    pub scenario: Scenario,
+    pub command: Command,
+}
+
+/// What the binary does: a scenario against servers, or be the floor server.
+// Parsed once per process: the size of the value does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    Scenario(Scenario),
+    /// The floor under a fan-out: a minimal WebSocket sender (no framework)
+    /// that `fanout` and `rooms` can target; prints `listening ADDR`.
+    FloorServer(FloorArgs),
+}
+
+/// `floor-server`.
+#[derive(Debug, Clone, Args)]
+pub struct FloorArgs {
+    /// Address to listen on (port 0: a free port, printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: std::net::SocketAddr,
+    /// Allow a listen address that is not loopback.
+    #[arg(long)]
+    pub allow_remote: bool,
+}
+
+impl FloorArgs {
+    /// Check the listen address.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.allow_remote && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "--listen {} is not a loopback address (use --allow-remote)",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The scenarios.
@@ -107,6 +144,11 @@ pub struct Common {
     /// WebSocket read buffer per connection, bytes.
     #[arg(long, default_value_t = 4096)]
     pub read_buffer: usize,
+    /// Offer permessage-deflate (RFC 7692, `server_no_context_takeover;
+    /// client_no_context_takeover`) on every connection and inflate
+    /// compressed messages; a server that does not accept it sends plain frames.
+    #[arg(long)]
+    pub deflate: bool,
 }
 
 /// Subscribers and publishers of a fan-out (`fanout`, `ramp`).
@@ -137,6 +179,10 @@ pub struct PublisherArgs {
     /// Padding bytes in each message's `data`.
     #[arg(long, default_value_t = 32)]
     pub payload: usize,
+    /// Instead of padding: `data` is a dashboard-like JSON document (a list
+    /// of metric series: names, hosts, values, units) of about this many bytes.
+    #[arg(long, conflicts_with = "payload")]
+    pub payload_bytes: Option<usize>,
     /// URL the publishers connect to (default: the first --url).
     #[arg(long)]
     pub publisher_url: Option<String>,
@@ -446,6 +492,9 @@ impl PublisherArgs {
     /// Check the padding and the publisher URL.
     fn validate(&self, allow_remote: bool) -> Result<(), String> {
         check_payload(self.payload)?;
+        if let Some(n) = self.payload_bytes {
+            check_count("payload-bytes", n, 16, MAX_PAYLOAD)?;
+        }
         if let Some(url) = &self.publisher_url {
             Target::parse(url, allow_remote)?;
         }
@@ -694,8 +743,46 @@ mod tests {
         let mut all = vec!["wsgate-bench"];
         all.extend_from_slice(args);
         let cli = Cli::try_parse_from(all).map_err(|e| e.to_string())?;
-        cli.scenario.validate()?;
-        Ok(cli.scenario)
+        let Command::Scenario(scenario) = cli.command else {
+            return Err("not a scenario".to_owned());
+        };
+        scenario.validate()?;
+        Ok(scenario)
+    }
+
+    #[test]
+    fn floor_server_and_payload_flags() {
+        let cli = Cli::try_parse_from(["wsgate-bench", "floor-server"]).unwrap();
+        let Command::FloorServer(args) = cli.command else {
+            panic!("not the floor server");
+        };
+        assert_eq!(args.listen.port(), 0);
+        assert!(args.validate().is_ok());
+        let s = parse(&[
+            "fanout",
+            "--jwt-secret",
+            "s",
+            "--payload-bytes",
+            "2048",
+            "--deflate",
+        ])
+        .unwrap();
+        let Scenario::Fanout(f) = &s else {
+            panic!("not fanout")
+        };
+        assert_eq!(f.publisher.payload_bytes, Some(2048));
+        assert!(f.common.deflate);
+        assert!(parse(&["fanout", "--jwt-secret", "s", "--payload-bytes", "2"]).is_err());
+        let both = [
+            "fanout",
+            "--jwt-secret",
+            "s",
+            "--payload-bytes",
+            "64",
+            "--payload",
+            "3",
+        ];
+        assert!(parse(&both).is_err());
     }
 
     #[test]

@@ -21,12 +21,15 @@
 //! - [`pace`]: rate pacing math for publishers.
 //! - [`token`]: HS256 token minting, or a given token.
 //! - [`net`]: connecting (source addresses, timeouts), frames, hot-path peeks.
+//! - [`wire`]: the client socket: bytes on the wire, permessage-deflate inflate.
 //! - [`probe`]: server figures from `/metrics` and `/proc`, the tool's own CPU.
 //! - [`report`]: the human summary, the JSON line and progress bars.
 //! - [`scenario`]: the seven scenarios and the per-connection member task.
+//! - [`floor`]: the `floor-server`, a minimal sender the fan-out's CPU is compared to.
 
 pub mod cli;
 pub mod clock;
+pub mod floor;
 pub mod net;
 pub mod pace;
 pub mod probe;
@@ -34,3 +37,4 @@ pub mod report;
 pub mod scenario;
 pub mod stats;
 pub mod token;
+pub mod wire;

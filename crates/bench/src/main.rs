@@ -6,16 +6,31 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use wsgate_bench::cli::{Cli, Scenario};
+use wsgate_bench::cli::{Cli, Command, Scenario};
 use wsgate_bench::report::Report;
-use wsgate_bench::{clock, scenario};
+use wsgate_bench::{clock, floor, scenario};
 
 /// Descriptors kept free besides the connections (listeners, /proc, HTTP probes).
 const SPARE_FDS: u64 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let scenario = cli.scenario;
+    let scenario = match cli.command {
+        Command::Scenario(s) => s,
+        Command::FloorServer(args) => {
+            if let Err(e) = args.validate() {
+                eprintln!("wsgate-bench: error: {e}");
+                return ExitCode::from(2);
+            }
+            // One descriptor per subscriber: as many as this process may open.
+            let _ = rlimit::increase_nofile_limit(u64::MAX);
+            if let Err(e) = floor::serve(args.listen) {
+                eprintln!("wsgate-bench: error: {e:#}");
+                return ExitCode::from(2);
+            }
+            return ExitCode::SUCCESS;
+        }
+    };
     if let Err(e) = scenario.validate() {
         eprintln!("wsgate-bench: error: {e}");
         return ExitCode::from(2);

@@ -7,21 +7,26 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::header::{HeaderValue, AUTHORIZATION, ORIGIN};
+use tokio_tungstenite::tungstenite::http::header::{
+    HeaderValue, AUTHORIZATION, ORIGIN, SEC_WEBSOCKET_EXTENSIONS,
+};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use wsgate_protocol::{Joined, ServerFrame, Welcome};
 
-/// A client WebSocket over plain TCP.
-pub type Ws = WebSocketStream<TcpStream>;
+use crate::wire::{WireStream, DEFLATE_OFFER};
+
+/// A client WebSocket over plain TCP (through [`WireStream`]: byte count, inflate).
+pub type Ws = WebSocketStream<WireStream>;
 
 fn split_host_port(authority: &str) -> Result<(&str, u16), String> {
     let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
@@ -215,6 +220,11 @@ pub struct Connector {
     timeout: Duration,
     config: WebSocketConfig,
     origin: Option<HeaderValue>,
+    deflate: bool,
+    /// Bytes read off the wire by every connection (before any inflate).
+    pub rx_bytes: Arc<AtomicU64>,
+    /// Connections whose handshake the server answered with permessage-deflate.
+    pub deflate_negotiated: AtomicU64,
 }
 
 impl Connector {
@@ -240,7 +250,22 @@ impl Connector {
             timeout,
             config,
             origin,
+            deflate: false,
+            rx_bytes: Arc::new(AtomicU64::new(0)),
+            deflate_negotiated: AtomicU64::new(0),
         })
+    }
+
+    /// Offer permessage-deflate (RFC 7692, no context takeover either way)
+    /// on every connection; compressed messages are inflated by [`WireStream`].
+    pub fn with_deflate(mut self, deflate: bool) -> Connector {
+        self.deflate = deflate;
+        self
+    }
+
+    /// Whether connections offer permessage-deflate.
+    pub fn deflate(&self) -> bool {
+        self.deflate
     }
 
     /// The limit on one connect (and on one join).
@@ -285,9 +310,19 @@ impl Connector {
         if let Some(origin) = &self.origin {
             request.headers_mut().insert(ORIGIN, origin.clone());
         }
+        if self.deflate {
+            request.headers_mut().insert(
+                SEC_WEBSOCKET_EXTENSIONS,
+                HeaderValue::from_static(DEFLATE_OFFER),
+            );
+        }
         let stream = self.tcp(target.addr).await.map_err(|e| io_kind(&e))?;
+        let stream = WireStream::new(stream, Some(self.rx_bytes.clone()), self.deflate);
         let (mut ws, _response) =
             tokio_tungstenite::client_async_with_config(request, stream, Some(self.config)).await?;
+        if ws.get_ref().deflate_negotiated() {
+            self.deflate_negotiated.fetch_add(1, Ordering::Relaxed);
+        }
         match next_frame(&mut ws).await? {
             ServerFrame::Welcome(w) => Ok((ws, w)),
             other => Err(ConnectError::Protocol(format!(
@@ -388,6 +423,61 @@ impl PublishEncoder {
                 json_str(room)
             ),
             tail: format!(r#","p":"{}"}}"#, "x".repeat(padding)),
+            keyed: false,
+        }
+    }
+
+    /// Frames for `room` whose `data` is a dashboard-like JSON document of
+    /// about `bytes` bytes: metric series with names, hosts, regions, values
+    /// and units, as a monitoring dashboard pushes them (it compresses like
+    /// real JSON, not like a run of one letter). The values come from a fixed
+    /// generator: every run sends the same document.
+    pub fn dashboard(room: &str, bytes: usize) -> PublishEncoder {
+        const METRICS: [(&str, &str); 8] = [
+            ("cpu.user", "percent"),
+            ("cpu.system", "percent"),
+            ("mem.used", "bytes"),
+            ("disk.read", "bytes_per_s"),
+            ("net.rx", "bytes_per_s"),
+            ("http.requests", "per_s"),
+            ("http.p99", "ms"),
+            ("queue.depth", "count"),
+        ];
+        const STATUS: [&str; 3] = ["ok", "ok", "warn"];
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            // xorshift64: a fixed, dependency-free sequence.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        // `{"t":` + 19 digits before this tail.
+        let mut tail = String::from(r#","series":["#);
+        let mut i = 0u64;
+        while 24 + tail.len() < bytes.saturating_sub(3) && i < 100_000 {
+            let (name, unit) = METRICS[(i % 8) as usize];
+            let r = next();
+            if i > 0 {
+                tail.push(',');
+            }
+            tail.push_str(&format!(
+                r#"{{"id":{i},"metric":"{name}","host":"web-{:02}","region":"{}","value":{}.{:02},"unit":"{unit}","status":"{}"}}"#,
+                r % 24,
+                ["eu-west-1", "us-east-1", "ap-south-1"][(r >> 8) as usize % 3],
+                (r >> 16) % 10_000,
+                (r >> 32) % 100,
+                STATUS[(r >> 40) as usize % 3]
+            ));
+            i += 1;
+        }
+        tail.push_str("]}");
+        PublishEncoder {
+            head: format!(
+                r#"{{"type":"publish","room":{},"data":{{"t":"#,
+                json_str(room)
+            ),
+            tail,
             keyed: false,
         }
     }
@@ -529,6 +619,28 @@ mod tests {
         let message = MessageParts::new("lobby", "bench-pub", &data, 1_764_043_200_123).frame(58);
         assert_eq!(wsgate_protocol::peek_message(&message), Some(("lobby", 58)));
         assert_eq!(peek_sent_ns(&message), Some(1_234_567_890_123));
+    }
+
+    #[test]
+    fn dashboard_payloads_are_valid_json_of_the_asked_size() {
+        for bytes in [64usize, 2048, 16_384] {
+            let enc = PublishEncoder::dashboard("lobby", bytes);
+            let frame = enc.frame(1_764_043_200_123_456_789);
+            let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
+            assert!(wsgate_protocol::parse_client_frame(&frame).is_ok());
+            let data = serde_json::to_string(&v["data"]).unwrap();
+            assert!(
+                data.len() + 200 > bytes && data.len() < bytes + 200,
+                "{bytes}: {}",
+                data.len()
+            );
+            assert_eq!(peek_sent_ns(&frame), Some(1_764_043_200_123_456_789));
+            assert!(!v["data"]["series"].as_array().unwrap().is_empty());
+        }
+        // Not a run of one letter: it compresses like JSON does (2x to 10x).
+        let d = PublishEncoder::dashboard("r", 2048).frame(1);
+        let distinct = d.bytes().collect::<std::collections::HashSet<_>>().len();
+        assert!(distinct > 30, "{distinct}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde_json::Value;
-use wsgate_bench::cli::{Cli, Scenario};
+use wsgate_bench::cli::{self, Cli, Scenario};
 use wsgate_bench::report::Report;
 use wsgate_testkit::{wsgate_bin, BinNode, Node, Redis, SECRET};
 
@@ -20,9 +20,11 @@ const NODE_FLAGS: &[&str] = &["--publish-rate", "100000", "--publish-burst", "10
 fn scenario(args: &[&str]) -> Scenario {
     let mut all = vec!["wsgate-bench"];
     all.extend_from_slice(args);
-    let cli = Cli::try_parse_from(all).unwrap();
-    cli.scenario.validate().unwrap();
-    cli.scenario
+    let cli::Command::Scenario(scenario) = Cli::try_parse_from(all).unwrap().command else {
+        panic!("not a scenario: {args:?}");
+    };
+    scenario.validate().unwrap();
+    scenario
 }
 
 async fn run(args: &[&str]) -> (Report, Value) {
@@ -443,4 +445,144 @@ async fn drain_pid_sends_sigterm() {
     .await
     .unwrap();
     assert!(!status.success());
+}
+
+/// `wsgate-bench floor-server` as a child process, killed on drop.
+struct Floor {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Floor {
+    fn start() -> Floor {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate-bench"))
+            .args(["floor-server", "--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        let addr = line.trim().strip_prefix("listening ").unwrap().to_owned();
+        Floor {
+            child,
+            url: format!("ws://{addr}/ws"),
+        }
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_against_the_floor_server() {
+    let floor = Floor::start();
+    let pid = floor.child.id().to_string();
+    let (r, j) = run(&[
+        "fanout",
+        "-s",
+        "20",
+        "-p",
+        "1",
+        "-r",
+        "100",
+        "-d",
+        "1s",
+        "--warmup",
+        "200ms",
+        "--url",
+        &floor.url,
+        "--pid",
+        &pid,
+        "--jwt-secret",
+        "s",
+    ])
+    .await;
+    assert!(r.ok(), "{}", r.human());
+    assert_eq!(j["subscribers_setup"]["nodes"]["floor"], 20, "{j}");
+    let seq = &j["seq"];
+    assert_eq!(seq["lost"], 0);
+    assert_eq!(seq["duplicated"], 0);
+    assert_eq!(seq["out_of_order"], 0);
+    assert!(seq["received"].as_u64().unwrap() >= 20 * 100, "{j}");
+    assert_eq!(seq["received"].as_u64().unwrap() % 20, 0, "{j}");
+    // Its CPU is read from /proc like a node's.
+    assert!(j["server_cpu_us_per_delivery"].is_number(), "{j}");
+    assert_eq!(
+        j["pids"][0]["pid"].as_u64(),
+        Some(u64::from(floor.child.id()))
+    );
+
+    // The floor sends plain frames of the wsgate shape: a message with
+    // 32 bytes of padding is 140 to 180 bytes on the wire (plus a share of
+    // the publisher's ack).
+    let wire = j["wire_bytes_per_delivery"].as_f64().unwrap();
+    assert!((120.0..260.0).contains(&wire), "{j}");
+}
+
+#[test]
+fn floor_server_refuses_a_remote_listen_address() {
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate-bench"))
+        .args(["floor-server", "--listen", "192.0.2.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_payload_and_deflate_offer() {
+    let cluster = Cluster::start(2).await;
+    let flags = cluster.flags();
+    let mut reports = Vec::new();
+    for deflate in [false, true] {
+        let mut args = vec![
+            "fanout",
+            "-s",
+            "10",
+            "-p",
+            "1",
+            "-r",
+            "50",
+            "-d",
+            "1s",
+            "--warmup",
+            "200ms",
+            "--payload-bytes",
+            "2048",
+        ];
+        if deflate {
+            args.push("--deflate");
+        }
+        let (r, j) = run(&with(&flags, &args)).await;
+        assert!(r.ok(), "{}", r.human());
+        assert_eq!(j["seq"]["lost"], 0);
+        assert_eq!(j["seq"]["duplicated"], 0);
+        assert!(j["seq"]["received"].as_u64().unwrap() >= 10 * 50, "{j}");
+        assert_eq!(j["deflate_offered"], deflate);
+        reports.push(j);
+    }
+    let plain = reports[0]["wire_bytes_per_delivery"].as_f64().unwrap();
+    // A ~2 KiB document in a message frame.
+    assert!((2000.0..2600.0).contains(&plain), "{}", reports[0]);
+    let offered = &reports[1];
+    let bytes = offered["wire_bytes_per_delivery"].as_f64().unwrap();
+    if offered["deflate_negotiated"] == 0 {
+        // The server did not take the extension: frames came plain.
+        assert!((2000.0..2600.0).contains(&bytes), "{offered}");
+    } else {
+        // Every subscriber and publisher negotiated it, and it paid.
+        assert_eq!(offered["deflate_negotiated"], 11, "{offered}");
+        assert!(bytes < plain / 2.0, "{offered}");
+    }
 }

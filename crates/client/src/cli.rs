@@ -11,7 +11,7 @@
 //!
 //! ```text
 //! $ wsgate client --url ws://127.0.0.1:8080/ws --token "$TOKEN" --room lobby
-//! {"event":"connected","url":"ws://127.0.0.1:8080/ws","node":"n1","conn":"c-1a0","user":"alice","heartbeat_ms":30000}
+//! {"event":"connected","url":"ws://127.0.0.1:8080/ws","node":"n1","conn":"c-1a0","user":"alice","heartbeat_ms":30000,"compressed":true}
 //! {"event":"joined","room":"lobby","seq":0,"epoch":"k3Xb","recovered":null}
 //! {"text":"hi"}
 //! {"event":"ack","line":1,"room":"lobby","seq":1}

@@ -8,7 +8,7 @@ use wsgate_protocol::is_valid_room;
 use crate::config::ClientConfig;
 use crate::driver::{Command, Driver};
 use crate::error::ClientError;
-use crate::event::{EventStream, JoinInfo};
+use crate::event::{EventStream, JoinInfo, PresenceInfo};
 
 /// A cheap, clonable handle on one logical connection to a wsgate cluster.
 ///
@@ -150,6 +150,17 @@ impl Client {
         self.request(|reply| Command::Publish {
             room: room.to_owned(),
             data,
+            reply,
+        })
+        .await
+    }
+
+    /// Who is in `room` (v1.1): needs the `rooms` grant, not membership.
+    /// While disconnected it fails at once with [`ClientError::Disconnected`].
+    pub async fn presence(&self, room: &str) -> Result<PresenceInfo, ClientError> {
+        check_room(room)?;
+        self.request(|reply| Command::Presence {
+            room: room.to_owned(),
             reply,
         })
         .await

@@ -116,6 +116,18 @@ pub struct ClientConfig {
     /// Seed of the backoff's jitter, for reproducible schedules in tests;
     /// `None` seeds from the operating system.
     pub rng_seed: Option<u64>,
+    /// Offer permessage-deflate (RFC 7692) in the upgrade (default `true`):
+    /// a gateway that accepts it sends its larger frames compressed, and the
+    /// client inflates them (it sends its own frames uncompressed).
+    pub compression: bool,
+    /// Join every room with `"presence":true` (v1.1): the room's
+    /// `presence_join` / `presence_leave` arrive as
+    /// [`Event::PresenceJoin`](crate::Event::PresenceJoin) /
+    /// [`Event::PresenceLeave`](crate::Event::PresenceLeave), and after
+    /// every join (the re-joins after a reconnect too, since events are not
+    /// replayed) the client asks for the room's presence and reports it as
+    /// [`Event::Presence`](crate::Event::Presence). Default off.
+    pub presence: bool,
     /// TLS settings for `wss://` (for example a private root certificate);
     /// `None` uses the platform's root certificates.
     #[cfg(feature = "tls")]
@@ -138,6 +150,8 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             rng_seed: None,
+            compression: true,
+            presence: false,
             #[cfg(feature = "tls")]
             tls: None,
         }

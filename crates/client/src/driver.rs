@@ -32,11 +32,12 @@ use wsgate_protocol::{close, ClientRequest, ErrorCode, ErrorFrame, Id, ServerFra
 use crate::backoff::Backoff;
 use crate::config::{ClientConfig, TokenSource};
 use crate::error::ClientError;
-use crate::event::{Event, JoinInfo};
+use crate::event::{Event, JoinInfo, PresenceInfo};
+use crate::inflate::Inflating;
 use crate::jwt::jwt_exp;
 use crate::tracker::RoomTracker;
 
-type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type WsStream = WebSocketStream<Inflating<MaybeTlsStream<TcpStream>>>;
 type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
 
 /// A request from a [`Client`](crate::Client) handle.
@@ -58,6 +59,10 @@ pub(crate) enum Command {
     Position {
         room: String,
         reply: oneshot::Sender<Option<(u64, String)>>,
+    },
+    Presence {
+        room: String,
+        reply: Reply<PresenceInfo>,
     },
     Close {
         reply: oneshot::Sender<()>,
@@ -212,6 +217,9 @@ impl AppSide {
             Command::Position { room, reply } => {
                 let _ = reply.send(self.position(&room));
             }
+            Command::Presence { reply, .. } => {
+                let _ = reply.send(Err(ClientError::Disconnected));
+            }
             Command::Close { reply } => return Flow::Stop(Some(reply)),
         }
         Flow::Continue
@@ -296,8 +304,17 @@ fn key_prefix() -> String {
 
 /// A request sent on the current connection, waiting for its answer.
 enum Pending {
-    Join { room: String },
-    Leave { reply: Reply<()> },
+    Join {
+        room: String,
+    },
+    /// A presence query: the application's (with its reply), or the
+    /// client's own after a join (reported as an event).
+    Presence {
+        reply: Option<Reply<PresenceInfo>>,
+    },
+    Leave {
+        reply: Reply<()>,
+    },
     Publish(Outgoing),
     Refresh,
 }
@@ -457,6 +474,7 @@ impl Driver {
 
     /// Serve one connection until it ends.
     async fn session(&mut self, ws: WsStream, welcome: Welcome, url: &str) -> SessionEnd {
+        let compressed = ws.get_ref().negotiated();
         let (sink, mut stream) = ws.split();
         let (out, out_rx) = mpsc::unbounded_channel();
         let writer: JoinHandle<()> = tokio::spawn(write_loop(sink, out_rx));
@@ -467,6 +485,7 @@ impl Driver {
             retry_joins: HashMap::new(),
             retry_publishes: Vec::new(),
             request_timeout: self.cfg.request_timeout,
+            presence: self.cfg.presence,
         };
         self.app.emit(Event::Connected {
             url: url.to_owned(),
@@ -474,6 +493,7 @@ impl Driver {
             conn: welcome.conn.clone(),
             user: welcome.user.clone(),
             heartbeat_ms: welcome.heartbeat_ms,
+            compressed,
         });
         // `connect` returns after the `Connected` event is queued.
         if let Some(first) = self.first.take() {
@@ -634,7 +654,10 @@ impl Driver {
                 Pending::Leave { reply } => {
                     let _ = reply.send(Ok(()));
                 }
-                Pending::Join { .. } | Pending::Refresh => {}
+                Pending::Presence { reply: Some(reply) } => {
+                    let _ = reply.send(Err(ClientError::Disconnected));
+                }
+                Pending::Join { .. } | Pending::Refresh | Pending::Presence { reply: None } => {}
             }
         }
         // Sent again after the reconnect, in the order they were sent.
@@ -669,7 +692,10 @@ impl Driver {
                 Pending::Leave { reply } => {
                     let _ = reply.send(Err(ClientError::Closed));
                 }
-                Pending::Join { .. } | Pending::Refresh => {}
+                Pending::Presence { reply: Some(reply) } => {
+                    let _ = reply.send(Err(ClientError::Closed));
+                }
+                Pending::Join { .. } | Pending::Refresh | Pending::Presence { reply: None } => {}
             }
         }
         SessionEnd::Stop(reply)
@@ -764,6 +790,10 @@ impl Driver {
             Command::Position { room, reply } => {
                 let _ = reply.send(self.app.position(&room));
             }
+            Command::Presence { room, reply } => {
+                let id = self.id();
+                s.send_presence(&room, id, Some(reply));
+            }
             // Handled by the session loop.
             Command::Close { reply } => {
                 let _ = reply.send(());
@@ -794,6 +824,11 @@ impl Driver {
                     // connection) still joins it.
                     self.app.answer_waiters(&room, || Err(ClientError::Timeout));
                     s.pending.insert(id, Pending::Join { room });
+                }
+                Some(Pending::Presence { reply }) => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(ClientError::Timeout));
+                    }
                 }
                 Some(Pending::Refresh) | None => {}
             }
@@ -828,6 +863,11 @@ impl Driver {
                         recovered,
                     });
                 }
+                if j.id.is_some() && self.cfg.presence && self.app.tracker.has(&j.room) {
+                    // Events are not replayed: ask again after every join.
+                    let id = self.id();
+                    s.send_presence(&j.room, id, None);
+                }
                 if j.id.is_some() && self.app.tracker.has(&j.room) {
                     let info = JoinInfo {
                         room: j.room.clone(),
@@ -853,6 +893,20 @@ impl Driver {
                 return Some(self.next_refresh());
             }
             ServerFrame::Error(e) => return self.on_error(s, pending, e),
+            ServerFrame::Presence(p) => match pending {
+                Some(Pending::Presence { reply: Some(reply) }) => {
+                    let _ = reply.send(Ok(p.into()));
+                }
+                _ => self.app.emit(Event::Presence(p.into())),
+            },
+            ServerFrame::PresenceJoin(e) => self.app.emit(Event::PresenceJoin {
+                room: e.room,
+                user: e.user,
+            }),
+            ServerFrame::PresenceLeave(e) => self.app.emit(Event::PresenceLeave {
+                room: e.room,
+                user: e.user,
+            }),
             ServerFrame::Welcome(_) | ServerFrame::Pong(_) => {}
         }
         None
@@ -896,6 +950,15 @@ impl Driver {
             }
             Some(Pending::Leave { reply }) => {
                 let _ = reply.send(Err(err()));
+            }
+            Some(Pending::Presence { reply: Some(reply) }) => {
+                let _ = reply.send(Err(err()));
+            }
+            Some(Pending::Presence { reply: None }) => {
+                debug!(
+                    code = e.code.as_str(),
+                    "presence query after a join refused"
+                );
             }
             Some(Pending::Join { room }) => {
                 let app_waiting = self.app.waiters.contains_key(&room);
@@ -948,6 +1011,8 @@ struct Session {
     /// `rate_limited`, with when to send them again.
     retry_publishes: Vec<(Instant, Outgoing)>,
     request_timeout: Duration,
+    /// Joins ask for presence events ([`ClientConfig::presence`]).
+    presence: bool,
 }
 
 impl Session {
@@ -972,12 +1037,21 @@ impl Session {
         self.track(id, Pending::Publish(o));
     }
 
+    fn send_presence(&mut self, room: &str, id: u64, reply: Option<Reply<PresenceInfo>>) {
+        self.send(ClientRequest::Presence {
+            room: room.to_owned(),
+            id: Some(num(id)),
+        });
+        self.track(id, Pending::Presence { reply });
+    }
+
     fn send_join(&mut self, tracker: &mut RoomTracker, room: &str, id: u64) {
         let (since, epoch) = tracker.join_args(room);
         self.send(ClientRequest::Join {
             room: room.to_owned(),
             since,
             epoch,
+            presence: self.presence,
             id: Some(num(id)),
         });
         self.track(
@@ -1014,6 +1088,9 @@ fn refuse(cmd: Command) {
         }
         Command::Position { reply, .. } => {
             let _ = reply.send(None);
+        }
+        Command::Presence { reply, .. } => {
+            let _ = reply.send(Err(ClientError::Closed));
         }
         Command::Close { reply } => {
             let _ = reply.send(());
@@ -1102,33 +1179,89 @@ async fn establish(
     }
 }
 
+type Request = tokio_tungstenite::tungstenite::handshake::client::Request;
+type Response = tokio_tungstenite::tungstenite::handshake::client::Response;
+type WsError = tokio_tungstenite::tungstenite::Error;
+
+/// TCP (+ TLS for `wss://`), then the upgrade, offering permessage-deflate
+/// unless `cfg.compression` is off. The TLS layer is set up here rather
+/// than by tokio-tungstenite so that the inflating adapter sits between it
+/// and the WebSocket protocol (see `inflate.rs`).
+async fn connect(cfg: &ClientConfig, mut req: Request) -> Result<(WsStream, Response), WsError> {
+    use tokio_tungstenite::tungstenite::error::UrlError;
+    let uri = req.uri();
+    let tls = match uri.scheme_str() {
+        Some("wss") => true,
+        Some("ws") => false,
+        _ => return Err(WsError::Url(UrlError::UnsupportedUrlScheme)),
+    };
+    let host = uri
+        .host()
+        .ok_or(WsError::Url(UrlError::NoHostName))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+    tcp.set_nodelay(true)?;
+    let stream = if tls {
+        tls_stream(cfg, &host, tcp).await?
+    } else {
+        MaybeTlsStream::Plain(tcp)
+    };
+    if cfg.compression {
+        req.headers_mut().insert(
+            "sec-websocket-extensions",
+            HeaderValue::from_static(crate::inflate::OFFER),
+        );
+    }
+    tokio_tungstenite::client_async_with_config(req, Inflating::new(stream), None).await
+}
+
 #[cfg(feature = "tls")]
-async fn connect(
+async fn tls_stream(
     cfg: &ClientConfig,
-    req: tokio_tungstenite::tungstenite::handshake::client::Request,
-) -> Result<
-    (
-        WsStream,
-        tokio_tungstenite::tungstenite::handshake::client::Response,
-    ),
-    tokio_tungstenite::tungstenite::Error,
-> {
-    let connector = cfg.tls.clone().map(tokio_tungstenite::Connector::Rustls);
-    tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector).await
+    host: &str,
+    tcp: TcpStream,
+) -> Result<MaybeTlsStream<TcpStream>, WsError> {
+    use std::sync::Arc;
+    use tokio_tungstenite::tungstenite::error::TlsError;
+    let config = match &cfg.tls {
+        Some(c) => c.clone(),
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            if found.certs.is_empty() {
+                return Err(WsError::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no native root CA certificates found",
+                )));
+            }
+            roots.add_parsable_certificates(found.certs);
+            Arc::new(
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            )
+        }
+    };
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|_| WsError::Tls(TlsError::InvalidDnsName))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    Ok(MaybeTlsStream::Rustls(tls))
 }
 
 #[cfg(not(feature = "tls"))]
-async fn connect(
+async fn tls_stream(
     _cfg: &ClientConfig,
-    req: tokio_tungstenite::tungstenite::handshake::client::Request,
-) -> Result<
-    (
-        WsStream,
-        tokio_tungstenite::tungstenite::handshake::client::Response,
-    ),
-    tokio_tungstenite::tungstenite::Error,
-> {
-    tokio_tungstenite::connect_async_with_config(req, None, true).await
+    _host: &str,
+    _tcp: TcpStream,
+) -> Result<MaybeTlsStream<TcpStream>, WsError> {
+    Err(WsError::Url(
+        tokio_tungstenite::tungstenite::error::UrlError::TlsFeatureNotEnabled,
+    ))
 }
 
 /// A refused upgrade in words: the status, and the gateway's own reason

@@ -29,6 +29,9 @@ pub enum Event {
         user: String,
         /// The node's Ping interval.
         heartbeat_ms: u64,
+        /// Whether the node accepted permessage-deflate (its larger frames
+        /// arrive compressed; see `ClientConfig::compression`).
+        compressed: bool,
     },
     /// A room message, delivered once: never a seq twice within an epoch.
     Message(Message),
@@ -81,6 +84,23 @@ pub enum Event {
         /// Why, in words.
         reason: String,
     },
+    /// Who is in a room (v1.1), asked by the client after each join when
+    /// [`ClientConfig::presence`](crate::ClientConfig::presence) is on.
+    Presence(PresenceInfo),
+    /// A user became present in a room joined with presence events.
+    PresenceJoin {
+        /// Room name.
+        room: String,
+        /// The user.
+        user: String,
+    },
+    /// A user stopped being present in a room joined with presence events.
+    PresenceLeave {
+        /// Room name.
+        room: String,
+        /// The user.
+        user: String,
+    },
     /// Joining a room again after a reconnect was refused.
     JoinFailed {
         /// Room name.
@@ -93,6 +113,30 @@ pub enum Event {
         /// the room is no longer tracked.
         retrying: bool,
     },
+}
+
+/// A room's presence: the answer to [`Client::presence`](crate::Client::presence).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PresenceInfo {
+    /// Room name.
+    pub room: String,
+    /// Present users.
+    pub count: u64,
+    /// Their ids, sorted, at most 1,000.
+    pub users: Vec<String>,
+    /// Whether `users` lists fewer than `count`.
+    pub truncated: bool,
+}
+
+impl From<wsgate_protocol::Presence> for PresenceInfo {
+    fn from(p: wsgate_protocol::Presence) -> PresenceInfo {
+        PresenceInfo {
+            room: p.room,
+            count: p.count,
+            users: p.users,
+            truncated: p.truncated,
+        }
+    }
 }
 
 fn millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -36,9 +36,9 @@
 //! ```
 //!
 //! # Layout
-//! - [`Client`]: the handle (`join`, `leave`, `publish`, `close`).
+//! - [`Client`]: the handle (`join`, `leave`, `publish`, `presence`, `close`).
 //! - [`ClientConfig`], [`TokenSource`]: URLs, token, timings.
-//! - [`Event`], [`EventStream`], [`Gap`], [`JoinInfo`]: what the application hears.
+//! - [`Event`], [`EventStream`], [`Gap`], [`JoinInfo`], [`PresenceInfo`]: what the application hears.
 //! - [`Backoff`]: the reconnect schedule, pure and testable.
 //! - [`ClientError`]: typed errors.
 //! - `cli` (feature `cli`): the `wsgate client` command line tool.
@@ -51,6 +51,7 @@ mod config;
 mod driver;
 mod error;
 mod event;
+mod inflate;
 mod jwt;
 mod tracker;
 
@@ -58,7 +59,7 @@ pub use backoff::Backoff;
 pub use client::Client;
 pub use config::{ClientConfig, TokenCallback, TokenFuture, TokenSource};
 pub use error::{BoxError, ClientError};
-pub use event::{Event, EventStream, Gap, GapReason, JoinInfo};
+pub use event::{Event, EventStream, Gap, GapReason, JoinInfo, PresenceInfo};
 pub use jwt::jwt_exp;
 pub use wsgate_protocol::{ErrorCode, Message};
 

@@ -2,7 +2,8 @@
 //!
 //! Every flag can also be set as `WSGATE_<FLAG>`. Parsing is clap derive;
 //! `serve`'s flags come in groups flattened into one command line
-//! ([`BrokerArgs`], [`JwtArgs`], [`Limits`], [`HistoryArgs`], [`TlsArgs`]),
+//! ([`BrokerArgs`], [`JwtArgs`], [`Limits`], [`HistoryArgs`], [`TlsArgs`],
+//! [`PresenceArgs`], [`crate::deflate::CompressionArgs`]),
 //! and [`ServeArgs::into_config`] turns them into a checked configuration
 //! (keys loaded, TLS prepared) or one clear error line, each group checked
 //! by its own method. [`CommandLine`] is generic over the subcommands so
@@ -153,6 +154,12 @@ pub struct ServeArgs {
     /// TLS on the public listener: `--tls-cert`, `--tls-key`.
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// Presence: `--presence-ttl`.
+    #[command(flatten)]
+    pub presence: PresenceArgs,
+    /// Compression (permessage-deflate): `--compression*`.
+    #[command(flatten)]
+    pub compression: crate::deflate::CompressionArgs,
     /// Enables the server API (/api/users/..., history, publish as "server").
     #[arg(long, env = "WSGATE_API_KEY", hide_env_values = true, value_parser = ApiKey::parse)]
     pub api_key: Option<ApiKey>,
@@ -311,6 +318,15 @@ pub struct HistoryArgs {
         default_value_t = 268_435_456
     )]
     pub history_budget_bytes: usize,
+}
+
+/// `--presence-ttl`: the lease of a node's presence entries.
+#[derive(Debug, Clone, Args)]
+pub struct PresenceArgs {
+    /// How long a stopped node's users stay present before other nodes
+    /// remove them (Redis; at least 1s).
+    #[arg(long, env = "WSGATE_PRESENCE_TTL", default_value = "15s", value_parser = duration)]
+    pub presence_ttl: Duration,
 }
 
 /// `--tls-cert`, `--tls-key`.
@@ -505,6 +521,10 @@ pub struct Config {
     pub max_token_lifetime: Duration,
     /// Dev mode.
     pub dev: bool,
+    /// Presence lease.
+    pub presence: PresenceArgs,
+    /// permessage-deflate settings.
+    pub compression: crate::deflate::Compression,
 }
 
 impl Config {
@@ -554,6 +574,12 @@ impl ServeArgs {
 
     /// Check the flags and load keys and certificates.
     pub fn into_config(self) -> Result<(Config, DevNotes), ConfigError> {
+        if self.presence.presence_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                flag: "--presence-ttl",
+                reason: "must be at least 1s".into(),
+            });
+        }
         let mut notes = DevNotes::default();
         let (verifier, hmac_secret) = self.jwt.verifier(self.dev, &mut notes)?;
         let origins = if self.allowed_origins.iter().any(|o| o.trim() == "*") {
@@ -604,6 +630,8 @@ impl ServeArgs {
                 api_key: self.api_key,
                 max_token_lifetime: self.max_token_lifetime,
                 dev: self.dev,
+                presence: self.presence,
+                compression: self.compression.settings(),
             },
             notes,
         ))

@@ -60,7 +60,6 @@ pub fn router(app: Arc<App>) -> Router {
         max_body: app.config.limits.max_message_bytes,
     };
     let max_body = app.config.limits.max_message_bytes;
-    // `/api/rooms/{room}/presence` is not routed (404) until presence exists.
     let api = Router::new()
         .route(
             "/api/rooms/{room}/messages",
@@ -71,6 +70,7 @@ pub fn router(app: Arc<App>) -> Router {
             post(api::disconnect).layer(axum::extract::DefaultBodyLimit::max(max_body)),
         )
         .route("/api/rooms/{room}/history", get(api::history))
+        .route("/api/rooms/{room}/presence", get(crate::presence::http_get))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             api::count,
@@ -252,11 +252,21 @@ async fn upgrade(
     };
     app.metrics.connections_accepted.inc();
     let remote = remote(headers, peer.as_ref().map(|p| &p.0));
-    let response = ws::handshake::switching_protocols(headers);
+    let compression = app.config.compression;
+    let deflate = compression.negotiate(
+        headers
+            .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    );
+    let response = ws::handshake::switching_protocols(headers, deflate);
+    let compress_from = deflate.map(|_| compression.min_bytes);
     let session_app = app.clone();
     let session = app.track_session(async move {
         match on_upgrade.await {
-            Ok(upgraded) => session::start(upgraded, session_app, claims, &remote, slot).await,
+            Ok(upgraded) => {
+                session::start(upgraded, session_app, claims, &remote, slot, compress_from).await
+            }
             Err(e) => warn!(error = %e, "websocket upgrade failed"),
         }
     });

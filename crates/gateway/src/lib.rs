@@ -18,9 +18,11 @@
 //! - [`session`]: one connection's protocol state machine, over a [`transport::Transport`].
 //! - [`transport`]: what a session needs from a transport.
 //! - [`ws`]: the WebSocket transport: handshake answer, frame codec, socket I/O.
+//! - [`deflate`]: permessage-deflate: negotiation, compress once, bounded inflate.
 //! - [`outbound`]: a connection's outbound frames: direct writes, bounded queue.
 //! - [`limits`]: rate limits: token buckets, per-user publish buckets.
 //! - [`rooms`]: room membership (join, leave, subscriptions) and fan-out.
+//! - [`presence`]: who is in a room, across the cluster (leases in Redis).
 //! - [`broker`]: the broker trait, in-process and Redis implementations.
 //! - [`ops`]: `/health`, `/ready`, `/metrics` on the operations listener.
 //! - [`metrics`]: Prometheus metrics.
@@ -30,6 +32,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod deflate;
 pub mod http;
 pub mod limits;
 pub mod listener;
@@ -37,6 +40,7 @@ pub mod logging;
 pub mod metrics;
 pub mod ops;
 pub mod outbound;
+pub mod presence;
 pub mod rooms;
 pub mod server;
 pub mod session;

@@ -324,10 +324,19 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Register a collector of another module (presence) with this node's
+    /// registry, served on `/metrics` with the rest.
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        // Only a duplicate name can fail; each module registers its own names once.
+        let _ = self.registry.register(c);
+    }
+}
+
 /// Metric definitions are static and valid, so building them cannot fail;
 /// no input reaches this.
 #[allow(clippy::expect_used)]
-fn must<T>(r: prometheus::Result<T>) -> T {
+pub(crate) fn must<T>(r: prometheus::Result<T>) -> T {
     r.expect("static metric definition")
 }
 

@@ -156,6 +156,9 @@ pub struct ConnHandle {
     closing: Notify,
     /// Set once the connection is closing for any reason.
     ended: AtomicBool,
+    /// Text frames with a payload this long or longer go compressed
+    /// (permessage-deflate negotiated); `usize::MAX` without it.
+    compress_from: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -167,16 +170,18 @@ impl ConnHandle {
         max_bytes: usize,
         metrics: Arc<Metrics>,
     ) -> Arc<ConnHandle> {
-        Self::with_socket(id, max_bytes, metrics, None)
+        Self::with_socket(id, max_bytes, metrics, None, usize::MAX)
     }
 
     /// A handle that writes frames straight into `sock` while nothing is
-    /// queued.
+    /// queued, and compresses text frames of at least `compress_from`
+    /// payload bytes (`usize::MAX`: never).
     pub fn with_socket(
         id: impl Into<Box<str>>,
         max_bytes: usize,
         metrics: Arc<Metrics>,
         sock: Option<TcpStream>,
+        compress_from: usize,
     ) -> Arc<ConnHandle> {
         Arc::new(ConnHandle {
             id: id.into(),
@@ -190,6 +195,7 @@ impl ConnHandle {
             close: OnceLock::new(),
             closing: Notify::new(),
             ended: AtomicBool::new(false),
+            compress_from,
             metrics,
         })
     }
@@ -295,6 +301,19 @@ impl ConnHandle {
     /// The most bytes this connection may have queued.
     pub fn max_bytes(&self) -> usize {
         self.max
+    }
+
+    /// Text frames with a payload at least this long are sent compressed
+    /// to this connection; `usize::MAX` when it did not negotiate
+    /// permessage-deflate.
+    pub fn compress_from(&self) -> usize {
+        self.compress_from
+    }
+
+    /// A text frame of `payload` encoded for this connection (compressed
+    /// when negotiated and large enough).
+    pub fn text(&self, payload: &str) -> Bytes {
+        crate::ws::codec::text_for(payload, self.compress_from)
     }
 
     /// Send a WebSocket Ping.

@@ -37,7 +37,7 @@ use wsgate_protocol::{close, Joined, ServerFrame};
 use crate::broker::{Broker, BrokerError, RoomHistory, Since};
 use crate::metrics::Metrics;
 use crate::outbound::{CloseReason, ConnHandle};
-use crate::ws::codec;
+use crate::ws::codec::{self, SharedText};
 
 const SHARDS: usize = 64;
 
@@ -159,7 +159,8 @@ impl Member {
     /// epoch first when the member's client knows another one, and never
     /// sending a seq it was already sent or told about. Returns whether the
     /// message was queued.
-    fn send(&mut self, room: &str, epoch: &Arc<str>, seq: u64, frame: &Bytes) -> bool {
+    /// `frame` is the message's encoding for this member's connection.
+    fn send(&mut self, room: &str, epoch: &Arc<str>, seq: u64, frame: Bytes) -> bool {
         // Per member per message: the pointer check settles the usual case
         // (members hold the room's own `Arc` of its epoch) without
         // comparing the strings.
@@ -177,7 +178,7 @@ impl Member {
             self.epoch = Some(epoch.clone());
         }
         self.after = seq;
-        self.conn.send(frame.clone())
+        self.conn.send(frame)
     }
 }
 
@@ -317,7 +318,7 @@ impl Rooms {
         let mut replayed = 0;
         let complete = loop {
             for (seq, frame) in page {
-                if seq != next || !conn.send_paced(codec::text(&frame), patience).await {
+                if seq != next || !conn.send_paced(conn.text(&frame), patience).await {
                     break;
                 }
                 next += 1;
@@ -450,7 +451,7 @@ impl Rooms {
         m.pending_bytes = 0;
         let mut sent = 0;
         for (epoch, seq, frame) in m.pending.take().unwrap_or_default() {
-            sent += u64::from(m.send(room, &epoch, seq, &frame));
+            sent += u64::from(m.send(room, &epoch, seq, frame));
         }
         self.metrics.messages_delivered.inc_by(sent);
     }
@@ -502,10 +503,12 @@ impl Rooms {
         };
         state.last_seq = seq;
         state.known = state.known.max(seq);
-        // Encoded once for every member of this node.
-        let frame = &codec::text(frame.as_str());
+        // Encoded once for every member of this node (and compressed at
+        // most once, for the members that negotiated permessage-deflate).
+        let frame = &SharedText::new(frame.as_str());
         let mut sent = 0u64;
         for m in &mut state.members {
+            let frame = frame.for_conn(m.conn.compress_from());
             match &mut m.pending {
                 Some(p) => {
                     m.pending_bytes += frame.len();
@@ -519,7 +522,7 @@ impl Rooms {
                             self.metrics.slow_consumer_closes.inc();
                         }
                     } else {
-                        p.push((epoch.clone(), seq, frame.clone()));
+                        p.push((epoch.clone(), seq, frame));
                     }
                 }
                 None => sent += u64::from(m.send(room, &epoch, seq, frame)),
@@ -562,7 +565,8 @@ mod tests {
         ConnHandle::new("c", 1 << 20, m.clone())
     }
 
-    /// The payloads of the text frames queued (short frames: 2-byte header).
+    /// The payloads of the text frames queued for `h` (short frames: a
+    /// 2-byte header), taken out of its queue.
     fn texts(h: &ConnHandle) -> Vec<String> {
         h.take_queued()
             .iter()

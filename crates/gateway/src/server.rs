@@ -49,9 +49,21 @@ pub async fn run(
     let conns = Arc::new(Conns::default());
     let control = Arc::new(Control::new(conns.clone(), &config));
     let background = Background::default();
-    let broker = start_broker(&config, &delivery, &control, &metrics, &background).await?;
+    let (broker, link) = start_broker(&config, &delivery, &control, &metrics, &background).await?;
     let rooms = Rooms::new(metrics.clone(), broker.clone(), &delivery);
-    let app = Arc::new(App::new(config, metrics, rooms, broker, control, conns));
+    let mut app = App::new(config, metrics, rooms, broker, control, conns);
+    if let Some(link) = link {
+        let presence = crate::presence::Presence::redis(
+            link,
+            app.config.presence.presence_ttl,
+            app.presence.metrics.clone(),
+            &app.config.node_id,
+            background.stop.clone(),
+            &background.tasks,
+        );
+        app = app.with_presence(presence);
+    }
+    let app = Arc::new(app);
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let public_addr = addr(&listeners.public);
     let ops_addr = addr(&listeners.ops);
@@ -83,25 +95,29 @@ pub async fn run(
 
     stop.cancelled().await;
     drain(&app).await;
+    app.presence.stop().await;
     background.stop(Duration::from_millis(500)).await;
     info!("stopped");
     Ok(())
 }
 
-/// The broker the configuration chose, with its background tasks.
+/// The broker the configuration chose, with its background tasks, and
+/// for Redis presence's link to it.
 async fn start_broker(
     config: &Config,
     delivery: &Delivery,
     control: &Arc<Control>,
     metrics: &Arc<Metrics>,
     background: &Background,
-) -> Result<Arc<dyn Broker>, BrokerError> {
+) -> Result<(Arc<dyn Broker>, Option<broker::redis::Link>), BrokerError> {
     let (redis, cluster) = match &config.broker {
         BrokerChoice::Redis(r) => (r, false),
         BrokerChoice::RedisCluster(r) => (r, true),
-        BrokerChoice::Memory => return Ok(start_memory(config, delivery, metrics, background)),
+        BrokerChoice::Memory => {
+            return Ok((start_memory(config, delivery, metrics, background), None))
+        }
     };
-    broker::redis::RedisBroker::start(
+    let redis = broker::redis::RedisBroker::start(
         &redis.url,
         cluster,
         broker::redis::Settings {
@@ -116,7 +132,9 @@ async fn start_broker(
         background.stop.clone(),
         &background.tasks,
     )
-    .await
+    .await?;
+    let link = redis.link();
+    Ok((redis, Some(link)))
 }
 
 /// The in-process broker, and its sweep of idle rooms.

@@ -30,7 +30,7 @@ use crate::limits::Bucket;
 use crate::outbound::{CloseReason, ConnHandle};
 use crate::state::{App, Slot};
 use crate::transport::{ClientEvent, Transport};
-use crate::ws::{codec, WsTransport};
+use crate::ws::WsTransport;
 
 /// How long a closing connection waits for the client's Close reply.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -59,13 +59,15 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Build a connection's session and transport from an upgraded socket.
+/// Build a connection's session and transport from an upgraded socket;
+/// `compress_from` when permessage-deflate was negotiated.
 pub(crate) fn start(
     upgraded: hyper::upgrade::Upgraded,
     app: Arc<App>,
     claims: Claims,
     remote: &str,
     slot: Slot,
+    compress_from: Option<usize>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let conn_id = app.next_conn_id();
     let span = tracing::info_span!(
@@ -81,6 +83,7 @@ pub(crate) fn start(
         app.config.limits.max_outbound_bytes,
         app.config.limits.max_message_bytes,
         app.metrics.clone(),
+        compress_from,
     );
     Session::new(app, claims, slot, handle)
         .run(transport, conn_id)
@@ -209,7 +212,7 @@ impl Session {
     }
 
     fn send(&self, frame: ServerFrame) {
-        self.handle.send(codec::text(&frame.to_json()));
+        self.handle.send(self.handle.text(&frame.to_json()));
     }
 
     fn error(&self, code: ErrorCode, message: impl Into<String>, id: Option<Id>) {
@@ -332,7 +335,23 @@ impl Session {
                     id,
                 )
             }
-            ClientCommand::Join { room, since, epoch } => self.join(room, since, epoch, id).await,
+            ClientCommand::Join {
+                room,
+                since,
+                epoch,
+                presence,
+            } => {
+                self.join(room.clone(), since, epoch, id).await;
+                // Presence hook: count the membership (if the join made
+                // one), and set whether it receives presence events.
+                if self.rooms.contains(&room) {
+                    let app = &self.app;
+                    app.presence
+                        .join(&room, &self.claims.sub, &self.handle, presence);
+                    app.presence.settled(&room, &self.claims.sub).await;
+                }
+            }
+            ClientCommand::Presence { room } => self.presence(&room, id).await,
             ClientCommand::Leave { room } => self.leave(&room, id),
             ClientCommand::Publish { room, data, key } => {
                 self.publish(&room, data, key.as_deref(), id).await
@@ -406,6 +425,7 @@ impl Session {
 
     /// Give up a membership already taken out of `self.rooms`.
     fn release(&self, room: &str) {
+        self.app.presence.leave(room, &self.handle);
         self.app.rooms.leave(room, &self.handle);
     }
 
@@ -428,6 +448,27 @@ impl Session {
             .collect();
         for room in gone {
             self.leave(&room, None);
+        }
+    }
+
+    /// `presence`: needs the `rooms` grant, not membership.
+    async fn presence(&self, room: &str, id: Option<Id>) {
+        if !self.claims.rooms.allows(room) {
+            return self.error(
+                ErrorCode::Forbidden,
+                format!("not allowed to read room '{room}'"),
+                id,
+            );
+        }
+        match self.app.presence.query(room).await {
+            Ok(s) => self.send(ServerFrame::Presence(wsgate_protocol::Presence {
+                room: room.to_owned(),
+                count: s.count,
+                truncated: s.truncated(),
+                users: s.users,
+                id,
+            })),
+            Err(e) => self.error(ErrorCode::Unavailable, format!("{e}; retry later"), id),
         }
     }
 
@@ -514,6 +555,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ws::codec;
 
     #[test]
     fn expiry_includes_leeway() {

@@ -71,6 +71,8 @@ pub struct App {
     pub limits: UserLimits,
     /// Disconnects and revocations of the server API.
     pub control: Arc<Control>,
+    /// Presence (section 6).
+    pub presence: Arc<crate::presence::Presence>,
     pub(crate) conns: Arc<Conns>,
     draining: AtomicBool,
     active: AtomicUsize,
@@ -100,6 +102,10 @@ impl App {
         conns: Arc<Conns>,
     ) -> App {
         App {
+            presence: crate::presence::Presence::memory(crate::presence::PresenceMetrics::new(
+                &metrics,
+                &config.node_id,
+            )),
             limits: UserLimits::new(config.user_publish_rate, config.user_publish_burst),
             conns,
             control,
@@ -113,6 +119,12 @@ impl App {
             rooms,
             broker,
         }
+    }
+
+    /// The same state with `presence` in place of the in-process one
+    /// [`new`](Self::new) sets up (a Redis node's).
+    pub fn with_presence(self, presence: Arc<crate::presence::Presence>) -> App {
+        App { presence, ..self }
     }
 
     /// Whether the node is draining for shutdown.

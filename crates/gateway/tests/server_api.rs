@@ -153,7 +153,7 @@ async fn without_api_key_the_server_endpoints_are_404() {
     for auth in [Auth::Key(KEY), Auth::Bearer(&bearer)] {
         expect(404, &node, "GET", "/api/rooms/lobby/history", auth, "").await;
     }
-    // Presence is not built yet: not routed, with or without the key.
+    // Presence with the key while the server API is off: 404 like the rest.
     expect(
         404,
         &node,

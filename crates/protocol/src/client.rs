@@ -33,6 +33,13 @@ pub enum ClientCommand<'a> {
         since: Option<u64>,
         /// The epoch the client saw with `since`.
         epoch: Option<Cow<'a, str>>,
+        /// v1.1: receive `presence_join` / `presence_leave` for this room.
+        presence: bool,
+    },
+    /// v1.1: who is present in a room.
+    Presence {
+        /// Room name (valid).
+        room: Cow<'a, str>,
     },
     /// Leave a room.
     Leave {
@@ -63,6 +70,7 @@ impl ClientCommand<'_> {
     pub fn kind(&self) -> &'static str {
         match self {
             ClientCommand::Join { .. } => "join",
+            ClientCommand::Presence { .. } => "presence",
             ClientCommand::Leave { .. } => "leave",
             ClientCommand::Publish { .. } => "publish",
             ClientCommand::Refresh { .. } => "refresh",
@@ -107,6 +115,8 @@ struct RawFrame<'a> {
     token: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "some_raw")]
     key: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "some_raw")]
+    presence: Option<&'a RawValue>,
 }
 
 /// A present field, even `null`, is `Some` (plain `Option` would map `null` to `None`).
@@ -241,8 +251,19 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame<'_>, FrameError> {
                     raw_str(r).ok_or_else(|| fail("field 'epoch' must be a string".to_owned()))?,
                 ),
             };
-            ClientCommand::Join { room, since, epoch }
+            let presence = match raw.presence.map(RawValue::get) {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(_) => return Err(fail("field 'presence' must be a boolean".to_owned())),
+            };
+            ClientCommand::Join {
+                room,
+                since,
+                epoch,
+                presence,
+            }
         }
+        "presence" => ClientCommand::Presence { room: room()? },
         "leave" => ClientCommand::Leave { room: room()? },
         "publish" => {
             let room = room()?;
@@ -290,6 +311,17 @@ pub enum ClientRequest {
         /// Epoch seen with `since`.
         #[serde(skip_serializing_if = "Option::is_none")]
         epoch: Option<String>,
+        /// v1.1: receive presence events for this room.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        presence: bool,
+        /// Request id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<Id>,
+    },
+    /// v1.1 `presence`: who is in a room.
+    Presence {
+        /// Room name.
+        room: String,
         /// Request id.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<Id>,
@@ -347,6 +379,8 @@ mod tests {
     const EXAMPLES: &[&str] = &[
         r#"{"type":"join","room":"lobby"}"#,
         r#"{"type":"join","room":"lobby","since":41,"epoch":"k3Xb"}"#,
+        r#"{"type":"join","room":"lobby","presence":true}"#,
+        r#"{"type":"presence","room":"lobby","id":7}"#,
         r#"{"type":"leave","room":"lobby"}"#,
         r#"{"type":"publish","room":"lobby","data":{"text":"hi"},"id":"c1"}"#,
         r#"{"type":"refresh","token":"<new jwt>"}"#,
@@ -356,10 +390,20 @@ mod tests {
     fn to_request(frame: &ClientFrame<'_>) -> ClientRequest {
         let id = frame.id.clone();
         match &frame.cmd {
-            ClientCommand::Join { room, since, epoch } => ClientRequest::Join {
+            ClientCommand::Join {
+                room,
+                since,
+                epoch,
+                presence,
+            } => ClientRequest::Join {
                 room: room.to_string(),
                 since: *since,
                 epoch: epoch.as_ref().map(|e| e.to_string()),
+                presence: *presence,
+                id,
+            },
+            ClientCommand::Presence { room } => ClientRequest::Presence {
+                room: room.to_string(),
                 id,
             },
             ClientCommand::Leave { room } => ClientRequest::Leave {
@@ -388,6 +432,27 @@ mod tests {
             let a: serde_json::Value = serde_json::from_str(example).unwrap();
             let b: serde_json::Value = serde_json::from_str(&again).unwrap();
             assert_eq!(a, b, "{example} came back as {again}");
+        }
+    }
+
+    #[test]
+    fn presence_needs_a_valid_room_and_a_boolean_flag() {
+        for bad in [
+            r#"{"type":"presence","room":"bad room","id":1}"#,
+            r#"{"type":"presence","id":1}"#,
+            r#"{"type":"join","room":"r","presence":"yes","id":1}"#,
+            r#"{"type":"join","room":"r","presence":1,"id":1}"#,
+            r#"{"type":"join","room":"r","presence":null,"id":1}"#,
+        ] {
+            let err = parse_client_frame(bad).unwrap_err();
+            assert_eq!(err.id, Some(Id::Num(1u64.into())), "{bad}");
+        }
+        match parse_client_frame(r#"{"type":"join","room":"r","presence":false}"#)
+            .unwrap()
+            .cmd
+        {
+            ClientCommand::Join { presence, .. } => assert!(!presence),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -23,7 +23,7 @@ pub use client::{
 pub use room::{is_valid_key, is_valid_room, MAX_KEY_LEN, MAX_ROOM_LEN};
 pub use server::{
     peek_message, Ack, ErrorCode, ErrorFrame, Id, IdNum, Joined, Left, Message, MessageParts, Pong,
-    Refreshed, ServerFrame, Welcome,
+    Presence, PresenceEvent, Refreshed, ServerFrame, Welcome, MAX_PRESENCE_USERS,
 };
 
 /// The protocol version this crate speaks.

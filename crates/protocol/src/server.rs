@@ -264,6 +264,36 @@ pub struct ErrorFrame {
     pub id: Option<Id>,
 }
 
+/// `presence`: who is in a room (v1.1), the answer to a `presence` request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Presence {
+    /// Room name.
+    pub room: String,
+    /// Present users.
+    pub count: u64,
+    /// Their ids, sorted, at most [`MAX_PRESENCE_USERS`].
+    pub users: Vec<String>,
+    /// Set when `users` lists fewer than `count`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    /// Echo of the request id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Id>,
+}
+
+/// Most users a `presence` answer lists.
+pub const MAX_PRESENCE_USERS: usize = 1000;
+
+/// `presence_join` / `presence_leave`: a user became, or stopped being,
+/// present in a room (v1.1, for memberships joined with `"presence":true`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresenceEvent {
+    /// Room name.
+    pub room: String,
+    /// The user.
+    pub user: String,
+}
+
 /// Any frame the server sends.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -284,6 +314,14 @@ pub enum ServerFrame {
     Pong(Pong),
     /// See [`ErrorFrame`].
     Error(ErrorFrame),
+    /// See [`Presence`].
+    Presence(Presence),
+    /// A user became present (see [`PresenceEvent`]).
+    #[serde(rename = "presence_join")]
+    PresenceJoin(PresenceEvent),
+    /// A user stopped being present (see [`PresenceEvent`]).
+    #[serde(rename = "presence_leave")]
+    PresenceLeave(PresenceEvent),
 }
 
 impl ServerFrame {
@@ -307,7 +345,11 @@ impl ServerFrame {
             ServerFrame::Refreshed(f) => f.id.as_ref(),
             ServerFrame::Pong(f) => f.id.as_ref(),
             ServerFrame::Error(f) => f.id.as_ref(),
-            ServerFrame::Welcome(_) | ServerFrame::Message(_) => None,
+            ServerFrame::Presence(f) => f.id.as_ref(),
+            ServerFrame::Welcome(_)
+            | ServerFrame::Message(_)
+            | ServerFrame::PresenceJoin(_)
+            | ServerFrame::PresenceLeave(_) => None,
         }
     }
 }
@@ -334,6 +376,9 @@ struct FlatFrame {
     exp: Option<u64>,
     code: Option<ErrorCode>,
     message: Option<String>,
+    count: Option<u64>,
+    users: Option<Vec<String>>,
+    truncated: Option<bool>,
 }
 
 fn some_boxed_raw<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
@@ -382,6 +427,21 @@ impl<'de> Deserialize<'de> for ServerFrame {
                 id: f.id,
             }),
             "pong" => ServerFrame::Pong(Pong { id: f.id }),
+            "presence" => ServerFrame::Presence(Presence {
+                room: need(f.room, "room")?,
+                count: need(f.count, "count")?,
+                users: need(f.users, "users")?,
+                truncated: f.truncated.unwrap_or(false),
+                id: f.id,
+            }),
+            "presence_join" => ServerFrame::PresenceJoin(PresenceEvent {
+                room: need(f.room, "room")?,
+                user: need(f.user, "user")?,
+            }),
+            "presence_leave" => ServerFrame::PresenceLeave(PresenceEvent {
+                room: need(f.room, "room")?,
+                user: need(f.user, "user")?,
+            }),
             "error" => ServerFrame::Error(ErrorFrame {
                 code: need(f.code, "code")?,
                 message: need(f.message, "message")?,
@@ -399,6 +459,9 @@ impl<'de> Deserialize<'de> for ServerFrame {
                         "refreshed",
                         "pong",
                         "error",
+                        "presence",
+                        "presence_join",
+                        "presence_leave",
                     ],
                 ))
             }
@@ -492,6 +555,10 @@ mod tests {
         r#"{"type":"pong","id":"p1"}"#,
         r#"{"type":"error","code":"forbidden","message":"not allowed to join room 'admin'","id":"c2"}"#,
         r#"{"type":"joined","room":"lobby","seq":12,"epoch":"NEW","recovered":false}"#,
+        r#"{"type":"presence","room":"lobby","count":2,"users":["alice","bob"],"id":7}"#,
+        r#"{"type":"presence","room":"lobby","count":1001,"users":["a"],"truncated":true}"#,
+        r#"{"type":"presence_join","room":"lobby","user":"bob"}"#,
+        r#"{"type":"presence_leave","room":"lobby","user":"bob"}"#,
     ];
 
     #[test]

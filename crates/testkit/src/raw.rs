@@ -33,6 +33,26 @@ impl RawWs {
     /// (`SO_RCVBUF`) when given, so that a client that does not read backs
     /// the server up quickly.
     pub async fn connect_with(addr: SocketAddr, token: &str, rcvbuf: Option<u32>) -> RawWs {
+        Self::upgrade(addr, token, rcvbuf, "").await.0
+    }
+
+    /// Like [`connect`](Self::connect), offering `extensions` in
+    /// `Sec-WebSocket-Extensions`; also returns the 101 response head.
+    pub async fn connect_offering(
+        addr: SocketAddr,
+        token: &str,
+        extensions: &str,
+    ) -> (RawWs, String) {
+        let header = format!("Sec-WebSocket-Extensions: {extensions}\r\n");
+        Self::upgrade(addr, token, None, &header).await
+    }
+
+    async fn upgrade(
+        addr: SocketAddr,
+        token: &str,
+        rcvbuf: Option<u32>,
+        extra_headers: &str,
+    ) -> (RawWs, String) {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         if let Some(size) = rcvbuf {
             socket.set_recv_buffer_size(size).unwrap();
@@ -44,7 +64,7 @@ impl RawWs {
         let req = format!(
             "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-             Authorization: Bearer {token}\r\n\r\n"
+             Authorization: Bearer {token}\r\n{extra_headers}\r\n"
         );
         stream.write_all(req.as_bytes()).await.unwrap();
         let mut buf = Vec::new();
@@ -64,12 +84,17 @@ impl RawWs {
         let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
         assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
         buf.drain(..head_end);
-        RawWs { stream, buf }
+        (RawWs { stream, buf }, head)
     }
 
     /// Send one frame (FIN set), masked or not.
     pub async fn send_frame(&mut self, opcode: u8, payload: &[u8], masked: bool) {
-        let mut frame = vec![0x80 | opcode];
+        self.send_raw(0x80 | opcode, payload, masked).await;
+    }
+
+    /// Send one frame whose first byte (FIN, RSV1-3, opcode) is `first`.
+    pub async fn send_raw(&mut self, first: u8, payload: &[u8], masked: bool) {
+        let mut frame = vec![first];
         let mask_bit = if masked { 0x80 } else { 0 };
         match payload.len() {
             n if n < 126 => frame.push(mask_bit | n as u8),
@@ -117,10 +142,17 @@ impl RawWs {
     /// The next frame as (opcode, payload); `None` when the TCP connection
     /// ended. Panics if nothing arrives within [`WAIT`].
     pub async fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        let (first, payload) = self.read_raw().await?;
+        Some((first & 0x0f, payload))
+    }
+
+    /// Like [`read_frame`](Self::read_frame), with the whole first byte
+    /// (FIN `0x80`, RSV1 `0x40`, RSV2, RSV3, opcode) instead of the opcode.
+    pub async fn read_raw(&mut self) -> Option<(u8, Vec<u8>)> {
         if !self.fill(2).await {
             return None;
         }
-        let op = self.buf[0] & 0x0f;
+        let first = self.buf[0];
         let masked = self.buf[1] & 0x80 != 0;
         let (len, at) = match self.buf[1] & 0x7f {
             126 => {
@@ -148,7 +180,7 @@ impl RawWs {
         }
         let payload = self.buf[at..at + len].to_vec();
         self.buf.drain(..at + len);
-        Some((op, payload))
+        Some((first, payload))
     }
 
     /// The next text frame as JSON, skipping Pings and Pongs; panics on

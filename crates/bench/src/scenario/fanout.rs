@@ -59,14 +59,18 @@ pub async fn run_fanout(ctx: &Ctx, args: &FanoutArgs) -> Result<Report> {
         total_rate: args.rate,
         expected_deliveries: args.rate * subs as f64,
     };
+    let payload = match args.publisher.payload_bytes {
+        Some(n) => format!("a ~{n} B dashboard payload"),
+        None => format!("{} B padding", args.publisher.payload),
+    };
     report.line(format!(
-        "load: {subs} subscribers in '{}' over {} node URL(s), {} publisher(s) at {} msg/s total ({} msg/s each), {} B padding",
+        "load: {subs} subscribers in '{}' over {} node URL(s), {} publisher(s) at {} msg/s total ({} msg/s each), {payload}{}",
         args.room,
         ctx.node_urls(),
         publishers,
         args.rate,
         per_publisher,
-        args.publisher.payload
+        if ctx.connector.deflate() { ", permessage-deflate offered" } else { "" }
     ));
     measure(ctx, &mut crowd, &plan, &mut report, |i| {
         (i < subs).then_some(0)
@@ -124,9 +128,11 @@ pub async fn fanout_crowd(
         .as_deref()
         .and_then(|u| ctx.url_index(u))
         .unwrap_or(0);
-    let encoder = Arc::new(
-        PublishEncoder::new(shape.room, shape.publisher.payload).keyed(shape.publisher.keys),
-    );
+    let encoder = match shape.publisher.payload_bytes {
+        Some(n) => PublishEncoder::dashboard(shape.room, n),
+        None => PublishEncoder::new(shape.room, shape.publisher.payload),
+    };
+    let encoder = Arc::new(encoder.keyed(shape.publisher.keys));
     let pubs = (0..publishers)
         .map(|i| MemberSpec {
             index: 0,
@@ -238,9 +244,11 @@ pub async fn measure(
     sleep_with_bar(from, "warm-up").await;
     let a = ctx.probe.snapshot().await;
     let (delivered_a, sent_a) = (shared.delivered.load(Relaxed), shared.sent.load(Relaxed));
+    let rx_a = ctx.connector.rx_bytes.load(Relaxed);
     sleep_with_bar(until, "measuring").await;
     let b = ctx.probe.snapshot().await;
     let (delivered_b, sent_b) = (shared.delivered.load(Relaxed), shared.sent.load(Relaxed));
+    let rx_b = ctx.connector.rx_bytes.load(Relaxed);
     shared.rate.send_replace(0.0);
     let drained = crowd.drain(plan.drain, &member_room).await;
     let latency = LatencySummary::of(&shared.latencies.take());
@@ -273,6 +281,17 @@ pub async fn measure(
         }
         report.line(line);
         report.set("tool_cpu_us_per_delivery", tool_us);
+        // Everything the tool's sockets read in the window (the publishers'
+        // acks too: one per message, shared by all its deliveries).
+        let wire = rx_b.saturating_sub(rx_a) as f64 / deliveries;
+        let negotiated = ctx.connector.deflate_negotiated.load(Relaxed);
+        report.line(format!(
+            "bytes on the wire per delivery: {wire:.1} (permessage-deflate {}negotiated on {negotiated} connection(s))",
+            if ctx.connector.deflate() { "offered, " } else { "not offered, " }
+        ));
+        report.set("wire_bytes_per_delivery", wire);
+        report.set("deflate_offered", ctx.connector.deflate());
+        report.set("deflate_negotiated", negotiated);
     }
     if let (Some(x), Some(y)) = (a.node_sum(|n| n.delivered), b.node_sum(|n| n.delivered)) {
         let server_per_s = (y - x) / wall;

@@ -72,7 +72,8 @@ impl Ctx {
             common.read_buffer,
             common.origin.as_deref(),
         )
-        .map_err(|e| anyhow!(e))?;
+        .map_err(|e| anyhow!(e))?
+        .with_deflate(common.deflate);
         Ok(Ctx {
             targets: Arc::new(targets),
             connector: Arc::new(connector),

@@ -485,6 +485,7 @@ fn join_request(room: &str, since: Option<(u64, &str)>, id: String) -> String {
         room: room.to_owned(),
         since: since.map(|(s, _)| s),
         epoch: since.map(|(_, e)| e.to_owned()),
+        presence: false,
         id: Some(Id::Str(id)),
     }
     .to_json()

@@ -7,16 +7,26 @@
 //! connection's buffer. Here a server frame is one `Bytes` (header and
 //! payload; server frames are unmasked, so identical for every recipient)
 //! that is written as is, and the decoder holds no memory between frames.
+//!
+//! permessage-deflate ([`crate::deflate`]): a room message's frame is a
+//! [`SharedText`], its plain encoding built at once and its compressed one
+//! (RSV1) built the first time a member that negotiated the extension needs
+//! it; both are shared by every member. A client message with RSV1 is
+//! inflated when it is complete.
+
+use std::sync::OnceLock;
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::{Buf, Bytes, BytesMut};
 use wsgate_protocol::close;
 
+use crate::deflate::{self, FrameKind, InflateError};
+
 const FIN: u8 = 0x80;
-/// RSV1: set on frames compressed with permessage-deflate (not negotiated
-/// yet: a client frame with it is refused).
+/// RSV1: set on frames compressed with permessage-deflate.
 pub const RSV1: u8 = 0x40;
-const RSV: u8 = 0x70;
+/// RSV2 and RSV3: no extension of ours defines them.
+const RSV23: u8 = 0x30;
 const MASK: u8 = 0x80;
 
 const OP_CONT: u8 = 0x0;
@@ -50,6 +60,58 @@ fn encode(opcode: u8, flags: u8, payload: &[u8]) -> Bytes {
 /// The wire bytes of a text frame.
 pub fn text(payload: &str) -> Bytes {
     encode(OP_TEXT, 0, payload.as_bytes())
+}
+
+/// The wire bytes of a text frame for one connection: compressed (RSV1)
+/// when its payload is at least `compress_from` bytes (`usize::MAX` for a
+/// connection without permessage-deflate).
+pub fn text_for(payload: &str, compress_from: usize) -> Bytes {
+    if payload.len() >= compress_from {
+        encode(OP_TEXT, RSV1, &deflate::compress(payload.as_bytes()))
+    } else {
+        text(payload)
+    }
+}
+
+/// A server text frame shared by many connections, in its two encodings:
+/// plain, built at once, and compressed (RSV1), built the first time a
+/// connection that negotiated permessage-deflate needs it, then shared too.
+/// One deflate per message per node, no deflate state per connection.
+#[derive(Debug)]
+pub struct SharedText {
+    plain: Bytes,
+    deflated: OnceLock<Bytes>,
+}
+
+impl SharedText {
+    /// The frame of `payload`.
+    pub fn new(payload: &str) -> SharedText {
+        SharedText {
+            plain: text(payload),
+            deflated: OnceLock::new(),
+        }
+    }
+
+    /// The encoding for a connection whose frames of at least
+    /// `compress_from` payload bytes go compressed.
+    pub fn for_conn(&self, compress_from: usize) -> Bytes {
+        let payload = &self.plain[header_len(&self.plain)..];
+        if payload.len() < compress_from {
+            return self.plain.clone();
+        }
+        self.deflated
+            .get_or_init(|| encode(OP_TEXT, RSV1, &deflate::compress(payload)))
+            .clone()
+    }
+}
+
+/// The header length of a server frame (unmasked) built by [`encode`].
+fn header_len(frame: &[u8]) -> usize {
+    match frame.get(1).map(|b| b & 0x7F) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    }
 }
 
 /// The wire bytes of a Close frame; no payload when `code` is `None`.
@@ -124,6 +186,8 @@ const BAD_UTF8: Violation = Violation {
 #[derive(Debug)]
 struct Fragments {
     text: bool,
+    /// Its first frame had RSV1: `data` is deflated.
+    compressed: bool,
     /// The text so far (binary payloads are only counted).
     data: Vec<u8>,
     len: usize,
@@ -135,6 +199,8 @@ struct Fragments {
 pub struct Decoder {
     buf: BytesMut,
     message: Option<Box<Fragments>>,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    deflate: bool,
 }
 
 /// Close codes a client may send (RFC 6455 7.4; 1004-1006, 1014 and 1015
@@ -144,6 +210,14 @@ fn allowed_close_code(code: u16) -> bool {
 }
 
 impl Decoder {
+    /// A decoder for a connection that negotiated permessage-deflate or not.
+    pub fn new(deflate: bool) -> Decoder {
+        Decoder {
+            deflate,
+            ..Decoder::default()
+        }
+    }
+
     /// Append bytes read from the socket.
     pub fn extend(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
@@ -194,7 +268,7 @@ impl Decoder {
             return Ok(None);
         }
         let (b0, b1) = (buf[0], buf[1]);
-        if b0 & RSV != 0 {
+        if b0 & RSV23 != 0 {
             return Err(protocol("reserved bits set"));
         }
         let opcode = b0 & 0x0F;
@@ -204,11 +278,18 @@ impl Decoder {
         ) {
             return Err(protocol("reserved opcode"));
         }
+        let control = opcode >= OP_CLOSE;
+        let kind = match opcode {
+            _ if control => FrameKind::Control,
+            OP_CONT => FrameKind::Continuation,
+            _ => FrameKind::First,
+        };
+        deflate::rsv1_compressed(b0 & RSV1 != 0, kind, self.deflate)
+            .map_err(|e| protocol(e.reason()))?;
         if b1 & MASK == 0 {
             return Err(protocol("client frames must be masked"));
         }
         let short = usize::from(b1 & 0x7F);
-        let control = opcode >= OP_CLOSE;
         if control && (b0 & FIN == 0 || short > MAX_CONTROL) {
             return Err(protocol(
                 "control frames must be whole and at most 125 bytes",
@@ -279,6 +360,9 @@ impl Decoder {
                     return Ok(None);
                 }
                 match self.message.take() {
+                    Some(m) if m.text && m.compressed => {
+                        Ok(Some(text_message(inflate(&m.data, max)?)?))
+                    }
                     Some(m) if m.text => Ok(Some(text_message(Bytes::from(m.data))?)),
                     _ => Ok(Some(Incoming::Binary)),
                 }
@@ -288,15 +372,18 @@ impl Decoder {
                     return Err(protocol("new message inside a fragmented one"));
                 }
                 let text = opcode == OP_TEXT;
+                // The header checked RSV1 against the negotiation.
+                let compressed = b0 & RSV1 != 0;
                 if fin {
-                    return Ok(Some(if text {
-                        text_message(payload.freeze())?
-                    } else {
-                        Incoming::Binary
+                    return Ok(Some(match (text, compressed) {
+                        (true, true) => text_message(inflate(&payload, max)?)?,
+                        (true, false) => text_message(payload.freeze())?,
+                        (false, _) => Incoming::Binary,
                     }));
                 }
                 self.message = Some(Box::new(Fragments {
                     text,
+                    compressed,
                     len: payload.len(),
                     data: if text { payload.to_vec() } else { Vec::new() },
                 }));
@@ -304,6 +391,19 @@ impl Decoder {
             }
         }
     }
+}
+
+/// A compressed message's payload inflated within `max` bytes.
+fn inflate(compressed: &[u8], max: usize) -> Result<Bytes, Violation> {
+    deflate::inflate(compressed, max)
+        .map(Bytes::from)
+        .map_err(|e| match e {
+            InflateError::TooBig => TOO_BIG,
+            InflateError::Corrupt => Violation {
+                code: close::INVALID_PAYLOAD,
+                reason: "invalid compressed data",
+            },
+        })
 }
 
 fn text_message(payload: Bytes) -> Result<Incoming, Violation> {
@@ -441,6 +541,82 @@ mod tests {
             echo(&[0x13, 0x88]),
             close_frame(Some(1002), "Protocol violation")
         );
+    }
+
+    fn deflated(text: &str) -> Vec<u8> {
+        crate::deflate::compress(text.as_bytes())
+    }
+
+    #[test]
+    fn compressed_messages_are_inflated_when_negotiated() {
+        let mut d = Decoder::new(true);
+        let whole = deflated("hello hello hello");
+        d.extend(&client(FIN | RSV1 | OP_TEXT, &whole));
+        // Fragmented: RSV1 on the first frame only, a Ping in between.
+        let split = deflated("fragmented and compressed");
+        let (a, b) = split.split_at(split.len() / 2);
+        d.extend(&client(RSV1 | OP_TEXT, a));
+        d.extend(&client(FIN | OP_PING, b"p"));
+        d.extend(&client(FIN | OP_CONT, b));
+        d.extend(&client(FIN | OP_TEXT, b"plain"));
+        let mut got = Vec::new();
+        while let Some(m) = d.next(1000).unwrap() {
+            got.push(m);
+        }
+        assert_eq!(
+            got,
+            vec![
+                Incoming::Text(Utf8Bytes::from("hello hello hello")),
+                Incoming::Ping(pong(b"p")),
+                Incoming::Text(Utf8Bytes::from("fragmented and compressed")),
+                Incoming::Text(Utf8Bytes::from("plain")),
+            ]
+        );
+    }
+
+    #[test]
+    fn compressed_rule_breakers_get_their_close_code() {
+        let code = |bytes: Vec<u8>, max| {
+            let mut d = Decoder::new(true);
+            d.extend(&bytes);
+            d.next(max).unwrap_err()
+        };
+        let bomb = crate::deflate::compress(&[b' '; 100_000]);
+        assert_eq!(code(client(FIN | RSV1 | OP_TEXT, &bomb), 1000).code, 1009);
+        let corrupt = code(client(FIN | RSV1 | OP_TEXT, &[0xff; 4]), 1000);
+        assert_eq!(
+            (corrupt.code, corrupt.reason),
+            (1007, "invalid compressed data")
+        );
+        let invalid_utf8 = crate::deflate::compress(&[0xff, 0xfe]);
+        assert_eq!(
+            code(client(FIN | RSV1 | OP_TEXT, &invalid_utf8), 1000).code,
+            1007
+        );
+        assert_eq!(code(client(FIN | RSV1 | OP_PING, b"p"), 1000).code, 1002);
+        let mut cont = client(RSV1 | OP_TEXT, &deflated("a"));
+        cont.extend(client(FIN | RSV1 | OP_CONT, b""));
+        assert_eq!(code(cont, 1000).code, 1002);
+        assert_eq!(code(client(FIN | 0x20 | OP_TEXT, b"a"), 1000).code, 1002);
+    }
+
+    #[test]
+    fn a_shared_text_is_compressed_once_for_those_who_negotiated() {
+        let payload = "x".repeat(300);
+        let shared = SharedText::new(&payload);
+        let plain = shared.for_conn(usize::MAX);
+        assert_eq!(plain, text(&payload));
+        assert_eq!(shared.for_conn(301), plain);
+        let deflated = shared.for_conn(300);
+        assert_eq!(deflated[0], FIN | RSV1 | OP_TEXT);
+        assert_eq!(
+            crate::deflate::inflate(&deflated[2..], 300).unwrap(),
+            payload.as_bytes()
+        );
+        // The same bytes for the next member, not a second compression.
+        assert_eq!(shared.for_conn(0).as_ptr(), deflated.as_ptr());
+        assert_eq!(text_for(&payload, 300), deflated);
+        assert_eq!(text_for(&payload, usize::MAX), plain);
     }
 
     #[test]

@@ -1,12 +1,16 @@
 //! The server's answer to a WebSocket handshake (RFC 6455 4.2.2). The
 //! request itself is checked by axum's `WebSocketUpgrade` extractor; the
-//! accept key comes from `tungstenite`.
+//! accept key comes from `tungstenite`; permessage-deflate is negotiated by
+//! [`crate::deflate`].
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 
-/// The `101 Switching Protocols` response to a checked upgrade request.
-pub fn switching_protocols(headers: &HeaderMap) -> Response<Body> {
+use crate::deflate::Agreement;
+
+/// The `101 Switching Protocols` response to a checked upgrade request,
+/// with the negotiated permessage-deflate parameters if any.
+pub fn switching_protocols(headers: &HeaderMap, deflate: Option<Agreement>) -> Response<Body> {
     let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
         .map_or(&[][..], |k| k.as_bytes());
@@ -18,6 +22,12 @@ pub fn switching_protocols(headers: &HeaderMap) -> Response<Body> {
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     if let Ok(v) = HeaderValue::from_str(&accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(agreement) = deflate {
+        h.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(agreement.header_value()),
+        );
     }
     res
 }

@@ -44,14 +44,17 @@ impl WsTransport {
     /// The transport of an upgraded connection, with its handle. A plain
     /// TCP connection gets its socket back from hyper (with the bytes hyper
     /// read past the handshake), so that sends write into it directly.
+    /// `compress_from`: permessage-deflate was negotiated, and text frames
+    /// with a payload this long or longer are sent compressed.
     pub fn new(
         upgraded: Upgraded,
         id: &str,
         max_outbound: usize,
         max_message: usize,
         metrics: Arc<crate::metrics::Metrics>,
+        compress_from: Option<usize>,
     ) -> (WsTransport, Arc<ConnHandle>) {
-        let mut decoder = Decoder::default();
+        let mut decoder = Decoder::new(compress_from.is_some());
         let (sock, stream) = match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
                 decoder.extend(&parts.read_buf);
@@ -62,7 +65,8 @@ impl WsTransport {
                 Some(Box::pin(TokioIo::new(upgraded)) as Pin<Box<dyn Stream>>),
             ),
         };
-        let handle = ConnHandle::with_socket(id, max_outbound, metrics, sock);
+        let compress_from = compress_from.unwrap_or(usize::MAX);
+        let handle = ConnHandle::with_socket(id, max_outbound, metrics, sock, compress_from);
         let transport = WsTransport {
             handle: handle.clone(),
             stream,

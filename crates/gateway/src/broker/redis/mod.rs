@@ -42,6 +42,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use wsgate_protocol::MessageParts;
 
+mod link;
 mod range;
 pub(crate) mod sentinel;
 mod sharded;
@@ -52,6 +53,7 @@ use super::{
     RoomHistory, Since, IDEMPOTENCY_WINDOW,
 };
 use crate::metrics::Metrics;
+pub use link::Link;
 use sharded::sharded_relay;
 
 /// Redis broker settings.
@@ -209,7 +211,7 @@ fn sharded_channel(room: &str) -> String {
 /// The command connection: one Redis, or a Redis Cluster (commands routed
 /// by the keys' slot).
 #[derive(Clone)]
-enum Conn {
+pub(crate) enum Conn {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
 }
@@ -283,6 +285,8 @@ struct Inner {
     /// since: joins and publishes are refused at once. Not set while the
     /// node is still connecting at start, so early joins wait as usual.
     known_down: AtomicBool,
+    /// Where presence changes relayed on room channels go (`link`).
+    presence: std::sync::OnceLock<std::sync::Weak<crate::presence::Presence>>,
 }
 
 /// Broker relaying through Redis.
@@ -320,7 +324,7 @@ impl RedisBroker {
         metrics: Arc<Metrics>,
         stop: CancellationToken,
         tasks: &TaskTracker,
-    ) -> Result<Arc<dyn Broker>, BrokerError> {
+    ) -> Result<Arc<RedisBroker>, BrokerError> {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let ca = settings.ca_cert.clone();
         let sentinel = match sentinel::parse(url) {
@@ -384,6 +388,7 @@ impl RedisBroker {
             relay_up: AtomicBool::new(false),
             commands_up: AtomicBool::new(false),
             known_down: AtomicBool::new(false),
+            presence: std::sync::OnceLock::new(),
         });
         inner.metrics.broker_up.set(0);
         // Revocations before the first connection is served; the relay
@@ -634,6 +639,9 @@ impl Inner {
         let Some(room) = self.room_of(channel) else {
             return;
         };
+        if let Some(change) = payload.strip_prefix(&[link::PRESENCE_MARK]) {
+            return self.on_presence(room, change);
+        }
         let Some((epoch, seq, frame)) = parse_relay(payload) else {
             warn!(room, "malformed relay message ignored");
             return;

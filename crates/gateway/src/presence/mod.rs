@@ -22,7 +22,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use axum::extract::ws::Utf8Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -262,7 +261,7 @@ impl Presence {
     /// Queue an event to the room's local members that opted in, except
     /// those of `user` itself.
     fn emit_locked(&self, entry: &LocalRoom, room: &str, user: &str, joined: bool) {
-        let mut frame: Option<Utf8Bytes> = None;
+        let mut frame: Option<crate::ws::codec::SharedText> = None;
         let mut sent = 0;
         for c in entry.conns.iter().filter(|c| c.watch && &*c.user != user) {
             let f = frame.get_or_insert_with(|| {
@@ -275,9 +274,9 @@ impl Presence {
                 } else {
                     ServerFrame::PresenceLeave(event)
                 };
-                Utf8Bytes::from(frame.to_json())
+                crate::ws::codec::SharedText::new(&frame.to_json())
             });
-            c.conn.send(f.clone());
+            c.conn.send(f.for_conn(c.conn.compress_from()));
             sent += 1;
         }
         self.metrics.events.inc_by(sent);

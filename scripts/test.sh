@@ -39,7 +39,7 @@ step "cargo clippy" cargo clippy --workspace --all-targets --quiet -- -D warning
 step "cargo test" cargo test --workspace
 if ! $only_rust; then
   if cargo build --release -p wsgate --quiet; then
-    export WSGATE_BIN="$PWD/target/release/wsgate"
+    export WSGATE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/wsgate"
     for suite in tests/deploy tests/browser tests/docs; do
       [ -f "$suite/run.sh" ] && step "$suite" bash "$suite/run.sh"
     done

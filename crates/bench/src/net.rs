@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use wsgate_protocol::{Joined, ServerFrame, Welcome};
 
-use crate::wire::{WireStream, DEFLATE_OFFER};
+use crate::wire::{wire_stream, WireStream, DEFLATE_OFFER};
 
 /// A client WebSocket over plain TCP (through [`WireStream`]: byte count, inflate).
 pub type Ws = WebSocketStream<WireStream>;
@@ -317,10 +317,10 @@ impl Connector {
             );
         }
         let stream = self.tcp(target.addr).await.map_err(|e| io_kind(&e))?;
-        let stream = WireStream::new(stream, Some(self.rx_bytes.clone()), self.deflate);
+        let stream = wire_stream(stream, self.rx_bytes.clone());
         let (mut ws, _response) =
             tokio_tungstenite::client_async_with_config(request, stream, Some(self.config)).await?;
-        if ws.get_ref().deflate_negotiated() {
+        if ws.get_ref().negotiated() {
             self.deflate_negotiated.fetch_add(1, Ordering::Relaxed);
         }
         match next_frame(&mut ws).await? {

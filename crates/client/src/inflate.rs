@@ -15,6 +15,9 @@
 //! inflates on its own, with a reset inflater. Inflation is bounded by
 //! [`MAX_INFLATED`]: a message inflating beyond it fails the connection
 //! instead of allocating without limit.
+//!
+//! Public for other tools that drive tungstenite themselves against wsgate
+//! (the load tool `wsgate-bench` uses it under its byte counter).
 
 use std::io;
 use std::pin::Pin;
@@ -24,12 +27,12 @@ use flate2::{Decompress, FlushDecompress, Status};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The `Sec-WebSocket-Extensions` value the client offers.
-pub(crate) const OFFER: &str =
+pub const OFFER: &str =
     "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 
 /// The largest message the client inflates (tungstenite's own default
 /// message limit).
-pub(crate) const MAX_INFLATED: usize = 64 << 20;
+pub const MAX_INFLATED: usize = 64 << 20;
 
 /// The longest handshake answer head read before giving up on parsing it.
 const MAX_HEAD: usize = 64 << 10;
@@ -52,8 +55,10 @@ struct Partial {
     payload: Vec<u8>,
 }
 
-/// The adapter; see the module docs.
-pub(crate) struct Inflating<S> {
+/// The adapter; see the module docs. Wrap a fresh connection with
+/// [`Inflating::new`], offer [`OFFER`] in the upgrade request, and run the
+/// WebSocket handshake over it.
+pub struct Inflating<S> {
     inner: S,
     mode: Mode,
     /// Bytes read from `inner` and not yet processed.
@@ -68,7 +73,7 @@ pub(crate) struct Inflating<S> {
 
 impl<S> Inflating<S> {
     /// Wrap a fresh connection, before the WebSocket handshake.
-    pub(crate) fn new(inner: S) -> Self {
+    pub fn new(inner: S) -> Self {
         Inflating {
             inner,
             mode: Mode::Head,
@@ -83,7 +88,7 @@ impl<S> Inflating<S> {
 
     /// Whether the server accepted permessage-deflate (known once the
     /// handshake answer has been read).
-    pub(crate) fn negotiated(&self) -> bool {
+    pub fn negotiated(&self) -> bool {
         matches!(self.mode, Mode::Inflating)
     }
 

@@ -51,7 +51,7 @@ mod config;
 mod driver;
 mod error;
 mod event;
-mod inflate;
+pub mod inflate;
 mod jwt;
 mod tracker;
 

@@ -260,7 +260,7 @@ impl ConnHandle {
     }
 
     /// Close with 1008 ("slow consumer"), counted once.
-    fn slow_consumer(&self) {
+    pub(crate) fn slow_consumer(&self) {
         if self.close(CloseReason {
             code: wsgate_protocol::close::POLICY,
             reason: "slow consumer",

@@ -515,12 +515,7 @@ impl Rooms {
                     if m.pending_bytes > m.conn.max_bytes() && !p.is_empty() {
                         // Joining into a room busier than the client can take.
                         p.clear();
-                        if m.conn.close(CloseReason {
-                            code: wsgate_protocol::close::POLICY,
-                            reason: "slow consumer",
-                        }) {
-                            self.metrics.slow_consumer_closes.inc();
-                        }
+                        m.conn.slow_consumer();
                     } else {
                         p.push((epoch.clone(), seq, frame));
                     }

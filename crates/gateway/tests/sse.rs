@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::json;
-use wsgate_testkit::{any_token, http, Node, Sse, Ws};
+use wsgate_testkit::{any_token, eventually, http, http_get, Node, Redis, RedisCluster, Sse, Ws};
 
 #[tokio::test]
 async fn a_stream_gets_welcome_then_answers_and_messages_in_order() {
@@ -105,4 +105,98 @@ async fn a_post_answers_202_400_401_403_404_413() {
     sse.send(json!({"type": "ping", "id": "after"})).await;
     assert_eq!(sse.json().await, json!({"type": "pong", "id": "after"}));
     node.stop().await;
+}
+
+/// A stream on node A, its POSTs sent to node B, a WebSocket publisher on
+/// node C: the answers and C's messages arrive on the stream in order.
+async fn any_node(broker: &[&str]) {
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let node = Node::start(broker).await;
+        let ready = format!("{}/ready", node.ops_url());
+        eventually("node ready", || async {
+            matches!(http_get(&ready).await, Ok((200, _, _))).then_some(())
+        })
+        .await;
+        nodes.push(node);
+    }
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let (mut sse, welcome) = Sse::open(a.addr, "alice").await;
+    assert_eq!(welcome["node"], a.node_id.as_str());
+    // POSTs go to B from now on.
+    sse.base = b.http_url();
+    let joined = sse.join("lobby").await;
+    assert_eq!(joined["type"], "joined", "{joined}");
+
+    let (mut ws, _) = Ws::open(&c.ws_url(), "carol").await;
+    ws.join("lobby").await;
+    for n in 1..=5 {
+        ws.publish("lobby", json!({ "n": n })).await;
+    }
+    sse.send(json!({"type": "publish", "room": "lobby", "data": {"n": 6}, "id": "p6"}))
+        .await;
+    let (mut seqs, mut acked) = (Vec::new(), false);
+    while seqs.len() < 6 || !acked {
+        let m = sse.json().await;
+        if m["type"] == "message" {
+            assert_eq!(m["data"]["n"], m["seq"], "{m}");
+            seqs.push(m["seq"].as_u64().unwrap());
+        } else {
+            assert_eq!(
+                (m["type"].as_str(), m["id"].as_str()),
+                (Some("ack"), Some("p6")),
+                "{m}"
+            );
+            acked = true;
+        }
+    }
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+
+    // Through B: another user's POST is refused by A with 403, a stream that
+    // no node holds is 404.
+    let url = format!("{}/sse/{}", b.http_url(), sse.conn);
+    let mallory = format!("Bearer {}", any_token("mallory"));
+    let resp = http("POST", &url, &[("authorization", &mallory)], b"{}")
+        .await
+        .unwrap();
+    assert_eq!(resp.0, 403, "{resp:?}");
+    let alice = format!("Bearer {}", any_token("alice"));
+    let gone = format!("{}/sse/c-0.{}", b.http_url(), "bm9kZS1nb25l");
+    assert_eq!(
+        http("POST", &gone, &[("authorization", &alice)], b"{}")
+            .await
+            .unwrap()
+            .0,
+        404
+    );
+    let own = format!(
+        "{}/sse/c-0.{}",
+        b.http_url(),
+        sse.conn.rsplit_once('.').unwrap().1
+    );
+    assert_eq!(
+        http("POST", &own, &[("authorization", &alice)], b"{}")
+            .await
+            .unwrap()
+            .0,
+        404
+    );
+    // The stream is still served.
+    sse.send(json!({"type": "ping", "id": "end"})).await;
+    assert_eq!(sse.json().await, json!({"type": "pong", "id": "end"}));
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_post_to_any_node_reaches_the_stream_through_redis() {
+    let redis = Redis::start();
+    any_node(&["--redis-url", &redis.url()]).await;
+}
+
+#[tokio::test]
+async fn a_post_to_any_node_reaches_the_stream_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3);
+    any_node(&["--redis-url", &cluster.urls(), "--redis-cluster"]).await;
 }

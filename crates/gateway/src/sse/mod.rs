@@ -296,11 +296,11 @@ pub async fn open(
     request: Request<Body>,
 ) -> Response {
     let (parts, _) = request.into_parts();
-    let (claims, slot) = match public::admit(&app, &parts.headers, &parts.uri).await {
+    let (claims, slot) = match public::admit(&app, &parts.headers, &parts.uri, "sse").await {
         Ok(admitted) => admitted,
         Err(refused) => return refused,
     };
-    app.metrics.connections_accepted.inc();
+    app.metrics.accepted("sse");
     let remote = public::remote(&parts.headers, peer.as_ref().map(|p| &p.0));
     let conn_id = format!(
         "{}.{}",

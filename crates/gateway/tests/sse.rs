@@ -492,3 +492,18 @@ async fn metrics_count_streams_with_transport_sse() {
     .await;
     node.stop().await;
 }
+
+#[tokio::test]
+async fn streams_do_not_hold_pending_connection_slots() {
+    let node = Node::start(&["--max-pending-connections", "2"]).await;
+    let mut streams = Vec::new();
+    for i in 0..4 {
+        streams.push(Sse::open(node.addr, &format!("u{i}")).await.0);
+    }
+    // POSTs (pending connections while they last) still get through.
+    for s in &mut streams {
+        s.send(json!({"type": "ping", "id": "p"})).await;
+        assert_eq!(s.json().await["type"], "pong");
+    }
+    node.stop().await;
+}

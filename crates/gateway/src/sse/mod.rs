@@ -301,6 +301,9 @@ pub async fn open(
         Err(refused) => return refused,
     };
     app.metrics.accepted("sse");
+    if let Some(pending) = parts.extensions.get::<public::PendingSlot>() {
+        pending.release();
+    }
     let remote = public::remote(&parts.headers, peer.as_ref().map(|p| &p.0));
     let conn_id = format!(
         "{}.{}",

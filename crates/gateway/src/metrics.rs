@@ -278,11 +278,14 @@ impl Metrics {
         for result in ["ok", "failed"] {
             m.jwks_fetches.with_label_values(&[result]);
         }
-        for transport in ["ws", "sse"] {
-            m.connections_active.with_label_values(&[transport]);
-            m.connections_accepted.with_label_values(&[transport]);
-            m.connections_closed.with_label_values(&[transport]);
-        }
+        // Only `ws` is there from the start: the `sse` series appear with
+        // the first SSE stream, so that a node serving WebSocket alone
+        // exposes each connection metric as one series, as in version 1
+        // (a scraper that reads the first `wsgate_connections_active`
+        // sample still reads every connection).
+        m.connections_active.with_label_values(&["ws"]);
+        m.connections_accepted.with_label_values(&["ws"]);
+        m.connections_closed.with_label_values(&["ws"]);
         m
     }
 
@@ -440,6 +443,13 @@ fn process_cpu_seconds() -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_websocket_only_node_has_one_series_per_connection_metric() {
+        let text = Metrics::new("n1").render();
+        assert!(text.contains("wsgate_connections_active{node=\"n1\",transport=\"ws\"} 0"));
+        assert!(!text.contains("transport=\"sse\""), "{text}");
+    }
 
     #[test]
     fn exposition_has_prefixed_names_and_node_label() {

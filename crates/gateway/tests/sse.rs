@@ -19,6 +19,9 @@ async fn a_stream_gets_welcome_then_answers_and_messages_in_order() {
     assert_eq!(welcome["user"], "alice");
     assert_eq!(welcome["node"], node.node_id.as_str());
     assert_eq!(welcome["heartbeat_ms"], 30_000);
+    // The listener took the connection: no chunked encoding, the body runs
+    // until the connection ends.
+    assert_eq!(sse.header("connection"), Some("close"));
     assert_eq!(sse.header("content-type"), Some("text/event-stream"));
     assert_eq!(sse.header("cache-control"), Some("no-cache"));
     assert_eq!(sse.header("x-accel-buffering"), Some("no"));
@@ -266,17 +269,22 @@ async fn a_refresh_over_post_moves_the_expiry() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn the_server_api_disconnect_closes_the_stream_with_4003() {
-    let node = Node::start(&["--api-key", "k"]).await;
-    let (mut sse, _) = Sse::open(node.addr, "alice").await;
+/// The server API (`--api-key k`) disconnects alice: her stream gets 4003.
+async fn disconnected_by_the_api(node: Node, sse: &mut Sse) {
     let url = format!("{}/api/users/alice/disconnect", node.http_url());
     let resp = http("POST", &url, &[("x-api-key", "k")], b"")
         .await
         .unwrap();
     assert_eq!(resp.0, 202, "{resp:?}");
-    assert_eq!(closed_with(&mut sse).await, (4003, "disconnected".into()));
+    assert_eq!(closed_with(sse).await, (4003, "disconnected".into()));
     node.stop().await;
+}
+
+#[tokio::test]
+async fn the_server_api_disconnect_closes_the_stream_with_4003() {
+    let node = Node::start(&["--api-key", "k"]).await;
+    let (mut sse, _) = Sse::open(node.addr, "alice").await;
+    disconnected_by_the_api(node, &mut sse).await;
 }
 
 #[tokio::test]
@@ -506,4 +514,25 @@ async fn streams_do_not_hold_pending_connection_slots() {
         assert_eq!(s.json().await["type"], "pong");
     }
     node.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_on_a_kept_alive_connection_is_served_through_http() {
+    let node = Node::start(&["--api-key", "k"]).await;
+    let token = any_token("alice");
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let mut sse = Sse::connect_after(node.addr, &auth, &token, None, true)
+        .await
+        .unwrap();
+    assert_eq!(sse.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(sse.header("content-type"), Some("text/event-stream"));
+    let welcome = sse.json().await;
+    assert_eq!(welcome["transport"], "sse");
+    sse.conn = welcome["conn"].as_str().unwrap().to_owned();
+    sse.join("lobby").await;
+    sse.send(json!({"type": "publish", "room": "lobby", "data": 1, "id": "p"}))
+        .await;
+    assert_eq!(sse.json().await["type"], "message");
+    assert_eq!(sse.json().await["type"], "ack");
+    disconnected_by_the_api(node, &mut sse).await;
 }

@@ -512,3 +512,54 @@ fn answer(delivery: Delivery) -> Response {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::codec::SharedText;
+
+    #[test]
+    fn a_frame_is_one_data_event_and_line_breaks_get_their_own_field() {
+        assert_eq!(&event(r#"{"a":1}"#)[..], b"data: {\"a\":1}\n\n");
+        // A client's data kept its own line breaks: joined back with \n.
+        assert_eq!(
+            &event("{\"a\":\r\n1}")[..],
+            b"data: {\"a\":\ndata: \ndata: 1}\n\n"
+        );
+        assert_eq!(&comment()[..], b":\n\n");
+    }
+
+    #[test]
+    fn a_shared_frame_builds_its_event_once() {
+        let shared = SharedText::new(r#"{"type":"message"}"#);
+        let first = shared.for_conn(Encoding::Sse);
+        assert_eq!(&first[..], b"data: {\"type\":\"message\"}\n\n");
+        assert_eq!(shared.for_conn(Encoding::Sse).as_ptr(), first.as_ptr());
+        assert_eq!(
+            crate::ws::codec::text_for(r#"{"type":"message"}"#, Encoding::Sse),
+            first
+        );
+    }
+
+    #[test]
+    fn a_post_body_is_one_object_or_an_array_sliced_without_a_copy() {
+        let one = Bytes::from_static(b" {\"type\":\"ping\"} ");
+        assert_eq!(frames(&one).unwrap(), ["{\"type\":\"ping\"}"]);
+        let many = Bytes::from_static(b"[{\"type\":\"ping\"}, 3, {\"x\":[1]}]");
+        let got = frames(&many).unwrap();
+        assert_eq!(got, ["{\"type\":\"ping\"}", "3", "{\"x\":[1]}"]);
+        let inside = many.as_ptr_range();
+        assert!(inside.contains(&got[2].as_str().as_ptr()), "copied");
+        for bad in [&b"42"[..], b"\"s\"", b"", b"{", b"[1,", b"\xff{}"] {
+            assert!(frames(&Bytes::from_static(bad)).is_none(), "{bad:?}");
+        }
+        assert_eq!(frames(&Bytes::from_static(b"[]")).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn the_conn_id_names_its_node() {
+        assert_eq!(node_of("c-1a.bm9kZS0x").as_deref(), Some("node-1"));
+        assert_eq!(node_of("c-1a"), None);
+        assert_eq!(node_of("c-1a.!!"), None);
+    }
+}

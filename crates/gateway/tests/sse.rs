@@ -536,3 +536,34 @@ async fn a_stream_on_a_kept_alive_connection_is_served_through_http() {
     assert_eq!(sse.json().await["type"], "ack");
     disconnected_by_the_api(node, &mut sse).await;
 }
+
+#[tokio::test]
+async fn a_post_that_cannot_reach_the_streams_node_is_503_while_redis_is_down() {
+    let mut redis = Redis::start();
+    let url = redis.url();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let node = Node::start(&["--redis-url", &url]).await;
+        let ready = format!("{}/ready", node.ops_url());
+        eventually("node ready", || async {
+            matches!(http_get(&ready).await, Ok((200, _, _))).then_some(())
+        })
+        .await;
+        nodes.push(node);
+    }
+    let (mut sse, _) = Sse::open(nodes[0].addr, "alice").await;
+    sse.base = nodes[1].http_url();
+    sse.send(json!({"type": "ping", "id": 1})).await;
+    assert_eq!(sse.json().await["type"], "pong");
+    redis.kill();
+    let resp = sse.post_raw(r#"{"type":"ping","id":2}"#).await;
+    assert_eq!(resp.0, 503, "{resp:?}");
+    assert!(resp.1.iter().any(|(k, _)| k == "retry-after"), "{resp:?}");
+    // The node holding the stream still takes its POSTs itself.
+    sse.base = nodes[0].http_url();
+    sse.send(json!({"type": "ping", "id": 3})).await;
+    assert_eq!(sse.json().await["id"], 3);
+    for node in nodes {
+        node.stop().await;
+    }
+}

@@ -557,6 +557,24 @@ mod tests {
     }
 
     #[test]
+    fn a_link_takes_its_users_posts_up_to_its_bound() {
+        let link = Link {
+            user: "alice".into(),
+            state: Mutex::new(LinkState::default()),
+            session: AtomicWaker::new(),
+        };
+        assert_eq!(link.post("bob", Vec::new()), Delivery::Forbidden);
+        for _ in 0..INBOX_POSTS {
+            assert_eq!(link.post("alice", Vec::new()), Delivery::Queued);
+        }
+        assert_eq!(link.post("alice", Vec::new()), Delivery::Full);
+        link.state().posts.pop_front();
+        assert_eq!(link.post("alice", Vec::new()), Delivery::Queued);
+        link.state().body_gone = true;
+        assert_eq!(link.post("alice", Vec::new()), Delivery::NotFound);
+    }
+
+    #[test]
     fn the_conn_id_names_its_node() {
         assert_eq!(node_of("c-1a.bm9kZS0x").as_deref(), Some("node-1"));
         assert_eq!(node_of("c-1a"), None);

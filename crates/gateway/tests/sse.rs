@@ -600,3 +600,43 @@ async fn a_post_that_cannot_reach_the_streams_node_is_503_while_redis_is_down() 
         node.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_page_on_an_allowed_origin_may_read_the_stream_and_post() {
+    let node = Node::start(&["--allowed-origins", "https://app.example"]).await;
+    let token = any_token("alice");
+    let headers = format!("Authorization: Bearer {token}\r\nOrigin: https://app.example\r\n");
+    let mut sse = Sse::connect(node.addr, &headers, &token, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        sse.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    sse.conn = sse.json().await["conn"].as_str().unwrap().to_owned();
+    let url = format!("{}/sse/{}", node.http_url(), sse.conn);
+    let origin = ("origin", "https://app.example");
+    let preflight = http(
+        "OPTIONS",
+        &url,
+        &[origin, ("access-control-request-method", "POST")],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(preflight.0, 204, "{preflight:?}");
+    let allowed = wsgate_testkit::header(&preflight, "access-control-allow-headers").unwrap();
+    assert!(allowed.contains("authorization"), "{preflight:?}");
+    let auth = format!("Bearer {token}");
+    for (body, status) in [(&b"{\"type\":\"ping\"}"[..], 202), (b"x", 400)] {
+        let resp = http("POST", &url, &[origin, ("authorization", &auth)], body)
+            .await
+            .unwrap();
+        assert_eq!(resp.0, status, "{resp:?}");
+        assert_eq!(
+            wsgate_testkit::header(&resp, "access-control-allow-origin"),
+            Some("https://app.example")
+        );
+    }
+    node.stop().await;
+}

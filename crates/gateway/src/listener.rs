@@ -81,13 +81,23 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken
             header_timeout: handshake,
             keep_alive: true,
         };
+        let app = app.clone();
         tokio::spawn(async move {
-            let slot = Some(PendingSlot::new(slot));
             match tls {
-                None => serve_http(tcp, peer, router, http, stop, slot).await,
+                None => match crate::sse::direct::is_sse(&tcp, handshake).await {
+                    Some(true) => crate::sse::direct::serve(tcp, peer, app, slot).await,
+                    Some(false) => {
+                        let slot = Some(PendingSlot::new(slot));
+                        serve_http(tcp, peer, router, http, stop, slot).await
+                    }
+                    None => debug!(%peer, "no request within --handshake-timeout"),
+                },
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve_http(stream, peer, router, http, stop, slot).await,
+                        Ok(Ok(stream)) => {
+                            let slot = Some(PendingSlot::new(slot));
+                            serve_http(stream, peer, router, http, stop, slot).await
+                        }
                         Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => debug!(%peer, "TLS handshake timed out"),
                     }

@@ -19,6 +19,9 @@ async fn a_stream_gets_welcome_then_answers_and_messages_in_order() {
     assert_eq!(welcome["user"], "alice");
     assert_eq!(welcome["node"], node.node_id.as_str());
     assert_eq!(welcome["heartbeat_ms"], 30_000);
+    // The listener took the connection: no chunked encoding, the body runs
+    // until the connection ends.
+    assert_eq!(sse.header("connection"), Some("close"));
     assert_eq!(sse.header("content-type"), Some("text/event-stream"));
     assert_eq!(sse.header("cache-control"), Some("no-cache"));
     assert_eq!(sse.header("x-accel-buffering"), Some("no"));
@@ -266,17 +269,22 @@ async fn a_refresh_over_post_moves_the_expiry() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn the_server_api_disconnect_closes_the_stream_with_4003() {
-    let node = Node::start(&["--api-key", "k"]).await;
-    let (mut sse, _) = Sse::open(node.addr, "alice").await;
+/// The server API (`--api-key k`) disconnects alice: her stream gets 4003.
+async fn disconnected_by_the_api(node: Node, sse: &mut Sse) {
     let url = format!("{}/api/users/alice/disconnect", node.http_url());
     let resp = http("POST", &url, &[("x-api-key", "k")], b"")
         .await
         .unwrap();
     assert_eq!(resp.0, 202, "{resp:?}");
-    assert_eq!(closed_with(&mut sse).await, (4003, "disconnected".into()));
+    assert_eq!(closed_with(sse).await, (4003, "disconnected".into()));
     node.stop().await;
+}
+
+#[tokio::test]
+async fn the_server_api_disconnect_closes_the_stream_with_4003() {
+    let node = Node::start(&["--api-key", "k"]).await;
+    let (mut sse, _) = Sse::open(node.addr, "alice").await;
+    disconnected_by_the_api(node, &mut sse).await;
 }
 
 #[tokio::test]
@@ -290,44 +298,55 @@ async fn sigterm_closes_the_stream_with_1001() {
     );
 }
 
-#[tokio::test]
-async fn a_stream_that_is_not_read_is_closed_as_a_slow_consumer() {
-    let node = Node::start(&[
-        "--max-outbound-bytes",
-        "65536",
-        "--publish-rate",
-        "1000000",
-        "--publish-burst",
-        "1000000",
-    ])
-    .await;
+/// Flood room `flood` from a WebSocket on `ws_url` (bounded) until the node
+/// at `ops` counts a slow-consumer close.
+async fn flood_until_a_slow_consumer_close(ws_url: &str, ops: &str) {
+    let (mut ws, _) = Ws::open(ws_url, "pub").await;
+    let big = "x".repeat(8192);
+    for i in 0..10_000 {
+        let ack = ws.publish("flood", json!(big)).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        if i % 50 == 0
+            && wsgate_testkit::metrics(ops)
+                .await
+                .value("wsgate_slow_consumer_closes_total", &[])
+                >= 1.0
+        {
+            return;
+        }
+    }
+    panic!("the stream was never closed as a slow consumer");
+}
+
+/// A stream of `slow` that joined `flood`, with a small receive buffer;
+/// `kept_alive`: through the HTTP stack.
+async fn slow_stream(addr: std::net::SocketAddr, kept_alive: bool) -> Sse {
     let token = any_token("slow");
     let auth = format!("Authorization: Bearer {token}\r\n");
-    let mut slow = Sse::connect(node.addr, &auth, &token, Some(4096))
+    let mut slow = Sse::connect_after(addr, &auth, &token, Some(4096), kept_alive)
         .await
         .unwrap();
     let welcome = slow.json().await;
     slow.conn = welcome["conn"].as_str().unwrap().to_owned();
     slow.join("flood").await;
-    // A WebSocket publisher floods the room (bounded); the stream is not read.
-    let (mut ws, _) = Ws::open(&node.ws_url(), "pub").await;
-    let big = "x".repeat(8192);
+    slow
+}
+
+const FLOOD: [&str; 6] = [
+    "--max-outbound-bytes",
+    "65536",
+    "--publish-rate",
+    "1000000",
+    "--publish-burst",
+    "1000000",
+];
+
+#[tokio::test]
+async fn a_stream_that_is_not_read_is_closed_as_a_slow_consumer() {
+    let node = Node::start(&FLOOD).await;
+    let mut slow = slow_stream(node.addr, false).await;
     let ops = node.ops_url();
-    let mut closed = false;
-    for i in 0..5_000 {
-        let ack = ws.publish("flood", json!(big)).await;
-        assert_eq!(ack["type"], "ack", "{ack}");
-        if i % 50 == 0
-            && wsgate_testkit::metrics(&ops)
-                .await
-                .value("wsgate_slow_consumer_closes_total", &[])
-                >= 1.0
-        {
-            closed = true;
-            break;
-        }
-    }
-    assert!(closed, "the stream was never closed as a slow consumer");
+    flood_until_a_slow_consumer_close(&node.ws_url(), &ops).await;
     eventually("slow consumer closed", || {
         let ops = ops.clone();
         async move {
@@ -341,6 +360,28 @@ async fn a_stream_that_is_not_read_is_closed_as_a_slow_consumer() {
     // The client, reading at last, sees its stream end.
     while slow.next().await.is_some() {}
     node.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_through_http_that_is_not_read_loses_its_connection() {
+    // The binary: its own process, so its open descriptors are its own. A
+    // large outbound limit: the socket's buffers fill up before the queue
+    // overflows, so hyper is left with events it cannot write.
+    let node = BinNode::start(&[&["--max-outbound-bytes", "16777216"], &FLOOD[2..]].concat()).await;
+    let ops = node.ops_url();
+    let fds = |m: wsgate_testkit::Metrics| m.value("process_open_fds", &[]);
+    let (_publisher, _) = Ws::open(&node.ws_url(), "warm-up").await;
+    let before = fds(wsgate_testkit::metrics(&ops).await);
+    let _slow = slow_stream(node.addr, true).await;
+    flood_until_a_slow_consumer_close(&node.ws_url(), &ops).await;
+    // The slow client still holds its socket and reads nothing; the node
+    // dropped the connection anyway: back to its descriptors before, plus
+    // the flooding publisher's.
+    eventually("connection dropped", || {
+        let ops = ops.clone();
+        async move { (fds(wsgate_testkit::metrics(&ops).await) <= before + 1.0).then_some(()) }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -504,6 +545,98 @@ async fn streams_do_not_hold_pending_connection_slots() {
     for s in &mut streams {
         s.send(json!({"type": "ping", "id": "p"})).await;
         assert_eq!(s.json().await["type"], "pong");
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_on_a_kept_alive_connection_is_served_through_http() {
+    let node = Node::start(&["--api-key", "k"]).await;
+    let token = any_token("alice");
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let mut sse = Sse::connect_after(node.addr, &auth, &token, None, true)
+        .await
+        .unwrap();
+    assert_eq!(sse.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(sse.header("content-type"), Some("text/event-stream"));
+    let welcome = sse.json().await;
+    assert_eq!(welcome["transport"], "sse");
+    sse.conn = welcome["conn"].as_str().unwrap().to_owned();
+    sse.join("lobby").await;
+    sse.send(json!({"type": "publish", "room": "lobby", "data": 1, "id": "p"}))
+        .await;
+    assert_eq!(sse.json().await["type"], "message");
+    assert_eq!(sse.json().await["type"], "ack");
+    disconnected_by_the_api(node, &mut sse).await;
+}
+
+#[tokio::test]
+async fn a_post_that_cannot_reach_the_streams_node_is_503_while_redis_is_down() {
+    let mut redis = Redis::start();
+    let url = redis.url();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let node = Node::start(&["--redis-url", &url]).await;
+        let ready = format!("{}/ready", node.ops_url());
+        eventually("node ready", || async {
+            matches!(http_get(&ready).await, Ok((200, _, _))).then_some(())
+        })
+        .await;
+        nodes.push(node);
+    }
+    let (mut sse, _) = Sse::open(nodes[0].addr, "alice").await;
+    sse.base = nodes[1].http_url();
+    sse.send(json!({"type": "ping", "id": 1})).await;
+    assert_eq!(sse.json().await["type"], "pong");
+    redis.kill();
+    let resp = sse.post_raw(r#"{"type":"ping","id":2}"#).await;
+    assert_eq!(resp.0, 503, "{resp:?}");
+    assert!(resp.1.iter().any(|(k, _)| k == "retry-after"), "{resp:?}");
+    // The node holding the stream still takes its POSTs itself.
+    sse.base = nodes[0].http_url();
+    sse.send(json!({"type": "ping", "id": 3})).await;
+    assert_eq!(sse.json().await["id"], 3);
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_page_on_an_allowed_origin_may_read_the_stream_and_post() {
+    let node = Node::start(&["--allowed-origins", "https://app.example"]).await;
+    let token = any_token("alice");
+    let headers = format!("Authorization: Bearer {token}\r\nOrigin: https://app.example\r\n");
+    let mut sse = Sse::connect(node.addr, &headers, &token, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        sse.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    sse.conn = sse.json().await["conn"].as_str().unwrap().to_owned();
+    let url = format!("{}/sse/{}", node.http_url(), sse.conn);
+    let origin = ("origin", "https://app.example");
+    let preflight = http(
+        "OPTIONS",
+        &url,
+        &[origin, ("access-control-request-method", "POST")],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(preflight.0, 204, "{preflight:?}");
+    let allowed = wsgate_testkit::header(&preflight, "access-control-allow-headers").unwrap();
+    assert!(allowed.contains("authorization"), "{preflight:?}");
+    let auth = format!("Bearer {token}");
+    for (body, status) in [(&b"{\"type\":\"ping\"}"[..], 202), (b"x", 400)] {
+        let resp = http("POST", &url, &[origin, ("authorization", &auth)], body)
+            .await
+            .unwrap();
+        assert_eq!(resp.0, status, "{resp:?}");
+        assert_eq!(
+            wsgate_testkit::header(&resp, "access-control-allow-origin"),
+            Some("https://app.example")
+        );
     }
     node.stop().await;
 }

@@ -24,6 +24,8 @@ use crate::rooms::Rooms;
 #[derive(Default)]
 pub struct Conns {
     users: Mutex<HashMap<Box<str>, Vec<Arc<ConnHandle>>>>,
+    /// The SSE streams, by connection id, for their POSTs.
+    pub(crate) sse: crate::sse::Streams,
 }
 
 impl Conns {

@@ -388,6 +388,9 @@ export function sseUrl(wsUrl) {
 const POST_FAILURE_CODE = { 401: 4001, 403: 1008, 404: 1006, 413: 1009 };
 // One POST carries at most this much (several frames as a JSON array).
 const POST_BATCH_CHARS = 64 * 1024;
+// A POST answered 503 (the stream's inbox is full) is sent again this many
+// times, after its Retry-After (1 to 5 s).
+const POST_BUSY_RETRIES = 3;
 
 /**
  * The Server-Sent Events + POST transport behind the subset of the WebSocket
@@ -508,9 +511,15 @@ export class SseSocket {
     u.searchParams.set('token', this._getToken());
     let status;
     try {
-      const res = await this._fetch(u.toString(), { method: 'POST', headers: { 'Content-Type': 'application/json' }, body, signal: this._abort.signal });
-      status = res.status;
-      res.body?.cancel?.().catch(() => {});
+      // 503: the stream's inbox is full; sent again after Retry-After, a few times.
+      for (let busy = 0; ; busy++) {
+        const res = await this._fetch(u.toString(), { method: 'POST', headers: { 'Content-Type': 'application/json' }, body, signal: this._abort.signal });
+        status = res.status;
+        res.body?.cancel?.().catch(() => {});
+        if (status !== 503 || busy === POST_BUSY_RETRIES || this._ended) break;
+        const wait = Math.min(Math.max(Number(res.headers?.get?.('retry-after')) || 1, 1), 5);
+        await new Promise((r) => setTimeout(r, wait * 1000));
+      }
     } catch (err) {
       this._closed(1006, `POST /sse failed: ${err?.message ?? err}`);
       return;

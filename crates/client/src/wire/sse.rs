@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt};
-use reqwest::header::{ACCEPT, CONTENT_TYPE, ORIGIN};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, ORIGIN, RETRY_AFTER};
 use reqwest::{Client as Http, Response, StatusCode, Url};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 use tokio::sync::oneshot;
@@ -23,6 +23,11 @@ const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
 
 /// One POST carries at most about this much (several frames as an array).
 const POST_BATCH_BYTES: usize = 64 * 1024;
+
+/// A POST answered 503 (the stream's inbox is full) is sent again this
+/// many times, after its `Retry-After` (1 to 5 s), before the connection is
+/// given up.
+const BUSY_RETRIES: u32 = 3;
 
 /// What a finished event-stream line gives.
 #[derive(Debug, PartialEq, Eq)]
@@ -375,20 +380,36 @@ impl Poster {
         Ok(())
     }
 
+    /// POST one body; a 503 (the stream's inbox is full) is sent again
+    /// after its `Retry-After`, a few times.
     async fn post(&self, body: String) -> Result<(), Result<Incoming, String>> {
-        let mut req = self
-            .http
-            .post(self.url.clone())
-            .bearer_auth(&self.token)
-            .header(CONTENT_TYPE, "application/json")
-            .timeout(self.timeout)
-            .body(body);
-        if let Some(origin) = &self.origin {
-            req = req.header(ORIGIN, origin);
-        }
-        let status = match req.send().await {
-            Ok(resp) => resp.status(),
-            Err(e) => return Err(Err(format!("POST {} failed: {e}", self.url.path()))),
+        let mut busy = 0;
+        let status = loop {
+            let mut req = self
+                .http
+                .post(self.url.clone())
+                .bearer_auth(&self.token)
+                .header(CONTENT_TYPE, "application/json")
+                .timeout(self.timeout)
+                .body(body.clone());
+            if let Some(origin) = &self.origin {
+                req = req.header(ORIGIN, origin);
+            }
+            let resp = match req.send().await {
+                Ok(resp) => resp,
+                Err(e) => return Err(Err(format!("POST {} failed: {e}", self.url.path()))),
+            };
+            if resp.status() != StatusCode::SERVICE_UNAVAILABLE || busy == BUSY_RETRIES {
+                break resp.status();
+            }
+            busy += 1;
+            let wait = resp
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .unwrap_or(1)
+                .clamp(1, 5);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
         };
         let why = || format!("POST {} answered {status}", self.url.path());
         match status {

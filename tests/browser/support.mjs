@@ -1,11 +1,12 @@
 // Helpers for the browser tests: free ports, a private redis-server, wsgate
-// nodes, polling with deadlines, chromium and the chat page's DOM. Every wait
+// nodes, the repo's nginx config under the real nginx, polling with
+// deadlines, chromium and the chat page's DOM. Every wait
 // is bounded; nothing sleeps as synchronization; everything listens on
 // loopback only.
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { createWriteStream, mkdirSync, readFileSync } from 'node:fs';
+import { closeSync, createWriteStream, existsSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -316,4 +317,99 @@ export function assertExactlyOnce(list, expected, who) {
   const seqs = list.map((m) => m.seq);
   assert.equal(new Set(seqs).size, seqs.length, `${who}: no seq shown twice`);
   for (let i = 1; i < seqs.length; i++) assert.equal(seqs[i], seqs[i - 1] + 1, `${who}: seqs consecutive, none twice: ${seqs}`);
+}
+
+// ---------------------------------------------------------------- nginx
+
+const NGINX = process.env.NGINX || ['/usr/sbin/nginx', '/usr/bin/nginx'].find((p) => existsSync(p)) || 'nginx';
+
+/**
+ * The repo's nginx.conf with the deployment tests' substitutions only:
+ * `listen 8080;` -> `listen 127.0.0.1:<port>;`, and upstreams.conf next to it
+ * listing `servers` with the server parameters of the shipped upstreams.conf.
+ * `transform(text)`, when given, derives a variant from the result (a test
+ * that plays a proxy blocking WebSockets).
+ */
+function renderNginxConf(dir, port, servers, transform = (t) => t) {
+  const conf = readFileSync(path.join(REPO, 'nginx', 'nginx.conf'), 'utf8');
+  let n = 0;
+  const text = conf.replace(/^(\s*)listen 8080;/gm, (_, indent) => {
+    n += 1;
+    return `${indent}listen 127.0.0.1:${port};`;
+  });
+  assert.equal(n, 1, 'nginx.conf must contain exactly one active `listen 8080;`');
+  const shipped = readFileSync(path.join(REPO, 'nginx', 'upstreams.conf'), 'utf8');
+  const params = /^server\s+\S+(\s+[^;]*)?;/m.exec(shipped)?.[1] ?? '';
+  writeFileSync(path.join(dir, 'upstreams.conf'), servers.map((s) => `server ${s}${params};\n`).join(''));
+  const file = path.join(dir, 'nginx.conf');
+  writeFileSync(file, transform(text));
+  return file;
+}
+
+function canConnect(port) {
+  return new Promise((resolve) => {
+    const s = net.connect({ host: '127.0.0.1', port });
+    const done = (v) => {
+      s.destroy();
+      resolve(v);
+    };
+    s.setTimeout(1000, () => done(false));
+    s.on('connect', () => done(true));
+    s.on('error', () => done(false));
+  });
+}
+
+/**
+ * `nginx -p <dir>/ -e stderr -c <dir>/nginx.conf -g 'pid ...; daemon off;'`
+ * in its own process group, with the repo's config (see renderNginxConf) in
+ * front of `servers`, on a free port. The child has `port`, `logPath`,
+ * `signal(sig)` (the whole group: master and workers, never anything else)
+ * and `stop()`.
+ */
+export async function startNginx(dir, servers, { transform } = {}) {
+  let lastLog = '';
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const port = await freePort();
+    const conf = renderNginxConf(dir, port, servers, transform);
+    const logPath = path.join(OUT, `nginx-${port}.log`);
+    // Append mode: nginx reopens /dev/stdout (its access log) as a second
+    // open file; without O_APPEND on ours the two would overwrite each other.
+    writeFileSync(logPath, '');
+    const fd = openSync(logPath, 'a');
+    const child = spawn(NGINX, ['-p', `${dir}/`, '-e', 'stderr', '-c', conf, '-g', `pid ${dir}/nginx.pid; daemon off;`], {
+      stdio: ['ignore', fd, fd],
+      detached: true, // own process group: the workers are stopped, continued and killed with the master
+    });
+    closeSync(fd);
+    child.exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+    child.on('error', () => {});
+    child.port = port;
+    child.logPath = logPath;
+    child.signal = (sig) => {
+      try {
+        process.kill(-child.pid, sig);
+      } catch {
+        /* gone */
+      }
+    };
+    child.stop = async () => {
+      child.signal('SIGCONT');
+      child.signal('SIGTERM');
+      await Promise.race([child.exited, new Promise((r) => setTimeout(r, 5000).unref())]);
+      child.signal('SIGKILL'); // leftover workers, if any
+    };
+    process.on('exit', () => child.signal('SIGKILL'));
+    try {
+      await waitFor(async () => {
+        if (child.exitCode !== null || child.signalCode !== null) throw new Error('nginx exited');
+        return canConnect(port);
+      }, { timeoutMs: 10000, what: `nginx on 127.0.0.1:${port}` });
+      return child;
+    } catch (e) {
+      child.signal('SIGKILL');
+      lastLog = readFileSync(logPath, 'utf8');
+      if (!/in use/.test(lastLog)) throw new Error(`nginx did not start: ${e.message}\n${lastLog}`);
+    }
+  }
+  throw new Error(`could not start nginx on a free port:\n${lastLog}`);
 }

@@ -21,56 +21,24 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import os from 'node:os';
+import { mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
-import {
-  OUT, REPO, assertExactlyOnce, chatPageHelpers, freePorts, launchChromium, startNginx, startNode, startRedis, stop,
-} from './support.mjs';
+import { OUT, assertExactlyOnce, chatPageHelpers, startNginxCluster, stop } from './support.mjs';
 
-const BIN = process.env.WSGATE_BIN || path.join(REPO, 'target', 'release', 'wsgate');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const SECRET = 'browser-nginx-test-secret-0123456789abcdef';
 const ROOM = 'lobby';
 const T = 10000; // bound on every single wait
 
-let browser;
-let redis;
-let nginx;
-let prefix;
-const nodes = {}; // id -> child (support.startNode)
+let cluster; // { nginx, nodes (id -> child), browser }
 
 // ---------------------------------------------------------------- setup
 
 before(async () => {
-  assert.ok(existsSync(BIN), `WSGATE_BIN not found: ${BIN}`);
-  assert.ok(existsSync(CHROMIUM), `chromium not found: ${CHROMIUM}`);
-  prefix = mkdtempSync(path.join(os.tmpdir(), 'wsgate-browser-nginx-'));
-  chmodSync(prefix, 0o755); // nginx's workers run as an unprivileged user when started as root
-  redis = await startRedis();
-  const ports = await freePorts(6);
-  const ids = ['n1', 'n2', 'n3'];
-  const pub = (i) => ports[i * 2];
-  // nginx first (it only connects to a node when a request comes), so that its
-  // origin is known when the nodes are started with --allowed-origins.
-  nginx = await startNginx(prefix, ids.map((_, i) => `127.0.0.1:${pub(i)}`));
-  const origin = `http://127.0.0.1:${nginx.port}`;
-  for (const [i, id] of ids.entries()) {
-    nodes[id] = await startNode(BIN, { id, port: pub(i), opsPort: ports[i * 2 + 1], secret: SECRET, redisUrl: redis.url, origins: [origin] });
-  }
-  browser = await launchChromium(chromium, CHROMIUM);
+  cluster = await startNginxCluster({ chromium, secret: SECRET, name: 'nginx' });
 });
 
-after(async () => {
-  nginx?.signal('SIGCONT');
-  await browser?.close().catch(() => {});
-  for (const n of Object.values(nodes)) await stop(n);
-  await nginx?.stop();
-  await stop(redis);
-  if (prefix) rmSync(prefix, { recursive: true, force: true });
-});
+after(() => cluster?.stop());
 
 // ---------------------------------------------------------------- page helpers
 
@@ -78,7 +46,7 @@ const { openPage: openUrl, status, waitConnected, messages, waitMessages, send }
 
 function openPage(name) {
   // No `nodes=`: the page connects to ws://<its own host>/ws, i.e. nginx.
-  return openUrl(browser, `http://127.0.0.1:${nginx.port}/?name=${name}&room=${ROOM}&autoconnect=1&backoff_base_ms=200&backoff_cap_ms=1000`);
+  return openUrl(cluster.browser, `http://127.0.0.1:${cluster.nginx.port}/?name=${name}&room=${ROOM}&autoconnect=1&backoff_base_ms=200&backoff_cap_ms=1000`);
 }
 
 /** Waits until the page is connected (to a node other than `notNode`) and can send; returns the node it shows. */
@@ -90,7 +58,7 @@ async function connectedNode(page, notNode = '') {
     url: window.chat.client.url,
   }));
   assert.equal(shown.info, shown.node, 'the node panel and the status agree');
-  assert.equal(shown.url, `ws://127.0.0.1:${nginx.port}/ws`, 'the page talks to nginx, not to a node');
+  assert.equal(shown.url, `ws://127.0.0.1:${cluster.nginx.port}/ws`, 'the page talks to nginx, not to a node');
   return shown.node;
 }
 
@@ -113,7 +81,7 @@ test('through the repo\'s nginx: the node under both pages is killed; nginx fail
   const bob = await openPage('bob');
   const first = await connectedNode(alice);
   assert.equal(await connectedNode(bob), first, 'nginx hashes the client address: both pages (127.0.0.1) are on one node');
-  assert.ok(first in nodes, `a node of the cluster: ${first}`);
+  assert.ok(first in cluster.nodes, `a node of the cluster: ${first}`);
 
   const expected = [];
   const say = async (page, from, text) => {
@@ -125,16 +93,16 @@ test('through the repo\'s nginx: the node under both pages is killed; nginx fail
   assertExactlyOnce(await waitMessages(alice, 2, 'alice'), expected, 'alice');
   assertExactlyOnce(await waitMessages(bob, 2, 'bob'), expected, 'bob');
 
-  const survivors = Object.keys(nodes).filter((id) => id !== first);
-  const service = nodes[survivors[0]];
+  const survivors = Object.keys(cluster.nodes).filter((id) => id !== first);
+  const service = cluster.nodes[survivors[0]];
   const tokenRes = await fetch(`${service.http}/dev/token?sub=backend`, { signal: AbortSignal.timeout(T) });
   assert.equal(tokenRes.status, 200);
   const { token } = await tokenRes.json();
 
   // Freeze nginx, kill the pages' node, publish while the pages cannot reconnect.
-  nginx.signal('SIGSTOP');
+  cluster.nginx.signal('SIGSTOP');
   try {
-    await stop(nodes[first], 'SIGKILL');
+    await stop(cluster.nodes[first], 'SIGKILL');
     for (const text of ['sent by the back-end while the pages were away', 'second one while away']) {
       await publishHttp(service, token, text);
       expected.push({ from: 'backend', text });
@@ -142,7 +110,7 @@ test('through the repo\'s nginx: the node under both pages is killed; nginx fail
     assert.equal((await messages(alice)).length, 2, 'alice has not seen the new messages yet');
     assert.equal((await messages(bob)).length, 2, 'bob has not seen the new messages yet');
   } finally {
-    nginx.signal('SIGCONT');
+    cluster.nginx.signal('SIGCONT');
   }
 
   // nginx passes the node's death on; the pages reconnect to nginx, which
@@ -172,8 +140,8 @@ test('through the repo\'s nginx: the node under both pages is killed; nginx fail
   }
 
   // nginx did the fail-over: it tried the dead node and moved on.
-  const dead = nodes[first].opts.port;
-  const log = readFileSync(nginx.logPath, 'utf8');
+  const dead = cluster.nodes[first].opts.port;
+  const log = readFileSync(cluster.nginx.logPath, 'utf8');
   assert.match(log, new RegExp(`upstream: "http://127\\.0\\.0\\.1:${dead}/`), `nginx's log shows a failed attempt on the dead node ${first} (:${dead})`);
   assert.match(log, /"GET \/ws\S* HTTP\/1\.1" 101 /, 'nginx upgraded the pages\' WebSockets');
   // The access log (lines not starting with a date, which nginx's error log

@@ -16,25 +16,16 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import os from 'node:os';
+import { mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
-import {
-  OUT, REPO, assertExactlyOnce, chatPageHelpers, freePorts, launchChromium, startNginx, startNode, startRedis, stop,
-} from './support.mjs';
+import { OUT, assertExactlyOnce, chatPageHelpers, startNginxCluster, stop } from './support.mjs';
 
-const BIN = process.env.WSGATE_BIN || path.join(REPO, 'target', 'release', 'wsgate');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const SECRET = 'browser-sse-test-secret-0123456789abcdef';
 const ROOM = 'lobby';
 const T = 10000; // bound on every single wait
 
-let browser;
-let redis;
-let nginx;
-let prefix;
-const nodes = {}; // id -> child (support.startNode)
+let cluster; // { nginx, nodes (id -> child), browser }
 
 /** The repo's config, with every WebSocket upgrade on /ws refused (403). */
 function blockWebSockets(conf) {
@@ -49,35 +40,15 @@ function blockWebSockets(conf) {
 }
 
 before(async () => {
-  assert.ok(existsSync(BIN), `WSGATE_BIN not found: ${BIN}`);
-  assert.ok(existsSync(CHROMIUM), `chromium not found: ${CHROMIUM}`);
-  prefix = mkdtempSync(path.join(os.tmpdir(), 'wsgate-browser-sse-'));
-  chmodSync(prefix, 0o755); // nginx's workers run as an unprivileged user when started as root
-  redis = await startRedis();
-  const ports = await freePorts(6);
-  const ids = ['n1', 'n2', 'n3'];
-  const pub = (i) => ports[i * 2];
-  nginx = await startNginx(prefix, ids.map((_, i) => `127.0.0.1:${pub(i)}`), { transform: blockWebSockets });
-  // Pages come through nginx (alice) or straight from a node (bob).
-  const origins = [`http://127.0.0.1:${nginx.port}`, ...ids.map((_, i) => `http://127.0.0.1:${pub(i)}`)];
-  for (const [i, id] of ids.entries()) {
-    nodes[id] = await startNode(BIN, { id, port: pub(i), opsPort: ports[i * 2 + 1], secret: SECRET, redisUrl: redis.url, origins });
-  }
-  browser = await launchChromium(chromium, CHROMIUM);
+  cluster = await startNginxCluster({ chromium, secret: SECRET, name: 'sse', transform: blockWebSockets, directPages: true });
 });
 
-after(async () => {
-  await browser?.close().catch(() => {});
-  await nginx?.stop();
-  for (const n of Object.values(nodes)) await stop(n);
-  await stop(redis);
-  if (prefix) rmSync(prefix, { recursive: true, force: true });
-});
+after(() => cluster?.stop());
 
 const { openPage: openUrl, status, waitConnected, messages, waitMessages, send } = chatPageHelpers({ timeout: T });
 
 function openPage(base, name, extra = '') {
-  return openUrl(browser, `${base}/?name=${name}&room=${ROOM}&autoconnect=1&backoff_base_ms=200&backoff_cap_ms=1000${extra}`);
+  return openUrl(cluster.browser, `${base}/?name=${name}&room=${ROOM}&autoconnect=1&backoff_base_ms=200&backoff_cap_ms=1000${extra}`);
 }
 
 /** What the page shows about its transport, and what its client says. */
@@ -92,20 +63,20 @@ function transportOf(page) {
 }
 
 test('WebSockets blocked by the proxy: the page falls back to SSE, chats with a WebSocket user, survives the SIGKILL of its node', { timeout: 60000 }, async () => {
-  const viaNginx = `http://127.0.0.1:${nginx.port}`;
+  const viaNginx = `http://127.0.0.1:${cluster.nginx.port}`;
   const alice = await openPage(viaNginx, 'alice');
   const first = await waitConnected(alice);
-  assert.ok(first in nodes, `a node of the cluster: ${first}`);
+  assert.ok(first in cluster.nodes, `a node of the cluster: ${first}`);
   const shown = await transportOf(alice);
   assert.equal(shown.client, 'sse', 'the client fell back to SSE');
   assert.equal(shown.status, 'sse');
   assert.match(shown.panel, /SSE/, 'the page says which transport it uses');
   assert.ok(shown.fallbacks >= 1, 'the page logged the fallback');
-  assert.equal(shown.url, `ws://127.0.0.1:${nginx.port}/ws`, 'alice talks to nginx, not to a node');
+  assert.equal(shown.url, `ws://127.0.0.1:${cluster.nginx.port}/ws`, 'alice talks to nginx, not to a node');
 
   // bob: straight to another node, WebSocket only.
-  const bobNode = Object.keys(nodes).find((id) => id !== first);
-  const bob = await openPage(nodes[bobNode].http, 'bob', '&transport=ws');
+  const bobNode = Object.keys(cluster.nodes).find((id) => id !== first);
+  const bob = await openPage(cluster.nodes[bobNode].http, 'bob', '&transport=ws');
   assert.equal(await waitConnected(bob), bobNode);
   assert.equal((await transportOf(bob)).client, 'ws');
 
@@ -120,13 +91,13 @@ test('WebSockets blocked by the proxy: the page falls back to SSE, chats with a 
   assertExactlyOnce(await waitMessages(bob, 2, 'bob'), expected, 'bob');
 
   // Freeze nginx, kill alice's node, bob talks while alice cannot reconnect.
-  nginx.signal('SIGSTOP');
+  cluster.nginx.signal('SIGSTOP');
   try {
-    await stop(nodes[first], 'SIGKILL');
+    await stop(cluster.nodes[first], 'SIGKILL');
     for (const text of ['said while alice was away', 'and a second one']) await say(bob, 'bob', text);
     assert.equal((await messages(alice)).length, 2, 'alice has not seen them yet');
   } finally {
-    nginx.signal('SIGCONT');
+    cluster.nginx.signal('SIGCONT');
   }
 
   // nginx passes the death on; alice reconnects through it (the WebSocket
@@ -154,7 +125,7 @@ test('WebSockets blocked by the proxy: the page falls back to SSE, chats with a 
   }
 
   // nginx refused the upgrades and carried the stream and the POSTs.
-  const log = readFileSync(nginx.logPath, 'utf8');
+  const log = readFileSync(cluster.nginx.logPath, 'utf8');
   assert.match(log, /"GET \/ws HTTP\/1\.1" 403 /, 'nginx refused the WebSocket upgrade');
   assert.match(log, /"GET \/sse HTTP\/1\.1" 200 /, 'nginx carried the event stream');
   assert.match(log, /"POST \/sse\/\S+ HTTP\/1\.1" 202 /, 'nginx carried the POSTs');

@@ -6,14 +6,20 @@
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { closeSync, createWriteStream, existsSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync, closeSync, createWriteStream, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync,
+} from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const HERE = path.dirname(fileURLToPath(import.meta.url));
 export const REPO = path.resolve(HERE, '..', '..');
 export const OUT = path.join(REPO, 'tests', 'output', 'browser');
+/** The gateway under test, and Debian's chromium (never a downloaded browser). */
+export const WSGATE_BIN = process.env.WSGATE_BIN || path.join(REPO, 'target', 'release', 'wsgate');
+export const CHROMIUM_PATH = process.env.CHROMIUM || '/usr/bin/chromium';
 mkdirSync(OUT, { recursive: true });
 
 const children = new Set();
@@ -412,4 +418,46 @@ export async function startNginx(dir, servers, { transform } = {}) {
     }
   }
   throw new Error(`could not start nginx on a free port:\n${lastLog}`);
+}
+
+/**
+ * Three `--dev` nodes (n1, n2, n3; `bin`, `secret`) on a private
+ * redis-server behind the real nginx with the repo's config (see
+ * startNginx; `transform` derives a variant), and Chromium (`chromium`
+ * from playwright-core, at `chromiumPath`; both default to the above). The nodes allow the nginx
+ * origin, and with `directPages` also their own (pages opened on a node).
+ * Returns { nginx, nodes (id -> child), browser, stop() }.
+ */
+export async function startNginxCluster({ bin = WSGATE_BIN, chromium, chromiumPath = CHROMIUM_PATH, secret, name, transform, directPages = false }) {
+  assert.ok(existsSync(bin), `WSGATE_BIN not found: ${bin}`);
+  assert.ok(existsSync(chromiumPath), `chromium not found: ${chromiumPath}`);
+  const c = { nodes: {}, nginx: null, browser: null, redis: null };
+  c.prefix = mkdtempSync(path.join(os.tmpdir(), `wsgate-browser-${name}-`));
+  chmodSync(c.prefix, 0o755); // nginx's workers run as an unprivileged user when started as root
+  c.stop = async () => {
+    c.nginx?.signal('SIGCONT');
+    await c.browser?.close().catch(() => {});
+    for (const n of Object.values(c.nodes)) await stop(n);
+    await c.nginx?.stop();
+    await stop(c.redis);
+    rmSync(c.prefix, { recursive: true, force: true });
+  };
+  try {
+    c.redis = await startRedis();
+    const ports = await freePorts(6);
+    const ids = ['n1', 'n2', 'n3'];
+    const pub = (i) => ports[i * 2];
+    // nginx first (it only connects to a node when a request comes), so that
+    // its origin is known when the nodes are started with --allowed-origins.
+    c.nginx = await startNginx(c.prefix, ids.map((_, i) => `127.0.0.1:${pub(i)}`), { transform });
+    const origins = [`http://127.0.0.1:${c.nginx.port}`, ...(directPages ? ids.map((_, i) => `http://127.0.0.1:${pub(i)}`) : [])];
+    for (const [i, id] of ids.entries()) {
+      c.nodes[id] = await startNode(bin, { id, port: pub(i), opsPort: ports[i * 2 + 1], secret, redisUrl: c.redis.url, origins });
+    }
+    c.browser = await launchChromium(chromium, chromiumPath);
+  } catch (e) {
+    await c.stop();
+    throw e;
+  }
+  return c;
 }

@@ -200,6 +200,7 @@ pub(crate) async fn admit(
     app: &Arc<App>,
     headers: &HeaderMap,
     uri: &Uri,
+    transport: &'static str,
 ) -> Result<(Claims, crate::state::Slot), Response> {
     match headers.get(header::ORIGIN) {
         Some(origin) => {
@@ -229,7 +230,7 @@ pub(crate) async fn admit(
             return Err(unauthorized(&e));
         }
     };
-    let Some(slot) = app.try_slot() else {
+    let Some(slot) = app.try_slot(transport) else {
         app.metrics.reject(Rejection::Capacity);
         return Err(if app.is_draining() {
             unavailable("1", "node is draining; reconnect to another node")
@@ -251,7 +252,7 @@ async fn upgrade(
     let on_upgrade = parts.extensions.get::<OnUpgrade>().cloned();
     let ws = WebSocketUpgrade::from_request_parts(&mut parts, &()).await;
     let (headers, uri) = (&parts.headers, &parts.uri);
-    let (claims, slot) = match admit(&app, headers, uri).await {
+    let (claims, slot) = match admit(&app, headers, uri, "ws").await {
         Ok(admitted) => admitted,
         Err(refused) => return refused,
     };
@@ -279,7 +280,7 @@ async fn upgrade(
             "connection cannot be upgraded",
         );
     };
-    app.metrics.connections_accepted.inc();
+    app.metrics.accepted("ws");
     let remote = remote(headers, peer.as_ref().map(|p| &p.0));
     let compression = app.config.compression;
     let deflate = compression.negotiate(

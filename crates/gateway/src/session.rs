@@ -689,7 +689,7 @@ mod tests {
     async fn a_session_aborted_mid_join_releases_everything_it_held() {
         let broker = Arc::new(StuckBroker::default());
         let app = app_with(broker.clone());
-        let slot = app.try_slot().unwrap();
+        let slot = app.try_slot("ws").unwrap();
         let handle = ConnHandle::new("c-1", 1 << 20, app.metrics.clone());
         app.conns.insert("alice", &handle);
         let claims = Claims {
@@ -720,7 +720,7 @@ mod tests {
         assert_eq!(app.metrics.rooms_active.get(), 0);
         assert_eq!(broker.refs.load(std::sync::atomic::Ordering::SeqCst), 0);
         assert!(app.conns.all().is_empty(), "connection still registered");
-        assert_eq!(app.metrics.connections_active.get(), 0, "slot kept");
+        assert_eq!(app.metrics.active("ws"), 0, "slot kept");
         assert!(app.limits.is_empty(), "user entry kept");
         // A later message of the room reaches no one and counts no delivery.
         let frame = Utf8Bytes::from(
@@ -803,7 +803,7 @@ mod tests {
             events,
             closes: closes.clone(),
         };
-        let slot = app.try_slot().unwrap();
+        let slot = app.try_slot("ws").unwrap();
         let session = Session::new(app.clone(), claims, slot, handle.clone());
         let task = tokio::spawn(session.run(transport, "c-1".into()));
         Running {

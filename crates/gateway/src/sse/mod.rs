@@ -103,7 +103,8 @@ struct LinkState {
 }
 
 /// What became of a POST's frames.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Delivery {
     /// Queued for the session (202).
     Queued,
@@ -113,6 +114,9 @@ pub enum Delivery {
     Forbidden,
     /// The stream's inbox is full (503).
     Full,
+    /// The POST could not be handed to the stream's node: the broker is
+    /// down (503).
+    Unavailable,
 }
 
 impl Link {
@@ -292,11 +296,11 @@ pub async fn open(
     request: Request<Body>,
 ) -> Response {
     let (parts, _) = request.into_parts();
-    let (claims, slot) = match public::admit(&app, &parts.headers, &parts.uri).await {
+    let (claims, slot) = match public::admit(&app, &parts.headers, &parts.uri, "sse").await {
         Ok(admitted) => admitted,
         Err(refused) => return refused,
     };
-    app.metrics.connections_accepted.inc();
+    app.metrics.accepted("sse");
     let remote = public::remote(&parts.headers, peer.as_ref().map(|p| &p.0));
     let conn_id = format!(
         "{}.{}",
@@ -433,6 +437,10 @@ fn answer(delivery: Delivery) -> Response {
         Delivery::Full => public::unavailable(
             "1",
             "the stream's session has too many POSTs waiting; retry",
+        ),
+        Delivery::Unavailable => public::unavailable(
+            "1",
+            "the broker is unavailable: the POST could not reach its stream's node",
         ),
     }
 }

@@ -433,15 +433,16 @@ export class SseSocket {
     this._abort.abort();
   }
 
-  // The stream ended or failed: a close event (once), as a WebSocket would give.
-  _closed(code, reason, wasClean = false) {
+  // The stream ended or failed: a close event (once), as a WebSocket would
+  // give; before it opened an error event, with the HTTP `status` if any.
+  _closed(code, reason, wasClean = false, status = undefined) {
     if (this._ended) return;
     this._ended = true;
     const opened = this.readyState === WS_OPEN;
     this.readyState = 3;
     this._abort.abort();
     // Before the stream opened, like a refused WebSocket handshake: an error only.
-    if (!opened) this.onerror?.({ message: reason });
+    if (!opened) this.onerror?.({ message: reason, status });
     else this.onclose?.({ code, reason, wasClean });
   }
 
@@ -456,7 +457,7 @@ export class SseSocket {
     if (this._ended) return;
     const type = res.headers?.get?.('content-type') ?? '';
     if (res.status !== 200 || !type.startsWith('text/event-stream') || !res.body) {
-      this._closed(1006, `GET /sse answered HTTP ${res.status}`);
+      this._closed(1006, `GET /sse answered HTTP ${res.status}`, false, res.status);
       res.body?.cancel?.().catch(() => {});
       return;
     }
@@ -941,7 +942,9 @@ export class WsgateClient {
     // network error): browsers follow it with a close event, but Node 20's
     // experimental WebSocket never does after a refused handshake, so do not
     // wait for one (nor for the connect timeout).
-    ws.onerror = (ev) => failed({ code: 1006, reason: ev?.message ? String(ev.message) : 'connection failed' });
+    // Unlike a WebSocket, a refused stream shows its status: a 401 with a
+    // getToken callback fetches a new token first, as after close 4001.
+    ws.onerror = (ev) => failed({ code: ev?.status === 401 && this._getToken ? 4001 : 1006, reason: ev?.message ? String(ev.message) : 'connection failed' });
     this._clearTimer('connect');
     this._timers.connect = this._setTimeout(() => {
       this._timers.connect = null;

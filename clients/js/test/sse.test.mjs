@@ -209,6 +209,20 @@ test('a stream refused with an HTTP status is a failed attempt, then backoff', a
   assert.match(s.of('close').at(-1).reason, /503/);
 });
 
+test('a stream refused 401 gets a new token from getToken before the next attempt', async () => {
+  let tokens = 0;
+  const s = setup({ transport: 'sse', token: undefined, getToken: async () => `tok${++tokens}` });
+  s.client.connect();
+  await flush();
+  assert.equal(new URL(s.stream().url).searchParams.get('token'), 'tok1');
+  s.stream().respond(401, 'application/json');
+  await flush();
+  assert.equal(s.of('close').at(-1).code, 4001);
+  s.clock.advance(s.of('state').at(-1).delayMs);
+  await flush();
+  assert.equal(new URL(s.stream().url).searchParams.get('token'), 'tok2');
+});
+
 test('heartbeat comments keep an idle stream alive without pings', async () => {
   const s = setup({ transport: 'sse', heartbeatTimeoutMs: 5000 });
   s.client.connect();

@@ -520,6 +520,27 @@ mod tests {
         let config = cli.args.config().unwrap();
         assert_eq!(config.urls.len(), 3);
         assert_eq!(config.backoff.base(), Duration::from_millis(100));
+        assert_eq!(config.transport, Transport::WebSocket);
+        let with_transport = |flag| {
+            Cli::try_parse_from([
+                "client",
+                "--url",
+                "ws://a/ws",
+                "--token",
+                "t",
+                "--transport",
+                flag,
+            ])
+        };
+        for (flag, transport) in [
+            ("sse", Transport::Sse),
+            ("auto", Transport::Auto),
+            ("ws", Transport::WebSocket),
+        ] {
+            let cli = with_transport(flag).unwrap();
+            assert_eq!(cli.args.config().unwrap().transport, transport);
+        }
+        assert!(with_transport("carrier-pigeon").is_err());
     }
 
     #[test]

@@ -35,7 +35,7 @@ function blockWebSockets(conf) {
     return `${line}${indent}    return 403; # test: a proxy that blocks WebSockets\n`;
   });
   assert.equal(n, 1, 'nginx.conf has one `location = /ws {` block');
-  assert.match(text, /location \/sse \{/, 'nginx.conf proxies /sse');
+  assert.match(text, /location (= )?\/sse \{/, 'nginx.conf proxies /sse');
   return text;
 }
 

@@ -38,6 +38,24 @@ use crate::ws;
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
+/// A public connection's place under `--max-pending-connections` (set by
+/// the listener). An SSE stream gives it back when it starts: the stream is
+/// then a connection under `--max-connections`, like an upgraded WebSocket.
+#[derive(Clone, Default)]
+pub struct PendingSlot(Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl PendingSlot {
+    /// Hold `permit` until [`release`](Self::release) or the end.
+    pub fn new(permit: OwnedSemaphorePermit) -> PendingSlot {
+        PendingSlot(Arc::new(std::sync::Mutex::new(Some(permit))))
+    }
+
+    /// Give the place back.
+    pub fn release(&self) {
+        drop(self.0.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+}
+
 /// The node-wide budget of HTTP API body bytes being read or held
 /// (`--max-inflight-body-bytes`), one semaphore permit a byte.
 #[derive(Clone)]

@@ -19,6 +19,9 @@ async fn a_stream_gets_welcome_then_answers_and_messages_in_order() {
     assert_eq!(welcome["user"], "alice");
     assert_eq!(welcome["node"], node.node_id.as_str());
     assert_eq!(welcome["heartbeat_ms"], 30_000);
+    // The listener took the connection: no chunked encoding, the body runs
+    // until the connection ends.
+    assert_eq!(sse.header("connection"), Some("close"));
     assert_eq!(sse.header("content-type"), Some("text/event-stream"));
     assert_eq!(sse.header("cache-control"), Some("no-cache"));
     assert_eq!(sse.header("x-accel-buffering"), Some("no"));
@@ -266,17 +269,22 @@ async fn a_refresh_over_post_moves_the_expiry() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn the_server_api_disconnect_closes_the_stream_with_4003() {
-    let node = Node::start(&["--api-key", "k"]).await;
-    let (mut sse, _) = Sse::open(node.addr, "alice").await;
+/// The server API (`--api-key k`) disconnects alice: her stream gets 4003.
+async fn disconnected_by_the_api(node: Node, sse: &mut Sse) {
     let url = format!("{}/api/users/alice/disconnect", node.http_url());
     let resp = http("POST", &url, &[("x-api-key", "k")], b"")
         .await
         .unwrap();
     assert_eq!(resp.0, 202, "{resp:?}");
-    assert_eq!(closed_with(&mut sse).await, (4003, "disconnected".into()));
+    assert_eq!(closed_with(sse).await, (4003, "disconnected".into()));
     node.stop().await;
+}
+
+#[tokio::test]
+async fn the_server_api_disconnect_closes_the_stream_with_4003() {
+    let node = Node::start(&["--api-key", "k"]).await;
+    let (mut sse, _) = Sse::open(node.addr, "alice").await;
+    disconnected_by_the_api(node, &mut sse).await;
 }
 
 #[tokio::test]
@@ -491,4 +499,71 @@ async fn metrics_count_streams_with_transport_sse() {
     })
     .await;
     node.stop().await;
+}
+
+#[tokio::test]
+async fn streams_do_not_hold_pending_connection_slots() {
+    let node = Node::start(&["--max-pending-connections", "2"]).await;
+    let mut streams = Vec::new();
+    for i in 0..4 {
+        streams.push(Sse::open(node.addr, &format!("u{i}")).await.0);
+    }
+    // POSTs (pending connections while they last) still get through.
+    for s in &mut streams {
+        s.send(json!({"type": "ping", "id": "p"})).await;
+        assert_eq!(s.json().await["type"], "pong");
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_on_a_kept_alive_connection_is_served_through_http() {
+    let node = Node::start(&["--api-key", "k"]).await;
+    let token = any_token("alice");
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let mut sse = Sse::connect_after(node.addr, &auth, &token, None, true)
+        .await
+        .unwrap();
+    assert_eq!(sse.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(sse.header("content-type"), Some("text/event-stream"));
+    let welcome = sse.json().await;
+    assert_eq!(welcome["transport"], "sse");
+    sse.conn = welcome["conn"].as_str().unwrap().to_owned();
+    sse.join("lobby").await;
+    sse.send(json!({"type": "publish", "room": "lobby", "data": 1, "id": "p"}))
+        .await;
+    assert_eq!(sse.json().await["type"], "message");
+    assert_eq!(sse.json().await["type"], "ack");
+    disconnected_by_the_api(node, &mut sse).await;
+}
+
+#[tokio::test]
+async fn a_post_that_cannot_reach_the_streams_node_is_503_while_redis_is_down() {
+    let mut redis = Redis::start();
+    let url = redis.url();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let node = Node::start(&["--redis-url", &url]).await;
+        let ready = format!("{}/ready", node.ops_url());
+        eventually("node ready", || async {
+            matches!(http_get(&ready).await, Ok((200, _, _))).then_some(())
+        })
+        .await;
+        nodes.push(node);
+    }
+    let (mut sse, _) = Sse::open(nodes[0].addr, "alice").await;
+    sse.base = nodes[1].http_url();
+    sse.send(json!({"type": "ping", "id": 1})).await;
+    assert_eq!(sse.json().await["type"], "pong");
+    redis.kill();
+    let resp = sse.post_raw(r#"{"type":"ping","id":2}"#).await;
+    assert_eq!(resp.0, 503, "{resp:?}");
+    assert!(resp.1.iter().any(|(k, _)| k == "retry-after"), "{resp:?}");
+    // The node holding the stream still takes its POSTs itself.
+    sse.base = nodes[0].http_url();
+    sse.send(json!({"type": "ping", "id": 3})).await;
+    assert_eq!(sse.json().await["id"], 3);
+    for node in nodes {
+        node.stop().await;
+    }
 }

@@ -40,6 +40,12 @@ pub async fn http(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "http timeout"))??;
     let text = String::from_utf8_lossy(&raw).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let (status, headers) = parse_head(head);
+    Ok((status, headers, body.to_owned()))
+}
+
+/// A response head's status and headers (lower-case names).
+pub(crate) fn parse_head(head: &str) -> (u16, Vec<(String, String)>) {
     let mut lines = head.lines();
     let status = lines
         .next()
@@ -50,7 +56,7 @@ pub async fn http(
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
-    Ok((status, headers, body.to_owned()))
+    (status, headers)
 }
 
 /// `GET url`.

@@ -38,6 +38,30 @@ pub struct Sse {
     next_id: u64,
 }
 
+/// Read into `raw` until a response head is complete; returns its status
+/// and headers (lower-case names) and leaves what follows in `raw`.
+async fn read_head(stream: &mut TcpStream, raw: &mut Vec<u8>) -> (u16, Vec<(String, String)>) {
+    let end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        read_more(stream, raw).await;
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).to_string();
+    raw.drain(..end + 4);
+    crate::http::parse_head(&head)
+}
+
+async fn read_more(stream: &mut TcpStream, raw: &mut Vec<u8>) {
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+        .await
+        .expect("response head timed out")
+        .expect("read");
+    assert!(n > 0, "connection closed before the response");
+    raw.extend_from_slice(&buf[..n]);
+}
+
 impl Sse {
     /// Open a stream of `sub` (a token for every room) and read `welcome`.
     pub async fn open(addr: SocketAddr, sub: &str) -> (Sse, serde_json::Value) {
@@ -64,36 +88,43 @@ impl Sse {
         token: &str,
         rcvbuf: Option<u32>,
     ) -> Result<Sse, Refused> {
+        Self::connect_after(addr, headers, token, rcvbuf, false).await
+    }
+
+    /// Like [`connect`](Self::connect); with `kept_alive`, the connection
+    /// first serves another request (`GET /nothing`, answered 404), so that
+    /// `GET /sse` is its second request, served through the HTTP stack
+    /// rather than taken over by the listener.
+    pub async fn connect_after(
+        addr: SocketAddr,
+        headers: &str,
+        token: &str,
+        rcvbuf: Option<u32>,
+        kept_alive: bool,
+    ) -> Result<Sse, Refused> {
         let mut stream = crate::raw::connect_tcp(addr, rcvbuf).await;
-        let req = format!(
+        let mut req = format!(
             "GET /sse HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{headers}\r\n"
         );
+        if kept_alive {
+            req.insert_str(0, &format!("GET /nothing HTTP/1.1\r\nHost: {addr}\r\n\r\n"));
+        }
         stream.write_all(req.as_bytes()).await.unwrap();
         let mut raw = Vec::new();
-        let end = loop {
-            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i;
+        let (mut status, mut head) = read_head(&mut stream, &mut raw).await;
+        if kept_alive {
+            assert_eq!(status, 404, "{head:?}");
+            let len: usize = head
+                .iter()
+                .find(|(k, _)| k == "content-length")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            while raw.len() < len {
+                read_more(&mut stream, &mut raw).await;
             }
-            let mut buf = [0u8; 4096];
-            let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
-                .await
-                .expect("response head timed out")
-                .expect("read");
-            assert!(n > 0, "connection closed before the response head");
-            raw.extend_from_slice(&buf[..n]);
-        };
-        let head = String::from_utf8_lossy(&raw[..end]).to_string();
-        let rest = raw[end + 4..].to_vec();
-        let mut lines = head.lines();
-        let status: u16 = lines
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let head: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-            .collect();
+            raw.drain(..len);
+            (status, head) = read_head(&mut stream, &mut raw).await;
+        }
         if status != 200 {
             return Err(Refused {
                 status,
@@ -102,7 +133,7 @@ impl Sse {
         }
         Ok(Sse {
             stream,
-            raw: rest,
+            raw,
             body: Vec::new(),
             done: false,
             token: token.to_owned(),
@@ -121,8 +152,13 @@ impl Sse {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Decode complete chunks from `raw` into `body`.
+    /// Decode complete chunks from `raw` into `body` (a body without
+    /// chunked encoding runs until the connection ends: taken as is).
     fn dechunk(&mut self) {
+        if self.header("transfer-encoding") != Some("chunked") {
+            self.body.append(&mut self.raw);
+            return;
+        }
         loop {
             let Some(i) = self.raw.windows(2).position(|w| w == b"\r\n") else {
                 return;

@@ -2,19 +2,30 @@
 //! the server's frames, `POST /sse/{conn}` for the client's.
 //!
 //! `GET /sse` runs the same checks as `/ws` ([`crate::http::admit`]), then
-//! starts a session ([`crate::session`]) over an [`SseTransport`] and
-//! answers with an [`SseBody`]. The connection's [`ConnHandle`] has no
-//! socket: its queue holds ready events (encoded with
-//! [`Encoding::Sse`], once per room message per node), and the body takes
-//! them out as hyper asks for more, so a client that does not read fills
-//! the queue and is closed as a slow consumer like a WebSocket one. An idle
-//! stream holds no buffer of its own.
+//! starts a session ([`crate::session`]) over an [`SseTransport`]. Events
+//! are encoded with [`Encoding::Sse`] (once per room message per node) and
+//! go through the connection's [`ConnHandle`] queue, so a client that does
+//! not read fills the queue and is closed as a slow consumer like a
+//! WebSocket one. Two ways to carry them:
+//!
+//! - **Direct** ([`direct`]): a plain TCP connection whose first request is
+//!   `GET /sse` is taken by the listener before hyper sees it. The response
+//!   head is written by hand (`Connection: close`, the body runs until the
+//!   connection ends), and the handle gets the socket, as a WebSocket's
+//!   does: events are written straight into it. An idle stream then costs
+//!   what an idle WebSocket costs (hyper's read and write buffers, 8 KiB
+//!   each, are never allocated).
+//! - **Through hyper**: any other `GET /sse` (TLS, or a kept-alive
+//!   connection that served other requests first) is answered by the router
+//!   with an [`SseBody`] that takes the handle's queued events out as hyper
+//!   asks for more; the handle has no socket.
 //!
 //! A POST's frames go to the session through the stream's [`Link`]: a
 //! bounded inbox of POSTs ([`INBOX_POSTS`]; a full inbox answers 503 with
 //! `Retry-After`), read by the session's task as `Text` events in order.
 //! A POST reaching another node is handed over ([`handover`]).
 
+pub mod direct;
 pub mod handover;
 
 use std::collections::{HashMap, VecDeque};
@@ -176,17 +187,23 @@ impl Drop for Registered {
 }
 
 /// One SSE connection's transport: client frames from the [`Link`]'s
-/// inbox, server frames taken by the [`SseBody`].
+/// inbox; server frames written into the handle's socket (direct) or taken
+/// by the [`SseBody`].
 pub struct SseTransport {
     handle: Arc<ConnHandle>,
     link: Arc<Link>,
     /// The POST being handled, frame by frame.
     current: std::vec::IntoIter<Utf8Bytes>,
+    /// The handle writes into the connection's socket.
+    direct: bool,
     _registered: Registered,
 }
 
 impl SseTransport {
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<ClientEvent> {
+        if self.poll_socket(cx).is_ready() {
+            return Poll::Ready(ClientEvent::Gone);
+        }
         if let Some(text) = self.current.next() {
             return Poll::Ready(ClientEvent::Text(text));
         }
@@ -207,12 +224,44 @@ impl SseTransport {
         }
     }
 
-    /// Wait until the body took everything queued, at most
-    /// [`WRITE_PATIENCE`], then end the body.
+    /// A direct stream: write what is queued into the socket, and watch it
+    /// for its end (the client sends nothing after its request: whatever it
+    /// sends is read and dropped). Ready when the connection is gone.
+    fn poll_socket(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.direct {
+            return Poll::Pending;
+        }
+        if let Poll::Ready(Err(_)) = self.handle.poll_write(cx, None) {
+            return Poll::Ready(());
+        }
+        let mut buf = [0u8; 256];
+        match self.handle.poll_read_tcp(cx, &mut buf) {
+            Some(Poll::Pending) => Poll::Pending,
+            Some(Poll::Ready(Ok(n))) if n > 0 => {
+                // Dropped; look again later (bounded per poll).
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            _ => Poll::Ready(()),
+        }
+    }
+
+    /// Wait until everything queued is written (direct) or taken by the
+    /// body, at most [`WRITE_PATIENCE`], then end the body.
     async fn end_body(&mut self) {
-        let drained = tokio::time::timeout(WRITE_PATIENCE, self.handle.drained())
+        let drained = if self.direct {
+            let handle = self.handle.clone();
+            tokio::time::timeout(
+                WRITE_PATIENCE,
+                std::future::poll_fn(|cx| handle.poll_write(cx, None)),
+            )
             .await
-            .is_ok();
+            .is_ok_and(|r| r.is_ok())
+        } else {
+            tokio::time::timeout(WRITE_PATIENCE, self.handle.drained())
+                .await
+                .is_ok()
+        };
         let mut s = self.link.state();
         s.end.get_or_insert(!drained);
         drop(s);
@@ -236,6 +285,8 @@ impl Transport for SseTransport {
 
     async fn finish(mut self) {
         self.end_body().await;
+        // A direct stream ends with its connection.
+        drop(self.handle.take_socket());
     }
 }
 
@@ -301,17 +352,41 @@ pub async fn open(
         Err(refused) => return refused,
     };
     app.metrics.accepted("sse");
+    if let Some(pending) = parts.extensions.get::<public::PendingSlot>() {
+        pending.release();
+    }
     let remote = public::remote(&parts.headers, peer.as_ref().map(|p| &p.0));
+    let (handle, link) = start(&app, claims, slot, &remote, None);
+    let mut response = Body::new(SseBody { handle, link }).into_response();
+    for (name, value) in HEADERS {
+        response.headers_mut().insert(
+            header::HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    response
+}
+
+/// Start the session of a stream admitted for `claims`: its handle (with
+/// the socket of a direct stream) and link, registered for POSTs.
+pub(crate) fn start(
+    app: &Arc<App>,
+    claims: crate::auth::Claims,
+    slot: crate::state::Slot,
+    remote: &str,
+    sock: Option<tokio::net::TcpStream>,
+) -> (Arc<ConnHandle>, Arc<Link>) {
     let conn_id = format!(
         "{}.{}",
         app.next_conn_id(),
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(app.config.node_id.as_bytes())
     );
+    let direct = sock.is_some();
     let handle = ConnHandle::with_socket(
         conn_id.as_str(),
         app.config.limits.max_outbound_bytes,
         app.metrics.clone(),
-        None,
+        sock,
         Encoding::Sse,
     );
     let link = Arc::new(Link {
@@ -327,38 +402,31 @@ pub async fn open(
         handle: handle.clone(),
         link: link.clone(),
         current: Vec::new().into_iter(),
+        direct,
         _registered: Registered {
             streams: app.conns.clone(),
             conn: conn_id.as_str().into(),
         },
     };
-    let body = SseBody { handle, link };
     let session = crate::session::run(
         app.clone(),
         claims,
         slot,
-        transport.handle.clone(),
+        handle.clone(),
         transport,
         conn_id,
-        &remote,
+        remote,
     );
     tokio::spawn(app.track_session(session));
-    (
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            ),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-            (
-                header::HeaderName::from_static("x-accel-buffering"),
-                HeaderValue::from_static("no"),
-            ),
-        ],
-        Body::new(body),
-    )
-        .into_response()
+    (handle, link)
 }
+
+/// The response head of a stream.
+pub const HEADERS: [(&str, &str); 3] = [
+    ("content-type", "text/event-stream"),
+    ("cache-control", "no-cache"),
+    ("x-accel-buffering", "no"),
+];
 
 /// The node holding stream `conn`, from its id (`<id>.<node, base64url>`).
 pub fn node_of(conn: &str) -> Option<String> {
@@ -442,5 +510,74 @@ fn answer(delivery: Delivery) -> Response {
             "1",
             "the broker is unavailable: the POST could not reach its stream's node",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::codec::SharedText;
+
+    #[test]
+    fn a_frame_is_one_data_event_and_line_breaks_get_their_own_field() {
+        assert_eq!(&event(r#"{"a":1}"#)[..], b"data: {\"a\":1}\n\n");
+        // A client's data kept its own line breaks: joined back with \n.
+        assert_eq!(
+            &event("{\"a\":\r\n1}")[..],
+            b"data: {\"a\":\ndata: \ndata: 1}\n\n"
+        );
+        assert_eq!(&comment()[..], b":\n\n");
+    }
+
+    #[test]
+    fn a_shared_frame_builds_its_event_once() {
+        let shared = SharedText::new(r#"{"type":"message"}"#);
+        let first = shared.for_conn(Encoding::Sse);
+        assert_eq!(&first[..], b"data: {\"type\":\"message\"}\n\n");
+        assert_eq!(shared.for_conn(Encoding::Sse).as_ptr(), first.as_ptr());
+        assert_eq!(
+            crate::ws::codec::text_for(r#"{"type":"message"}"#, Encoding::Sse),
+            first
+        );
+    }
+
+    #[test]
+    fn a_post_body_is_one_object_or_an_array_sliced_without_a_copy() {
+        let one = Bytes::from_static(b" {\"type\":\"ping\"} ");
+        assert_eq!(frames(&one).unwrap(), ["{\"type\":\"ping\"}"]);
+        let many = Bytes::from_static(b"[{\"type\":\"ping\"}, 3, {\"x\":[1]}]");
+        let got = frames(&many).unwrap();
+        assert_eq!(got, ["{\"type\":\"ping\"}", "3", "{\"x\":[1]}"]);
+        let inside = many.as_ptr_range();
+        assert!(inside.contains(&got[2].as_str().as_ptr()), "copied");
+        for bad in [&b"42"[..], b"\"s\"", b"", b"{", b"[1,", b"\xff{}"] {
+            assert!(frames(&Bytes::from_static(bad)).is_none(), "{bad:?}");
+        }
+        assert_eq!(frames(&Bytes::from_static(b"[]")).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_link_takes_its_users_posts_up_to_its_bound() {
+        let link = Link {
+            user: "alice".into(),
+            state: Mutex::new(LinkState::default()),
+            session: AtomicWaker::new(),
+        };
+        assert_eq!(link.post("bob", Vec::new()), Delivery::Forbidden);
+        for _ in 0..INBOX_POSTS {
+            assert_eq!(link.post("alice", Vec::new()), Delivery::Queued);
+        }
+        assert_eq!(link.post("alice", Vec::new()), Delivery::Full);
+        link.state().posts.pop_front();
+        assert_eq!(link.post("alice", Vec::new()), Delivery::Queued);
+        link.state().body_gone = true;
+        assert_eq!(link.post("alice", Vec::new()), Delivery::NotFound);
+    }
+
+    #[test]
+    fn the_conn_id_names_its_node() {
+        assert_eq!(node_of("c-1a.bm9kZS0x").as_deref(), Some("node-1"));
+        assert_eq!(node_of("c-1a"), None);
+        assert_eq!(node_of("c-1a.!!"), None);
     }
 }

@@ -129,6 +129,43 @@ export declare function jwtExp(token: string): number | null;
 export declare function normalizeUrl(url: string, base?: string): string;
 export declare function withToken(url: string, token: string): string;
 
+/** The `http(s)://.../sse` URL beside a `ws(s)://.../ws` URL (the SSE fallback, protocol v1.1 section 7). */
+export declare function sseUrl(wsUrl: string): string;
+
+/**
+ * Incremental `text/event-stream` parser: `push` decoded text in chunks of any
+ * size; `onEvent` gets each event's data (lines joined with `\n`), `onComment`
+ * each comment line. Throws a RangeError past `maxBytes` (default 16 MiB).
+ */
+export declare class SseParser {
+  constructor(handlers: { onEvent: (data: string) => void; onComment?: (text: string) => void; maxBytes?: number });
+  push(text: string): void;
+}
+
+/**
+ * The SSE + POST transport behind the WebSocket subset the client uses:
+ * `GET url` read with `fetch`, frames sent as `POST /sse/{conn}` (in order,
+ * batched as a JSON array while one is in flight).
+ */
+export declare class SseSocket implements WebSocketLike {
+  constructor(url: string, options?: { fetch?: typeof fetch; getToken?: () => string });
+  readonly url: string;
+  readonly readyState: number;
+  /** The connection id from `welcome` (null before it). */
+  readonly conn: string | null;
+  send(data: string): void;
+  close(): void;
+  onopen: ((ev: unknown) => void) | null;
+  onmessage: ((ev: { data: unknown }) => void) | null;
+  onclose: ((ev: { code: number; reason: string; wasClean: boolean }) => void) | null;
+  onerror: ((ev: unknown) => void) | null;
+  /** A comment line (the server's heartbeat) arrived. */
+  onheartbeat: (() => void) | null;
+}
+
+/** `ws`: WebSocket; `sse`: Server-Sent Events + POST (for networks that block the upgrade). */
+export type Transport = 'ws' | 'sse';
+
 // ------------------------------------------------------------------ frames
 
 export interface WelcomeFrame {
@@ -137,6 +174,8 @@ export interface WelcomeFrame {
   user: string;
   node: string;
   heartbeat_ms: number;
+  /** `"sse"` on the SSE transport. */
+  transport?: 'sse';
 }
 
 export interface JoinedFrame {
@@ -190,6 +229,8 @@ export interface StateEvent {
   attempt: number;
   /** `connected` only: true after the first connection. */
   reconnected?: boolean;
+  /** `connected` only: the transport in use. */
+  transport?: Transport;
   /** `reconnecting` only: the delay before the next attempt. */
   delayMs?: number;
   /** `reconnecting` only: when the next attempt starts (the client's clock, ms). */
@@ -201,9 +242,11 @@ export interface StateEvent {
   reason?: string;
 }
 
-export interface WelcomeEvent extends WelcomeFrame {
+export interface WelcomeEvent extends Omit<WelcomeFrame, 'transport'> {
   url: string;
   reconnected: boolean;
+  /** The transport of this connection. */
+  transport: Transport;
 }
 
 export interface JoinedEvent {
@@ -252,6 +295,8 @@ export interface CloseEvent {
   local: boolean;
   url: string;
   node: string | null;
+  /** The transport of the connection (or attempt) that closed. */
+  transport: Transport | null;
   /** False when the attempt ended before `welcome` (e.g. a refused handshake). */
   connected: boolean;
 }
@@ -268,6 +313,8 @@ export interface EventMap {
   refreshed: { exp: number | null };
   error: WsgateError;
   close: CloseEvent;
+  /** `transport: 'auto'`: the WebSocket could not open, SSE is tried at once (no backoff). */
+  fallback: { from: 'ws'; to: 'sse'; reason: string; url: string };
   wake: { reason: 'online' | 'visible' };
   /** The room's presence, asked after each (re-)join of a room joined with `presence: true`. */
   presence: PresenceInfo;
@@ -303,6 +350,14 @@ export interface WsgateClientOptions {
   getToken?: () => string | Promise<string>;
   /** WebSocket constructor; defaults to `globalThis.WebSocket` (Node 20: pass `ws`'s). */
   WebSocket?: new (url: string) => WebSocketLike;
+  /**
+   * `auto` (default): WebSocket, and SSE + POST at once when the WebSocket
+   * cannot open (every reconnect tries the WebSocket again; without any
+   * WebSocket, SSE only); `ws`: WebSocket only; `sse`: SSE only.
+   */
+  transport?: 'auto' | Transport;
+  /** `fetch` for the SSE transport; defaults to `globalThis.fetch`. */
+  fetch?: typeof fetch;
   /** Backoff base, ms (default 500). */
   backoffBaseMs?: number;
   /** Backoff cap, ms (default 30000). */
@@ -346,6 +401,8 @@ export declare class WsgateClient {
   readonly state: ConnectionState;
   readonly welcome: WelcomeFrame | null;
   readonly node: string | null;
+  /** The transport of the current connection (`null` while not connected). */
+  readonly transport: Transport | null;
   readonly url: string;
   readonly urls: string[];
   readonly rooms: string[];

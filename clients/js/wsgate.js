@@ -2,7 +2,7 @@
 //
 // Runs in browsers and in Node 22+ (global WebSocket). On Node 20 pass one
 // in, e.g. `new WsgateClient({ WebSocket: (await import('ws')).WebSocket, ... })`,
-// or run with `node --experimental-websocket`.
+// or run with `node --experimental-websocket` (without either it uses SSE).
 //
 // What it does for the application:
 // - connects to one of several `ws(s)://host/ws` URLs with `?token=` (browsers
@@ -16,7 +16,10 @@
 //   URL, and re-joins every room with `since` + `epoch`;
 // - never delivers a seq twice to the application, and reports every gap
 //   (`recovered: false`, a seq jump, an epoch change) as a `gap` event;
-// - in browsers, reconnects at once when the page comes back online or visible.
+// - in browsers, reconnects at once when the page comes back online or visible;
+// - when the WebSocket cannot open (a proxy that blocks the upgrade), falls
+//   back to Server-Sent Events + POST (`GET /sse`, `POST /sse/{conn}`, v1.1)
+//   with the same guarantees; `transport: 'ws' | 'sse'` forces one.
 //
 // The pure parts (`backoffDelay`, `Backoff`, `RoomTracker`) are exported for
 // tests and for applications that want the same logic elsewhere.
@@ -305,6 +308,232 @@ function dataToText(d) {
   return String(d);
 }
 
+// ---------------------------------------------------------------- SSE fallback (protocol v1.1, section 7)
+
+/**
+ * Incremental `text/event-stream` parser (the WHATWG "server-sent events"
+ * rules for the fields wsgate uses): feed it decoded text in chunks of any
+ * size; it calls `onEvent(data)` for every event that has a `data` field
+ * (several `data:` lines joined with `\n`) and `onComment(text)` for comment
+ * lines (`:` ...). Lines end with `\n`, `\r\n` or `\r`, also across chunks.
+ * A line or event longer than `maxBytes` characters throws a RangeError, so a
+ * broken stream cannot grow the buffer without bound.
+ */
+export class SseParser {
+  constructor({ onEvent, onComment = () => {}, maxBytes = 16 * 1024 * 1024 } = {}) {
+    this.onEvent = onEvent;
+    this.onComment = onComment;
+    this.maxBytes = maxBytes;
+    this._buf = '';
+    this._data = null; // lines of the event being read, or null
+    this._dataLen = 0;
+    this._skipLf = false; // the last chunk ended with `\r`: a leading `\n` belongs to it
+  }
+
+  push(text) {
+    let s = text;
+    if (this._skipLf && s.startsWith('\n')) s = s.slice(1);
+    this._skipLf = false;
+    let start = 0;
+    for (let i = 0; i < s.length; i++) {
+      const c = s.charCodeAt(i);
+      if (c !== 10 && c !== 13) continue;
+      this._line(this._buf + s.slice(start, i));
+      this._buf = '';
+      if (c === 13) {
+        if (i + 1 === s.length) this._skipLf = true;
+        else if (s.charCodeAt(i + 1) === 10) i += 1;
+      }
+      start = i + 1;
+    }
+    this._buf += s.slice(start);
+    if (this._buf.length + this._dataLen > this.maxBytes) throw new RangeError(`event-stream event longer than ${this.maxBytes} characters`);
+  }
+
+  _line(line) {
+    if (line === '') {
+      const data = this._data;
+      this._data = null;
+      this._dataLen = 0;
+      if (data !== null) this.onEvent(data.join('\n'));
+      return;
+    }
+    if (line.startsWith(':')) {
+      this.onComment(line.slice(1));
+      return;
+    }
+    const colon = line.indexOf(':');
+    const field = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? '' : line.slice(colon + 1);
+    if (value.startsWith(' ')) value = value.slice(1);
+    if (field !== 'data') return; // `event`, `id`, `retry`: not used by wsgate
+    if (this._data === null) this._data = [];
+    this._data.push(value);
+    this._dataLen += value.length + 1;
+    if (this._dataLen > this.maxBytes) throw new RangeError(`event-stream event longer than ${this.maxBytes} characters`);
+  }
+}
+
+/** The `/sse` URL (`http(s)://`) that goes with a `ws(s)://.../ws` URL. */
+export function sseUrl(wsUrl) {
+  const u = new URL(wsUrl);
+  u.protocol = u.protocol === 'wss:' ? 'https:' : 'http:';
+  if (u.pathname.endsWith('/ws')) u.pathname = `${u.pathname.slice(0, -3)}/sse`;
+  else if (!u.pathname.endsWith('/sse')) u.pathname = `${u.pathname.replace(/\/$/, '')}/sse`;
+  return u.toString();
+}
+
+// Close codes for a POST /sse/{conn} that was not accepted (a WebSocket
+// would have been closed with these); anything else is 1011.
+const POST_FAILURE_CODE = { 401: 4001, 403: 1008, 404: 1006, 413: 1009 };
+// One POST carries at most this much (several frames as a JSON array).
+const POST_BATCH_CHARS = 64 * 1024;
+// A POST answered 503 (the stream's inbox is full) is sent again this many
+// times, after its Retry-After (1 to 5 s).
+const POST_BUSY_RETRIES = 3;
+
+/**
+ * The Server-Sent Events + POST transport behind the subset of the WebSocket
+ * API the client uses (`readyState`, `send`, `close`, `onopen`, `onmessage`,
+ * `onclose`, `onerror`), so the client logic is the same over both.
+ *
+ * `GET url` (`http(s)://host/sse?token=...`) is read with `fetch` (browsers
+ * and Node alike: Node has no EventSource); every `data:` event is passed on
+ * as a message, comment lines (the heartbeat) call `onheartbeat`, and the
+ * last event `{"type":"close","code":N,"reason":...}` becomes a close with
+ * that code. `send` POSTs to `/sse/{conn}` (`conn` from `welcome`), one
+ * request at a time so frames arrive in order; frames sent meanwhile go
+ * together in the next one, as a JSON array. `getToken()` gives the token for
+ * each POST (the client's current one, after a `refresh` the new one).
+ */
+export class SseSocket {
+  constructor(url, { fetch: fetchFn = globalThis.fetch, getToken } = {}) {
+    if (typeof fetchFn !== 'function') throw new TypeError('no fetch available for the SSE transport');
+    this.url = url;
+    this.readyState = WS_CONNECTING;
+    this.conn = null;
+    this._fetch = fetchFn;
+    this._getToken = getToken ?? (() => new URL(url).searchParams.get('token'));
+    this._abort = new AbortController();
+    this._queue = [];
+    this._posting = false;
+    this._ended = false;
+    this._read();
+  }
+
+  send(text) {
+    if (this.readyState !== WS_OPEN || this.conn === null) throw new Error('SSE stream not open');
+    this._queue.push(text);
+    this._post();
+  }
+
+  close() {
+    this._ended = true;
+    this.readyState = 3;
+    this._abort.abort();
+  }
+
+  // The stream ended or failed: a close event (once), as a WebSocket would
+  // give; before it opened an error event, with the HTTP `status` if any.
+  _closed(code, reason, wasClean = false, status = undefined) {
+    if (this._ended) return;
+    this._ended = true;
+    const opened = this.readyState === WS_OPEN;
+    this.readyState = 3;
+    this._abort.abort();
+    // Before the stream opened, like a refused WebSocket handshake: an error only.
+    if (!opened) this.onerror?.({ message: reason, status });
+    else this.onclose?.({ code, reason, wasClean });
+  }
+
+  async _read() {
+    let res;
+    try {
+      res = await this._fetch(this.url, { headers: { Accept: 'text/event-stream' }, cache: 'no-store', signal: this._abort.signal });
+    } catch (err) {
+      this._closed(1006, `GET /sse failed: ${err?.message ?? err}`);
+      return;
+    }
+    if (this._ended) return;
+    const type = res.headers?.get?.('content-type') ?? '';
+    if (res.status !== 200 || !type.startsWith('text/event-stream') || !res.body) {
+      this._closed(1006, `GET /sse answered HTTP ${res.status}`, false, res.status);
+      res.body?.cancel?.().catch(() => {});
+      return;
+    }
+    this.readyState = WS_OPEN;
+    this.onopen?.({});
+    const decoder = new TextDecoder();
+    const parser = new SseParser({
+      onEvent: (data) => this._event(data),
+      onComment: () => this.onheartbeat?.(),
+    });
+    const reader = res.body.getReader();
+    try {
+      while (!this._ended) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        parser.push(decoder.decode(value, { stream: true }));
+      }
+      this._closed(1006, 'event stream ended without a close event');
+    } catch (err) {
+      this._closed(err instanceof RangeError ? 1009 : 1006, String(err?.message ?? err));
+    } finally {
+      reader.cancel().catch(() => {});
+    }
+  }
+
+  _event(data) {
+    if (this._ended) return;
+    let f = null;
+    try {
+      f = JSON.parse(data);
+    } catch {
+      /* not JSON: the client reports it */
+    }
+    if (f?.type === 'close') {
+      this._closed(typeof f.code === 'number' ? f.code : 1006, typeof f.reason === 'string' ? f.reason : '', true);
+      return;
+    }
+    if (f?.type === 'welcome' && this.conn === null && typeof f.conn === 'string') this.conn = f.conn;
+    this.onmessage?.({ data });
+  }
+
+  async _post() {
+    if (this._posting || this._ended || this._queue.length === 0) return;
+    this._posting = true;
+    let size = 0;
+    let n = 0;
+    while (n < this._queue.length && (n === 0 || size + this._queue[n].length < POST_BATCH_CHARS)) size += this._queue[n++].length + 1;
+    const batch = this._queue.splice(0, n);
+    const body = batch.length === 1 ? batch[0] : `[${batch.join(',')}]`;
+    const u = new URL(this.url);
+    u.pathname = `${u.pathname.replace(/\/$/, '')}/${encodeURIComponent(this.conn)}`;
+    u.searchParams.set('token', this._getToken());
+    let status;
+    try {
+      // 503: the stream's inbox is full; sent again after Retry-After, a few times.
+      for (let busy = 0; ; busy++) {
+        const res = await this._fetch(u.toString(), { method: 'POST', headers: { 'Content-Type': 'application/json' }, body, signal: this._abort.signal });
+        status = res.status;
+        res.body?.cancel?.().catch(() => {});
+        if (status !== 503 || busy === POST_BUSY_RETRIES || this._ended) break;
+        const wait = Math.min(Math.max(Number(res.headers?.get?.('retry-after')) || 1, 1), 5);
+        await new Promise((r) => setTimeout(r, wait * 1000));
+      }
+    } catch (err) {
+      this._closed(1006, `POST /sse failed: ${err?.message ?? err}`);
+      return;
+    }
+    this._posting = false;
+    if (status !== 202 && status !== 200) {
+      this._closed(POST_FAILURE_CODE[status] ?? 1011, `POST /sse answered HTTP ${status}`);
+      return;
+    }
+    this._post();
+  }
+}
+
 // setTimeout cannot wait longer than 2^31-1 ms.
 const MAX_TIMER_MS = 2147483647;
 
@@ -331,9 +560,18 @@ export class WsgateClient {
       throw new TypeError('WsgateClient needs `token` (string) or `getToken` (function)');
     }
     this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
-    if (typeof this._WebSocket !== 'function') {
+    this._fetch = o.fetch ?? globalThis.fetch?.bind(globalThis);
+    const mode = o.transport ?? 'auto';
+    if (!['auto', 'ws', 'sse'].includes(mode)) throw new TypeError(`transport must be 'auto', 'ws' or 'sse', not ${mode}`);
+    const hasWs = typeof this._WebSocket === 'function';
+    const hasFetch = typeof this._fetch === 'function';
+    if (mode === 'sse' && !hasFetch) throw new TypeError('transport `sse` needs fetch: pass `fetch` in the options');
+    if (mode !== 'sse' && !hasWs && !(mode === 'auto' && hasFetch)) {
       throw new TypeError('no WebSocket available: pass `WebSocket` in the options (Node 20: the `ws` package)');
     }
+    // `auto` without a WebSocket (Node 20 without the flag) goes straight to SSE.
+    this._mode = mode === 'auto' && !hasWs ? 'sse' : mode;
+    this._transport = null; // 'ws' or 'sse' of the current attempt / connection
     this._opts = o;
     this._now = o.now ?? (() => Date.now());
     this._setTimeout = o.setTimeout ?? ((fn, ms) => setTimeout(fn, ms));
@@ -428,6 +666,14 @@ export class WsgateClient {
   /** The node id of the current connection (or `null`). */
   get node() {
     return this.welcome?.node ?? null;
+  }
+
+  /**
+   * The transport of the current connection: `'ws'` (WebSocket) or `'sse'`
+   * (Server-Sent Events + POST, the fallback), `null` while not connected.
+   */
+  get transport() {
+    return this._state === 'connected' ? this._transport : null;
   }
 
   /** The URL in use (without the token). */
@@ -651,9 +897,19 @@ export class WsgateClient {
       this._scheduleReconnect({ code: 0, reason: 'no token' });
       return;
     }
+    // `auto` tries the WebSocket first on every attempt (a network that
+    // blocked it may have changed), and SSE at once when it cannot open.
+    this._attempt(this._mode === 'sse' ? 'sse' : 'ws', token, gen);
+  }
+
+  // One connection attempt over `transport` with `token`.
+  _attempt(transport, token, gen) {
+    this._transport = transport;
     let ws;
     try {
-      ws = new this._WebSocket(withToken(this.url, token));
+      ws = transport === 'sse'
+        ? new SseSocket(withToken(sseUrl(this.url), token), { fetch: this._fetch, getToken: () => this._token ?? token })
+        : new this._WebSocket(withToken(this.url, token));
     } catch (err) {
       this._emit('error', new WsgateError('connect_failed', String(err?.message ?? err), { cause: err }));
       this._scheduleReconnect({ code: 1006, reason: 'connect failed' });
@@ -661,23 +917,68 @@ export class WsgateClient {
     }
     this._ws = ws;
     this._lastFrameAt = this._now();
+    let opened = false;
+    // A WebSocket that cannot open (refused or swallowed upgrade, as behind a
+    // proxy that blocks WebSockets) in `auto` mode: SSE, without a backoff.
+    const failed = (info) => {
+      if (gen !== this._gen) return;
+      if (!opened && transport === 'ws' && this._mode === 'auto') this._fallBack(ws, token, info.reason);
+      else this._drop(info);
+    };
+    ws.onopen = () => {
+      opened = true;
+    };
     ws.onmessage = (ev) => {
       if (gen === this._gen) this._onFrame(dataToText(ev.data));
     };
-    ws.onclose = (ev) => {
-      if (gen === this._gen) this._drop({ code: ev?.code ?? 1006, reason: ev?.reason ?? '', wasClean: !!ev?.wasClean });
+    // SSE comment lines (the server's heartbeat) prove the stream alive.
+    ws.onheartbeat = () => {
+      if (gen !== this._gen) return;
+      this._lastFrameAt = this._now();
+      this._pingSentAt = null;
     };
+    ws.onclose = (ev) => failed({ code: ev?.code ?? 1006, reason: ev?.reason ?? '', wasClean: !!ev?.wasClean });
     // An error event is a failed attempt (a refused or broken handshake, a
     // network error): browsers follow it with a close event, but Node 20's
     // experimental WebSocket never does after a refused handshake, so do not
     // wait for one (nor for the connect timeout).
-    ws.onerror = (ev) => {
-      if (gen === this._gen) this._drop({ code: 1006, reason: ev?.message ? String(ev.message) : 'connection failed' });
-    };
+    // Unlike a WebSocket, a refused stream shows its status: a 401 with a
+    // getToken callback fetches a new token first, as after close 4001.
+    ws.onerror = (ev) => failed({ code: ev?.status === 401 && this._getToken ? 4001 : 1006, reason: ev?.message ? String(ev.message) : 'connection failed' });
+    this._clearTimer('connect');
     this._timers.connect = this._setTimeout(() => {
       this._timers.connect = null;
-      if (gen === this._gen) this._drop({ code: 4000, reason: 'connect timeout', local: true });
+      failed({ code: 4000, reason: 'connect timeout', local: true });
     }, this._opts.connectTimeoutMs);
+  }
+
+  _fallBack(ws, token, reason) {
+    this._detach(ws);
+    this._ws = null;
+    const gen = ++this._gen;
+    this._emit('fallback', { from: 'ws', to: 'sse', reason, url: this.url });
+    this._attempt('sse', this._token ?? token, gen);
+  }
+
+  // Stop listening to a socket and close it.
+  _detach(ws, closeCode = 4000, closeReason = '') {
+    ws.onmessage = null;
+    ws.onclose = null;
+    ws.onerror = null;
+    ws.onopen = null;
+    ws.onheartbeat = null;
+    if (ws.readyState === WS_OPEN || ws.readyState === WS_CONNECTING) {
+      try {
+        ws.close(closeCode, closeReason);
+      } catch {
+        // Browsers only accept 1000 and 3000-4999 from scripts.
+        try {
+          ws.close();
+        } catch {
+          /* already closing */
+        }
+      }
+    }
   }
 
   _onFrame(text) {
@@ -737,8 +1038,8 @@ export class WsgateClient {
     this.stats.connects += 1;
     if (reconnected) this.stats.reconnects += 1;
     this.backoff.connected(this._now());
-    this._setState('connected', { node: f.node, reconnected });
-    this._emit('welcome', { ...f, url: this.url, reconnected });
+    this._setState('connected', { node: f.node, reconnected, transport: this._transport });
+    this._emit('welcome', { ...f, url: this.url, reconnected, transport: this._transport });
     this._armWatchdog();
     this._scheduleRefresh();
     for (const room of this.tracker.list()) this._sendJoin(room, reconnected);
@@ -1055,24 +1356,7 @@ export class WsgateClient {
     for (const name of ['connect', 'watchdog', 'refresh', 'probe']) this._clearTimer(name);
     for (const r of this._joinRetry.values()) if (r.timer !== null) this._clearTimeout(r.timer);
     this._joinRetry.clear();
-    if (ws) {
-      ws.onmessage = null;
-      ws.onclose = null;
-      ws.onerror = null;
-      ws.onopen = null;
-      if (ws.readyState === WS_OPEN || ws.readyState === WS_CONNECTING) {
-        try {
-          ws.close(closeCode, closeReason);
-        } catch {
-          // Browsers only accept 1000 and 3000-4999 from scripts.
-          try {
-            ws.close();
-          } catch {
-            /* already closing */
-          }
-        }
-      }
-    }
+    if (ws) this._detach(ws, closeCode, closeReason);
     const wasConnected = this._state === 'connected';
     this._welcome = wasConnected ? this._welcome : null;
     this.tracker.disconnected();
@@ -1093,7 +1377,7 @@ export class WsgateClient {
     // Sent again, with their keys, after the next welcome (or rejected `closed` below).
     this._keepUnacked(unacked);
     this.backoff.disconnected(this._now());
-    this._emit('close', { code: info.code, reason: info.reason ?? '', wasClean: !!info.wasClean, local: !!info.local, url: this.url, node: this._welcome?.node ?? null, connected: wasConnected });
+    this._emit('close', { code: info.code, reason: info.reason ?? '', wasClean: !!info.wasClean, local: !!info.local, url: this.url, node: this._welcome?.node ?? null, transport: this._transport, connected: wasConnected });
     this._welcome = null;
     if (this._closedByApp) {
       this._finishClosed();

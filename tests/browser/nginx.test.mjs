@@ -21,150 +21,24 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { chmodSync, closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import net from 'node:net';
-import os from 'node:os';
+import { mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
-import {
-  OUT, REPO, assertExactlyOnce, chatPageHelpers, freePort, freePorts, launchChromium, startNode, startRedis, stop, waitFor,
-} from './support.mjs';
+import { OUT, assertExactlyOnce, chatPageHelpers, startNginxCluster, stop } from './support.mjs';
 
-const BIN = process.env.WSGATE_BIN || path.join(REPO, 'target', 'release', 'wsgate');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
-const NGINX = process.env.NGINX || ['/usr/sbin/nginx', '/usr/bin/nginx'].find((p) => existsSync(p)) || 'nginx';
 const SECRET = 'browser-nginx-test-secret-0123456789abcdef';
 const ROOM = 'lobby';
 const T = 10000; // bound on every single wait
 
-let browser;
-let redis;
-let nginx;
-let prefix;
-const nodes = {}; // id -> child (support.startNode)
-
-// ---------------------------------------------------------------- nginx
-
-/**
- * The repo's nginx.conf with the deployment tests' substitutions only:
- * `listen 8080;` -> `listen 127.0.0.1:<port>;`, and upstreams.conf next to it
- * listing `servers` with the server parameters of the shipped upstreams.conf.
- */
-function renderNginxConf(dir, port, servers) {
-  const conf = readFileSync(path.join(REPO, 'nginx', 'nginx.conf'), 'utf8');
-  let n = 0;
-  const text = conf.replace(/^(\s*)listen 8080;/gm, (_, indent) => {
-    n += 1;
-    return `${indent}listen 127.0.0.1:${port};`;
-  });
-  assert.equal(n, 1, 'nginx.conf must contain exactly one active `listen 8080;`');
-  const shipped = readFileSync(path.join(REPO, 'nginx', 'upstreams.conf'), 'utf8');
-  const params = /^server\s+\S+(\s+[^;]*)?;/m.exec(shipped)?.[1] ?? '';
-  writeFileSync(path.join(dir, 'upstreams.conf'), servers.map((s) => `server ${s}${params};\n`).join(''));
-  const file = path.join(dir, 'nginx.conf');
-  writeFileSync(file, text);
-  return file;
-}
-
-function canConnect(port) {
-  return new Promise((resolve) => {
-    const s = net.connect({ host: '127.0.0.1', port });
-    const done = (v) => {
-      s.destroy();
-      resolve(v);
-    };
-    s.setTimeout(1000, () => done(false));
-    s.on('connect', () => done(true));
-    s.on('error', () => done(false));
-  });
-}
-
-/** `nginx -p <dir>/ -e stderr -c <dir>/nginx.conf -g 'pid ...; daemon off;'` in its own process group. */
-async function startNginx(dir, servers) {
-  let lastLog = '';
-  for (let attempt = 0; attempt < 5; attempt++) {
-    const port = await freePort();
-    const conf = renderNginxConf(dir, port, servers);
-    const logPath = path.join(OUT, `nginx-${port}.log`);
-    // Append mode: nginx reopens /dev/stdout (its access log) as a second
-    // open file; without O_APPEND on ours the two would overwrite each other.
-    writeFileSync(logPath, '');
-    const fd = openSync(logPath, 'a');
-    const child = spawn(NGINX, ['-p', `${dir}/`, '-e', 'stderr', '-c', conf, '-g', `pid ${dir}/nginx.pid; daemon off;`], {
-      stdio: ['ignore', fd, fd],
-      detached: true, // own process group: the workers are stopped, continued and killed with the master
-    });
-    closeSync(fd);
-    child.exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
-    child.on('error', () => {});
-    child.port = port;
-    child.logPath = logPath;
-    nginx = child;
-    try {
-      await waitFor(async () => {
-        if (child.exitCode !== null || child.signalCode !== null) throw new Error('nginx exited');
-        return canConnect(port);
-      }, { timeoutMs: T, what: `nginx on 127.0.0.1:${port}` });
-      return child;
-    } catch (e) {
-      killNginx();
-      lastLog = readFileSync(logPath, 'utf8');
-      if (!/in use/.test(lastLog)) throw new Error(`nginx did not start: ${e.message}\n${lastLog}`);
-    }
-  }
-  throw new Error(`could not start nginx on a free port:\n${lastLog}`);
-}
-
-/** Signal nginx's process group (master and workers), never anything else. */
-function signalNginx(sig) {
-  if (!nginx?.pid) return;
-  try {
-    process.kill(-nginx.pid, sig);
-  } catch {
-    /* gone */
-  }
-}
-
-function killNginx() {
-  signalNginx('SIGKILL');
-}
-
-process.on('exit', killNginx);
+let cluster; // { nginx, nodes (id -> child), browser }
 
 // ---------------------------------------------------------------- setup
 
 before(async () => {
-  assert.ok(existsSync(BIN), `WSGATE_BIN not found: ${BIN}`);
-  assert.ok(existsSync(CHROMIUM), `chromium not found: ${CHROMIUM}`);
-  prefix = mkdtempSync(path.join(os.tmpdir(), 'wsgate-browser-nginx-'));
-  chmodSync(prefix, 0o755); // nginx's workers run as an unprivileged user when started as root
-  redis = await startRedis();
-  const ports = await freePorts(6);
-  const ids = ['n1', 'n2', 'n3'];
-  const pub = (i) => ports[i * 2];
-  // nginx first (it only connects to a node when a request comes), so that its
-  // origin is known when the nodes are started with --allowed-origins.
-  await startNginx(prefix, ids.map((_, i) => `127.0.0.1:${pub(i)}`));
-  const origin = `http://127.0.0.1:${nginx.port}`;
-  for (const [i, id] of ids.entries()) {
-    nodes[id] = await startNode(BIN, { id, port: pub(i), opsPort: ports[i * 2 + 1], secret: SECRET, redisUrl: redis.url, origins: [origin] });
-  }
-  browser = await launchChromium(chromium, CHROMIUM);
+  cluster = await startNginxCluster({ chromium, secret: SECRET, name: 'nginx' });
 });
 
-after(async () => {
-  signalNginx('SIGCONT');
-  await browser?.close().catch(() => {});
-  for (const n of Object.values(nodes)) await stop(n);
-  if (nginx) {
-    signalNginx('SIGTERM');
-    await Promise.race([nginx.exited, new Promise((r) => setTimeout(r, 5000).unref())]);
-    killNginx(); // leftover workers, if any
-  }
-  await stop(redis);
-  if (prefix) rmSync(prefix, { recursive: true, force: true });
-});
+after(() => cluster?.stop());
 
 // ---------------------------------------------------------------- page helpers
 
@@ -172,7 +46,7 @@ const { openPage: openUrl, status, waitConnected, messages, waitMessages, send }
 
 function openPage(name) {
   // No `nodes=`: the page connects to ws://<its own host>/ws, i.e. nginx.
-  return openUrl(browser, `http://127.0.0.1:${nginx.port}/?name=${name}&room=${ROOM}&autoconnect=1&backoff_base_ms=200&backoff_cap_ms=1000`);
+  return openUrl(cluster.browser, `http://127.0.0.1:${cluster.nginx.port}/?name=${name}&room=${ROOM}&autoconnect=1&backoff_base_ms=200&backoff_cap_ms=1000`);
 }
 
 /** Waits until the page is connected (to a node other than `notNode`) and can send; returns the node it shows. */
@@ -184,7 +58,7 @@ async function connectedNode(page, notNode = '') {
     url: window.chat.client.url,
   }));
   assert.equal(shown.info, shown.node, 'the node panel and the status agree');
-  assert.equal(shown.url, `ws://127.0.0.1:${nginx.port}/ws`, 'the page talks to nginx, not to a node');
+  assert.equal(shown.url, `ws://127.0.0.1:${cluster.nginx.port}/ws`, 'the page talks to nginx, not to a node');
   return shown.node;
 }
 
@@ -207,7 +81,7 @@ test('through the repo\'s nginx: the node under both pages is killed; nginx fail
   const bob = await openPage('bob');
   const first = await connectedNode(alice);
   assert.equal(await connectedNode(bob), first, 'nginx hashes the client address: both pages (127.0.0.1) are on one node');
-  assert.ok(first in nodes, `a node of the cluster: ${first}`);
+  assert.ok(first in cluster.nodes, `a node of the cluster: ${first}`);
 
   const expected = [];
   const say = async (page, from, text) => {
@@ -219,16 +93,16 @@ test('through the repo\'s nginx: the node under both pages is killed; nginx fail
   assertExactlyOnce(await waitMessages(alice, 2, 'alice'), expected, 'alice');
   assertExactlyOnce(await waitMessages(bob, 2, 'bob'), expected, 'bob');
 
-  const survivors = Object.keys(nodes).filter((id) => id !== first);
-  const service = nodes[survivors[0]];
+  const survivors = Object.keys(cluster.nodes).filter((id) => id !== first);
+  const service = cluster.nodes[survivors[0]];
   const tokenRes = await fetch(`${service.http}/dev/token?sub=backend`, { signal: AbortSignal.timeout(T) });
   assert.equal(tokenRes.status, 200);
   const { token } = await tokenRes.json();
 
   // Freeze nginx, kill the pages' node, publish while the pages cannot reconnect.
-  signalNginx('SIGSTOP');
+  cluster.nginx.signal('SIGSTOP');
   try {
-    await stop(nodes[first], 'SIGKILL');
+    await stop(cluster.nodes[first], 'SIGKILL');
     for (const text of ['sent by the back-end while the pages were away', 'second one while away']) {
       await publishHttp(service, token, text);
       expected.push({ from: 'backend', text });
@@ -236,7 +110,7 @@ test('through the repo\'s nginx: the node under both pages is killed; nginx fail
     assert.equal((await messages(alice)).length, 2, 'alice has not seen the new messages yet');
     assert.equal((await messages(bob)).length, 2, 'bob has not seen the new messages yet');
   } finally {
-    signalNginx('SIGCONT');
+    cluster.nginx.signal('SIGCONT');
   }
 
   // nginx passes the node's death on; the pages reconnect to nginx, which
@@ -266,8 +140,8 @@ test('through the repo\'s nginx: the node under both pages is killed; nginx fail
   }
 
   // nginx did the fail-over: it tried the dead node and moved on.
-  const dead = nodes[first].opts.port;
-  const log = readFileSync(nginx.logPath, 'utf8');
+  const dead = cluster.nodes[first].opts.port;
+  const log = readFileSync(cluster.nginx.logPath, 'utf8');
   assert.match(log, new RegExp(`upstream: "http://127\\.0\\.0\\.1:${dead}/`), `nginx's log shows a failed attempt on the dead node ${first} (:${dead})`);
   assert.match(log, /"GET \/ws\S* HTTP\/1\.1" 101 /, 'nginx upgraded the pages\' WebSockets');
   // The access log (lines not starting with a date, which nginx's error log

@@ -1,6 +1,7 @@
 // clients/js against real wsgate nodes and a private redis-server, in Node:
 // a publish whose ack is lost in a dropped connection is sent again with the
-// same idempotency key after the reconnect, and the room holds it once.
+// same idempotency key after the reconnect, and the room holds it once; over
+// the WebSocket and over the SSE transport.
 //
 // Needs a WebSocket in Node: built in from Node 22, behind
 // --experimental-websocket on Node 20 (run.sh passes it).
@@ -87,9 +88,9 @@ after(async () => {
   await stop(redis);
 });
 
-async function client(sub, urls) {
+async function client(sub, urls, transport = 'ws') {
   const token = await mintToken(BIN, ['--jwt-secret', SECRET, '--sub', sub, '--rooms', '*', '--publish', '*', '--ttl', '1h']);
-  const c = new WsgateClient({ urls, token, backoffBaseMs: 50, backoffCapMs: 200 });
+  const c = new WsgateClient({ urls, token, transport, backoffBaseMs: 50, backoffCapMs: 200 });
   clients.push(c);
   const got = [];
   c.on('message', (m) => got.push([m.seq, m.data]));
@@ -112,23 +113,29 @@ async function history(node, room) {
   return (await res.json()).messages.map((m) => [m.seq, m.data]);
 }
 
-test('a publish whose ack a drop swallowed is retried with its key on another node and stored once', { timeout: 60000 }, async () => {
-  assert.equal(typeof WebSocket, 'function', 'Node needs a WebSocket (Node 22, or --experimental-websocket on Node 20)');
+/**
+ * A publisher (over `transport`) whose ack node a's proxy holds back, then
+ * cuts: it reconnects to node b, re-joins `room` and sends the publish again
+ * with its key, gets the first seq, and the room holds the message once.
+ */
+async function ackLostThenRetried(transport, room) {
   const [a, b] = nodes;
   const member = await client('member', [b.ws]);
-  await member.c.join('r');
+  await member.c.join(room);
 
   // The publisher reaches node a through the proxy, node b directly (its
   // next URL after a drop), and is in the room too.
   const proxy = await holdingProxy(a.opts.port);
-  const pub = await client('pub', [`ws://127.0.0.1:${proxy.port}/ws`, b.ws]);
-  await pub.c.join('r');
+  const pub = await client('pub', [`ws://127.0.0.1:${proxy.port}/ws`, b.ws], transport);
+  assert.equal(pub.c.transport, transport);
+  await pub.c.join(room);
+  const duplicatesBefore = await metric(b, 'wsgate_publish_duplicates_total');
 
   // Node a's answers stop reaching the publisher: the publish gets through,
   // its ack does not.
   proxy.hold();
   let settled = false;
-  const publishing = pub.c.publish('r', 'once').finally(() => (settled = true));
+  const publishing = pub.c.publish(room, 'once').finally(() => (settled = true));
   await waitFor(() => member.got.length === 1, { timeoutMs: T, what: 'the member gets seq 1' });
   assert.deepEqual(member.got, [[1, 'once']]);
   assert.equal(settled, false, 'the ack was held back');
@@ -138,13 +145,23 @@ test('a publish whose ack a drop swallowed is retried with its key on another no
   proxy.cut();
   assert.equal(await publishing, 1);
   assert.equal(pub.c.node, 'p2');
-  assert.equal(await metric(b, 'wsgate_publish_duplicates_total'), 1);
+  assert.equal(pub.c.transport, transport);
+  assert.equal(await metric(b, 'wsgate_publish_duplicates_total'), duplicatesBefore + 1);
 
   // The next message is seq 2: nothing was published in between.
-  assert.equal(await pub.c.publish('r', 'next'), 2);
+  assert.equal(await pub.c.publish(room, 'next'), 2);
   await waitFor(() => member.got.length === 2 && pub.got.length === 2, { timeoutMs: T, what: 'seq 2 everywhere' });
   assert.deepEqual(member.got, [[1, 'once'], [2, 'next']]);
   // The publisher saw seq 1 once, from its resume's replay.
   assert.deepEqual(pub.got, [[1, 'once'], [2, 'next']]);
-  assert.deepEqual(await history(b, 'r'), [[1, 'once'], [2, 'next']]);
+  assert.deepEqual(await history(b, room), [[1, 'once'], [2, 'next']]);
+}
+
+test('a publish whose ack a drop swallowed is retried with its key on another node and stored once', { timeout: 60000 }, async () => {
+  assert.equal(typeof WebSocket, 'function', 'Node needs a WebSocket (Node 22, or --experimental-websocket on Node 20)');
+  await ackLostThenRetried('ws', 'r');
+});
+
+test('the same over the SSE transport (GET /sse read with fetch, POST /sse/{conn})', { timeout: 60000 }, async () => {
+  await ackLostThenRetried('sse', 'r-sse');
 });

@@ -6,7 +6,8 @@
 #   WSGATE_BIN=/abs/path/to/wsgate bash tests/browser/run.sh
 #
 # The nginx test (nginx.test.mjs) runs the real nginx (Debian package) with the
-# repo's nginx/nginx.conf in front of three nodes. publish.test.mjs runs
+# repo's nginx/nginx.conf in front of three nodes; sse.test.mjs runs it with
+# WebSocket upgrades refused (403), and the page must fall back to SSE. publish.test.mjs runs
 # clients/js in Node (no browser) against two nodes: idempotent publish retry.
 #
 # Output (logs, screenshots): tests/output/browser/.
@@ -74,7 +75,7 @@ if [ ! -f node_modules/playwright-core/package.json ]; then
   npm ci --no-audit --no-fund --loglevel=error || { echo "browser suite: npm ci failed" >&2; exit 1; }
 fi
 # One file at a time: each starts its own chromium, nodes and redis.
-node --test --test-concurrency=1 --test-reporter=spec chat.test.mjs nginx.test.mjs || status=1
+node --test --test-concurrency=1 --test-reporter=spec chat.test.mjs nginx.test.mjs sse.test.mjs || status=1
 
 # --- 3. clients/js in Node against real nodes (idempotent publish retry);
 # Node 20 has its WebSocket behind a flag, Node 22 has it built in.
@@ -84,7 +85,7 @@ ws_flag=()
 node "${ws_flag[@]}" --test --test-concurrency=1 --test-reporter=spec publish.test.mjs || status=1
 
 if [ "$status" -eq 0 ]; then
-  echo "browser suite: all passed (screenshots: tests/output/browser/chat.png, nginx.png)"
+  echo "browser suite: all passed (screenshots: tests/output/browser/chat.png, nginx.png, sse.png)"
 else
   echo "browser suite: FAILED (logs in tests/output/browser/)" >&2
 fi

@@ -1,18 +1,25 @@
 // Helpers for the browser tests: free ports, a private redis-server, wsgate
-// nodes, polling with deadlines, chromium and the chat page's DOM. Every wait
+// nodes, the repo's nginx config under the real nginx, polling with
+// deadlines, chromium and the chat page's DOM. Every wait
 // is bounded; nothing sleeps as synchronization; everything listens on
 // loopback only.
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { createWriteStream, mkdirSync, readFileSync } from 'node:fs';
+import {
+  chmodSync, closeSync, createWriteStream, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync,
+} from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const HERE = path.dirname(fileURLToPath(import.meta.url));
 export const REPO = path.resolve(HERE, '..', '..');
 export const OUT = path.join(REPO, 'tests', 'output', 'browser');
+/** The gateway under test, and Debian's chromium (never a downloaded browser). */
+export const WSGATE_BIN = process.env.WSGATE_BIN || path.join(REPO, 'target', 'release', 'wsgate');
+export const CHROMIUM_PATH = process.env.CHROMIUM || '/usr/bin/chromium';
 mkdirSync(OUT, { recursive: true });
 
 const children = new Set();
@@ -316,4 +323,141 @@ export function assertExactlyOnce(list, expected, who) {
   const seqs = list.map((m) => m.seq);
   assert.equal(new Set(seqs).size, seqs.length, `${who}: no seq shown twice`);
   for (let i = 1; i < seqs.length; i++) assert.equal(seqs[i], seqs[i - 1] + 1, `${who}: seqs consecutive, none twice: ${seqs}`);
+}
+
+// ---------------------------------------------------------------- nginx
+
+const NGINX = process.env.NGINX || ['/usr/sbin/nginx', '/usr/bin/nginx'].find((p) => existsSync(p)) || 'nginx';
+
+/**
+ * The repo's nginx.conf with the deployment tests' substitutions only:
+ * `listen 8080;` -> `listen 127.0.0.1:<port>;`, and upstreams.conf next to it
+ * listing `servers` with the server parameters of the shipped upstreams.conf.
+ * `transform(text)`, when given, derives a variant from the result (a test
+ * that plays a proxy blocking WebSockets).
+ */
+function renderNginxConf(dir, port, servers, transform = (t) => t) {
+  const conf = readFileSync(path.join(REPO, 'nginx', 'nginx.conf'), 'utf8');
+  let n = 0;
+  const text = conf.replace(/^(\s*)listen 8080;/gm, (_, indent) => {
+    n += 1;
+    return `${indent}listen 127.0.0.1:${port};`;
+  });
+  assert.equal(n, 1, 'nginx.conf must contain exactly one active `listen 8080;`');
+  const shipped = readFileSync(path.join(REPO, 'nginx', 'upstreams.conf'), 'utf8');
+  const params = /^server\s+\S+(\s+[^;]*)?;/m.exec(shipped)?.[1] ?? '';
+  writeFileSync(path.join(dir, 'upstreams.conf'), servers.map((s) => `server ${s}${params};\n`).join(''));
+  const file = path.join(dir, 'nginx.conf');
+  writeFileSync(file, transform(text));
+  return file;
+}
+
+function canConnect(port) {
+  return new Promise((resolve) => {
+    const s = net.connect({ host: '127.0.0.1', port });
+    const done = (v) => {
+      s.destroy();
+      resolve(v);
+    };
+    s.setTimeout(1000, () => done(false));
+    s.on('connect', () => done(true));
+    s.on('error', () => done(false));
+  });
+}
+
+/**
+ * `nginx -p <dir>/ -e stderr -c <dir>/nginx.conf -g 'pid ...; daemon off;'`
+ * in its own process group, with the repo's config (see renderNginxConf) in
+ * front of `servers`, on a free port. The child has `port`, `logPath`,
+ * `signal(sig)` (the whole group: master and workers, never anything else)
+ * and `stop()`.
+ */
+export async function startNginx(dir, servers, { transform } = {}) {
+  let lastLog = '';
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const port = await freePort();
+    const conf = renderNginxConf(dir, port, servers, transform);
+    const logPath = path.join(OUT, `nginx-${port}.log`);
+    // Append mode: nginx reopens /dev/stdout (its access log) as a second
+    // open file; without O_APPEND on ours the two would overwrite each other.
+    writeFileSync(logPath, '');
+    const fd = openSync(logPath, 'a');
+    const child = spawn(NGINX, ['-p', `${dir}/`, '-e', 'stderr', '-c', conf, '-g', `pid ${dir}/nginx.pid; daemon off;`], {
+      stdio: ['ignore', fd, fd],
+      detached: true, // own process group: the workers are stopped, continued and killed with the master
+    });
+    closeSync(fd);
+    child.exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+    child.on('error', () => {});
+    child.port = port;
+    child.logPath = logPath;
+    child.signal = (sig) => {
+      try {
+        process.kill(-child.pid, sig);
+      } catch {
+        /* gone */
+      }
+    };
+    child.stop = async () => {
+      child.signal('SIGCONT');
+      child.signal('SIGTERM');
+      await Promise.race([child.exited, new Promise((r) => setTimeout(r, 5000).unref())]);
+      child.signal('SIGKILL'); // leftover workers, if any
+    };
+    process.on('exit', () => child.signal('SIGKILL'));
+    try {
+      await waitFor(async () => {
+        if (child.exitCode !== null || child.signalCode !== null) throw new Error('nginx exited');
+        return canConnect(port);
+      }, { timeoutMs: 10000, what: `nginx on 127.0.0.1:${port}` });
+      return child;
+    } catch (e) {
+      child.signal('SIGKILL');
+      lastLog = readFileSync(logPath, 'utf8');
+      if (!/in use/.test(lastLog)) throw new Error(`nginx did not start: ${e.message}\n${lastLog}`);
+    }
+  }
+  throw new Error(`could not start nginx on a free port:\n${lastLog}`);
+}
+
+/**
+ * Three `--dev` nodes (n1, n2, n3; `bin`, `secret`) on a private
+ * redis-server behind the real nginx with the repo's config (see
+ * startNginx; `transform` derives a variant), and Chromium (`chromium`
+ * from playwright-core, at `chromiumPath`; both default to the above). The nodes allow the nginx
+ * origin, and with `directPages` also their own (pages opened on a node).
+ * Returns { nginx, nodes (id -> child), browser, stop() }.
+ */
+export async function startNginxCluster({ bin = WSGATE_BIN, chromium, chromiumPath = CHROMIUM_PATH, secret, name, transform, directPages = false }) {
+  assert.ok(existsSync(bin), `WSGATE_BIN not found: ${bin}`);
+  assert.ok(existsSync(chromiumPath), `chromium not found: ${chromiumPath}`);
+  const c = { nodes: {}, nginx: null, browser: null, redis: null };
+  c.prefix = mkdtempSync(path.join(os.tmpdir(), `wsgate-browser-${name}-`));
+  chmodSync(c.prefix, 0o755); // nginx's workers run as an unprivileged user when started as root
+  c.stop = async () => {
+    c.nginx?.signal('SIGCONT');
+    await c.browser?.close().catch(() => {});
+    for (const n of Object.values(c.nodes)) await stop(n);
+    await c.nginx?.stop();
+    await stop(c.redis);
+    rmSync(c.prefix, { recursive: true, force: true });
+  };
+  try {
+    c.redis = await startRedis();
+    const ports = await freePorts(6);
+    const ids = ['n1', 'n2', 'n3'];
+    const pub = (i) => ports[i * 2];
+    // nginx first (it only connects to a node when a request comes), so that
+    // its origin is known when the nodes are started with --allowed-origins.
+    c.nginx = await startNginx(c.prefix, ids.map((_, i) => `127.0.0.1:${pub(i)}`), { transform });
+    const origins = [`http://127.0.0.1:${c.nginx.port}`, ...(directPages ? ids.map((_, i) => `http://127.0.0.1:${pub(i)}`) : [])];
+    for (const [i, id] of ids.entries()) {
+      c.nodes[id] = await startNode(bin, { id, port: pub(i), opsPort: ports[i * 2 + 1], secret, redisUrl: c.redis.url, origins });
+    }
+    c.browser = await launchChromium(chromium, chromiumPath);
+  } catch (e) {
+    await c.stop();
+    throw e;
+  }
+  return c;
 }

@@ -3,7 +3,9 @@
 //
 //   node clients/js/examples/chat.mjs URL[,URL...] TOKEN [ROOM]
 //
-// Node 22+ has a global WebSocket; on Node 20 add --experimental-websocket.
+// Node 22+ has a global WebSocket; on Node 20 add --experimental-websocket,
+// or leave it out and the client uses the SSE transport (GET /sse + POST).
+// WSGATE_TRANSPORT=sse (or ws, auto) chooses the transport.
 // TOKEN may be "dev:NAME": the token is then fetched from GET /dev/token?sub=NAME
 // of the first URL's host (a node started with --dev).
 
@@ -25,17 +27,17 @@ async function devToken(name) {
   return (await res.json()).token;
 }
 
-if (typeof globalThis.WebSocket !== 'function') {
-  console.error(`node ${process.version} has no global WebSocket: use Node 22+, or on Node 20 run \`node --experimental-websocket ${process.argv[1]} ...\``);
-  process.exit(2);
+const transport = process.env.WSGATE_TRANSPORT || 'auto';
+if (typeof globalThis.WebSocket !== 'function' && transport !== 'sse') {
+  console.error(`[note] node ${process.version} has no global WebSocket (Node 22+, or --experimental-websocket on Node 20): using SSE`);
 }
-const client = new WsgateClient(
-  tokenArg.startsWith('dev:')
-    ? { urls, getToken: () => devToken(tokenArg.slice(4)) }
-    : { urls, token: tokenArg },
-);
+const client = new WsgateClient({
+  urls,
+  transport,
+  ...(tokenArg.startsWith('dev:') ? { getToken: () => devToken(tokenArg.slice(4)) } : { token: tokenArg }),
+});
 const log = (obj) => process.stdout.write(`${JSON.stringify(obj)}\n`);
-client.on('state', (s) => console.error(`[${s.state}]${s.delayMs !== undefined ? ` retry in ${s.delayMs} ms` : ''}${s.node ? ` node ${s.node}` : ''}`));
+client.on('state', (s) => console.error(`[${s.state}]${s.delayMs !== undefined ? ` retry in ${s.delayMs} ms` : ''}${s.node ? ` node ${s.node}` : ''}${s.transport ? ` over ${s.transport}` : ''}`));
 client.on('message', (m) => log({ room: m.room, seq: m.seq, from: m.from, data: m.data, ts: m.ts }));
 client.on('gap', (g) => console.error(`[gap] ${JSON.stringify(g)}`));
 client.on('error', (e) => console.error(`[error] ${e.code}: ${e.message}`));

@@ -19,6 +19,8 @@ function setup(extra = {}) {
     backoffBaseMs: 1000,
     backoffCapMs: 8000,
     stableMs: 20000,
+    // These tests are about the WebSocket; test/sse.test.mjs covers `auto` and `sse`.
+    transport: 'ws',
     ...extra.options,
   });
   const events = [];

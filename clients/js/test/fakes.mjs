@@ -112,3 +112,40 @@ export function fakeJwt(claims) {
   const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
   return `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}.sig`;
 }
+
+/**
+ * A `fetch` whose server side the test drives by hand: every call is recorded
+ * in `requests`. A GET (the event stream) waits until the test calls
+ * `respond(status, contentType)`, then `push(text)` / `end()` feed its body.
+ * A POST is answered at once with `postStatus` (202 unless changed); its
+ * `body` is kept (parsed) for assertions.
+ */
+export function makeFakeFetch() {
+  const requests = [];
+  const state = { postStatus: 202 };
+  async function fetch(url, init = {}) {
+    const req = { url, method: init.method ?? 'GET', headers: init.headers ?? {}, signal: init.signal };
+    requests.push(req);
+    if (req.method === 'POST') {
+      req.body = JSON.parse(init.body);
+      return new Response(null, { status: state.postStatus });
+    }
+    return new Promise((resolve, reject) => {
+      init.signal?.addEventListener('abort', () => {
+        req.aborted = true;
+        reject(new DOMException('aborted', 'AbortError'));
+      });
+      req.respond = (status = 200, contentType = 'text/event-stream') => {
+        const encoder = new TextEncoder();
+        let controller;
+        const body = new ReadableStream({ start: (c) => { controller = c; } });
+        req.push = (text) => controller.enqueue(encoder.encode(text));
+        req.end = () => controller.close();
+        req.event = (obj) => req.push(`data: ${JSON.stringify(obj)}\n\n`);
+        resolve(new Response(status === 200 ? body : null, { status, headers: { 'content-type': contentType } }));
+      };
+    });
+  }
+  const of = (method) => requests.filter((r) => r.method === method);
+  return { fetch, requests, state, gets: () => of('GET'), posts: () => of('POST') };
+}

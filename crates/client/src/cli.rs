@@ -11,7 +11,7 @@
 //!
 //! ```text
 //! $ wsgate client --url ws://127.0.0.1:8080/ws --token "$TOKEN" --room lobby
-//! {"event":"connected","url":"ws://127.0.0.1:8080/ws","node":"n1","conn":"c-1a0","user":"alice","heartbeat_ms":30000,"compressed":true}
+//! {"event":"connected","url":"ws://127.0.0.1:8080/ws","node":"n1","conn":"c-1a0","user":"alice","heartbeat_ms":30000,"compressed":true,"transport":"ws"}
 //! {"event":"joined","room":"lobby","seq":0,"epoch":"k3Xb","recovered":null}
 //! {"text":"hi"}
 //! {"event":"ack","line":1,"room":"lobby","seq":1}
@@ -29,7 +29,7 @@ use serde_json::value::RawValue;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio::sync::mpsc;
 
-use crate::{Backoff, Client, ClientConfig, ClientError, Event, TokenSource};
+use crate::{Backoff, Client, ClientConfig, ClientError, Event, TokenSource, Transport};
 use wsgate_protocol::close;
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -74,6 +74,11 @@ pub struct ClientArgs {
     /// `Origin` header to send (when the gateway requires one).
     #[arg(long, env = "WSGATE_ORIGIN")]
     pub origin: Option<String>,
+    /// `ws` (WebSocket), `sse` (Server-Sent Events + POST, for networks
+    /// that block the upgrade) or `auto` (WebSocket, SSE when it cannot
+    /// open). An `http(s)://` URL is always SSE.
+    #[arg(long, env = "WSGATE_TRANSPORT", value_enum, default_value = "ws")]
+    pub transport: Transport,
     /// First reconnect delay ceiling (full jitter below it).
     #[arg(long, env = "WSGATE_BACKOFF_BASE", default_value = "500ms", value_parser = duration)]
     pub backoff_base: Duration,
@@ -101,6 +106,7 @@ impl ClientArgs {
         };
         let mut config = ClientConfig::new(self.urls.clone(), token);
         config.origin = self.origin.clone();
+        config.transport = self.transport;
         config.backoff = Backoff::new(self.backoff_base, self.backoff_cap);
         #[cfg(feature = "tls")]
         if let Some(path) = &self.ca_cert {
@@ -514,6 +520,27 @@ mod tests {
         let config = cli.args.config().unwrap();
         assert_eq!(config.urls.len(), 3);
         assert_eq!(config.backoff.base(), Duration::from_millis(100));
+        assert_eq!(config.transport, Transport::WebSocket);
+        let with_transport = |flag| {
+            Cli::try_parse_from([
+                "client",
+                "--url",
+                "ws://a/ws",
+                "--token",
+                "t",
+                "--transport",
+                flag,
+            ])
+        };
+        for (flag, transport) in [
+            ("sse", Transport::Sse),
+            ("auto", Transport::Auto),
+            ("ws", Transport::WebSocket),
+        ] {
+            let cli = with_transport(flag).unwrap();
+            assert_eq!(cli.args.config().unwrap().transport, transport);
+        }
+        assert!(with_transport("carrier-pigeon").is_err());
     }
 
     #[test]
@@ -541,7 +568,7 @@ mod tests {
         ])
         .unwrap();
         assert!(bad_room.args.config().is_err());
-        let bad_url = Cli::try_parse_from(["client", "--url", "http://a", "--token", "t"]).unwrap();
+        let bad_url = Cli::try_parse_from(["client", "--url", "ftp://a", "--token", "t"]).unwrap();
         assert!(bad_url.args.config().is_err());
     }
 

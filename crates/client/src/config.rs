@@ -71,6 +71,26 @@ impl From<&str> for TokenSource {
     }
 }
 
+/// How the client talks to a node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Transport {
+    /// A WebSocket on `/ws` (the default).
+    #[default]
+    #[serde(rename = "ws")]
+    #[cfg_attr(feature = "cli", value(name = "ws"))]
+    WebSocket,
+    /// Server-Sent Events on `GET /sse` plus `POST /sse/{conn}` (protocol
+    /// v1.1), for networks that block the WebSocket upgrade. Same frames,
+    /// same guarantees.
+    Sse,
+    /// The WebSocket, and SSE at once (same URL, no backoff) when it cannot
+    /// open; every new connection tries the WebSocket first again.
+    Auto,
+}
+
 /// Everything [`Client::connect`](crate::Client::connect) needs. Build it with
 /// [`ClientConfig::new`] and change the public fields.
 ///
@@ -90,8 +110,14 @@ impl From<&str> for TokenSource {
 #[non_exhaustive]
 pub struct ClientConfig {
     /// One or several `ws://` or `wss://` URLs of the `/ws` endpoint, tried
-    /// round-robin: each new attempt goes to the URL after the last one.
+    /// round-robin: each new attempt goes to the URL after the last one. An
+    /// `http://` or `https://` URL (of the `/sse` endpoint) is always used
+    /// with [`Transport::Sse`].
     pub urls: Vec<String>,
+    /// WebSocket (default), SSE, or WebSocket with the SSE fallback, for the
+    /// `ws(s)://` URLs (SSE uses the same URL with `http(s)` and `/sse`
+    /// for `/ws`).
+    pub transport: Transport,
     /// Where the JWT comes from.
     pub token: TokenSource,
     /// An `Origin` header to send (browsers send one; other clients need not).
@@ -143,6 +169,7 @@ impl ClientConfig {
         ClientConfig {
             urls: urls.into_iter().map(Into::into).collect(),
             token: token.into(),
+            transport: Transport::WebSocket,
             origin: None,
             backoff: Backoff::default(),
             heartbeat_margin: Duration::from_secs(10),
@@ -157,16 +184,28 @@ impl ClientConfig {
         }
     }
 
+    /// The same configuration with `transport`.
+    ///
+    /// ```
+    /// use wsgate_client::{ClientConfig, Transport};
+    /// let config = ClientConfig::new(["ws://127.0.0.1:8080/ws"], "eyJ...").transport(Transport::Sse);
+    /// # let _ = config;
+    /// ```
+    pub fn transport(mut self, transport: Transport) -> ClientConfig {
+        self.transport = transport;
+        self
+    }
+
     /// Check what can be checked before connecting.
     pub fn validate(&self) -> Result<(), ClientError> {
         if self.urls.is_empty() {
             return Err(ClientError::Config("no URL given".into()));
         }
         for url in &self.urls {
-            let secure = url.starts_with("wss://");
-            if !secure && !url.starts_with("ws://") {
+            let secure = url.starts_with("wss://") || url.starts_with("https://");
+            if !secure && !url.starts_with("ws://") && !url.starts_with("http://") {
                 return Err(ClientError::Config(format!(
-                    "{url:?} is not a ws:// or wss:// URL"
+                    "{url:?} is not a ws://, wss://, http:// or https:// URL"
                 )));
             }
             if secure && !cfg!(feature = "tls") {
@@ -191,7 +230,8 @@ mod tests {
         assert!(ClientConfig::new(["ws://h/ws"], "t").validate().is_ok());
         let none: [&str; 0] = [];
         assert!(ClientConfig::new(none, "t").validate().is_err());
-        assert!(ClientConfig::new(["http://h/ws"], "t").validate().is_err());
+        assert!(ClientConfig::new(["http://h/sse"], "t").validate().is_ok());
+        assert!(ClientConfig::new(["ftp://h/ws"], "t").validate().is_err());
         let mut c = ClientConfig::new(["ws://h/ws"], "t");
         c.backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
         assert!(c.validate().is_err());

@@ -1,5 +1,6 @@
 //! The connection task behind a [`Client`](crate::Client): connects, runs
-//! one WebSocket session at a time, and reconnects with backoff.
+//! one session at a time over a [`Wire`] (WebSocket or SSE), and reconnects
+//! with backoff.
 //!
 //! One task owns all state (rooms, pending requests, token, backoff); the
 //! `Client` handles talk to it through a command channel and the application
@@ -9,35 +10,26 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use rand::distr::{Alphanumeric, SampleString};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::value::RawValue;
-use tokio::net::TcpStream;
-use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::debug;
 use wsgate_protocol::{close, ClientRequest, ErrorCode, ErrorFrame, Id, ServerFrame, Welcome};
 
 use crate::backoff::Backoff;
+use crate::config::Transport;
 use crate::config::{ClientConfig, TokenSource};
 use crate::error::ClientError;
 use crate::event::{Event, JoinInfo, PresenceInfo};
-use crate::inflate::Inflating;
 use crate::jwt::jwt_exp;
 use crate::tracker::RoomTracker;
-
-type WsStream = WebSocketStream<Inflating<MaybeTlsStream<TcpStream>>>;
+use crate::wire::{self, Failure, Incoming, Outbound, Wire};
 type Reply<T> = oneshot::Sender<Result<T, ClientError>>;
 
 /// A request from a [`Client`](crate::Client) handle.
@@ -81,12 +73,6 @@ enum Flow {
 enum SessionEnd {
     Dropped { code: Option<u16>, reason: String },
     Stop(Option<oneshot::Sender<()>>),
-}
-
-/// Why a connection attempt failed.
-struct Failure {
-    status: Option<u16>,
-    reason: String,
 }
 
 /// How long to wait for the server to end the connection after its Close.
@@ -142,18 +128,8 @@ impl Tokens {
             _ => {
                 let token = match timeout(limit, cb()).await {
                     Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
-                        return Err(Failure {
-                            status: None,
-                            reason: format!("token callback failed: {e}"),
-                        })
-                    }
-                    Err(_) => {
-                        return Err(Failure {
-                            status: None,
-                            reason: "token callback timed out".into(),
-                        })
-                    }
+                    Ok(Err(e)) => return Err(Failure::new(format!("token callback failed: {e}"))),
+                    Err(_) => return Err(Failure::new("token callback timed out")),
                 };
                 self.cached = Some(token.clone());
                 self.stale = false;
@@ -397,9 +373,9 @@ impl Driver {
                 Err(reply) => break reply,
             };
             match attempt {
-                Ok((ws, welcome)) => {
+                Ok((wire, welcome)) => {
                     let up_since = Instant::now();
-                    match self.session(ws, welcome, &url).await {
+                    match self.session(wire, welcome, &url).await {
                         SessionEnd::Stop(reply) => break reply,
                         SessionEnd::Dropped { code, reason } => {
                             debug!(?code, %reason, "connection ended");
@@ -473,13 +449,17 @@ impl Driver {
     }
 
     /// Serve one connection until it ends.
-    async fn session(&mut self, ws: WsStream, welcome: Welcome, url: &str) -> SessionEnd {
-        let compressed = ws.get_ref().negotiated();
-        let (sink, mut stream) = ws.split();
-        let (out, out_rx) = mpsc::unbounded_channel();
-        let writer: JoinHandle<()> = tokio::spawn(write_loop(sink, out_rx));
+    async fn session(&mut self, wire: Wire, welcome: Welcome, url: &str) -> SessionEnd {
+        let Wire {
+            incoming: mut stream,
+            out,
+            writer,
+            compressed,
+            transport,
+        } = wire;
         let mut s = Session {
             out,
+            transport,
             pending: HashMap::new(),
             deadlines: HashMap::new(),
             retry_joins: HashMap::new(),
@@ -494,6 +474,7 @@ impl Driver {
             user: welcome.user.clone(),
             heartbeat_ms: welcome.heartbeat_ms,
             compressed,
+            transport,
         });
         // `connect` returns after the `Connected` event is queued.
         if let Some(first) = self.first.take() {
@@ -529,8 +510,8 @@ impl Driver {
                 msg = stream.next() => {
                     last_frame = Instant::now();
                     match msg {
-                        Some(Ok(WsMessage::Text(text))) => {
-                            match ServerFrame::parse(text.as_str()) {
+                        Some(Ok(Incoming::Frame(text))) => {
+                            match ServerFrame::parse(&text) {
                                 Ok(frame) => {
                                     if let Some(next) = self.on_frame(&mut s, frame) {
                                         refresh_at = next;
@@ -539,13 +520,11 @@ impl Driver {
                                 Err(e) => debug!(error = %e, "unreadable frame ignored"),
                             }
                         }
-                        Some(Ok(WsMessage::Close(frame))) => {
-                            close_frame = Some(frame.map_or((1005, String::new()), |f| {
-                                (u16::from(f.code), f.reason.to_string())
-                            }));
+                        Some(Ok(Incoming::Close(code, reason))) => {
+                            close_frame = Some((code, reason));
                             linger_until.get_or_insert(Instant::now() + CLOSE_LINGER);
                         }
-                        Some(Ok(_)) => {}
+                        Some(Ok(Incoming::Alive)) => {}
                         Some(Err(e)) => {
                             break match close_frame.take() {
                                 Some((code, reason)) => SessionEnd::Dropped { code: Some(code), reason },
@@ -625,6 +604,8 @@ impl Driver {
                     match got {
                         Ok(Ok(token)) => {
                             self.tokens.cached = Some(token.clone());
+                            // SSE: the POST with this frame, and the ones after, carry it.
+                            let _ = s.out.send(Outbound::Token(token.clone()));
                             let id = self.id();
                             s.send(ClientRequest::Refresh { token, id: Some(num(id)) });
                             s.pending.insert(id, Pending::Refresh);
@@ -673,17 +654,18 @@ impl Driver {
     async fn close_session(
         &mut self,
         s: &mut Session,
-        stream: &mut SplitStream<WsStream>,
+        stream: &mut futures_util::stream::BoxStream<'static, Result<Incoming, String>>,
         reply: Option<oneshot::Sender<()>>,
     ) -> SessionEnd {
-        let _ = s.out.send(WsMessage::Close(Some(CloseFrame {
-            code: CloseCode::Normal,
-            reason: "client closing".into(),
-        })));
-        let _ = timeout(Duration::from_secs(2), async {
-            while let Some(Ok(_)) = stream.next().await {}
-        })
-        .await;
+        let _ = s.out.send(Outbound::Close);
+        // A WebSocket node answers the Close and ends the connection; an SSE
+        // stream just ends when it is dropped.
+        if s.transport == Transport::WebSocket {
+            let _ = timeout(Duration::from_secs(2), async {
+                while let Some(Ok(_)) = stream.next().await {}
+            })
+            .await;
+        }
         for (_, p) in s.pending.drain() {
             match p {
                 Pending::Publish(o) => {
@@ -1002,7 +984,8 @@ impl Driver {
 
 /// Per-connection request bookkeeping.
 struct Session {
-    out: UnboundedSender<WsMessage>,
+    out: UnboundedSender<Outbound>,
+    transport: Transport,
     pending: HashMap<u64, Pending>,
     deadlines: HashMap<u64, Instant>,
     /// Rooms whose re-join got `unavailable`, with when to try again.
@@ -1017,7 +1000,7 @@ struct Session {
 
 impl Session {
     fn send(&self, req: ClientRequest) {
-        let _ = self.out.send(WsMessage::text(req.to_json()));
+        let _ = self.out.send(Outbound::Frame(req.to_json()));
     }
 
     fn track(&mut self, id: u64, p: Pending) {
@@ -1098,185 +1081,14 @@ fn refuse(cmd: Command) {
     }
 }
 
-/// Writes queued frames, one flush per batch, until the queue closes or a
-/// write fails.
-async fn write_loop(
-    mut sink: SplitSink<WsStream, WsMessage>,
-    mut rx: UnboundedReceiver<WsMessage>,
-) {
-    let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 64).await > 0 {
-        for m in batch.drain(..) {
-            if sink.feed(m).await.is_err() {
-                return;
-            }
-        }
-        if sink.flush().await.is_err() {
-            return;
-        }
-    }
-}
-
-/// One connection attempt: token, TCP (+TLS), upgrade, `welcome`.
+/// One connection attempt: the token, then the wire up to `welcome`.
 async fn establish(
     cfg: &ClientConfig,
     tokens: &mut Tokens,
     url: &str,
-) -> Result<(WsStream, Welcome), Failure> {
+) -> Result<(Wire, Welcome), Failure> {
     let token = tokens.for_connect(cfg.connect_timeout).await?;
-    let fail = |reason: String| Failure {
-        status: None,
-        reason,
-    };
-    let mut req = url
-        .into_client_request()
-        .map_err(|e| fail(format!("bad URL: {e}")))?;
-    let bearer = HeaderValue::from_str(&format!("Bearer {token}"))
-        .map_err(|_| fail("the token is not a valid header value".into()))?;
-    req.headers_mut().insert("authorization", bearer);
-    if let Some(origin) = &cfg.origin {
-        let origin =
-            HeaderValue::from_str(origin).map_err(|_| fail("bad origin header value".into()))?;
-        req.headers_mut().insert("origin", origin);
-    }
-    let attempt = async {
-        let (mut ws, _) = connect(cfg, req).await.map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(resp) => Failure {
-                status: Some(resp.status().as_u16()),
-                reason: refusal_reason(resp.status(), resp.body().as_deref()),
-            },
-            e => fail(e.to_string()),
-        })?;
-        loop {
-            match ws.next().await {
-                Some(Ok(WsMessage::Text(text))) => {
-                    return match ServerFrame::parse(text.as_str()) {
-                        Ok(ServerFrame::Welcome(w)) => Ok((ws, w)),
-                        Ok(other) => {
-                            Err(fail(format!("expected welcome, got {}", other.to_json())))
-                        }
-                        Err(e) => Err(fail(format!("unreadable first frame: {e}"))),
-                    };
-                }
-                Some(Ok(WsMessage::Close(frame))) => {
-                    let (code, reason) = frame.map_or((1005, String::new()), |f| {
-                        (u16::from(f.code), f.reason.to_string())
-                    });
-                    return Err(fail(format!("closed before welcome: {code} {reason}")));
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(fail(format!("connection error before welcome: {e}"))),
-                None => return Err(fail("connection ended before welcome".into())),
-            }
-        }
-    };
-    match timeout(cfg.connect_timeout, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(fail(format!(
-            "no welcome within {} ms",
-            cfg.connect_timeout.as_millis()
-        ))),
-    }
-}
-
-type Request = tokio_tungstenite::tungstenite::handshake::client::Request;
-type Response = tokio_tungstenite::tungstenite::handshake::client::Response;
-type WsError = tokio_tungstenite::tungstenite::Error;
-
-/// TCP (+ TLS for `wss://`), then the upgrade, offering permessage-deflate
-/// unless `cfg.compression` is off. The TLS layer is set up here rather
-/// than by tokio-tungstenite so that the inflating adapter sits between it
-/// and the WebSocket protocol (see `inflate.rs`).
-async fn connect(cfg: &ClientConfig, mut req: Request) -> Result<(WsStream, Response), WsError> {
-    use tokio_tungstenite::tungstenite::error::UrlError;
-    let uri = req.uri();
-    let tls = match uri.scheme_str() {
-        Some("wss") => true,
-        Some("ws") => false,
-        _ => return Err(WsError::Url(UrlError::UnsupportedUrlScheme)),
-    };
-    let host = uri
-        .host()
-        .ok_or(WsError::Url(UrlError::NoHostName))?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let tcp = TcpStream::connect((host.as_str(), port)).await?;
-    tcp.set_nodelay(true)?;
-    let stream = if tls {
-        tls_stream(cfg, &host, tcp).await?
-    } else {
-        MaybeTlsStream::Plain(tcp)
-    };
-    if cfg.compression {
-        req.headers_mut().insert(
-            "sec-websocket-extensions",
-            HeaderValue::from_static(crate::inflate::OFFER),
-        );
-    }
-    tokio_tungstenite::client_async_with_config(req, Inflating::new(stream), None).await
-}
-
-#[cfg(feature = "tls")]
-async fn tls_stream(
-    cfg: &ClientConfig,
-    host: &str,
-    tcp: TcpStream,
-) -> Result<MaybeTlsStream<TcpStream>, WsError> {
-    use std::sync::Arc;
-    use tokio_tungstenite::tungstenite::error::TlsError;
-    let config = match &cfg.tls {
-        Some(c) => c.clone(),
-        None => {
-            let mut roots = rustls::RootCertStore::empty();
-            let found = rustls_native_certs::load_native_certs();
-            if found.certs.is_empty() {
-                return Err(WsError::Io(std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no native root CA certificates found",
-                )));
-            }
-            roots.add_parsable_certificates(found.certs);
-            Arc::new(
-                rustls::ClientConfig::builder()
-                    .with_root_certificates(roots)
-                    .with_no_client_auth(),
-            )
-        }
-    };
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|_| WsError::Tls(TlsError::InvalidDnsName))?;
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await?;
-    Ok(MaybeTlsStream::Rustls(tls))
-}
-
-#[cfg(not(feature = "tls"))]
-async fn tls_stream(
-    _cfg: &ClientConfig,
-    _host: &str,
-    _tcp: TcpStream,
-) -> Result<MaybeTlsStream<TcpStream>, WsError> {
-    Err(WsError::Url(
-        tokio_tungstenite::tungstenite::error::UrlError::TlsFeatureNotEnabled,
-    ))
-}
-
-/// A refused upgrade in words: the status, and the gateway's own reason
-/// (the `message` of its JSON error body) when it sent one.
-fn refusal_reason(
-    status: tokio_tungstenite::tungstenite::http::StatusCode,
-    body: Option<&[u8]>,
-) -> String {
-    let message = body
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
-        .and_then(|v| v.get("message")?.as_str().map(str::to_owned));
-    match message {
-        Some(m) => format!("upgrade refused: HTTP {status}: {m}"),
-        None => format!("upgrade refused: HTTP {status}"),
-    }
+    wire::establish(cfg, &token, url).await
 }
 
 #[cfg(test)]

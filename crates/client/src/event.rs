@@ -32,6 +32,9 @@ pub enum Event {
         /// Whether the node accepted permessage-deflate (its larger frames
         /// arrive compressed; see `ClientConfig::compression`).
         compressed: bool,
+        /// The transport of this connection: WebSocket, or SSE (see
+        /// `ClientConfig::transport`).
+        transport: crate::Transport,
     },
     /// A room message, delivered once: never a seq twice within an epoch.
     Message(Message),

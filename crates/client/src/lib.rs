@@ -13,7 +13,9 @@
 //! and the caller gets its seq (see [`Client::publish`]). A 4001 close (token expired)
 //! gets a new token from the [`TokenSource`] before reconnecting, and with a
 //! callback source the token is refreshed on the open connection before it
-//! expires.
+//! expires. Where the WebSocket upgrade is blocked, the same client runs
+//! over Server-Sent Events plus POST ([`Transport::Sse`], or
+//! [`Transport::Auto`] to fall back by itself), with the same guarantees.
 //!
 //! ```no_run
 //! use wsgate_client::{Client, ClientConfig, Event};
@@ -37,7 +39,8 @@
 //!
 //! # Layout
 //! - [`Client`]: the handle (`join`, `leave`, `publish`, `presence`, `close`).
-//! - [`ClientConfig`], [`TokenSource`]: URLs, token, timings.
+//! - [`ClientConfig`], [`TokenSource`], [`Transport`]: URLs, token, timings,
+//!   WebSocket or the Server-Sent Events fallback.
 //! - [`Event`], [`EventStream`], [`Gap`], [`JoinInfo`], [`PresenceInfo`]: what the application hears.
 //! - [`Backoff`]: the reconnect schedule, pure and testable.
 //! - [`ClientError`]: typed errors.
@@ -54,10 +57,11 @@ mod event;
 pub mod inflate;
 mod jwt;
 mod tracker;
+mod wire;
 
 pub use backoff::Backoff;
 pub use client::Client;
-pub use config::{ClientConfig, TokenCallback, TokenFuture, TokenSource};
+pub use config::{ClientConfig, TokenCallback, TokenFuture, TokenSource, Transport};
 pub use error::{BoxError, ClientError};
 pub use event::{Event, EventStream, Gap, GapReason, JoinInfo, PresenceInfo};
 pub use jwt::jwt_exp;

@@ -183,7 +183,7 @@ async fn refused_connections_fail_connect_with_the_status() {
         ),
         "{err:?}"
     );
-    let err = Client::connect(ClientConfig::new(["http://x/ws"], "t"))
+    let err = Client::connect(ClientConfig::new(["ftp://x/ws"], "t"))
         .await
         .unwrap_err();
     assert!(matches!(err, ClientError::Config(_)), "{err:?}");

@@ -8,9 +8,12 @@
 mod support;
 
 use serde_json::json;
-use support::{collect_until, config, seqs, until, wait_ready};
-use wsgate_client::{Client, Event, GapReason};
-use wsgate_testkit::{any_token, eventually, http, BinNode, Node, Redis, TcpProxy, Ws};
+use support::{
+    collect_until, config, drained_node_closes_1001_and_the_client_resumes, node_killed_mid_stream,
+    seqs, until, wait_ready,
+};
+use wsgate_client::{Client, Event, GapReason, Transport};
+use wsgate_testkit::{any_token, eventually, http, Node, Redis, TcpProxy, Ws};
 
 /// Publish `data` to `room` through a node's HTTP API; the seq.
 async fn http_publish(http_url: &str, room: &str, data: serde_json::Value) -> Option<u64> {
@@ -32,191 +35,19 @@ async fn http_publish(http_url: &str, room: &str, data: serde_json::Value) -> Op
     serde_json::from_str::<serde_json::Value>(&body).ok()?["seq"].as_u64()
 }
 
-fn no_gaps(events: &[Event]) {
-    let gaps: Vec<&Event> = events
-        .iter()
-        .filter(|e| matches!(e, Event::Gap(_)))
-        .collect();
-    assert!(gaps.is_empty(), "unexpected gaps: {gaps:?}");
-}
-
 #[tokio::test]
 async fn node_killed_mid_stream_client_resumes_on_another_node_with_every_seq_once() {
-    let redis = Redis::start();
-    let url = redis.url();
-    let flags = |id: &'static str| {
-        vec![
-            "--redis-url".to_owned(),
-            url.clone(),
-            "--node-id".into(),
-            id.into(),
-            "--publish-rate".into(),
-            "100000".into(),
-            "--publish-burst".into(),
-            "100000".into(),
-            "--log".into(),
-            "warn".into(),
-        ]
-    };
-    let args_a = flags("node-a");
-    let args_b = flags("node-b");
-    let mut a = BinNode::start(&args_a.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    let b = BinNode::start(&args_b.iter().map(String::as_str).collect::<Vec<_>>()).await;
-    wait_ready(&a.ops_url()).await;
-    wait_ready(&b.ops_url()).await;
-
-    // The subscriber lists both nodes and lands on the first.
-    let (sub, mut events) = Client::connect(config(&[a.ws_url(), b.ws_url()], "sub"))
-        .await
-        .unwrap();
-    match until(&mut events, "connected", |e| {
-        matches!(e, Event::Connected { .. })
-    })
-    .await
-    {
-        Event::Connected { node, .. } => assert_eq!(node, "node-a"),
-        _ => unreachable!(),
-    }
-    sub.join("stream").await.unwrap();
-
-    // A publisher on the other node streams N messages, each after the
-    // previous ack.
-    const N: u64 = 400;
-    let (publisher, _pub_events) = Client::connect(config(&[b.ws_url()], "pub")).await.unwrap();
-    let streaming = tokio::spawn(async move {
-        for i in 1..=N {
-            let seq = publisher
-                .publish("stream", json!({ "i": i }))
-                .await
-                .unwrap();
-            assert_eq!(seq, i);
-        }
-        publisher
-    });
-
-    // Kill the subscriber's node once part of the stream has arrived.
-    let mut seen = Vec::new();
-    while seqs(&seen, "stream").len() < 50 {
-        seen.push(
-            until(&mut events, "first messages", |e| {
-                matches!(e, Event::Message(_))
-            })
-            .await,
-        );
-    }
-    a.kill();
-
-    // Everything else arrives, through the other node, and the room was
-    // resumed there with a full replay.
-    let mut resumed = false;
-    let mut last = *seqs(&seen, "stream").last().unwrap();
-    let more = collect_until(&mut events, "the rest of the stream and a resume", |e| {
-        match e {
-            Event::Message(m) => last = m.seq,
-            Event::Resumed { room, recovered } => {
-                assert_eq!(room, "stream");
-                assert!(*recovered, "resume after a kill is recovered");
-                resumed = true;
-            }
-            _ => {}
-        }
-        resumed && last == N
-    })
-    .await;
-    seen.extend(more);
-    let publisher = streaming.await.unwrap();
-    assert_eq!(seqs(&seen, "stream"), (1..=N).collect::<Vec<_>>());
-    no_gaps(&seen);
+    let seen = node_killed_mid_stream(Transport::WebSocket, 400).await;
     assert!(
         seen.iter()
             .any(|e| matches!(e, Event::Disconnected { code: None, .. })),
         "a kill is a drop without a Close frame: {seen:?}"
     );
-    assert!(seen
-        .iter()
-        .any(|e| matches!(e, Event::Connected { node, .. } if node == "node-b")));
-
-    // Live messages keep coming on the new node, still once.
-    assert_eq!(
-        publisher.publish("stream", json!("after")).await.unwrap(),
-        N + 1
-    );
-    match until(&mut events, "live message", |e| {
-        matches!(e, Event::Message(_))
-    })
-    .await
-    {
-        Event::Message(m) => assert_eq!(m.seq, N + 1),
-        _ => unreachable!(),
-    }
-    sub.close().await;
-    publisher.close().await;
 }
 
 #[tokio::test]
 async fn drained_node_closes_1001_and_the_client_resumes_elsewhere() {
-    let redis = Redis::start();
-    let a = Node::start(&["--redis-url", &redis.url(), "--drain-timeout", "2s"]).await;
-    let b = Node::start(&["--redis-url", &redis.url()]).await;
-    wait_ready(&a.ops_url()).await;
-    wait_ready(&b.ops_url()).await;
-    let (sub, mut events) = Client::connect(config(&[a.ws_url(), b.ws_url()], "sub"))
-        .await
-        .unwrap();
-    sub.join("d").await.unwrap();
-    sub.join("e").await.unwrap();
-    let (mut publisher, _) = Ws::open(&b.ws_url(), "pub").await;
-    for i in 0..5 {
-        publisher.publish("d", json!(i)).await;
-    }
-    let before = collect_until(
-        &mut events,
-        "five messages",
-        |e| matches!(e, Event::Message(m) if m.seq == 5),
-    )
-    .await;
-    assert_eq!(seqs(&before, "d"), [1, 2, 3, 4, 5]);
-
-    a.begin_stop();
-    let dropped = until(&mut events, "disconnected", |e| {
-        matches!(e, Event::Disconnected { .. })
-    })
-    .await;
-    assert!(
-        matches!(
-            &dropped,
-            Event::Disconnected {
-                code: Some(1001),
-                ..
-            }
-        ),
-        "{dropped:?}"
-    );
-    // Published while the client is between nodes.
-    for i in 5..10 {
-        publisher.publish("d", json!(i)).await;
-    }
-    publisher.publish("e", json!("e1")).await;
-    let mut resumed = Vec::new();
-    let mut got_last = false;
-    let after = collect_until(&mut events, "both rooms resumed and seq 10", |e| {
-        match e {
-            Event::Resumed { room, recovered } => {
-                assert!(recovered, "{room} not recovered");
-                resumed.push(room.clone());
-            }
-            Event::Message(m) if m.room == "d" && m.seq == 10 => got_last = true,
-            _ => {}
-        }
-        resumed.len() == 2 && got_last
-    })
-    .await;
-    resumed.sort();
-    assert_eq!(resumed, ["d", "e"]);
-    assert_eq!(seqs(&after, "d"), [6, 7, 8, 9, 10]);
-    no_gaps(&after);
-    a.stop().await;
-    sub.close().await;
+    drained_node_closes_1001_and_the_client_resumes(Transport::WebSocket).await;
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! Idempotent publish from the client's side (PROTOCOL.md section 11), with
 //! real nodes and a real redis-server: a publish whose `ack` is lost in a
 //! dropped connection is sent again, with the same key, after the reconnect,
-//! and the room holds it once.
+//! and the room holds it once; over the WebSocket and over SSE.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -9,7 +9,7 @@ mod support;
 
 use serde_json::json;
 use support::{collect_until, config, seqs, wait_ready};
-use wsgate_client::{Client, Event};
+use wsgate_client::{Client, Event, Transport};
 use wsgate_testkit::{http, messages, Node, Redis, TcpProxy, Ws};
 
 const API_KEY: &str = "idempotent-test-api-key";
@@ -37,6 +37,18 @@ async fn history(node: &Node, room: &str) -> Vec<(u64, serde_json::Value)> {
 
 #[tokio::test]
 async fn a_publish_whose_ack_was_lost_in_a_drop_is_retried_with_its_key_and_stored_once() {
+    ack_lost_then_retried(Transport::WebSocket).await;
+}
+
+#[tokio::test]
+async fn the_same_over_sse() {
+    ack_lost_then_retried(Transport::Sse).await;
+}
+
+/// A client over `transport` whose ack node a's proxy holds back, then
+/// cuts: it reconnects to node b, re-joins, sends the publish again with
+/// its key, gets the first seq, and the room holds the message once.
+async fn ack_lost_then_retried(transport: Transport) {
     let redis = Redis::start();
     let flags = ["--redis-url", &redis.url(), "--api-key", API_KEY];
     let a = Node::start(&flags).await;
@@ -52,9 +64,10 @@ async fn a_publish_whose_ack_was_lost_in_a_drop_is_retried_with_its_key_and_stor
     // next URL after a drop). It is in the room too.
     let proxy = TcpProxy::start(a.addr).await;
     let via_proxy = format!("ws://127.0.0.1:{}/ws", proxy.port);
-    let (client, mut events) = Client::connect(config(&[via_proxy, b.ws_url()], "pub"))
-        .await
-        .unwrap();
+    let (client, mut events) =
+        Client::connect(config(&[via_proxy, b.ws_url()], "pub").transport(transport))
+            .await
+            .unwrap();
     client.join("r").await.unwrap();
 
     // Node a's answers stop reaching the client: the publish gets through,
@@ -100,7 +113,7 @@ async fn a_publish_whose_ack_was_lost_in_a_drop_is_retried_with_its_key_and_stor
     assert_eq!(seqs(&seen, "r"), [1, 2]);
     assert!(seen
         .iter()
-        .any(|e| matches!(e, Event::Connected { node, .. } if *node == b.node_id)));
+        .any(|e| matches!(e, Event::Connected { node, transport: t, .. } if *node == b.node_id && *t == transport)));
     client.close().await;
 }
 

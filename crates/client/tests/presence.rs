@@ -1,13 +1,13 @@
 //! Presence through the Rust SDK against real nodes and a real
 //! redis-server: the query, the event stream, and presence asked again
-//! after a reconnect (events are not replayed).
+//! after a reconnect (events are not replayed); over the WebSocket and SSE.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 
 use support::{config, until, wait_ready};
-use wsgate_client::{Client, Event, PresenceInfo};
+use wsgate_client::{Client, Event, PresenceInfo, Transport};
 use wsgate_testkit::{Node, Redis, Ws};
 
 fn info(room: &str, users: &[&str]) -> PresenceInfo {
@@ -21,12 +21,21 @@ fn info(room: &str, users: &[&str]) -> PresenceInfo {
 
 #[tokio::test]
 async fn the_sdk_reports_presence_events_and_asks_again_after_a_reconnect() {
+    presence_across_a_reconnect(Transport::WebSocket).await;
+}
+
+#[tokio::test]
+async fn the_same_over_sse() {
+    presence_across_a_reconnect(Transport::Sse).await;
+}
+
+async fn presence_across_a_reconnect(transport: Transport) {
     let redis = Redis::start();
     let a = Node::start(&["--redis-url", &redis.url(), "--drain-timeout", "2s"]).await;
     let b = Node::start(&["--redis-url", &redis.url()]).await;
     wait_ready(&a.ops_url()).await;
     wait_ready(&b.ops_url()).await;
-    let mut cfg = config(&[a.ws_url(), b.ws_url()], "carol");
+    let mut cfg = config(&[a.ws_url(), b.ws_url()], "carol").transport(transport);
     cfg.presence = true;
     let (client, mut events) = Client::connect(cfg).await.unwrap();
     client.join("lobby").await.unwrap();

@@ -227,3 +227,52 @@ def test_killed_node_clients_resume_through_nginx_without_gap_or_duplicate(tmp_p
         assert published == list(range(published[0], published[0] + len(published)))
     finally:
         cluster.close()
+
+
+def sse_events(resp):
+    """The events of an SSE response, parsed, as they come (comments skipped)."""
+    data = []
+    while True:
+        line = resp.readline()
+        if not line:
+            return
+        line = line.decode().rstrip("\n")
+        if line.startswith("data:"):
+            data.append(line[5:].lstrip(" "))
+        elif line == "" and data:
+            yield json.loads("\n".join(data))
+            data = []
+
+
+def test_sse_fallback_through_nginx_posts_reach_the_stream_from_any_replica(cluster):
+    """GET /sse through nginx, then POSTs through nginx, which spreads them
+    over the replicas (no stickiness): every one reaches the stream, and
+    the answers arrive in order, unbuffered."""
+    import http.client
+
+    room = "sse-" + uuid.uuid4().hex[:8]
+    token = cluster.token("sse-user")
+    conn = http.client.HTTPConnection("127.0.0.1", cluster.nginx_port, timeout=10)
+    conn.request("GET", "/sse", headers={"Authorization": f"Bearer {token}", "Accept": "text/event-stream"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.getheader("Content-Type") == "text/event-stream"
+    events = sse_events(resp)
+    welcome = next(events)
+    assert welcome["type"] == "welcome" and welcome["transport"] == "sse", welcome
+    url = f"{cluster.nginx_http}/sse/{welcome['conn']}"
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    status, body = http_post(url, json.dumps({"type": "join", "room": room, "id": "j"}).encode(), headers)
+    assert status == 202, body
+    assert next(events)["id"] == "j"
+    # Several POSTs: nginx may send each to any replica.
+    for i in range(6):
+        frame = {"type": "publish", "room": room, "data": i, "id": f"p{i}"}
+        status, body = http_post(url, json.dumps(frame).encode(), headers)
+        assert status == 202, body
+        got = {}
+        while set(got) != {"message", "ack"}:
+            e = next(events)
+            got[e["type"]] = e
+        assert got["message"]["data"] == i and got["ack"]["id"] == f"p{i}", got
+    conn.close()

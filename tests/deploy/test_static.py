@@ -124,6 +124,19 @@ def test_nginx_conf_passes_nginx_t(tmp_path, tls):
     assert "test is successful" in r.stderr
 
 
+def long_lived_unbuffered(active: str, path: str) -> str:
+    """The `location = path` block: unbuffered, timeouts far above the heartbeat."""
+    found = re.search(r"location\s*=\s*" + re.escape(path) + r"\s*{([^}]*)}", active)
+    assert found, f"no `location = {path}` block"
+    block = found.group(1)
+    assert re.search(r"proxy_buffering\s+off;", block)
+    for directive in ("proxy_read_timeout", "proxy_send_timeout"):
+        m = re.search(directive + r"\s+(\S+);", block)
+        assert m, f"{directive} missing in the {path} location"
+        assert duration_s(m.group(1)) >= 10 * HEARTBEAT_S, f"{directive} must be well above the heartbeat"
+    return block
+
+
 def test_nginx_conf_proxies_websockets_right():
     conf = (REPO / "nginx/nginx.conf").read_text()
     active = "\n".join(line.split("#", 1)[0] for line in conf.splitlines())
@@ -135,14 +148,16 @@ def test_nginx_conf_proxies_websockets_right():
     assert re.search(r"proxy_set_header\s+X-Forwarded-Proto\s+\$scheme;", active)
     assert re.search(r"proxy_set_header\s+Host\s+\$(http_)?host;", active)
     assert re.search(r"hash\s+\$remote_addr\s+consistent;", active) or re.search(r"\bip_hash;", active)
-    ws = re.search(r"location\s*=\s*/ws\s*{([^}]*)}", active)
-    assert ws, "no `location = /ws` block"
-    block = ws.group(1)
-    assert re.search(r"proxy_buffering\s+off;", block)
-    for directive in ("proxy_read_timeout", "proxy_send_timeout"):
-        m = re.search(directive + r"\s+(\S+);", block)
-        assert m, f"{directive} missing in the /ws location"
-        assert duration_s(m.group(1)) >= 10 * HEARTBEAT_S, f"{directive} must be well above the heartbeat"
+    long_lived_unbuffered(active, "/ws")
+    # The SSE fallback: the stream unbuffered with long timeouts, the POSTs
+    # proxied too, neither through the sticky upstream (any replica will do).
+    block = long_lived_unbuffered(active, "/sse")
+    posts = re.search(r"location\s+/sse/\s*{([^}]*)}", active)
+    assert posts, "no `location /sse/` block"
+    for b in (block, posts.group(1)):
+        upstream = re.search(r"proxy_pass\s+http://(\w+);", b).group(1)
+        up = re.search(r"upstream\s+" + upstream + r"\s*{([^}]*)}", active).group(1)
+        assert not re.search(r"\b(hash|ip_hash)\b", up), f"upstream {upstream} is sticky"
     # The upstream list carries only the replicas' public port.
     ups = (REPO / "nginx/upstreams.conf").read_text()
     servers = re.findall(r"^server\s+(\S+)", ups, flags=re.M)

@@ -253,14 +253,13 @@ pub async fn disconnect(
         Err((status, text)) => return error(status, "bad_request", text),
     };
     let msg = ControlMsg::Disconnect {
-        user,
+        user: user.clone(),
         revoked_at: revoke.then(unix_now),
     };
     if let Err(e) = app.broker.control(&msg).await {
         return unavailable("1", &format!("{e}; user not disconnected"));
     }
-    let closed = app.control.apply(&msg);
-    let ControlMsg::Disconnect { user, .. } = msg;
+    let (closed, _) = app.control.apply(&msg);
     info!(
         user,
         revoke,

@@ -281,8 +281,9 @@ pub struct Limits {
     /// Time allowed for the TLS handshake, the HTTP upgrade request and its headers.
     #[arg(long, env = "WSGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub handshake_timeout: Duration,
-    /// Public-listener connections not (yet) upgraded to a WebSocket: TLS
-    /// handshakes, request heads, HTTP API requests. Beyond it new TCP
+    /// Public-listener connections not (yet) upgraded to a WebSocket or
+    /// serving an SSE stream: TLS handshakes, request heads, HTTP API
+    /// requests. Beyond it new TCP
     /// connections are closed at once. Default: a quarter of the file limit
     /// (RLIMIT_NOFILE), at most 4096.
     #[arg(long, env = "WSGATE_MAX_PENDING_CONNECTIONS")]

@@ -38,6 +38,24 @@ use crate::ws;
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
+/// A public connection's place under `--max-pending-connections` (set by
+/// the listener). An SSE stream gives it back when it starts: the stream is
+/// then a connection under `--max-connections`, like an upgraded WebSocket.
+#[derive(Clone, Default)]
+pub struct PendingSlot(Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl PendingSlot {
+    /// Hold `permit` until [`release`](Self::release) or the end.
+    pub fn new(permit: OwnedSemaphorePermit) -> PendingSlot {
+        PendingSlot(Arc::new(std::sync::Mutex::new(Some(permit))))
+    }
+
+    /// Give the place back.
+    pub fn release(&self) {
+        drop(self.0.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+}
+
 /// The node-wide budget of HTTP API body bytes being read or held
 /// (`--max-inflight-body-bytes`), one semaphore permit a byte.
 #[derive(Clone)]
@@ -75,7 +93,14 @@ pub fn router(app: Arc<App>) -> Router {
             app.clone(),
             api::count,
         ));
-    let mut router = Router::new().route("/ws", get(upgrade)).merge(api);
+    let mut router = Router::new()
+        .route("/ws", get(upgrade))
+        .route("/sse", get(crate::sse::open))
+        .route(
+            "/sse/{conn}",
+            post(crate::sse::post).layer(axum::extract::DefaultBodyLimit::max(max_body)),
+        )
+        .merge(api);
     if app.config.dev {
         router = router
             .route("/", get(dev_page))
@@ -117,7 +142,7 @@ fn on_failure(class: ServerErrorsFailureClass, latency: Duration, _span: &Span) 
 
 /// The client's address for logs: the first `X-Forwarded-For` entry when
 /// a proxy set one, else the TCP peer.
-fn remote(headers: &HeaderMap, peer: Option<&PeerAddr>) -> String {
+pub(crate) fn remote(headers: &HeaderMap, peer: Option<&PeerAddr>) -> String {
     headers
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())
@@ -183,6 +208,57 @@ async fn authenticate_handshake(
     }
 }
 
+/// The checks of a new connection (`/ws` and `/sse`), in the order of
+/// PROTOCOL.md section 1: Origin (403), token (401), a slot under
+/// `--max-connections` and not draining (503 with `Retry-After`). Each
+/// refusal is counted.
+// The error is the response itself, built once per refused connection.
+#[allow(clippy::result_large_err)]
+pub(crate) async fn admit(
+    app: &Arc<App>,
+    headers: &HeaderMap,
+    uri: &Uri,
+    transport: &'static str,
+) -> Result<(Claims, crate::state::Slot), Response> {
+    match headers.get(header::ORIGIN) {
+        Some(origin) => {
+            let allowed = origin
+                .to_str()
+                .is_ok_and(|o| app.config.origins.allows(o.trim_end_matches('/')));
+            if !allowed {
+                app.metrics.reject(Rejection::Origin);
+                return Err(error(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "origin not allowed",
+                ));
+            }
+        }
+        None if app.config.require_origin => {
+            app.metrics.reject(Rejection::Origin);
+            return Err(error(StatusCode::FORBIDDEN, "forbidden", "origin required"));
+        }
+        None => {}
+    }
+    let claims = match authenticate_handshake(app, headers, uri).await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(reason = e.reason(), "token refused");
+            app.metrics.reject(Rejection::Auth);
+            return Err(unauthorized(&e));
+        }
+    };
+    let Some(slot) = app.try_slot(transport) else {
+        app.metrics.reject(Rejection::Capacity);
+        return Err(if app.is_draining() {
+            unavailable("1", "node is draining; reconnect to another node")
+        } else {
+            unavailable("5", "node is at its connection limit")
+        });
+    };
+    Ok((claims, slot))
+}
+
 async fn upgrade(
     State(app): State<Arc<App>>,
     peer: Option<axum::Extension<PeerAddr>>,
@@ -194,37 +270,9 @@ async fn upgrade(
     let on_upgrade = parts.extensions.get::<OnUpgrade>().cloned();
     let ws = WebSocketUpgrade::from_request_parts(&mut parts, &()).await;
     let (headers, uri) = (&parts.headers, &parts.uri);
-    match headers.get(header::ORIGIN) {
-        Some(origin) => {
-            let allowed = origin
-                .to_str()
-                .is_ok_and(|o| app.config.origins.allows(o.trim_end_matches('/')));
-            if !allowed {
-                app.metrics.reject(Rejection::Origin);
-                return error(StatusCode::FORBIDDEN, "forbidden", "origin not allowed");
-            }
-        }
-        None if app.config.require_origin => {
-            app.metrics.reject(Rejection::Origin);
-            return error(StatusCode::FORBIDDEN, "forbidden", "origin required");
-        }
-        None => {}
-    }
-    let claims = match authenticate_handshake(&app, headers, uri).await {
-        Ok(c) => c,
-        Err(e) => {
-            debug!(reason = e.reason(), "token refused");
-            app.metrics.reject(Rejection::Auth);
-            return unauthorized(&e);
-        }
-    };
-    let Some(slot) = app.try_slot() else {
-        app.metrics.reject(Rejection::Capacity);
-        return if app.is_draining() {
-            unavailable("1", "node is draining; reconnect to another node")
-        } else {
-            unavailable("5", "node is at its connection limit")
-        };
+    let (claims, slot) = match admit(&app, headers, uri, "ws").await {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused,
     };
     let ws = match ws {
         Ok(_) if !valid_key(headers) => {
@@ -250,7 +298,7 @@ async fn upgrade(
             "connection cannot be upgraded",
         );
     };
-    app.metrics.connections_accepted.inc();
+    app.metrics.accepted("ws");
     let remote = remote(headers, peer.as_ref().map(|p| &p.0));
     let compression = app.config.compression;
     let deflate = compression.negotiate(
@@ -474,7 +522,7 @@ fn linger(budget: &BodyBudget, headers: &HeaderMap, body: Body, refused: Respons
 
 /// Read an API body: at most `--max-message-bytes` (413), within
 /// `--body-timeout` (408).
-async fn read_body(app: &App, body: Body) -> Result<Bytes, Response> {
+pub(crate) async fn read_body(app: &App, body: Body) -> Result<Bytes, Response> {
     let max = app.config.limits.max_message_bytes;
     let read = Limited::new(body, max).collect();
     match tokio::time::timeout(app.config.limits.body_timeout, read).await {

@@ -17,6 +17,7 @@
 //! - [`tls`]: loading the public listener's certificate and key.
 //! - [`session`]: one connection's protocol state machine, over a [`transport::Transport`].
 //! - [`transport`]: what a session needs from a transport.
+//! - [`sse`]: the fallback transport: Server-Sent Events plus POST, handed between nodes.
 //! - [`ws`]: the WebSocket transport: handshake answer, frame codec, socket I/O.
 //! - [`deflate`]: permessage-deflate: negotiation, compress once, bounded inflate.
 //! - [`outbound`]: a connection's outbound frames: direct writes, bounded queue.
@@ -45,6 +46,7 @@ pub mod rooms;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod sse;
 pub mod state;
 pub mod tls;
 pub mod transport;

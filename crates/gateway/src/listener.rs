@@ -3,8 +3,8 @@
 //! Each accepted socket gets its own task that does the TLS handshake and
 //! serves HTTP/1.1 (bounded by `--handshake-timeout` for the TLS handshake
 //! and the request headers) until the connection upgrades to a WebSocket or
-//! ends. Connections not upgraded yet are capped by
-//! `--max-pending-connections`. The loop survives accept errors such as
+//! ends. Connections not upgraded yet (nor serving an SSE stream) are
+//! capped by `--max-pending-connections`. The loop survives accept errors such as
 //! `EMFILE`; the operations listener uses the same loop.
 
 use std::io;
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
-use crate::http::{self, PeerAddr};
+use crate::http::{self, PeerAddr, PendingSlot};
 use crate::metrics::Limit;
 use crate::state::App;
 
@@ -51,8 +51,8 @@ const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nCont
 /// Accept connections until `stop` is cancelled.
 ///
 /// Each connection holds one of `--max-pending-connections` slots until it
-/// upgrades to a WebSocket (the upgraded session is bounded by
-/// `--max-connections` instead) or ends; beyond the cap a new connection is
+/// upgrades to a WebSocket or starts an SSE stream (the session is bounded
+/// by `--max-connections` instead) or ends; beyond the cap a new connection is
 /// answered 503 (without TLS) and closed at once, so that descriptors stay
 /// free for upgraded clients and the operations listener.
 pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken) {
@@ -82,12 +82,12 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken
             keep_alive: true,
         };
         tokio::spawn(async move {
-            let _slot = slot;
+            let slot = Some(PendingSlot::new(slot));
             match tls {
-                None => serve_http(tcp, peer, router, http, stop).await,
+                None => serve_http(tcp, peer, router, http, stop, slot).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve_http(stream, peer, router, http, stop).await,
+                        Ok(Ok(stream)) => serve_http(stream, peer, router, http, stop, slot).await,
                         Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => debug!(%peer, "TLS handshake timed out"),
                     }
@@ -159,18 +159,22 @@ pub(crate) struct Http1 {
 }
 
 /// Serve HTTP/1.1 (with upgrades) on one connection until it ends, upgrades
-/// or `stop` is cancelled.
+/// or `stop` is cancelled; its requests see `pending`, when given.
 pub(crate) async fn serve_http<I>(
     io: I,
     peer: SocketAddr,
     router: axum::Router,
     http: Http1,
     stop: CancellationToken,
+    pending: Option<PendingSlot>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(PeerAddr(peer));
+        if let Some(p) = &pending {
+            req.extensions_mut().insert(p.clone());
+        }
         router.clone().oneshot(req)
     });
     let conn = hyper::server::conn::http1::Builder::new()

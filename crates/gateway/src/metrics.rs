@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Reasons a handshake is refused before the upgrade.
@@ -72,10 +72,12 @@ impl Limit {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// Open WebSocket connections.
-    pub connections_active: IntGauge,
-    /// Upgrades accepted.
-    pub connections_accepted: IntCounter,
+    /// Open connections, by `transport` (`ws`, `sse`).
+    connections_active: IntGaugeVec,
+    /// Connections accepted (upgrades, SSE streams), by `transport`.
+    connections_accepted: IntCounterVec,
+    /// Connections ended, by `transport`.
+    connections_closed: IntCounterVec,
     handshake_rejections: IntCounterVec,
     /// Text frames received from clients.
     pub messages_received: IntCounter,
@@ -142,6 +144,11 @@ impl Metrics {
             reg(Box::new(g.clone()));
             g
         };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = must(IntGaugeVec::new(opts(name, help), labels));
+            reg(Box::new(g.clone()));
+            g
+        };
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let c = must(IntCounterVec::new(opts(name, help), labels));
             reg(Box::new(c.clone()));
@@ -164,10 +171,20 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         )));
         let m = Metrics {
-            connections_active: gauge("connections_active", "Open WebSocket connections"),
-            connections_accepted: counter(
+            connections_active: gauge_vec(
+                "connections_active",
+                "Open connections (slots in use), by transport",
+                &["transport"],
+            ),
+            connections_accepted: counter_vec(
                 "connections_accepted_total",
-                "WebSocket upgrades accepted",
+                "Connections accepted (WebSocket upgrades, SSE streams), by transport",
+                &["transport"],
+            ),
+            connections_closed: counter_vec(
+                "connections_closed_total",
+                "Connections ended (for any reason), by transport",
+                &["transport"],
             ),
             handshake_rejections: counter_vec(
                 "handshake_rejections_total",
@@ -261,6 +278,11 @@ impl Metrics {
         for result in ["ok", "failed"] {
             m.jwks_fetches.with_label_values(&[result]);
         }
+        for transport in ["ws", "sse"] {
+            m.connections_active.with_label_values(&[transport]);
+            m.connections_accepted.with_label_values(&[transport]);
+            m.connections_closed.with_label_values(&[transport]);
+        }
         m
     }
 
@@ -275,6 +297,38 @@ impl Metrics {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
         }
+    }
+
+    /// A connection of `transport` (`ws`, `sse`) took a slot.
+    pub fn opened(&self, transport: &str) {
+        self.connections_active
+            .with_label_values(&[transport])
+            .inc();
+    }
+
+    /// A connection of `transport` passed every check (a WebSocket
+    /// upgrade, an SSE stream started).
+    pub fn accepted(&self, transport: &str) {
+        self.connections_accepted
+            .with_label_values(&[transport])
+            .inc();
+    }
+
+    /// A connection of `transport` ended and gave its slot back.
+    pub fn ended(&self, transport: &str) {
+        self.connections_active
+            .with_label_values(&[transport])
+            .dec();
+        self.connections_closed
+            .with_label_values(&[transport])
+            .inc();
+    }
+
+    /// Open connections of `transport`.
+    pub fn active(&self, transport: &str) -> i64 {
+        self.connections_active
+            .with_label_values(&[transport])
+            .get()
     }
 
     /// Count a refused handshake.
@@ -390,12 +444,12 @@ mod tests {
     #[test]
     fn exposition_has_prefixed_names_and_node_label() {
         let m = Metrics::new("n1");
-        m.connections_accepted.inc();
+        m.accepted("sse");
         m.reject(Rejection::Origin);
         m.closed(1008);
         let text = m.render();
         assert!(
-            text.contains("wsgate_connections_accepted_total{node=\"n1\"} 1"),
+            text.contains("wsgate_connections_accepted_total{node=\"n1\",transport=\"sse\"} 1"),
             "{text}"
         );
         assert!(text.contains("wsgate_handshake_rejections_total{node=\"n1\",reason=\"origin\"} 1"));

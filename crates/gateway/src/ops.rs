@@ -128,7 +128,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken
         let router = router.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let served = listener::serve_http(tcp, peer, router, http, stop);
+            let served = listener::serve_http(tcp, peer, router, http, stop, None);
             tokio::select! {
                 done = tokio::time::timeout(lifetime, served) => if done.is_err() {
                     debug!(%peer, "operations connection closed after --ops-timeout");

@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
+use crate::ws::codec::Encoding;
 
 /// Why and how the server closes a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,9 +157,9 @@ pub struct ConnHandle {
     closing: Notify,
     /// Set once the connection is closing for any reason.
     ended: AtomicBool,
-    /// Text frames with a payload this long or longer go compressed
-    /// (permessage-deflate negotiated); `usize::MAX` without it.
-    compress_from: usize,
+    /// How frames are encoded: WebSocket (compressed from some length,
+    /// when permessage-deflate was negotiated) or Server-Sent Events.
+    encoding: Encoding,
     metrics: Arc<Metrics>,
 }
 
@@ -170,18 +171,17 @@ impl ConnHandle {
         max_bytes: usize,
         metrics: Arc<Metrics>,
     ) -> Arc<ConnHandle> {
-        Self::with_socket(id, max_bytes, metrics, None, usize::MAX)
+        Self::with_socket(id, max_bytes, metrics, None, Encoding::Ws(usize::MAX))
     }
 
     /// A handle that writes frames straight into `sock` while nothing is
-    /// queued, and compresses text frames of at least `compress_from`
-    /// payload bytes (`usize::MAX`: never).
+    /// queued, and encodes text frames with `encoding`.
     pub fn with_socket(
         id: impl Into<Box<str>>,
         max_bytes: usize,
         metrics: Arc<Metrics>,
         sock: Option<TcpStream>,
-        compress_from: usize,
+        encoding: Encoding,
     ) -> Arc<ConnHandle> {
         Arc::new(ConnHandle {
             id: id.into(),
@@ -195,7 +195,7 @@ impl ConnHandle {
             close: OnceLock::new(),
             closing: Notify::new(),
             ended: AtomicBool::new(false),
-            compress_from,
+            encoding,
             metrics,
         })
     }
@@ -303,22 +303,55 @@ impl ConnHandle {
         self.max
     }
 
-    /// Text frames with a payload at least this long are sent compressed
-    /// to this connection; `usize::MAX` when it did not negotiate
-    /// permessage-deflate.
-    pub fn compress_from(&self) -> usize {
-        self.compress_from
+    /// How this connection's frames are encoded.
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
     }
 
     /// A text frame of `payload` encoded for this connection (compressed
-    /// when negotiated and large enough).
+    /// when negotiated and large enough; an event over SSE).
     pub fn text(&self, payload: &str) -> Bytes {
-        crate::ws::codec::text_for(payload, self.compress_from)
+        crate::ws::codec::text_for(payload, self.encoding)
     }
 
-    /// Send a WebSocket Ping.
+    /// Send a WebSocket Ping (over SSE, a comment line).
     pub fn ping(&self) {
-        self.send_control(crate::ws::codec::ping());
+        self.send_control(match self.encoding {
+            Encoding::Ws(_) => crate::ws::codec::ping(),
+            Encoding::Sse => crate::sse::comment(),
+        });
+    }
+
+    /// For a transport that writes elsewhere (the SSE response body): take
+    /// the first queued frame out, or register the task to be woken when
+    /// one is queued.
+    pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Bytes> {
+        self.wake.register(cx.waker());
+        let mut q = self.queue();
+        let Some(frame) = q.frames.pop_front() else {
+            return Poll::Pending;
+        };
+        q.bytes -= frame.len();
+        q.started = false;
+        drop(q);
+        self.drained.notify_waiters();
+        Poll::Ready(frame)
+    }
+
+    /// Wake the task that writes the queue.
+    pub fn wake(&self) {
+        self.wake.wake();
+    }
+
+    /// Resolves once nothing is queued.
+    pub async fn drained(&self) {
+        loop {
+            let progress = self.drained.notified();
+            if self.queued_bytes() == 0 {
+                return;
+            }
+            progress.await;
+        }
     }
 
     /// Write queued frames into the connection's socket (or `stream`, for

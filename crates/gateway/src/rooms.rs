@@ -37,7 +37,7 @@ use wsgate_protocol::{close, Joined, ServerFrame};
 use crate::broker::{Broker, BrokerError, RoomHistory, Since};
 use crate::metrics::Metrics;
 use crate::outbound::{CloseReason, ConnHandle};
-use crate::ws::codec::{self, SharedText};
+use crate::ws::codec::SharedText;
 
 const SHARDS: usize = 64;
 
@@ -136,13 +136,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Unsolicited (`recovered: false`, no id) it tells a member its room's
 /// epoch changed; as the answer to a repeated join it carries the id.
 fn joined_frame(
+    conn: &ConnHandle,
     room: &str,
     epoch: &str,
     seq: u64,
     recovered: Option<bool>,
     id: Option<Id>,
 ) -> Bytes {
-    codec::text(
+    conn.text(
         &ServerFrame::Joined(Joined {
             room: room.to_owned(),
             seq,
@@ -173,7 +174,14 @@ impl Member {
                 return false;
             }
         } else {
-            let notice = joined_frame(room, epoch, seq.saturating_sub(1), Some(false), None);
+            let notice = joined_frame(
+                &self.conn,
+                room,
+                epoch,
+                seq.saturating_sub(1),
+                Some(false),
+                None,
+            );
             self.conn.send(notice);
             self.epoch = Some(epoch.clone());
         }
@@ -274,15 +282,13 @@ impl Rooms {
                 return Err(e);
             }
         };
-        conn.send(codec::text(
-            &ServerFrame::Joined(Joined {
-                room: room.to_owned(),
-                seq: h.latest,
-                epoch: h.epoch.to_string(),
-                recovered: since.map(|_| h.recovered),
-                id,
-            })
-            .to_json(),
+        conn.send(joined_frame(
+            conn,
+            room,
+            &h.epoch,
+            h.latest,
+            since.map(|_| h.recovered),
+            id,
         ));
         if let (Some(since), true) = (since, h.recovered) {
             let first_page = std::mem::take(&mut h.frames);
@@ -403,7 +409,8 @@ impl Rooms {
         };
         match (&m.pending, &m.epoch) {
             (None, Some(epoch)) => {
-                m.conn.send(joined_frame(room, epoch, m.after, None, id));
+                m.conn
+                    .send(joined_frame(&m.conn, room, epoch, m.after, None, id));
                 true
             }
             _ => false,
@@ -508,7 +515,7 @@ impl Rooms {
         let frame = &SharedText::new(frame.as_str());
         let mut sent = 0u64;
         for m in &mut state.members {
-            let frame = frame.for_conn(m.conn.compress_from());
+            let frame = frame.for_conn(m.conn.encoding());
             match &mut m.pending {
                 Some(p) => {
                     m.pending_bytes += frame.len();

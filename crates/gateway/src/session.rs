@@ -70,13 +70,6 @@ pub(crate) fn start(
     compress_from: Option<usize>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let conn_id = app.next_conn_id();
-    let span = tracing::info_span!(
-        "conn",
-        conn = %conn_id,
-        user = %claims.sub,
-        node = %app.config.node_id,
-        remote = %remote,
-    );
     let (transport, handle) = WsTransport::new(
         upgraded,
         &conn_id,
@@ -84,6 +77,27 @@ pub(crate) fn start(
         app.config.limits.max_message_bytes,
         app.metrics.clone(),
         compress_from,
+    );
+    run(app, claims, slot, handle, transport, conn_id, remote)
+}
+
+/// Run a connection's session over `transport`, whose handle is `handle`.
+pub(crate) fn run<T: Transport + 'static>(
+    app: Arc<App>,
+    claims: Claims,
+    slot: Slot,
+    handle: Arc<ConnHandle>,
+    transport: T,
+    conn_id: String,
+    remote: &str,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let span = tracing::info_span!(
+        "conn",
+        conn = %conn_id,
+        user = %claims.sub,
+        node = %app.config.node_id,
+        remote = %remote,
+        transport = T::NAME,
     );
     Session::new(app, claims, slot, handle)
         .run(transport, conn_id)
@@ -195,6 +209,7 @@ impl Session {
             user: self.claims.sub.clone(),
             node: app.config.node_id.to_string(),
             heartbeat_ms: app.config.limits.heartbeat.as_millis() as u64,
+            transport: (T::NAME != "ws").then(|| T::NAME.to_owned()),
         }));
         let ended = self.serve(&mut transport).await;
         handle.end();
@@ -285,7 +300,9 @@ impl Session {
                         return "heartbeat timeout";
                     } else if now >= next_ping {
                         self.handle.ping();
-                        awaiting.get_or_insert(now);
+                        if T::ANSWERS_PINGS {
+                            awaiting.get_or_insert(now);
+                        }
                         next_ping = later(now, heartbeat);
                     }
                 }
@@ -672,7 +689,7 @@ mod tests {
     async fn a_session_aborted_mid_join_releases_everything_it_held() {
         let broker = Arc::new(StuckBroker::default());
         let app = app_with(broker.clone());
-        let slot = app.try_slot().unwrap();
+        let slot = app.try_slot("ws").unwrap();
         let handle = ConnHandle::new("c-1", 1 << 20, app.metrics.clone());
         app.conns.insert("alice", &handle);
         let claims = Claims {
@@ -703,7 +720,7 @@ mod tests {
         assert_eq!(app.metrics.rooms_active.get(), 0);
         assert_eq!(broker.refs.load(std::sync::atomic::Ordering::SeqCst), 0);
         assert!(app.conns.all().is_empty(), "connection still registered");
-        assert_eq!(app.metrics.connections_active.get(), 0, "slot kept");
+        assert_eq!(app.metrics.active("ws"), 0, "slot kept");
         assert!(app.limits.is_empty(), "user entry kept");
         // A later message of the room reaches no one and counts no delivery.
         let frame = Utf8Bytes::from(
@@ -727,6 +744,9 @@ mod tests {
     }
 
     impl Transport for FakeTransport {
+        const NAME: &'static str = "ws";
+        const ANSWERS_PINGS: bool = true;
+
         async fn next_event(&mut self) -> ClientEvent {
             match self.events.recv().await {
                 Some(e) => e,
@@ -783,7 +803,7 @@ mod tests {
             events,
             closes: closes.clone(),
         };
-        let slot = app.try_slot().unwrap();
+        let slot = app.try_slot("ws").unwrap();
         let session = Session::new(app.clone(), claims, slot, handle.clone());
         let task = tokio::spawn(session.run(transport, "c-1".into()));
         Running {

@@ -24,6 +24,8 @@ use crate::rooms::Rooms;
 #[derive(Default)]
 pub struct Conns {
     users: Mutex<HashMap<Box<str>, Vec<Arc<ConnHandle>>>>,
+    /// The SSE streams, by connection id, for their POSTs.
+    pub(crate) sse: crate::sse::Streams,
 }
 
 impl Conns {
@@ -81,13 +83,14 @@ pub struct App {
     pub(crate) sessions: TaskTracker,
 }
 
-/// A reserved connection slot; released when dropped.
-pub struct Slot(Arc<App>);
+/// A reserved connection slot of a transport (`ws`, `sse`: the metrics'
+/// label); released when dropped.
+pub struct Slot(Arc<App>, &'static str);
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::AcqRel);
-        self.0.metrics.connections_active.dec();
+        self.0.metrics.ended(self.1);
     }
 }
 
@@ -137,8 +140,9 @@ impl App {
         self.draining.store(true, Ordering::Release);
     }
 
-    /// Reserve a connection slot, unless at the cap or draining.
-    pub fn try_slot(self: &Arc<Self>) -> Option<Slot> {
+    /// Reserve a connection slot for a connection of `transport` (`ws`,
+    /// `sse`), unless at the cap or draining.
+    pub fn try_slot(self: &Arc<Self>, transport: &'static str) -> Option<Slot> {
         if self.is_draining() {
             return None;
         }
@@ -148,8 +152,8 @@ impl App {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
-        self.metrics.connections_active.inc();
-        Some(Slot(self.clone()))
+        self.metrics.opened(transport);
+        Some(Slot(self.clone(), transport))
     }
 
     pub(crate) fn next_conn_id(&self) -> String {

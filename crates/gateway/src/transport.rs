@@ -8,7 +8,8 @@
 //! client. The WebSocket transport is [`crate::ws::WsTransport`]; the SSE
 //! fallback (PROTOCOL.md section 7) fits the same shape: its client frames
 //! arrive from POSTs as `Text`, it reports no `Activity` for pings it
-//! cannot receive, and its `close` ends the event stream.
+//! cannot receive, and its `close` ends the event stream
+//! ([`crate::sse::SseTransport`]).
 
 use std::future::Future;
 
@@ -35,6 +36,14 @@ pub enum ClientEvent {
 
 /// A connection's transport, driven by its session.
 pub trait Transport: Send {
+    /// The transport's name: the `transport` label of the connection
+    /// metrics, and, but for the WebSocket, `welcome.transport`.
+    const NAME: &'static str;
+
+    /// Whether the client answers the heartbeat (a WebSocket Pong). When it
+    /// cannot (an EventSource), a silent client is not closed for silence.
+    const ANSWERS_PINGS: bool;
+
     /// The next client event. Meanwhile the transport writes what the
     /// connection's queue holds. Cancel-safe: no event is lost when the
     /// future is dropped.

@@ -40,7 +40,7 @@ async fn client_close_1000_is_answered_and_the_connection_released() {
         let ops = ops.clone();
         async move {
             let m = wsgate_testkit::metrics(&ops).await;
-            (m.value("wsgate_connections_active", &[]) == 0.0
+            (m.value("wsgate_connections_active", &[("transport", "ws")]) == 0.0
                 && m.value("wsgate_rooms_active", &[]) == 0.0)
                 .then_some(())
         }

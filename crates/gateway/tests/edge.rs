@@ -351,7 +351,9 @@ async fn connections_not_upgraded_beyond_the_cap_are_closed_at_once() {
         clients.push(Ws::open(&node.ws_url(), &format!("u{i}")).await);
     }
     assert_eq!(
-        node.metrics().await.value("wsgate_connections_active", &[]),
+        node.metrics()
+            .await
+            .value("wsgate_connections_active", &[("transport", "ws")]),
         8.0
     );
 }

@@ -364,7 +364,10 @@ async fn not_a_websocket_upgrade_is_400_or_426() {
         ),
         2.0
     );
-    assert_eq!(m.value("wsgate_connections_accepted_total", &[]), 0.0);
+    assert_eq!(
+        m.value("wsgate_connections_accepted_total", &[("transport", "ws")]),
+        0.0
+    );
 }
 
 #[tokio::test]

@@ -149,8 +149,14 @@ async fn metrics_follow_the_traffic() {
     assert_eq!(a.json().await["type"], "pong");
 
     let m = node.metrics().await;
-    assert_eq!(m.value("wsgate_connections_active", &[]), 3.0);
-    assert_eq!(m.value("wsgate_connections_accepted_total", &[]), 3.0);
+    assert_eq!(
+        m.value("wsgate_connections_active", &[("transport", "ws")]),
+        3.0
+    );
+    assert_eq!(
+        m.value("wsgate_connections_accepted_total", &[("transport", "ws")]),
+        3.0
+    );
     for reason in ["origin", "auth", "capacity", "bad_request"] {
         assert_eq!(
             m.value("wsgate_handshake_rejections_total", &[("reason", reason)]),
@@ -178,7 +184,11 @@ async fn metrics_follow_the_traffic() {
         eventually("a slot frees up", || {
             let ops = ops.clone();
             async move {
-                (metrics(&ops).await.value("wsgate_connections_active", &[]) == 2.0).then_some(())
+                (metrics(&ops)
+                    .await
+                    .value("wsgate_connections_active", &[("transport", "ws")])
+                    == 2.0)
+                    .then_some(())
             }
         })
         .await;
@@ -191,5 +201,8 @@ async fn metrics_follow_the_traffic() {
     assert_eq!(m.value("wsgate_messages_delivered_total", &[]), 10.0);
     // a left r2 (its only member) by closing.
     assert_eq!(m.value("wsgate_rooms_active", &[]), 1.0);
-    assert_eq!(m.value("wsgate_connections_accepted_total", &[]), 4.0);
+    assert_eq!(
+        m.value("wsgate_connections_accepted_total", &[("transport", "ws")]),
+        4.0
+    );
 }

@@ -168,6 +168,10 @@ pub struct Welcome {
     pub node: String,
     /// Server Ping interval in milliseconds.
     pub heartbeat_ms: u64,
+    /// `"sse"` on the Server-Sent Events transport (section 7); absent on
+    /// a WebSocket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 /// `joined`: answer to `join`, or an unsolicited epoch change.
@@ -364,6 +368,7 @@ struct FlatFrame {
     user: Option<String>,
     node: Option<String>,
     heartbeat_ms: Option<u64>,
+    transport: Option<String>,
     room: Option<String>,
     seq: Option<u64>,
     epoch: Option<String>,
@@ -398,6 +403,7 @@ impl<'de> Deserialize<'de> for ServerFrame {
                 user: need(f.user, "user")?,
                 node: need(f.node, "node")?,
                 heartbeat_ms: need(f.heartbeat_ms, "heartbeat_ms")?,
+                transport: f.transport,
             }),
             "joined" => ServerFrame::Joined(Joined {
                 room: need(f.room, "room")?,

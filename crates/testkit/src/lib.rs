@@ -9,6 +9,8 @@
 //! - `redis_server`: a private [`Redis`] and a private [`RedisCluster`].
 //! - `ws`: the protocol test client ([`Ws`]); `raw`: a hand-made client and
 //!   frame codec ([`RawWs`]) for what a real client refuses to send.
+//! - `sse`: the SSE fallback's test client ([`Sse`]): the event stream
+//!   read from raw TCP, POSTs with the HTTP client.
 //! - `streams`: what room members receive, and the failover tests' checks.
 //! - `http`: a minimal HTTP/1.1 client; `prometheus`: the `/metrics` reader.
 //! - `proxy`: a TCP forwarder to cut a link; `tls`: a self-signed certificate.
@@ -28,6 +30,7 @@ mod prometheus;
 mod proxy;
 mod raw;
 mod redis_server;
+mod sse;
 mod streams;
 mod tls;
 mod tokens;
@@ -40,6 +43,7 @@ pub use prometheus::{metrics, Metrics};
 pub use proxy::TcpProxy;
 pub use raw::{opcode, RawWs};
 pub use redis_server::{Redis, RedisCluster};
+pub use sse::{Sse, SseItem};
 pub use streams::{assert_failover_stream, epoch_stream, messages, publish_acked};
 pub use tls::self_signed_cert;
 pub use tokens::{any_token, claims, now_secs, sign, sign_hs256, token, unsigned, SECRET};

@@ -23,6 +23,20 @@ pub struct RawWs {
     buf: Vec<u8>,
 }
 
+/// A TCP connection to `addr`, with a small socket receive buffer
+/// (`SO_RCVBUF`) when given, so that a client that does not read backs the
+/// server up quickly.
+pub(crate) async fn connect_tcp(addr: SocketAddr, rcvbuf: Option<u32>) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(size) = rcvbuf {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    tokio::time::timeout(WAIT, socket.connect(addr))
+        .await
+        .expect("connect timed out")
+        .unwrap()
+}
+
 impl RawWs {
     /// Upgrade `GET /ws` on `addr` with `token` (header); panics unless 101.
     pub async fn connect(addr: SocketAddr, token: &str) -> RawWs {
@@ -53,14 +67,7 @@ impl RawWs {
         rcvbuf: Option<u32>,
         extra_headers: &str,
     ) -> (RawWs, String) {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        if let Some(size) = rcvbuf {
-            socket.set_recv_buffer_size(size).unwrap();
-        }
-        let mut stream = tokio::time::timeout(WAIT, socket.connect(addr))
-            .await
-            .expect("connect timed out")
-            .unwrap();
+        let mut stream = connect_tcp(addr, rcvbuf).await;
         let req = format!(
             "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\

@@ -8,6 +8,13 @@
 //! seconds), so that nodes started later, or cut off while it was sent,
 //! load it. With the in-process broker there is only this node.
 //!
+//! The same relay connection also subscribes to the node's own channel,
+//! [`node_channel`]: the SSE fallback hands a POST to the node holding its
+//! stream there ([`ControlMsg::SsePost`]), and that node answers on the
+//! sender's channel ([`ControlMsg::SseAnswer`]). Plain (not sharded)
+//! channels: on a Redis Cluster a PUBLISH reaches every shard, so each node
+//! subscribes once, wherever it is connected.
+//!
 //! Each node keeps the revocations in memory ([`Control`]): a handshake, a
 //! `refresh` or an HTTP call checks them without a Redis round trip. A
 //! revocation is kept for `--max-token-lifetime` plus `--jwt-leeway`; with
@@ -15,6 +22,7 @@
 //! refused, so that no revoked token outlives its revocation.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,6 +35,7 @@ use super::{redact_url, BrokerError};
 use crate::auth::{AuthError, Claims};
 use crate::config::Config;
 use crate::outbound::CloseReason;
+use crate::sse::Delivery;
 use crate::state::Conns;
 
 /// How a connection closed by the server API closes.
@@ -37,6 +46,11 @@ pub const DISCONNECTED: CloseReason = CloseReason {
 
 /// The Redis pub/sub channel of control messages.
 pub const CHANNEL: &str = "wsgate:ctl";
+
+/// The Redis pub/sub channel of messages for node `node` alone.
+pub fn node_channel(node: &str) -> String {
+    format!("{CHANNEL}:node:{node}")
+}
 /// The Redis hash of revocations: user -> Unix seconds.
 pub const REVOKED_KEY: &str = "wsgate:revoked";
 /// Record a revocation (keeping the later time), drop the ones older than
@@ -73,7 +87,47 @@ pub enum ControlMsg {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         revoked_at: Option<u64>,
     },
+    /// A POST for the SSE stream `conn`, handed to the node `to` that holds
+    /// it; `from` expects a [`ControlMsg::SseAnswer`] with `req`.
+    SsePost {
+        /// The node holding the stream.
+        to: String,
+        /// The node that received the POST.
+        from: String,
+        /// The request number on `from`.
+        req: u64,
+        /// The stream's connection id.
+        conn: String,
+        /// The POST's user (`sub` of its token).
+        user: String,
+        /// The POST's body, checked by `from` (a JSON object or array).
+        body: String,
+    },
+    /// What became of a handed-over POST.
+    SseAnswer {
+        /// The node that received the POST.
+        to: String,
+        /// Its request number.
+        req: u64,
+        /// The answer.
+        delivery: Delivery,
+    },
 }
+
+impl ControlMsg {
+    /// The Redis channel the message travels on.
+    pub fn channel(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            ControlMsg::Disconnect { .. } => CHANNEL.into(),
+            ControlMsg::SsePost { to, .. } | ControlMsg::SseAnswer { to, .. } => {
+                node_channel(to).into()
+            }
+        }
+    }
+}
+
+/// How long a node waits for the answer to a POST it handed over.
+pub const ANSWER_WAIT: Duration = Duration::from_secs(2);
 
 /// This node's side of the control channel: the revocations it knows and
 /// the connections it closes.
@@ -84,6 +138,11 @@ pub struct Control {
     retention: Duration,
     /// Longest token lifetime accepted, when the server API is enabled.
     max_lifetime: Option<Duration>,
+    /// This node's own channel ([`node_channel`]).
+    own: String,
+    /// Handed-over POSTs waiting for their answer, by request number.
+    pending: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Delivery>>>,
+    next_req: AtomicU64,
 }
 
 fn unix_now() -> u64 {
@@ -103,7 +162,37 @@ impl Control {
                 .api_key
                 .is_some()
                 .then_some(config.max_token_lifetime),
+            own: node_channel(&config.node_id),
+            pending: Mutex::new(HashMap::new()),
+            next_req: AtomicU64::new(0),
         }
+    }
+
+    /// This node's own channel.
+    pub fn own_channel(&self) -> String {
+        self.own.clone()
+    }
+
+    /// Whether control messages for this node arrive on `channel`.
+    pub fn listens_on(&self, channel: &str) -> bool {
+        channel == CHANNEL || channel == self.own
+    }
+
+    /// A request number for a handed-over POST, and where its answer comes.
+    pub fn expect_answer(&self) -> (u64, tokio::sync::oneshot::Receiver<Delivery>) {
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pending().insert(req, tx);
+        (req, rx)
+    }
+
+    /// Stop waiting for the answer to `req` (it timed out or was not sent).
+    pub fn forget(&self, req: u64) {
+        self.pending().remove(&req);
+    }
+
+    fn pending(&self) -> MutexGuard<'_, HashMap<u64, tokio::sync::oneshot::Sender<Delivery>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How long a revocation is kept (locally and in Redis).
@@ -115,11 +204,40 @@ impl Control {
         self.revoked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Act on a message on this node: record the revocation, close the
-    /// user's connections with 4003. Returns how many were closed.
-    /// Idempotent, so a message may arrive more than once.
-    pub fn apply(&self, msg: &ControlMsg) -> usize {
-        let ControlMsg::Disconnect { user, revoked_at } = msg;
+    /// Act on a message on this node: for a disconnect, record the
+    /// revocation, close the user's connections with 4003 (returns how many
+    /// were closed; idempotent, so a message may arrive more than once).
+    /// A handed-over POST is delivered here and answered (the answer is
+    /// returned, to be sent); an answer goes to the request waiting for it.
+    pub fn apply(&self, msg: &ControlMsg) -> (usize, Option<ControlMsg>) {
+        let (user, revoked_at) = match msg {
+            ControlMsg::Disconnect { user, revoked_at } => (user, revoked_at),
+            ControlMsg::SsePost {
+                from,
+                req,
+                conn,
+                user,
+                body,
+                ..
+            } => {
+                let delivery = match crate::sse::frames(&axum::body::Bytes::from(body.clone())) {
+                    Some(frames) => self.conns.sse.deliver(conn, user, frames),
+                    None => Delivery::NotFound,
+                };
+                let answer = ControlMsg::SseAnswer {
+                    to: from.clone(),
+                    req: *req,
+                    delivery,
+                };
+                return (0, Some(answer));
+            }
+            ControlMsg::SseAnswer { req, delivery, .. } => {
+                if let Some(waiting) = self.pending().remove(req) {
+                    let _ = waiting.send(*delivery);
+                }
+                return (0, None);
+            }
+        };
         if let Some(at) = revoked_at {
             self.revoke(user, *at);
         }
@@ -134,16 +252,18 @@ impl Control {
                 "disconnected by the server API"
             );
         }
-        conns.len()
+        (conns.len(), None)
     }
 
-    /// A message from the control channel (JSON); malformed ones are ignored.
-    pub fn on_message(&self, payload: &[u8]) {
+    /// A message from a control channel (JSON); malformed ones are
+    /// ignored. Returns the answer to send, if any.
+    pub fn on_message(&self, payload: &[u8]) -> Option<ControlMsg> {
         match serde_json::from_slice::<ControlMsg>(payload) {
-            Ok(msg) => {
-                self.apply(&msg);
+            Ok(msg) => self.apply(&msg).1,
+            Err(e) => {
+                warn!(error = %e, "malformed control message ignored");
+                None
             }
-            Err(e) => warn!(error = %e, "malformed control message ignored"),
         }
     }
 
@@ -216,9 +336,12 @@ impl Control {
         let unavailable =
             |e: &dyn std::fmt::Display| BrokerError::Unavailable(redact_url(&e.to_string()));
         let payload = serde_json::to_string(msg).map_err(|e| unavailable(&e))?;
-        let ControlMsg::Disconnect { user, revoked_at } = msg;
         let work = async {
-            if let Some(at) = revoked_at {
+            if let ControlMsg::Disconnect {
+                user,
+                revoked_at: Some(at),
+            } = msg
+            {
                 let retention = self.retention.as_secs().max(1);
                 REVOKE_SCRIPT
                     .key(REVOKED_KEY)
@@ -230,7 +353,7 @@ impl Control {
                     .await?;
             }
             redis::cmd("PUBLISH")
-                .arg(CHANNEL)
+                .arg(&*msg.channel())
                 .arg(payload)
                 .query_async::<()>(&mut conn)
                 .await
@@ -242,11 +365,18 @@ impl Control {
     }
 }
 
-/// Subscribe the relay's pub/sub connection to the control channel.
-pub async fn subscribe(sink: &mut redis::aio::PubSubSink) -> redis::RedisResult<()> {
-    tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(CHANNEL))
-        .await
-        .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "subscribe timed out")))?
+/// Subscribe the relay's pub/sub connection to the control channel and
+/// the node's own.
+pub async fn subscribe(
+    sink: &mut redis::aio::PubSubSink,
+    control: &Control,
+) -> redis::RedisResult<()> {
+    tokio::time::timeout(
+        COMMAND_TIMEOUT,
+        sink.subscribe(&[CHANNEL, control.own.as_str()]),
+    )
+    .await
+    .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "subscribe timed out")))?
 }
 
 #[cfg(test)]
@@ -260,6 +390,9 @@ mod tests {
             revoked: Mutex::new(HashMap::new()),
             retention: Duration::from_secs(3600),
             max_lifetime: api_key.then_some(Duration::from_secs(600)),
+            own: node_channel("n"),
+            pending: Mutex::new(HashMap::new()),
+            next_req: AtomicU64::new(0),
         }
     }
 

@@ -276,7 +276,7 @@ impl Presence {
                 };
                 crate::ws::codec::SharedText::new(&frame.to_json())
             });
-            c.conn.send(f.for_conn(c.conn.compress_from()));
+            c.conn.send(f.for_conn(c.conn.encoding()));
             sent += 1;
         }
         self.metrics.events.inc_by(sent);

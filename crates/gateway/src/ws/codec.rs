@@ -62,25 +62,40 @@ pub fn text(payload: &str) -> Bytes {
     encode(OP_TEXT, 0, payload.as_bytes())
 }
 
-/// The wire bytes of a text frame for one connection: compressed (RSV1)
-/// when its payload is at least `compress_from` bytes (`usize::MAX` for a
-/// connection without permessage-deflate).
-pub fn text_for(payload: &str, compress_from: usize) -> Bytes {
-    if payload.len() >= compress_from {
-        encode(OP_TEXT, RSV1, &deflate::compress(payload.as_bytes()))
-    } else {
-        text(payload)
+/// How a connection's frames go on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// WebSocket text frames, compressed (RSV1) when their payload is at
+    /// least this long (`usize::MAX` without permessage-deflate).
+    Ws(usize),
+    /// Server-Sent Events ([`crate::sse`]): one `data:` event a frame.
+    Sse,
+}
+
+/// The wire bytes of a text frame for one connection: for a WebSocket,
+/// compressed (RSV1) when its payload is at least the connection's
+/// threshold; for SSE, an event.
+pub fn text_for(payload: &str, encoding: Encoding) -> Bytes {
+    match encoding {
+        Encoding::Ws(from) if payload.len() >= from => {
+            encode(OP_TEXT, RSV1, &deflate::compress(payload.as_bytes()))
+        }
+        Encoding::Ws(_) => text(payload),
+        Encoding::Sse => crate::sse::event(payload),
     }
 }
 
-/// A server text frame shared by many connections, in its two encodings:
-/// plain, built at once, and compressed (RSV1), built the first time a
-/// connection that negotiated permessage-deflate needs it, then shared too.
-/// One deflate per message per node, no deflate state per connection.
+/// A server text frame shared by many connections, in its encodings:
+/// plain, built at once; compressed (RSV1), built the first time a
+/// connection that negotiated permessage-deflate needs it; and as a
+/// Server-Sent Event, built the first time an SSE connection needs it.
+/// Each is then shared: one deflate and one event per message per node, no
+/// encoder state per connection.
 #[derive(Debug)]
 pub struct SharedText {
     plain: Bytes,
     deflated: OnceLock<Bytes>,
+    sse: OnceLock<Bytes>,
 }
 
 impl SharedText {
@@ -89,19 +104,27 @@ impl SharedText {
         SharedText {
             plain: text(payload),
             deflated: OnceLock::new(),
+            sse: OnceLock::new(),
         }
     }
 
-    /// The encoding for a connection whose frames of at least
-    /// `compress_from` payload bytes go compressed.
-    pub fn for_conn(&self, compress_from: usize) -> Bytes {
+    /// The encoding for a connection that encodes with `encoding`.
+    pub fn for_conn(&self, encoding: Encoding) -> Bytes {
         let payload = &self.plain[header_len(&self.plain)..];
-        if payload.len() < compress_from {
-            return self.plain.clone();
+        match encoding {
+            Encoding::Ws(from) if payload.len() < from => self.plain.clone(),
+            Encoding::Ws(_) => self
+                .deflated
+                .get_or_init(|| encode(OP_TEXT, RSV1, &deflate::compress(payload)))
+                .clone(),
+            Encoding::Sse => self
+                .sse
+                .get_or_init(|| {
+                    // The payload was built from a `&str`.
+                    crate::sse::event(std::str::from_utf8(payload).unwrap_or_default())
+                })
+                .clone(),
         }
-        self.deflated
-            .get_or_init(|| encode(OP_TEXT, RSV1, &deflate::compress(payload)))
-            .clone()
     }
 }
 
@@ -604,19 +627,19 @@ mod tests {
     fn a_shared_text_is_compressed_once_for_those_who_negotiated() {
         let payload = "x".repeat(300);
         let shared = SharedText::new(&payload);
-        let plain = shared.for_conn(usize::MAX);
+        let plain = shared.for_conn(Encoding::Ws(usize::MAX));
         assert_eq!(plain, text(&payload));
-        assert_eq!(shared.for_conn(301), plain);
-        let deflated = shared.for_conn(300);
+        assert_eq!(shared.for_conn(Encoding::Ws(301)), plain);
+        let deflated = shared.for_conn(Encoding::Ws(300));
         assert_eq!(deflated[0], FIN | RSV1 | OP_TEXT);
         assert_eq!(
             crate::deflate::inflate(&deflated[2..], 300).unwrap(),
             payload.as_bytes()
         );
         // The same bytes for the next member, not a second compression.
-        assert_eq!(shared.for_conn(0).as_ptr(), deflated.as_ptr());
-        assert_eq!(text_for(&payload, 300), deflated);
-        assert_eq!(text_for(&payload, usize::MAX), plain);
+        assert_eq!(shared.for_conn(Encoding::Ws(0)).as_ptr(), deflated.as_ptr());
+        assert_eq!(text_for(&payload, Encoding::Ws(300)), deflated);
+        assert_eq!(text_for(&payload, Encoding::Ws(usize::MAX)), plain);
     }
 
     #[test]

@@ -65,8 +65,8 @@ impl WsTransport {
                 Some(Box::pin(TokioIo::new(upgraded)) as Pin<Box<dyn Stream>>),
             ),
         };
-        let compress_from = compress_from.unwrap_or(usize::MAX);
-        let handle = ConnHandle::with_socket(id, max_outbound, metrics, sock, compress_from);
+        let encoding = codec::Encoding::Ws(compress_from.unwrap_or(usize::MAX));
+        let handle = ConnHandle::with_socket(id, max_outbound, metrics, sock, encoding);
         let transport = WsTransport {
             handle: handle.clone(),
             stream,
@@ -159,6 +159,9 @@ impl WsTransport {
 }
 
 impl Transport for WsTransport {
+    const NAME: &'static str = "ws";
+    const ANSWERS_PINGS: bool = true;
+
     async fn next_event(&mut self) -> ClientEvent {
         poll_fn(|cx| self.poll_event(cx)).await
     }

@@ -633,8 +633,17 @@ impl Inner {
     }
 
     async fn on_message(&self, channel: &str, payload: &[u8]) {
-        if channel == control::CHANNEL {
-            return self.control.on_message(payload);
+        if self.control.listens_on(channel) {
+            if let (Some(answer), Ok(conn)) = (self.control.on_message(payload), self.conn()) {
+                // Not waited for here: the relay goes on reading.
+                let control = self.control.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = control.broadcast(conn, &answer).await {
+                        debug!(error = %e, "sse handover: answer not sent");
+                    }
+                });
+            }
+            return;
         }
         let Some(room) = self.room_of(channel) else {
             return;
@@ -751,7 +760,7 @@ async fn relay(
         // reflected in it.
         while commands.try_recv().is_ok() {}
         let rooms: Vec<Arc<str>> = inner.subs().keys().cloned().collect();
-        if let Err(e) = subscribe_all(&mut sink, &rooms).await {
+        if let Err(e) = subscribe_all(&mut sink, &rooms, &inner).await {
             warn!(error = %redact_url(&e.to_string()), "redis re-subscribe failed");
             sleep_backoff(&mut backoff, &stop).await;
             continue;
@@ -822,7 +831,11 @@ async fn sleep_backoff(backoff: &mut Duration, stop: &CancellationToken) {
     }
 }
 
-async fn subscribe_all(sink: &mut PubSubSink, rooms: &[Arc<str>]) -> redis::RedisResult<()> {
+async fn subscribe_all(
+    sink: &mut PubSubSink,
+    rooms: &[Arc<str>],
+    inner: &Inner,
+) -> redis::RedisResult<()> {
     for chunk in rooms.chunks(500) {
         let channels: Vec<String> = chunk.iter().map(|r| channel(r)).collect();
         tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(channels))
@@ -831,7 +844,7 @@ async fn subscribe_all(sink: &mut PubSubSink, rooms: &[Arc<str>]) -> redis::Redi
                 redis::RedisError::from((redis::ErrorKind::Io, "subscribe timed out"))
             })??;
     }
-    control::subscribe(sink).await
+    control::subscribe(sink, &inner.control).await
 }
 
 async fn apply(inner: &Inner, sink: &mut PubSubSink, cmd: SubCmd) -> redis::RedisResult<()> {

@@ -26,7 +26,8 @@ pub(super) async fn sharded_relay(
         return;
     };
     // The control channel is not sharded: PUBLISH reaches every shard.
-    if let Err(e) = conn.subscribe(control::CHANNEL).await {
+    let channels = [control::CHANNEL.to_owned(), inner.control.own_channel()];
+    if let Err(e) = conn.subscribe(&channels).await {
         warn!(error = %redact_url(&e.to_string()), "redis cluster: control channel subscription failed");
     }
     inner.set_relay_up(true);
@@ -77,8 +78,11 @@ pub(super) async fn sharded_relay(
                         }
                     }
                     redis::PushKind::Message => {
-                        if let Some(Value::BulkString(payload)) = push.data.get(1) {
-                            inner.control.on_message(payload);
+                        // The control channels (the only plain ones).
+                        if let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (push.data.first(), push.data.get(1)) {
+                            if let Ok(channel) = std::str::from_utf8(channel) {
+                                inner.on_message(channel, payload).await;
+                            }
                         }
                     }
                     redis::PushKind::Subscribe => {

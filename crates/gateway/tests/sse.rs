@@ -1,0 +1,509 @@
+//! PROTOCOL.md section 7: the fallback transport, Server-Sent Events plus
+//! POST, against real nodes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::json;
+use std::time::Duration;
+
+use wsgate_testkit::{
+    any_token, eventually, http, http_get, token, BinNode, Node, Redis, RedisCluster, Sse, SseItem,
+    Ws,
+};
+
+#[tokio::test]
+async fn a_stream_gets_welcome_then_answers_and_messages_in_order() {
+    let node = Node::start(&[]).await;
+    let (mut sse, welcome) = Sse::open(node.addr, "alice").await;
+    assert_eq!(welcome["transport"], "sse");
+    assert_eq!(welcome["user"], "alice");
+    assert_eq!(welcome["node"], node.node_id.as_str());
+    assert_eq!(welcome["heartbeat_ms"], 30_000);
+    assert_eq!(sse.header("content-type"), Some("text/event-stream"));
+    assert_eq!(sse.header("cache-control"), Some("no-cache"));
+    assert_eq!(sse.header("x-accel-buffering"), Some("no"));
+
+    let joined = sse.join("lobby").await;
+    assert_eq!(
+        (joined["type"].as_str(), joined["seq"].as_u64()),
+        (Some("joined"), Some(0))
+    );
+
+    // A WebSocket member publishes; the stream gets the message.
+    let (mut ws, _) = Ws::open(&node.ws_url(), "bob").await;
+    ws.join("lobby").await;
+    ws.publish("lobby", json!({"n": 1})).await;
+    let m = sse.json().await;
+    assert_eq!(
+        (m["type"].as_str(), m["seq"].as_u64(), m["from"].as_str()),
+        (Some("message"), Some(1), Some("bob"))
+    );
+
+    // Publishing over POST: message and ack on the stream, in order.
+    sse.send(json!({"type": "publish", "room": "lobby", "data": {"n": 2}, "id": "p"}))
+        .await;
+    let m = sse.json().await;
+    assert_eq!(
+        (m["type"].as_str(), m["seq"].as_u64()),
+        (Some("message"), Some(2))
+    );
+    let ack = sse.json().await;
+    assert_eq!(
+        (
+            ack["type"].as_str(),
+            ack["id"].as_str(),
+            ack["seq"].as_u64()
+        ),
+        (Some("ack"), Some("p"), Some(2))
+    );
+    assert_eq!(ws.json().await["seq"], 2);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_post_answers_202_400_401_403_404_413() {
+    let node = Node::start(&["--max-message-bytes", "1024"]).await;
+    let (mut sse, _) = Sse::open(node.addr, "alice").await;
+    let url = format!("{}/sse/{}", node.http_url(), sse.conn);
+    let bearer = |sub: &str| format!("Bearer {}", any_token(sub));
+    let post = |url: String, auth: String, body: Vec<u8>| async move {
+        http("POST", &url, &[("authorization", &auth)], &body)
+            .await
+            .unwrap()
+            .0
+    };
+    // An array, handled in order: the errors carry their ids.
+    let frames = json!([{"type": "ping", "id": 1}, {"type": "nope", "id": 2}, 3]);
+    assert_eq!(
+        post(url.clone(), bearer("alice"), frames.to_string().into()).await,
+        202
+    );
+    assert_eq!(sse.json().await, json!({"type": "pong", "id": 1}));
+    let e = sse.json().await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str(), e["id"].as_u64()),
+        (Some("error"), Some("bad_request"), Some(2))
+    );
+    assert_eq!(sse.json().await["code"], "bad_request");
+
+    assert_eq!(
+        post(url.clone(), bearer("alice"), b"not json".to_vec()).await,
+        400
+    );
+    assert_eq!(
+        post(url.clone(), bearer("alice"), b"42".to_vec()).await,
+        400
+    );
+    assert_eq!(
+        post(url.clone(), "Bearer nope".into(), b"{}".to_vec()).await,
+        401
+    );
+    assert_eq!(
+        post(url.clone(), bearer("mallory"), b"{}".to_vec()).await,
+        403
+    );
+    let big = format!("{{\"type\":\"ping\",\"id\":\"{}\"}}", "x".repeat(2000));
+    assert_eq!(post(url.clone(), bearer("alice"), big.into()).await, 413);
+    let missing = format!("{}/sse/c-0.{}", node.http_url(), "bm9uZQ");
+    assert_eq!(post(missing, bearer("alice"), b"{}".to_vec()).await, 404);
+    // The stream still works, and the refused POSTs left nothing on it.
+    sse.send(json!({"type": "ping", "id": "after"})).await;
+    assert_eq!(sse.json().await, json!({"type": "pong", "id": "after"}));
+    node.stop().await;
+}
+
+/// A stream on node A, its POSTs sent to node B, a WebSocket publisher on
+/// node C: the answers and C's messages arrive on the stream in order.
+async fn any_node(broker: &[&str]) {
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let node = Node::start(broker).await;
+        let ready = format!("{}/ready", node.ops_url());
+        eventually("node ready", || async {
+            matches!(http_get(&ready).await, Ok((200, _, _))).then_some(())
+        })
+        .await;
+        nodes.push(node);
+    }
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let (mut sse, welcome) = Sse::open(a.addr, "alice").await;
+    assert_eq!(welcome["node"], a.node_id.as_str());
+    // POSTs go to B from now on.
+    sse.base = b.http_url();
+    let joined = sse.join("lobby").await;
+    assert_eq!(joined["type"], "joined", "{joined}");
+
+    let (mut ws, _) = Ws::open(&c.ws_url(), "carol").await;
+    ws.join("lobby").await;
+    for n in 1..=5 {
+        ws.publish("lobby", json!({ "n": n })).await;
+    }
+    sse.send(json!({"type": "publish", "room": "lobby", "data": {"n": 6}, "id": "p6"}))
+        .await;
+    let (mut seqs, mut acked) = (Vec::new(), false);
+    while seqs.len() < 6 || !acked {
+        let m = sse.json().await;
+        if m["type"] == "message" {
+            assert_eq!(m["data"]["n"], m["seq"], "{m}");
+            seqs.push(m["seq"].as_u64().unwrap());
+        } else {
+            assert_eq!(
+                (m["type"].as_str(), m["id"].as_str()),
+                (Some("ack"), Some("p6")),
+                "{m}"
+            );
+            acked = true;
+        }
+    }
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+
+    // Through B: another user's POST is refused by A with 403, a stream that
+    // no node holds is 404.
+    let url = format!("{}/sse/{}", b.http_url(), sse.conn);
+    let mallory = format!("Bearer {}", any_token("mallory"));
+    let resp = http("POST", &url, &[("authorization", &mallory)], b"{}")
+        .await
+        .unwrap();
+    assert_eq!(resp.0, 403, "{resp:?}");
+    let alice = format!("Bearer {}", any_token("alice"));
+    let gone = format!("{}/sse/c-0.{}", b.http_url(), "bm9kZS1nb25l");
+    assert_eq!(
+        http("POST", &gone, &[("authorization", &alice)], b"{}")
+            .await
+            .unwrap()
+            .0,
+        404
+    );
+    let own = format!(
+        "{}/sse/c-0.{}",
+        b.http_url(),
+        sse.conn.rsplit_once('.').unwrap().1
+    );
+    assert_eq!(
+        http("POST", &own, &[("authorization", &alice)], b"{}")
+            .await
+            .unwrap()
+            .0,
+        404
+    );
+    // The stream is still served.
+    sse.send(json!({"type": "ping", "id": "end"})).await;
+    assert_eq!(sse.json().await, json!({"type": "pong", "id": "end"}));
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_post_to_any_node_reaches_the_stream_through_redis() {
+    let redis = Redis::start();
+    any_node(&["--redis-url", &redis.url()]).await;
+}
+
+#[tokio::test]
+async fn a_post_to_any_node_reaches_the_stream_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3);
+    any_node(&["--redis-url", &cluster.urls(), "--redis-cluster"]).await;
+}
+
+/// The `close` event the stream ends with, and that it then ends.
+async fn closed_with(sse: &mut Sse) -> (u64, String) {
+    let rest = sse.rest().await;
+    let last = rest.last().expect("a close event");
+    assert_eq!(last["type"], "close", "{rest:?}");
+    (
+        last["code"].as_u64().unwrap(),
+        last["reason"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn heartbeat_comments_come_and_a_silent_stream_stays_open() {
+    let node = Node::start(&["--heartbeat", "200ms", "--pong-timeout", "100ms"]).await;
+    let (mut sse, welcome) = Sse::open(node.addr, "alice").await;
+    assert_eq!(welcome["heartbeat_ms"], 200);
+    // Many heartbeats and pong timeouts go by without a word from the client.
+    for _ in 0..5 {
+        assert_eq!(sse.next().await, Some(SseItem::Comment));
+    }
+    sse.send(json!({"type": "ping", "id": "still"})).await;
+    assert_eq!(sse.json().await, json!({"type": "pong", "id": "still"}));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_token_closes_the_stream_with_4001() {
+    let node = Node::start(&["--jwt-leeway", "0s"]).await;
+    let short = token("alice", &["*"], &["*"], Duration::from_secs(2));
+    let (mut sse, _) = Sse::open_with(node.addr, &short).await;
+    assert_eq!(closed_with(&mut sse).await, (4001, "token expired".into()));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_refresh_over_post_moves_the_expiry() {
+    let node = Node::start(&["--jwt-leeway", "0s"]).await;
+    let short = token("alice", &["*"], &["*"], Duration::from_secs(2));
+    let (mut sse, _) = Sse::open_with(node.addr, &short).await;
+    let other = any_token("bob");
+    sse.send(json!({"type": "refresh", "token": other, "id": "r1"}))
+        .await;
+    let e = sse.answer("r1").await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("invalid_token"))
+    );
+    let long = any_token("alice");
+    sse.send(json!({"type": "refresh", "token": long, "id": "r2"}))
+        .await;
+    assert_eq!(sse.answer("r2").await["type"], "refreshed");
+    // Past the first token's expiry, the stream still answers (the POSTs
+    // carry the new token).
+    sse.token = long;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sse.send(json!({"type": "ping", "id": "p"})).await;
+    assert_eq!(sse.answer("p").await["type"], "pong");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn the_server_api_disconnect_closes_the_stream_with_4003() {
+    let node = Node::start(&["--api-key", "k"]).await;
+    let (mut sse, _) = Sse::open(node.addr, "alice").await;
+    let url = format!("{}/api/users/alice/disconnect", node.http_url());
+    let resp = http("POST", &url, &[("x-api-key", "k")], b"")
+        .await
+        .unwrap();
+    assert_eq!(resp.0, 202, "{resp:?}");
+    assert_eq!(closed_with(&mut sse).await, (4003, "disconnected".into()));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn sigterm_closes_the_stream_with_1001() {
+    let node = BinNode::start(&[]).await;
+    let (mut sse, _) = Sse::open(node.addr, "alice").await;
+    node.signal("TERM");
+    assert_eq!(
+        closed_with(&mut sse).await,
+        (1001, "server shutting down".into())
+    );
+}
+
+#[tokio::test]
+async fn a_stream_that_is_not_read_is_closed_as_a_slow_consumer() {
+    let node = Node::start(&[
+        "--max-outbound-bytes",
+        "65536",
+        "--publish-rate",
+        "1000000",
+        "--publish-burst",
+        "1000000",
+    ])
+    .await;
+    let token = any_token("slow");
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let mut slow = Sse::connect(node.addr, &auth, &token, Some(4096))
+        .await
+        .unwrap();
+    let welcome = slow.json().await;
+    slow.conn = welcome["conn"].as_str().unwrap().to_owned();
+    slow.join("flood").await;
+    // A WebSocket publisher floods the room (bounded); the stream is not read.
+    let (mut ws, _) = Ws::open(&node.ws_url(), "pub").await;
+    let big = "x".repeat(8192);
+    let ops = node.ops_url();
+    let mut closed = false;
+    for i in 0..5_000 {
+        let ack = ws.publish("flood", json!(big)).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        if i % 50 == 0
+            && wsgate_testkit::metrics(&ops)
+                .await
+                .value("wsgate_slow_consumer_closes_total", &[])
+                >= 1.0
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the stream was never closed as a slow consumer");
+    eventually("slow consumer closed", || {
+        let ops = ops.clone();
+        async move {
+            let m = wsgate_testkit::metrics(&ops).await;
+            (m.value("wsgate_slow_consumer_closes_total", &[]) == 1.0
+                && m.value("wsgate_connections_active", &[("transport", "sse")]) == 0.0)
+                .then_some(())
+        }
+    })
+    .await;
+    // The client, reading at last, sees its stream end.
+    while slow.next().await.is_some() {}
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_stream_resumes_with_since_and_epoch() {
+    let node = Node::start(&[]).await;
+    let (mut first, _) = Sse::open(node.addr, "alice").await;
+    let joined = first.join("lobby").await;
+    let epoch = joined["epoch"].as_str().unwrap().to_owned();
+    let (mut ws, _) = Ws::open(&node.ws_url(), "bob").await;
+    ws.join("lobby").await;
+    ws.publish("lobby", json!(1)).await;
+    assert_eq!(first.json().await["seq"], 1);
+    drop(first);
+    ws.publish("lobby", json!(2)).await;
+    ws.publish("lobby", json!(3)).await;
+
+    let (mut second, _) = Sse::open(node.addr, "alice").await;
+    second
+        .send(json!({"type": "join", "room": "lobby", "since": 1, "epoch": epoch, "id": "j"}))
+        .await;
+    let joined = second.json().await;
+    assert_eq!(
+        (joined["recovered"].as_bool(), joined["seq"].as_u64()),
+        (Some(true), Some(3)),
+        "{joined}"
+    );
+    assert_eq!(second.json().await["seq"], 2);
+    assert_eq!(second.json().await["seq"], 3);
+
+    // A stale epoch is not recovered: nothing replayed, live messages follow.
+    let (mut third, _) = Sse::open(node.addr, "alice").await;
+    third
+        .send(json!({"type": "join", "room": "lobby", "since": 1, "epoch": "other", "id": "j"}))
+        .await;
+    let joined = third.json().await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+    ws.publish("lobby", json!(4)).await;
+    assert_eq!(third.json().await["seq"], 4);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_array_of_10000_frames_meets_the_limits_and_the_node_still_serves() {
+    // Room for every answer (a client that sends a lot at once without
+    // reading may otherwise be closed as a slow consumer, as over a
+    // WebSocket).
+    let node = Node::start(&["--max-outbound-bytes", "4194304"]).await;
+    let (mut sse, _) = Sse::open(node.addr, "alice").await;
+    let frames: Vec<_> = (0..10_000)
+        .map(|i| json!({"type": "publish", "room": "r", "data": i, "id": i}))
+        .collect();
+    let body = serde_json::Value::Array(frames).to_string();
+    assert_eq!(sse.post_raw(&body).await.0, 202);
+    // Every frame is answered, in order: the burst is acked, the rest is
+    // rate limited.
+    let (mut acks, mut limited, mut next) = (0, 0, 0);
+    while next < 10_000 {
+        let v = sse.json().await;
+        if v["type"] == "close" {
+            panic!("{v} after {next} answers");
+        }
+        assert_eq!(v["id"], next, "{v}");
+        next += 1;
+        match v["type"].as_str() {
+            Some("ack") => acks += 1,
+            _ => {
+                assert_eq!(v["code"], "rate_limited", "{v}");
+                limited += 1;
+            }
+        }
+    }
+    assert!(
+        (200..=260).contains(&acks),
+        "{acks} acks, {limited} limited"
+    );
+    // The node still serves.
+    let (mut again, _) = Sse::open(node.addr, "carol").await;
+    again.send(json!({"type": "ping", "id": "ok"})).await;
+    assert_eq!(again.json().await, json!({"type": "pong", "id": "ok"}));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn get_sse_is_checked_like_ws() {
+    let node = Node::start(&[
+        "--max-connections",
+        "1",
+        "--allowed-origins",
+        "https://good.example",
+    ])
+    .await;
+    let bearer = format!("Authorization: Bearer {}\r\n", any_token("alice"));
+    let refused = |r: Result<Sse, wsgate_testkit::Refused>| match r {
+        Ok(_) => panic!("not refused"),
+        Err(r) => r,
+    };
+    let r = refused(
+        Sse::connect(
+            node.addr,
+            &format!("{bearer}Origin: https://evil.example\r\n"),
+            "",
+            None,
+        )
+        .await,
+    );
+    assert_eq!(r.status, 403);
+    let r = refused(Sse::connect(node.addr, "", "", None).await);
+    assert_eq!(r.status, 401);
+    assert!(
+        r.headers
+            .iter()
+            .any(|(k, v)| k == "www-authenticate" && v.starts_with("Bearer")),
+        "{r:?}"
+    );
+    let (_held, _) = Sse::open(node.addr, "alice").await;
+    let r = refused(Sse::connect(node.addr, &bearer, "", None).await);
+    assert_eq!(r.status, 503);
+    assert!(r.headers.iter().any(|(k, _)| k == "retry-after"), "{r:?}");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_count_streams_with_transport_sse() {
+    let node = Node::start(&[]).await;
+    let (sse, _) = Sse::open(node.addr, "alice").await;
+    let (_ws, _) = Ws::open(&node.ws_url(), "bob").await;
+    let m = node.metrics().await;
+    let sse_label = [("transport", "sse")];
+    assert_eq!(m.value("wsgate_connections_active", &sse_label), 1.0);
+    assert_eq!(
+        m.value("wsgate_connections_accepted_total", &sse_label),
+        1.0
+    );
+    assert_eq!(
+        m.value("wsgate_connections_active", &[("transport", "ws")]),
+        1.0
+    );
+    drop(sse);
+    let ops = node.ops_url();
+    eventually("stream counted closed", || {
+        let ops = ops.clone();
+        async move {
+            let m = wsgate_testkit::metrics(&ops).await;
+            (m.value("wsgate_connections_active", &[("transport", "sse")]) == 0.0
+                && m.value("wsgate_connections_closed_total", &[("transport", "sse")]) == 1.0)
+                .then_some(())
+        }
+    })
+    .await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn streams_do_not_hold_pending_connection_slots() {
+    let node = Node::start(&["--max-pending-connections", "2"]).await;
+    let mut streams = Vec::new();
+    for i in 0..4 {
+        streams.push(Sse::open(node.addr, &format!("u{i}")).await.0);
+    }
+    // POSTs (pending connections while they last) still get through.
+    for s in &mut streams {
+        s.send(json!({"type": "ping", "id": "p"})).await;
+        assert_eq!(s.json().await["type"], "pong");
+    }
+    node.stop().await;
+}

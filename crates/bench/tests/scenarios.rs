@@ -197,6 +197,47 @@ async fn wrong_secret_counts_401() {
     assert_eq!(j["setup"]["failures"]["http_401"], 5);
 }
 
+/// `--transport sse`: idle members and fan-out subscribers on `GET /sse`,
+/// joined by `POST /sse/{conn}`, the publisher on WebSocket; every
+/// subscriber gets every message, checked by seq as over WebSocket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_fanout_over_sse() {
+    let cluster = Cluster::start(2).await;
+    let flags = cluster.flags();
+
+    let (r, j) = run(&with(
+        &flags,
+        &[
+            "idle",
+            "-n",
+            "20",
+            "--rooms",
+            "2",
+            "--hold",
+            "100ms",
+            "--transport",
+            "sse",
+        ],
+    ))
+    .await;
+    assert!(r.ok(), "{}", r.human());
+    assert_eq!(j["held"], 20);
+    assert_eq!(j["transport"], "sse");
+    assert_eq!(j["setup"]["nodes"].as_object().unwrap().len(), 2, "{j}");
+
+    let fanout: Vec<&str> = "fanout -s 10 -p 1 -r 50 -d 1s --warmup 200ms --transport sse"
+        .split(' ')
+        .collect();
+    let (r, j) = run(&with(&flags, &fanout)).await;
+    assert!(r.ok(), "{}", r.human());
+    assert_eq!(j["transport"], "sse");
+    let seq = &j["seq"];
+    assert_eq!(seq["lost"], 0, "{j}");
+    assert_eq!(seq["duplicated"], 0, "{j}");
+    assert!(seq["received"].as_u64().unwrap() >= 10 * 50, "{j}");
+    assert_eq!(seq["received"].as_u64().unwrap() % 10, 0, "{j}");
+}
+
 /// The built `wsgate` binary over a private redis-server, for the
 /// scenarios that kill a node.
 struct BinCluster {

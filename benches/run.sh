@@ -10,11 +10,18 @@
 #   benches/run.sh                       # the whole table (about 10 minutes)
 #   ONLY=fanout,rooms RUNS=1 benches/run.sh
 #   ONLY=issue10-15 RUNS=2 benches/run.sh  # the issue 10/15 before-and-after table (~9 min)
+#   ONLY=presence RUNS=1 benches/run.sh    # issue 11: idle with and without presence, the storms (~7 min)
+#   ONLY=sse RUNS=2 benches/run.sh         # issue 12: idle and fan-out, WebSocket and SSE (~6 min)
 #
 # Environment: RUNS, ONLY (comma list of: connect idle fanout rooms ramp
 # reconnect reconnect-overload, and the extras single cross scale floor wire
-# idle-deflate, which are not in the default list; issue10-15 stands for
-# idle,idle-deflate,floor,rooms,wire), FLOOR_RATES (default "100 500": the
+# idle-deflate idle-users idle-presence reconnect-rooms reconnect-presence,
+# which are not in the default list; issue10-15 stands for
+# idle,idle-deflate,floor,rooms,wire, presence for idle-users,idle-presence,
+# reconnect,reconnect-rooms,reconnect-presence; sse for idle,idle-sse,fanout,
+# fanout-sse: WebSocket and SSE in the same run), PRESENCE_ROOMS
+# (default 200 for idle, 150 for reconnect: about 100 users per room, since
+# presence events cost members x joins per room), FLOOR_RATES (default "100 500": the
 # rates `floor` measures the floor server and wsgate's fan-out at),
 # PAYLOAD_BYTES (default 2048: the dashboard payload of `wire`),
 # RECONNECT_RATE (default 5 msg/s: recovery),
@@ -29,6 +36,11 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RUNS=${RUNS:-3}
 ONLY=${ONLY:-connect,idle,fanout,rooms,ramp,reconnect,reconnect-overload}
 ONLY=${ONLY//issue10-15/idle,idle-deflate,floor,rooms,wire}
+ONLY=",$ONLY,"
+ONLY=${ONLY//,sse,/,idle,idle-sse,fanout,fanout-sse,}
+ONLY=${ONLY//,presence,/,idle-users,idle-presence,reconnect,reconnect-rooms,reconnect-presence,}
+ONLY=${ONLY#,}
+ONLY=${ONLY%,}
 FLOOR_RATES=${FLOOR_RATES:-100 500}
 PAYLOAD_BYTES=${PAYLOAD_BYTES:-2048}
 RECONNECT_RATE=${RECONNECT_RATE:-5}
@@ -182,8 +194,9 @@ run_idle() {
     before=$(rss)
     log "$name run $run: $local_nodes x wsgate-bench idle -n $N_IDLE --hold $HOLD $*"
     for ((t = 0; t < local_nodes; t++)); do
+        # Each process its own user ids (they matter with --distinct-users).
         "${PIN_TOOL[@]}" "$BENCH" idle "${flags[@]}" -n "$N_IDLE" --hold "$HOLD" --json "$@" \
-            --source-ips "127.0.0.$((2 * t + 2)),127.0.0.$((2 * t + 3))" \
+            --user-prefix "bench-idle-$t" --source-ips "127.0.0.$((2 * t + 2)),127.0.0.$((2 * t + 3))" \
             >"$OUT/$name.$run.$t.json" 2>"$OUT/$name.$run.$t.err" &
         tools+=($!)
     done
@@ -209,7 +222,8 @@ EOF
 }
 
 rss() { local t=0 p; for p in "${NODE_PIDS[@]}"; do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo "$t"; }
-active() { local t=0 o v; for o in "${OPS_PORTS[@]}"; do v=$(curl -sf "http://127.0.0.1:$o/metrics" | awk '/^wsgate_connections_active/ {print $2}' || true); v=${v%.*}; t=$((t + ${v:-0})); done; echo "$t"; }
+# Connections the nodes hold, every transport (the series has a transport label since SSE).
+active() { local t=0 o v; for o in "${OPS_PORTS[@]}"; do v=$(curl -sf "http://127.0.0.1:$o/metrics" | awk '/^wsgate_connections_active[ {]/ {s += $2} END {printf "%d", s}' || true); t=$((t + ${v:-0})); done; echo "$t"; }
 
 # floor NAME RUN RATE: the floor server (wsgate-bench floor-server, pinned
 # like the nodes) under the same fan-out as wsgate's: N_SUBS subscribers,
@@ -230,14 +244,13 @@ floor() {
     stop_servers
 }
 
-# ratio WSGATE FLOOR RUN: print wsgate's server CPU per delivery over the floor's.
+# ratio WSGATE FLOOR RUN: print wsgate's server CPU per delivery over the
+# floor's, and whether it means anything: both must have kept up with the
+# offered rate (95 % of the deliveries, p50 at most 50 ms; a sender that
+# falls behind writes several frames to a socket at once, which is cheaper
+# per delivery, so a ratio against a run that did not keep up is not valid).
 ratio() {
-    python3 - "$OUT/$1.$3.json" "$OUT/$2.$3.json" >&2 <<'EOF' || true
-import json, sys
-w, f = (json.load(open(p)).get("server_cpu_us_per_delivery") for p in sys.argv[1:])
-if w and f:
-    print(f"[bench] server CPU per delivery: wsgate {w:.2f} us, floor {f:.2f} us: {w / f:.2f}x the floor")
-EOF
+    python3 "$ROOT/benches/table.py" --ratio "$OUT/$1.$3.json" "$OUT/$2.$3.json" >&2 || true
 }
 
 
@@ -260,10 +273,35 @@ for ((run = 1; run <= RUNS; run++)); do
         run_idle idle-deflate "$run" --deflate
     fi
 
+    if wants idle-users; then
+        # Issue 11's baseline: the same 20,000 connections, each its own user,
+        # in rooms of about 100 users; presence tracked (it always is), no
+        # presence events asked for.
+        run_idle idle-users "$run" --rooms "${PRESENCE_ROOMS:-200}" --distinct-users
+    fi
+
+    if wants idle-presence; then
+        # The same, every member joined with "presence":true: what presence
+        # events cost an idle connection (target: within 0.2 KiB).
+        run_idle idle-presence "$run" --rooms "${PRESENCE_ROOMS:-200}" --presence
+    fi
+
+    if wants idle-sse; then
+        # Issue 12: the same 20,000 idle members over SSE (GET /sse, join by POST).
+        run_idle idle-sse "$run" --transport sse
+    fi
+
     if wants fanout; then
         # 1,000 subscribers over two nodes (half on the publisher's node), 100 msg/s.
         start_servers 2
         bench fanout "$run" -s "$N_SUBS" -p 1 -r 100 -d "$D" --warmup "$WARMUP" ${KEYS:+--keys}
+        stop_servers
+    fi
+
+    if wants fanout-sse; then
+        # Issue 12: the same fan-out with the subscribers on SSE (the publisher on WebSocket).
+        start_servers 2
+        bench fanout-sse "$run" fanout -s "$N_SUBS" -p 1 -r 100 -d "$D" --warmup "$WARMUP" --transport sse
         stop_servers
     fi
 
@@ -344,6 +382,23 @@ for ((run = 1; run <= RUNS; run++)); do
             --source-ips 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5
         stop_servers
     fi
+
+    # Issue 11: the storm into rooms of about 100, each client its own user
+    # (the same 15,000 clients, 10,000 on the killed n1; one publisher per
+    # room at $RECONNECT_RATE msg/s: the same 75,000 deliveries/s), without
+    # (reconnect-rooms) and with (reconnect-presence) "presence":true on
+    # every join. Presence is tracked either way: after the nodes'
+    # --presence-ttl (15 s) + 5 s + 2 s, every room's presence on n2 and n3
+    # must list exactly the users connected in it.
+    for variant in reconnect-rooms:--distinct-users reconnect-presence:--presence; do
+        wants "${variant%%:*}" || continue
+        start_servers 3
+        bench "${variant%%:*}" "$run" reconnect -c "$N_CLIENTS" --rooms "${PRESENCE_ROOMS:-150}" "${variant#*:}" \
+            --first-share 0.6667 -r "$RECONNECT_RATE" --kill-pid "${NODE_PIDS[0]}" \
+            --before "$BEFORE" --after 3s --resume-timeout 30s --drain 120s --idle 5s --presence-settle 22s \
+            --source-ips 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5
+        stop_servers
+    done
 
     if wants reconnect-overload; then
         # Overload, reported beside it: the same fault at $OVERLOAD_RATE msg/s

@@ -53,7 +53,41 @@ def verdict(v, ok):
     return "met" if ok(v) else "NOT met"
 
 
+def kept_up(run):
+    """Whether a fan-out run kept up with its rate: 95 % of the offered
+    deliveries, and a median latency of at most 50 ms (5 message intervals at
+    100 msg/s: a sender further behind has frames queued per socket and
+    writes them together, which is cheaper per delivery)."""
+    expected = run.get("expected_deliveries_per_s") or 0
+    p50 = dig(run, "latency.p50_ms")
+    return (run.get("deliveries_per_s") or 0) >= 0.95 * expected and p50 is not None and p50 <= 50
+
+
+def lateness(runs):
+    """Why a pair of (wsgate, floor) runs gives no valid ratio; empty when it does."""
+    return "; ".join(
+        f"{name} delivered {r.get('deliveries_per_s') or 0:,.0f}/s of {r.get('expected_deliveries_per_s') or 0:,.0f}/s, "
+        f"p50 {dig(r, 'latency.p50_ms') or 0:,.0f} ms"
+        for name, r in zip(("wsgate", "floor"), runs) if not kept_up(r))
+
+
+def print_ratio(wsgate_path, floor_path):
+    """One line: wsgate's server CPU per delivery over the floor's, valid or not."""
+    runs = []
+    for path in (wsgate_path, floor_path):
+        with open(path, encoding="utf-8") as f:
+            runs.append(json.loads(f.read().strip().splitlines()[-1]))
+    w, f = (r.get("server_cpu_us_per_delivery") for r in runs)
+    if w and f:
+        late = lateness(runs)
+        verdict = "valid" if not late else "NOT valid: " + late
+        print(f"[bench] server CPU per delivery: wsgate {w:.2f} us, floor {f:.2f} us: {w / f:.2f}x the floor ({verdict})")
+    return 0
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--ratio":
+        return print_ratio(sys.argv[2], sys.argv[3])
     if len(sys.argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
@@ -127,6 +161,7 @@ def main():
     for figure, target, measured, runs, verdict_text, notes in rows:
         print(f"| {figure} | {target} | {measured} | {runs} | {verdict_text} | {notes} |")
     issue_10_15(out)
+    issue_11_12(out)
     return 0
 
 
@@ -135,17 +170,33 @@ def values(runs, path, spec):
     return ", ".join(fmt(dig(r, path), spec) for r in runs if isinstance(dig(r, path), (int, float)))
 
 
+def add_row(rows, out, figure, target, name, path, spec, unit):
+    """Append a row of every run's value and their median; the median, or None without runs."""
+    runs = load(out, name)
+    if not runs:
+        return None
+    v, n = median(runs, path)
+    rows.append((figure, target, f"{values(runs, path, spec)}: **{fmt(v, spec)}{unit}**", n))
+    return v
+
+
+def print_rows(title, rows):
+    """A markdown table of (figure, target, measured, runs) rows, when there are any."""
+    if not rows:
+        return
+    print()
+    print(f"| {title} | target | runs: median | runs |")
+    print("|---|---|---|---|")
+    for figure, target, measured, n in rows:
+        print(f"| {figure} | {target} | {measured} | {n} |")
+
+
 def issue_10_15(out):
     """The issue 10/15 table (ONLY=issue10-15), when any of its runs exist."""
     rows = []
 
     def add(figure, target, name, path, spec, unit):
-        runs = load(out, name)
-        if not runs:
-            return None
-        v, n = median(runs, path)
-        rows.append((figure, target, f"{values(runs, path, spec)}: **{fmt(v, spec)}{unit}**", n))
-        return v
+        return add_row(rows, out, figure, target, name, path, spec, unit)
 
     add("memory per idle connection, 20,000 over two nodes", "<= 2.5 KiB",
         "idle", "server_kib_per_connection", ".2f", " KiB")
@@ -156,16 +207,21 @@ def issue_10_15(out):
                 "", f"fanout-r{rate}", "server_cpu_us_per_delivery", ".2f", " us")
         f = add(f"floor server CPU per delivery, same load", "", f"floor-r{rate}",
                 "server_cpu_us_per_delivery", ".2f", " us")
-        ratios = []
+        ratios, invalid = [], 0
         for a, b in zip(load(out, f"fanout-r{rate}"), load(out, f"floor-r{rate}")):
             x, y = dig(a, "server_cpu_us_per_delivery"), dig(b, "server_cpu_us_per_delivery")
             if x and y:
-                ratios.append(x / y)
-        if ratios:
+                if lateness([a, b]):
+                    invalid += 1
+                else:
+                    ratios.append(x / y)
+        if ratios or invalid:
+            measured = (", ".join(f"{r:.2f}" for r in ratios) + f": **{statistics.median(ratios):.2f}x**"
+                        if ratios else "no valid run")
+            if invalid:
+                measured += f" ({invalid} run(s) left out: wsgate or the floor did not keep up with the rate)"
             rows.append((f"ratio to the floor at {rate} msg/s",
-                         "<= 1.25x" if rate == 100 else "no worse than before",
-                         ", ".join(f"{r:.2f}" for r in ratios) + f": **{statistics.median(ratios):.2f}x**",
-                         len(ratios)))
+                         "<= 1.25x" if rate == 100 else "no worse than before", measured, len(ratios)))
         elif w is not None and f is not None:
             rows.append((f"ratio to the floor at {rate} msg/s", "", f"{w / f:.2f}x (of medians)", 1))
     add("fan-out p99 at 100 msg/s", "no worse than before", "fanout-r100", "latency.p99_ms", ".2f", " ms")
@@ -181,13 +237,48 @@ def issue_10_15(out):
     add("server CPU per delivery, 2 KiB payload, plain", "", "wire-plain", "server_cpu_us_per_delivery", ".2f", " us")
     add("server CPU per delivery, 2 KiB payload, deflate offered", "within 15 % of plain",
         "wire-deflate", "server_cpu_us_per_delivery", ".2f", " us")
-    if not rows:
-        return
-    print()
-    print("| figure (issue 10 / 15) | target | runs: median | runs |")
-    print("|---|---|---|---|")
-    for figure, target, measured, n in rows:
-        print(f"| {figure} | {target} | {measured} | {n} |")
+    print_rows("figure (issue 10 / 15)", rows)
+
+
+def issue_11_12(out):
+    """The presence (issue 11) and SSE (issue 12) figures, when any of their runs exist."""
+    rows = []
+
+    def add(figure, target, name, path, spec, unit):
+        return add_row(rows, out, figure, target, name, path, spec, unit)
+
+    users = add("memory per idle connection, 20,000 over two nodes, each its own user, rooms of ~100, "
+                "no presence events", "", "idle-users", "server_kib_per_connection", ".2f", " KiB")
+    pres = add("the same, every member joined with \"presence\":true", "within 0.2 KiB",
+               "idle-presence", "server_kib_per_connection", ".2f", " KiB")
+    if users is not None and pres is not None:
+        rows.append(("presence - no presence", "<= 0.2 KiB", f"**{pres - users:+.2f} KiB**", 1))
+    add("reconnect storm, one room (this run)", "<= 5 s", "reconnect", "all_resumed_s", ".2f", " s")
+    add("reconnect storm, rooms of ~100, each client its own user, no presence events (this run)", "<= 5 s",
+        "reconnect-rooms", "all_resumed_s", ".2f", " s")
+    t = add("reconnect storm into presence-enabled rooms: all resumed", "<= 5 s",
+            "reconnect-presence", "all_resumed_s", ".2f", " s")
+    if t is not None:
+        runs = load(out, "reconnect-presence")
+        for path, what in (("lost", "lost"), ("seq.duplicated", "duplicated"),
+                           ("presence.answers", "presence answers"), ("presence.wrong", "presence answers wrong"),
+                           ("presence.failed", "presence queries failed"),
+                           ("presence.expected_users", "users expected present"),
+                           ("presence.answered_users", "users answered present (first node)")):
+            rows.append((f"... {what}", "0" if "wrong" in what or "failed" in what or what in ("lost", "duplicated") else "",
+                         values(runs, path, ".0f"), len(runs)))
+    ws = add("memory per idle connection, WebSocket (this run)", "", "idle", "server_kib_per_connection", ".2f", " KiB")
+    sse = add("memory per idle connection, SSE", "within 0.5 KiB of WebSocket", "idle-sse",
+              "server_kib_per_connection", ".2f", " KiB")
+    if ws is not None and sse is not None:
+        rows.append(("SSE - WebSocket, idle", "<= 0.5 KiB", f"**{sse - ws:+.2f} KiB**", 1))
+    ws = add("server CPU per delivery, WebSocket subscribers (this run)", "", "fanout",
+             "server_cpu_us_per_delivery", ".2f", " us")
+    sse = add("server CPU per delivery, SSE subscribers", "within 20 % of WebSocket", "fanout-sse",
+              "server_cpu_us_per_delivery", ".2f", " us")
+    if ws and sse:
+        rows.append(("SSE / WebSocket, fan-out CPU per delivery", "<= 1.20x", f"**{sse / ws:.2f}x**", 1))
+    print_rows("figure (issue 11 / 12)", rows)
 
 
 if __name__ == "__main__":

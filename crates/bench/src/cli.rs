@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use crate::net::{OpsTarget, Target};
+use crate::net::{OpsTarget, Target, Transport};
 
 /// Most connections one run may open.
 pub const MAX_CONNECTIONS: usize = 500_000;
@@ -149,6 +149,11 @@ pub struct Common {
     /// compressed messages; a server that does not accept it sends plain frames.
     #[arg(long)]
     pub deflate: bool,
+    /// Transport of the members that only read (`idle`, `fanout`
+    /// subscribers): `ws`, or `sse` (GET /sse, joins with POST /sse/{conn});
+    /// publishers always use WebSocket.
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    pub transport: Transport,
 }
 
 /// Subscribers and publishers of a fan-out (`fanout`, `ramp`).
@@ -191,6 +196,52 @@ pub struct PublisherArgs {
     pub keys: bool,
 }
 
+/// Presence (PROTOCOL.md section 6) for the joins of `idle` and `reconnect`.
+#[derive(Debug, Clone, Args)]
+pub struct PresenceArgs {
+    /// Join with `"presence":true` (presence events for every member), each
+    /// connection as its own user so that presence counts every one (implies
+    /// --distinct-users). Presence events cost members x joins per room: keep
+    /// rooms small (--rooms).
+    #[arg(long)]
+    pub presence: bool,
+    /// Each connection its own user (`<user-prefix>-<index>`) instead of one
+    /// user for all.
+    #[arg(long)]
+    pub distinct_users: bool,
+    /// Prefix of the user ids (default: the scenario's); several processes
+    /// of one run need different prefixes for distinct users.
+    #[arg(long)]
+    pub user_prefix: Option<String>,
+}
+
+impl PresenceArgs {
+    /// Whether every connection is its own user.
+    pub fn distinct(&self) -> bool {
+        self.presence || self.distinct_users
+    }
+
+    /// The user id of connection `index`: `<prefix>-<index>` when distinct,
+    /// otherwise `<prefix>`; `default` is the scenario's prefix.
+    pub fn user(&self, default: &str, index: usize) -> String {
+        let prefix = self.user_prefix.as_deref().unwrap_or(default);
+        if self.distinct() {
+            format!("{prefix}-{index}")
+        } else {
+            prefix.to_owned()
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match &self.user_prefix {
+            Some(p) if p.is_empty() || p.len() > 100 => {
+                Err("--user-prefix must be 1 to 100 characters".to_owned())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// `connect`.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
@@ -220,6 +271,9 @@ pub struct IdleArgs {
     /// How long to hold them before measuring again.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub hold: Duration,
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub presence: PresenceArgs,
 }
 
 /// `fanout`.
@@ -287,12 +341,28 @@ pub struct ReconnectArgs {
     #[allow(missing_docs)]
     #[command(flatten)]
     pub common: Common,
-    /// Clients, spread round-robin over the URLs, all in one room.
+    /// Clients, spread round-robin over the URLs.
     #[arg(long, short = 'c', default_value_t = 1000)]
     pub clients: usize,
-    /// Publish rate (one publisher, on the last --url), messages per second.
+    /// Rooms the clients are spread over (client i in room i mod R; one room
+    /// is named --room, several `<room>.0`, `<room>.1`, ...), one publisher
+    /// each.
+    #[arg(long, default_value_t = 1)]
+    pub rooms: usize,
+    /// Publish rate of each room's publisher (on the last --url), messages
+    /// per second.
     #[arg(long, short = 'r', default_value_t = 100.0)]
     pub rate: f64,
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub presence: PresenceArgs,
+    /// With --presence or --distinct-users: check presence this long after
+    /// the fault (the gateway's --presence-ttl, 15 s by default, + 5 s for
+    /// the killed node's users to be removed, + 2 s to propagate), then
+    /// compare every room's `presence` answer, on every surviving node,
+    /// with the clients connected in it.
+    #[arg(long, default_value = "22s", value_parser = duration)]
+    pub presence_settle: Duration,
     /// SIGKILL this process: the node behind the FIRST --url.
     #[arg(long)]
     pub kill_pid: Option<u32>,
@@ -584,7 +654,7 @@ impl Scenario {
             Scenario::Idle(a) => a.connections,
             Scenario::Fanout(a) => a.audience.connections(),
             Scenario::Rooms(a) => a.connections,
-            Scenario::Reconnect(a) => a.clients + 1,
+            Scenario::Reconnect(a) => a.clients + a.rooms,
             Scenario::Ramp(a) => a.audience.connections(),
             Scenario::Soak(a) => a.subscribers + a.publishers + a.churners,
         }
@@ -594,6 +664,14 @@ impl Scenario {
     pub fn validate(&self) -> Result<(), String> {
         let common = self.common();
         common.validate()?;
+        if common.transport == Transport::Sse
+            && !matches!(self, Scenario::Idle(_) | Scenario::Fanout(_))
+        {
+            return Err("--transport sse is for idle and fanout".to_owned());
+        }
+        if common.transport == Transport::Sse && common.deflate {
+            return Err("--deflate is for WebSocket, not --transport sse".to_owned());
+        }
         let max = MAX_CONNECTIONS;
         match self {
             Scenario::Connect(a) => check_count("connections", a.connections, 1, max)?,
@@ -602,6 +680,7 @@ impl Scenario {
                 check_count("rooms", a.rooms, 1, a.connections)?;
                 check_room("room", &a.room)?;
                 check_duration("hold", a.hold, true)?;
+                a.presence.validate()?;
             }
             Scenario::Fanout(a) => {
                 a.audience.validate()?;
@@ -623,7 +702,11 @@ impl Scenario {
             }
             Scenario::Reconnect(a) => {
                 check_count("clients", a.clients, 1, max)?;
+                check_count("rooms", a.rooms, 1, a.clients.min(10_000))?;
                 check_rate("rate", a.rate)?;
+                check_rate("rate x rooms", a.rate * a.rooms as f64)?;
+                a.presence.validate()?;
+                check_duration("presence-settle", a.presence_settle, true)?;
                 if common.urls.len() < 2 {
                     return Err(
                         "reconnect needs at least two --url (the first is the node the fault hits)"
@@ -719,7 +802,14 @@ impl Scenario {
             Scenario::Idle(a) => a.hold,
             Scenario::Fanout(a) => a.window.warmup + a.window.duration + a.drain,
             Scenario::Rooms(a) => a.window.warmup + a.window.duration + a.drain,
-            Scenario::Reconnect(a) => a.before + a.resume_timeout + a.after + a.drain,
+            Scenario::Reconnect(a) => {
+                let settle = if a.presence.distinct() {
+                    a.presence_settle + Duration::from_secs(10)
+                } else {
+                    Duration::ZERO
+                };
+                (a.before + a.resume_timeout + a.after + a.drain).max(a.before + settle)
+            }
             Scenario::Ramp(a) => a.step * a.max_steps as u32 + a.step,
             Scenario::Soak(a) => a.duration + a.drain + Duration::from_secs(30),
         };

@@ -26,6 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use socket2::SockRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -155,7 +156,10 @@ impl Conn {
         }
         let mut queued = self.queued.borrow_mut();
         let written = if queued.is_empty() {
-            match self.stream.try_write(bytes) {
+            // One send() on the non-blocking socket, without tokio's
+            // readiness bookkeeping (a WouldBlock here leaves its readiness
+            // stale: the member's task then finds out with one try_write).
+            match SockRef::from(&self.stream).send(bytes) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(_) => {

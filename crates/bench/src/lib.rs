@@ -22,6 +22,7 @@
 //! - [`token`]: HS256 token minting, or a given token.
 //! - [`net`]: connecting (source addresses, timeouts), frames, hot-path peeks.
 //! - [`wire`]: the client socket: bytes on the wire, permessage-deflate inflate.
+//! - [`sse`]: the SSE transport's client side (`GET /sse`, `POST /sse/{conn}`).
 //! - [`probe`]: server figures from `/metrics` and `/proc`, the tool's own CPU.
 //! - [`report`]: the human summary, the JSON line and progress bars.
 //! - [`scenario`]: the seven scenarios and the per-connection member task.
@@ -35,6 +36,7 @@ pub mod pace;
 pub mod probe;
 pub mod report;
 pub mod scenario;
+pub mod sse;
 pub mod stats;
 pub mod token;
 pub mod wire;

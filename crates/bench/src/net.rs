@@ -11,7 +11,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_util::{SinkExt, Stream, StreamExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::header::{
@@ -21,12 +25,44 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
-use wsgate_protocol::{Joined, ServerFrame, Welcome};
+use wsgate_protocol::{Joined, Presence, ServerFrame, Welcome};
 
-use crate::wire::{wire_stream, WireStream, DEFLATE_OFFER};
+use crate::sse::{self, PostTarget, Sse};
+use crate::wire::{counted, wire_stream, WireStream, DEFLATE_OFFER};
 
 /// A client WebSocket over plain TCP (through [`WireStream`]: byte count, inflate).
 pub type Ws = WebSocketStream<WireStream>;
+
+/// A member's connection: a WebSocket, or an SSE stream with POSTs
+/// (PROTOCOL.md section 7). Both read as a stream of text messages.
+pub enum Conn {
+    /// `/ws`.
+    Ws(Box<Ws>),
+    /// `/sse` + `POST /sse/{conn}`.
+    Sse(Box<Sse>),
+}
+
+impl Stream for Conn {
+    type Item = Result<Message, WsError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            Conn::Ws(ws) => ws.poll_next_unpin(cx),
+            Conn::Sse(sse) => sse.poll_next_unpin(cx),
+        }
+    }
+}
+
+/// Which transport members read over (`--transport`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// WebSocket (`/ws`).
+    #[default]
+    Ws,
+    /// Server-Sent Events (`/sse`) with `POST /sse/{conn}` for client frames.
+    Sse,
+}
 
 fn split_host_port(authority: &str) -> Result<(&str, u16), String> {
     let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
@@ -81,6 +117,8 @@ pub struct Target {
     pub url: String,
     /// The address connected to.
     pub addr: SocketAddr,
+    /// `host:port` for the Host header of `/sse` requests.
+    pub host: String,
 }
 
 impl Target {
@@ -100,6 +138,7 @@ impl Target {
         Ok(Target {
             url: url.to_owned(),
             addr,
+            host: authority.to_owned(),
         })
     }
 }
@@ -221,6 +260,7 @@ pub struct Connector {
     config: WebSocketConfig,
     origin: Option<HeaderValue>,
     deflate: bool,
+    transport: Transport,
     /// Bytes read off the wire by every connection (before any inflate).
     pub rx_bytes: Arc<AtomicU64>,
     /// Connections whose handshake the server answered with permessage-deflate.
@@ -251,6 +291,7 @@ impl Connector {
             config,
             origin,
             deflate: false,
+            transport: Transport::Ws,
             rx_bytes: Arc::new(AtomicU64::new(0)),
             deflate_negotiated: AtomicU64::new(0),
         })
@@ -266,6 +307,17 @@ impl Connector {
     /// Whether connections offer permessage-deflate.
     pub fn deflate(&self) -> bool {
         self.deflate
+    }
+
+    /// The transport of members that only read ([`Connector::open_conn`]).
+    pub fn with_transport(mut self, transport: Transport) -> Connector {
+        self.transport = transport;
+        self
+    }
+
+    /// The transport of members that only read.
+    pub fn transport(&self) -> Transport {
+        self.transport
     }
 
     /// The limit on one connect (and on one join).
@@ -332,23 +384,138 @@ impl Connector {
         }
     }
 
-    /// Join `room` (resuming after `since` in `epoch` when given) and wait for
-    /// `joined`, within the timeout. Frames of other rooms before it are skipped.
+    /// Open a connection over `transport` (see [`Connector::open`]); an SSE
+    /// stream's `welcome` is read off the stream, within the timeout.
+    pub async fn open_conn(
+        &self,
+        target: &Target,
+        token: &Arc<str>,
+        transport: Transport,
+    ) -> Result<(Conn, Welcome), ConnectError> {
+        match transport {
+            Transport::Ws => {
+                let (ws, welcome) = self.open(target, token).await?;
+                Ok((Conn::Ws(Box::new(ws)), welcome))
+            }
+            Transport::Sse => tokio::time::timeout(self.timeout, self.open_sse(target, token))
+                .await
+                .map_err(|_| ConnectError::Timeout)?,
+        }
+    }
+
+    async fn open_sse(
+        &self,
+        target: &Target,
+        token: &Arc<str>,
+    ) -> Result<(Conn, Welcome), ConnectError> {
+        let mut stream = self.tcp(target.addr).await.map_err(|e| io_kind(&e))?;
+        let origin = self.origin.as_ref().and_then(|o| o.to_str().ok());
+        stream
+            .write_all(sse::get_request(&target.host, token, origin).as_bytes())
+            .await
+            .map_err(|e| io_kind(&e))?;
+        let (head, rest) = sse::read_head(&mut stream).await?;
+        if head.status != 200 {
+            return Err(ConnectError::Status(head.status));
+        }
+        let post = PostTarget {
+            addr: target.addr,
+            host: target.host.clone(),
+            token: token.clone(),
+            conn: String::new(),
+        };
+        let sse = Sse::new(
+            counted(stream, self.rx_bytes.clone()),
+            &rest,
+            head.chunked,
+            post,
+        )
+        .map_err(|e| io_kind(&e))?;
+        let mut conn = Conn::Sse(Box::new(sse));
+        match next_frame(&mut conn).await? {
+            ServerFrame::Welcome(w) => {
+                if let Conn::Sse(sse) = &mut conn {
+                    sse.post_target().conn = w.conn.clone();
+                }
+                Ok((conn, w))
+            }
+            other => Err(ConnectError::Protocol(format!(
+                "expected welcome, got {}",
+                other.to_json()
+            ))),
+        }
+    }
+
+    /// `POST /sse/{conn}` one client frame for an SSE stream; anything but
+    /// `202` is a refusal.
+    async fn post(&self, post: &PostTarget, frame: &str) -> Result<(), ConnectError> {
+        let mut stream = self.tcp(post.addr).await.map_err(|e| io_kind(&e))?;
+        match sse::send_post(&mut stream, &sse::post_request(post, frame)).await? {
+            202 => Ok(()),
+            status => Err(ConnectError::Status(status)),
+        }
+    }
+
+    /// Join `room` (resuming after `since` in `epoch` when given; asking for
+    /// presence events when `presence`) and wait for `joined`, within the
+    /// timeout. Frames of other rooms before it are skipped.
     pub async fn join(
         &self,
-        ws: &mut Ws,
+        ws: &mut Conn,
         room: &str,
         since: Option<(u64, &str)>,
+        presence: bool,
     ) -> Result<Joined, ConnectError> {
-        ws.send(Message::text(join_frame(room, since))).await?;
+        self.request(ws, join_frame(room, since, presence), |f| match f {
+            ServerFrame::Joined(j) if j.room == room => Some(j),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Ask who is present in `room` (request id `id`) and wait for the
+    /// answer, within the timeout; other frames before it are skipped.
+    pub async fn presence(
+        &self,
+        ws: &mut Conn,
+        room: &str,
+        id: u64,
+    ) -> Result<Presence, ConnectError> {
+        let want = id.to_string();
+        self.request(ws, presence_frame(room, id), |f| match f {
+            ServerFrame::Presence(p)
+                if p.id.as_ref().map(ToString::to_string) == Some(want.clone()) =>
+            {
+                Some(p)
+            }
+            _ => None,
+        })
+        .await
+    }
+
+    /// Send `frame` and wait, within the timeout, for the first frame `pick`
+    /// takes (an `error` frame fails it).
+    async fn request<T>(
+        &self,
+        ws: &mut Conn,
+        frame: String,
+        pick: impl Fn(ServerFrame) -> Option<T>,
+    ) -> Result<T, ConnectError> {
+        match ws {
+            Conn::Ws(ws) => ws.send(Message::text(frame)).await?,
+            Conn::Sse(sse) => self.post(sse.post_target(), &frame).await?,
+        }
         tokio::time::timeout(self.timeout, async {
             loop {
                 match next_frame(ws).await? {
-                    ServerFrame::Joined(j) if j.room == room => return Ok(j),
                     ServerFrame::Error(e) => {
                         return Err(ConnectError::Refusal(e.code.as_str().to_owned()))
                     }
-                    _ => continue,
+                    other => {
+                        if let Some(t) = pick(other) {
+                            return Ok(t);
+                        }
+                    }
                 }
             }
         })
@@ -358,7 +525,10 @@ impl Connector {
 }
 
 /// The next protocol frame (control frames are skipped; tungstenite answers pings).
-pub async fn next_frame(ws: &mut Ws) -> Result<ServerFrame, ConnectError> {
+pub async fn next_frame<S>(ws: &mut S) -> Result<ServerFrame, ConnectError>
+where
+    S: Stream<Item = Result<Message, WsError>> + Unpin,
+{
     loop {
         match ws.next().await {
             None => return Err(ConnectError::Closed(None)),
@@ -372,6 +542,14 @@ pub async fn next_frame(ws: &mut Ws) -> Result<ServerFrame, ConnectError> {
             }
             Some(Ok(_)) => continue,
         }
+    }
+}
+
+/// Close a member's connection: a WebSocket politely ([`close`]), an SSE
+/// stream by dropping it.
+pub async fn close_conn(conn: &mut Conn, limit: Duration) {
+    if let Conn::Ws(ws) = conn {
+        close(ws, limit).await;
     }
 }
 
@@ -393,16 +571,26 @@ fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
 }
 
-/// A `join` frame, with `since` and `epoch` when resuming.
-pub fn join_frame(room: &str, since: Option<(u64, &str)>) -> String {
-    match since {
-        None => format!(r#"{{"type":"join","room":{}}}"#, json_str(room)),
-        Some((seq, epoch)) => format!(
-            r#"{{"type":"join","room":{},"since":{seq},"epoch":{}}}"#,
-            json_str(room),
-            json_str(epoch)
-        ),
+/// A `join` frame, with `since` and `epoch` when resuming, and
+/// `"presence":true` when asking for presence events (PROTOCOL.md section 6).
+pub fn join_frame(room: &str, since: Option<(u64, &str)>, presence: bool) -> String {
+    let mut frame = format!(r#"{{"type":"join","room":{}"#, json_str(room));
+    if let Some((seq, epoch)) = since {
+        frame.push_str(&format!(r#","since":{seq},"epoch":{}"#, json_str(epoch)));
     }
+    if presence {
+        frame.push_str(r#","presence":true"#);
+    }
+    frame.push('}');
+    frame
+}
+
+/// A `presence` query frame (PROTOCOL.md section 6) with request id `id`.
+pub fn presence_frame(room: &str, id: u64) -> String {
+    format!(
+        r#"{{"type":"presence","room":{},"id":{id}}}"#,
+        json_str(room)
+    )
 }
 
 /// Builds `publish` frames whose `data` is `{"t":<send ns>,"p":"<padding>"}`,
@@ -670,11 +858,23 @@ mod tests {
 
     #[test]
     fn join_frames() {
-        assert_eq!(join_frame("a", None), r#"{"type":"join","room":"a"}"#);
-        let f = join_frame("a", Some((41, "k\"3")));
+        assert_eq!(
+            join_frame("a", None, false),
+            r#"{"type":"join","room":"a"}"#
+        );
+        let f = join_frame("a", Some((41, "k\"3")), false);
         let v: serde_json::Value = serde_json::from_str(&f).unwrap();
         assert_eq!(v["since"], 41);
         assert_eq!(v["epoch"], "k\"3");
+        assert!(v.get("presence").is_none());
+        for since in [None, Some((3, "e"))] {
+            let f = join_frame("a", since, true);
+            assert!(wsgate_protocol::parse_client_frame(&f).is_ok(), "{f}");
+            let v: serde_json::Value = serde_json::from_str(&f).unwrap();
+            assert_eq!(v["presence"], true);
+        }
+        let q = presence_frame("a.1", 9);
+        assert!(wsgate_protocol::parse_client_frame(&q).is_ok(), "{q}");
     }
 
     #[test]

@@ -22,7 +22,12 @@ pub type WireStream = Inflating<Counted>;
 
 /// Wrap `inner`, counting the bytes it reads into `rx`.
 pub fn wire_stream(inner: TcpStream, rx: Arc<AtomicU64>) -> WireStream {
-    Inflating::new(Counted { inner, rx })
+    Inflating::new(counted(inner, rx))
+}
+
+/// `inner`, counting the bytes it reads into `rx` (no inflating: SSE).
+pub fn counted(inner: TcpStream, rx: Arc<AtomicU64>) -> Counted {
+    Counted { inner, rx }
 }
 
 /// A TCP stream that adds the bytes it reads to a shared counter.

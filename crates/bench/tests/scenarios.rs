@@ -98,6 +98,26 @@ async fn scenarios_on_two_nodes() {
     assert!(r.ok(), "{}", r.human());
     assert_eq!(j["held"], 40);
     assert!(j["server_bytes_per_connection"].is_number(), "{j}");
+    assert_eq!(j["presence"], false);
+
+    let (r, j) = run(&with(
+        &flags,
+        &[
+            "idle",
+            "-n",
+            "40",
+            "--rooms",
+            "4",
+            "--hold",
+            "100ms",
+            "--presence",
+        ],
+    ))
+    .await;
+    assert!(r.ok(), "{}", r.human());
+    assert_eq!(j["held"], 40);
+    assert_eq!(j["presence"], true);
+    assert_eq!(j["distinct_users"], true);
 
     let (r, j) = run(&with(
         &flags,
@@ -177,6 +197,47 @@ async fn wrong_secret_counts_401() {
     assert_eq!(j["setup"]["failures"]["http_401"], 5);
 }
 
+/// `--transport sse`: idle members and fan-out subscribers on `GET /sse`,
+/// joined by `POST /sse/{conn}`, the publisher on WebSocket; every
+/// subscriber gets every message, checked by seq as over WebSocket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_fanout_over_sse() {
+    let cluster = Cluster::start(2).await;
+    let flags = cluster.flags();
+
+    let (r, j) = run(&with(
+        &flags,
+        &[
+            "idle",
+            "-n",
+            "20",
+            "--rooms",
+            "2",
+            "--hold",
+            "100ms",
+            "--transport",
+            "sse",
+        ],
+    ))
+    .await;
+    assert!(r.ok(), "{}", r.human());
+    assert_eq!(j["held"], 20);
+    assert_eq!(j["transport"], "sse");
+    assert_eq!(j["setup"]["nodes"].as_object().unwrap().len(), 2, "{j}");
+
+    let fanout: Vec<&str> = "fanout -s 10 -p 1 -r 50 -d 1s --warmup 200ms --transport sse"
+        .split(' ')
+        .collect();
+    let (r, j) = run(&with(&flags, &fanout)).await;
+    assert!(r.ok(), "{}", r.human());
+    assert_eq!(j["transport"], "sse");
+    let seq = &j["seq"];
+    assert_eq!(seq["lost"], 0, "{j}");
+    assert_eq!(seq["duplicated"], 0, "{j}");
+    assert!(seq["received"].as_u64().unwrap() >= 10 * 50, "{j}");
+    assert_eq!(seq["received"].as_u64().unwrap() % 10, 0, "{j}");
+}
+
 /// The built `wsgate` binary over a private redis-server, for the
 /// scenarios that kill a node.
 struct BinCluster {
@@ -202,9 +263,14 @@ impl BinCluster {
     }
 
     async fn node(&self) -> BinNode {
+        self.node_with(&[]).await
+    }
+
+    async fn node_with(&self, extra: &[&str]) -> BinNode {
         let url = self.redis.url();
         let mut flags = vec!["--redis-url", url.as_str()];
         flags.extend_from_slice(NODE_FLAGS);
+        flags.extend_from_slice(extra);
         BinNode::start_with(&self.bin, &flags).await
     }
 }
@@ -248,6 +314,50 @@ async fn reconnect_after_a_node_is_killed() {
     assert_eq!(j["lagging"], 0);
     assert_eq!(j["drain"]["ended"], "caught_up");
     assert_eq!(j["seq"]["duplicated"], 0);
+}
+
+/// The storm into presence-enabled rooms: 30 clients, each its own user, in
+/// 3 rooms joined with `"presence":true`, 15 on a node that is SIGKILLed.
+/// After the killed node's presence lease (`--presence-ttl 1s`) + 5 s + 2 s,
+/// every room's `presence` on the survivor lists exactly the 10 users
+/// connected in it: the killed node's users are present again through their
+/// new connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_into_presence_rooms_keeps_presence_right() {
+    let Some(bins) = BinCluster::start() else {
+        return;
+    };
+    let ttl = ["--presence-ttl", "1s"];
+    let doomed = bins.node_with(&ttl).await;
+    let survivor = bins.node_with(&ttl).await;
+    let pid = doomed.pid().to_string();
+    let targets = [
+        "--url".to_owned(),
+        doomed.ws_url(),
+        "--url".to_owned(),
+        survivor.ws_url(),
+        "--ops-url".to_owned(),
+        survivor.ops_url(),
+        "--jwt-secret".to_owned(),
+        SECRET.to_owned(),
+    ];
+    let plan = "reconnect -c 30 --rooms 3 --presence -r 20 --before 500ms --after 300ms --presence-settle 8s";
+    let mut args: Vec<&str> = plan.split(' ').collect();
+    args.extend(["--kill-pid", &pid]);
+    let (r, j) = run(&with(&targets, &args)).await;
+    let human = r.human();
+    assert!(r.ok(), "{human}");
+    assert_eq!(j["affected"], 15, "{human}");
+    assert_eq!(j["resumed"], 15, "{human}");
+    assert_eq!(j["lost"], 0, "{human}");
+    let p = &j["presence"];
+    assert_eq!(p["answers"], 3, "{human}");
+    assert_eq!(p["wrong"], 0, "{human}");
+    assert_eq!(p["failed"], 0, "{human}");
+    assert_eq!(p["expected_users"], 30, "{human}");
+    assert_eq!(p["answered_users"], 30, "{human}");
+    // Members heard of each other's joins.
+    assert!(j["presence_events"].as_u64().unwrap() > 0, "{human}");
 }
 
 /// Clients that stop reading around the end of publishing lag; they lose

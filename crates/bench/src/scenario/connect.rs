@@ -22,6 +22,7 @@ pub async fn run(ctx: &Ctx, args: &ConnectArgs) -> Result<Report> {
             url_idx: round_robin(i, ctx.node_urls()),
             token: token.clone(),
             join: None,
+            presence: false,
             publish: None,
             reconnect: false,
             track_latency: false,

@@ -13,7 +13,7 @@ use anyhow::Result;
 use super::member::{MemberSpec, PublishSpec};
 use super::{round_robin, sleep_with_bar, usage_to_report, Crowd, Ctx};
 use crate::cli::{Audience, FanoutArgs, PublisherArgs, RoomsArgs};
-use crate::net::PublishEncoder;
+use crate::net::{PublishEncoder, Transport};
 use crate::pace;
 use crate::report::{self, Report};
 use crate::stats::LatencySummary;
@@ -72,6 +72,10 @@ pub async fn run_fanout(ctx: &Ctx, args: &FanoutArgs) -> Result<Report> {
         per_publisher,
         if ctx.connector.deflate() { ", permessage-deflate offered" } else { "" }
     ));
+    if ctx.connector.transport() == Transport::Sse {
+        report.line("subscribers over SSE (GET /sse, join by POST); publishers over WebSocket");
+    }
+    report.set("transport", ctx.connector.transport());
     measure(ctx, &mut crowd, &plan, &mut report, |i| {
         (i < subs).then_some(0)
     })
@@ -110,6 +114,7 @@ pub async fn fanout_crowd(
             url_idx: round_robin(i, ctx.node_urls()),
             token: sub_token.clone(),
             join: Some((room.clone(), 0)),
+            presence: false,
             publish: None,
             reconnect: false,
             track_latency: true,
@@ -139,6 +144,7 @@ pub async fn fanout_crowd(
             url_idx: pub_url,
             token: pub_token.clone(),
             join: None,
+            presence: false,
             publish: Some(PublishSpec {
                 encoder: encoder.clone(),
                 room_idx: 0,
@@ -177,6 +183,7 @@ pub async fn run_rooms(ctx: &Ctx, args: &RoomsArgs) -> Result<Report> {
             url_idx: round_robin(i, ctx.node_urls()),
             token: token.clone(),
             join: Some((rooms[i / k].clone(), i / k)),
+            presence: false,
             publish: Some(PublishSpec {
                 encoder: encoders[i / k].clone(),
                 room_idx: i / k,

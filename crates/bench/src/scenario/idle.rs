@@ -6,35 +6,27 @@
 //! run several `wsgate-bench idle` processes at once (see the README).
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
 use super::member::MemberSpec;
-use super::{round_robin, sleep_with_bar, usage_to_report, Crowd, Ctx};
+use super::{member_tokens, room_names, round_robin, sleep_with_bar, usage_to_report, Crowd, Ctx};
 use crate::cli::IdleArgs;
 use crate::report::Report;
 
 /// Run the scenario.
 pub async fn run(ctx: &Ctx, args: &IdleArgs) -> Result<Report> {
     let mut report = Report::new("idle");
-    let token: Arc<str> = ctx.tokens.for_user("bench-idle")?.into();
-    let rooms: Vec<Arc<str>> = (0..args.rooms)
-        .map(|r| {
-            if args.rooms == 1 {
-                args.room.as_str().into()
-            } else {
-                format!("{}.{r}", args.room).into()
-            }
-        })
-        .collect();
+    let tokens = member_tokens(ctx, &args.presence, "bench-idle", args.connections)?;
+    let rooms = room_names(&args.room, args.rooms);
     let specs = (0..args.connections)
         .map(|i| MemberSpec {
             index: i,
             url_idx: round_robin(i, ctx.node_urls()),
-            token: token.clone(),
+            token: tokens[i % tokens.len()].clone(),
             join: Some((rooms[i % rooms.len()].clone(), i % rooms.len())),
+            presence: args.presence.presence,
             publish: None,
             reconnect: false,
             track_latency: false,
@@ -86,6 +78,14 @@ pub async fn run(ctx: &Ctx, args: &IdleArgs) -> Result<Report> {
         tool_delta / held.max(1) as f64 / 1024.0
     ));
     report.set("held", held);
+    report.set("presence", args.presence.presence);
+    report.set("transport", ctx.connector.transport());
+    report.set("distinct_users", args.presence.distinct());
+    let events = crowd.shared.presence_events.load(Relaxed);
+    if args.presence.presence {
+        report.line(format!("presence events received: {events}"));
+    }
+    report.set("presence_events", events);
     report.set("setup", &setup);
     report.set("tool_bytes_per_connection", tool_delta / held.max(1) as f64);
     if !setup.complete() || held < setup.attempted {

@@ -19,7 +19,8 @@ use wsgate_protocol::{peek_message, ServerFrame};
 
 use crate::clock;
 use crate::net::{
-    self, peek_ack_seq, peek_sent_ns, ConnectError, Connector, PublishEncoder, Target, Ws,
+    self, peek_ack_seq, peek_sent_ns, Conn, ConnectError, Connector, PublishEncoder, Target,
+    Transport,
 };
 use crate::pace::Pacer;
 use crate::stats::{Latencies, LatencyBuf, Seen, SeqTracker, FLUSH_NS};
@@ -30,6 +31,8 @@ const MAX_BURST: u64 = 1_000;
 const MAX_BATCH: usize = 64;
 /// Delivered-count batch before a flush to the shared counter.
 const FLUSH_COUNT: u64 = 64;
+/// How `presence_join` and `presence_leave` frames start.
+const PRESENCE_EVENT: &str = r#"{"type":"presence_"#;
 
 /// State shared by every member of a run.
 pub struct Shared {
@@ -51,6 +54,8 @@ pub struct Shared {
     pub rate_limited: AtomicU64,
     /// Other `error` frames received.
     pub errors: AtomicU64,
+    /// `presence_join` / `presence_leave` events received.
+    pub presence_events: AtomicU64,
     /// Connections that ended without being told to (closed by the server, reset).
     pub dropped: AtomicU64,
     /// Latencies count only for messages sent at or after this (clock ns)...
@@ -83,6 +88,7 @@ impl Shared {
             acks: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            presence_events: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             record_from_ns: AtomicU64::new(u64::MAX),
             record_until_ns: AtomicU64::new(u64::MAX),
@@ -127,6 +133,8 @@ pub struct MemberSpec {
     pub token: Arc<str>,
     /// The room it joins, and that room's index.
     pub join: Option<(Arc<str>, usize)>,
+    /// Join with `"presence":true` (presence events).
+    pub presence: bool,
     /// What it publishes.
     pub publish: Option<PublishSpec>,
     /// Reconnect to the next URL and resume when the connection drops.
@@ -257,7 +265,7 @@ impl Member {
             match self.session(&mut ws).await {
                 End::Stopped => {
                     self.live.connected.store(false, Relaxed);
-                    net::close(&mut ws, Duration::from_secs(2)).await;
+                    net::close_conn(&mut ws, Duration::from_secs(2)).await;
                     return self.result_with(None, downtimes);
                 }
                 End::Dropped(why) => {
@@ -302,15 +310,26 @@ impl Member {
         &mut self,
         url_idx: usize,
         resume: bool,
-    ) -> Result<(Ws, String), ConnectError> {
+    ) -> Result<(Conn, String), ConnectError> {
         let target = &self.targets[url_idx % self.targets.len()];
-        let (mut ws, welcome) = self.connector.open(target, &self.spec.token).await?;
+        // Publishers stay on WebSocket; readers use the chosen transport.
+        let transport = match self.spec.publish {
+            Some(_) => Transport::Ws,
+            None => self.connector.transport(),
+        };
+        let (mut ws, welcome) = self
+            .connector
+            .open_conn(target, &self.spec.token, transport)
+            .await?;
         if let Some((room, _)) = &self.spec.join {
             let since = match (&self.tracker, resume) {
                 (Some(t), true) => Some((t.last(), self.epoch.as_str())),
                 _ => None,
             };
-            let joined = self.connector.join(&mut ws, room, since).await?;
+            let joined = self
+                .connector
+                .join(&mut ws, room, since, self.spec.presence)
+                .await?;
             match (&mut self.tracker, resume) {
                 (Some(t), true) => {
                     if joined.recovered == Some(true) {
@@ -344,7 +363,7 @@ impl Member {
 
     /// Reconnect to the next URLs in turn, with a short jittered backoff,
     /// until one takes the resume or the run stops.
-    async fn resume(&mut self) -> Option<Ws> {
+    async fn resume(&mut self) -> Option<Conn> {
         let from = self.live.url_idx.load(Relaxed);
         let addrs: Vec<SocketAddr> = self.targets.iter().map(|t| t.addr).collect();
         let order = resume_order(&addrs, from, self.spec.index);
@@ -370,7 +389,7 @@ impl Member {
     }
 
     /// Read (and publish) until stopped or dropped.
-    async fn session(&mut self, ws: &mut Ws) -> End {
+    async fn session(&mut self, ws: &mut Conn) -> End {
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let mut rate_rx = self
             .spec
@@ -524,6 +543,10 @@ impl Member {
             }
             return;
         }
+        if text.starts_with(PRESENCE_EVENT) {
+            self.shared.presence_events.fetch_add(1, Relaxed);
+            return;
+        }
         if let Some(seq) = peek_ack_seq(text) {
             self.shared.acks.fetch_add(1, Relaxed);
             if let Some(p) = &self.spec.publish {
@@ -585,12 +608,16 @@ pub fn resume_order(addrs: &[SocketAddr], from: usize, index: usize) -> Vec<usiz
     order
 }
 
-/// Send `n` publish frames stamped with the send time, and flush once.
+/// Send `n` publish frames stamped with the send time, and flush once
+/// (publishers are always on WebSocket).
 async fn publish_burst(
-    ws: &mut Ws,
+    ws: &mut Conn,
     encoder: &PublishEncoder,
     n: u64,
 ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    let Conn::Ws(ws) = ws else {
+        return Ok(());
+    };
     for _ in 0..n {
         ws.feed(Message::text(encoder.frame(clock::now_ns())))
             .await?;

@@ -24,7 +24,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::cli::{Common, Scenario};
+use crate::cli::{Common, PresenceArgs, Scenario};
 use crate::net::{Connector, OpsTarget, Target};
 use crate::probe::{Probe, Snapshot, Usage};
 use crate::report::{self, Report};
@@ -73,7 +73,8 @@ impl Ctx {
             common.origin.as_deref(),
         )
         .map_err(|e| anyhow!(e))?
-        .with_deflate(common.deflate);
+        .with_deflate(common.deflate)
+        .with_transport(common.transport);
         Ok(Ctx {
             targets: Arc::new(targets),
             connector: Arc::new(connector),
@@ -575,6 +576,35 @@ pub async fn sleep_with_bar(until: Instant, what: &str) {
         bar.set_position((started.elapsed().as_millis() / 100) as u64);
     }
     bar.finish_and_clear();
+}
+
+/// The tokens of `n` connections: one per connection when `presence` makes
+/// every connection its own user, otherwise one for all (`default` is the
+/// scenario's user id, or prefix).
+pub fn member_tokens(
+    ctx: &Ctx,
+    presence: &PresenceArgs,
+    default: &str,
+    n: usize,
+) -> Result<Vec<Arc<str>>> {
+    let count = if presence.distinct() { n } else { 1 };
+    (0..count)
+        .map(|i| Ok(ctx.tokens.for_user(&presence.user(default, i))?.into()))
+        .collect()
+}
+
+/// `n` room names: `prefix` alone for one room, `<prefix>.0`, `<prefix>.1`,
+/// ... for several.
+pub fn room_names(prefix: &str, n: usize) -> Vec<Arc<str>> {
+    (0..n)
+        .map(|r| {
+            if n == 1 {
+                prefix.into()
+            } else {
+                format!("{prefix}.{r}").into()
+            }
+        })
+        .collect()
 }
 
 /// Spread index `i` over `n` URLs.

@@ -13,17 +13,23 @@
 //! until `--drain` runs out (clients still receiving: lag, reported apart
 //! and failing the run as inconclusive, never as loss).
 
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use wsgate_protocol::MAX_PRESENCE_USERS;
 
 use super::member::{MemberSpec, PublishSpec};
-use super::{round_robin, sleep_with_bar, usage_to_report_except, CatchUp, Crowd, Ctx, DrainEnd};
-use crate::cli::ReconnectArgs;
+use super::{
+    member_tokens, room_names, round_robin, sleep_with_bar, usage_to_report_except, CatchUp, Crowd,
+    Ctx, DrainEnd,
+};
+use crate::cli::{PresenceArgs, ReconnectArgs};
 use crate::clock;
-use crate::net::PublishEncoder;
+use crate::net::{self, PublishEncoder, Transport};
 use crate::report::Report;
 use crate::stats::{new_histogram, LatencySummary, SeqTotals};
 
@@ -65,39 +71,45 @@ pub async fn run(ctx: &Ctx, args: &ReconnectArgs) -> Result<Report> {
         (None, None) => bail!("give --kill-pid or --drain-pid"),
     };
     let n_urls = ctx.node_urls();
-    let room: Arc<str> = args.room.as_str().into();
-    let token: Arc<str> = ctx.tokens.for_user("bench-client")?.into();
+    let n_rooms = args.rooms;
+    let rooms = room_names(&args.room, n_rooms);
+    let tokens = member_tokens(ctx, &args.presence, "bench-client", args.clients)?;
     let pub_token: Arc<str> = ctx.tokens.for_user("bench-pub")?.into();
     let clients = args.clients;
     let specs = (0..clients)
         .map(|i| MemberSpec {
             index: i,
             url_idx: placement(i, clients, n_urls, args.first_share),
-            token: token.clone(),
-            join: Some((room.clone(), 0)),
+            token: tokens[i % tokens.len()].clone(),
+            join: Some((rooms[i % n_rooms].clone(), i % n_rooms)),
+            presence: args.presence.presence,
             publish: None,
             reconnect: true,
             track_latency: true,
         })
         .collect();
-    let mut crowd = Crowd::new(1);
+    let mut crowd = Crowd::new(n_rooms);
     let setup = crowd.spawn(ctx, specs, "clients").await;
     report.line(setup.human("clients"));
     report.set("setup", &setup);
-    let publisher = vec![MemberSpec {
-        index: 0,
-        url_idx: n_urls - 1,
-        token: pub_token,
-        join: None,
-        publish: Some(PublishSpec {
-            encoder: Arc::new(PublishEncoder::new(&args.room, args.payload)),
-            room_idx: 0,
-            phase: Duration::ZERO,
-        }),
-        reconnect: true,
-        track_latency: false,
-    }];
-    let pub_setup = crowd.spawn(ctx, publisher, "publisher").await;
+    // One publisher per room, their sends spread over one period.
+    let publishers = (0..n_rooms)
+        .map(|r| MemberSpec {
+            index: 0,
+            url_idx: n_urls - 1,
+            token: pub_token.clone(),
+            join: None,
+            presence: false,
+            publish: Some(PublishSpec {
+                encoder: Arc::new(PublishEncoder::new(&rooms[r], args.payload)),
+                room_idx: r,
+                phase: Duration::from_secs_f64(r as f64 / n_rooms as f64 / args.rate),
+            }),
+            reconnect: true,
+            track_latency: false,
+        })
+        .collect();
+    let pub_setup = crowd.spawn(ctx, publishers, "publishers").await;
     if !setup.complete() || !pub_setup.complete() {
         report.fail("not every client connected");
         crowd.finish(Duration::from_secs(10)).await;
@@ -180,8 +192,21 @@ pub async fn run(ctx: &Ctx, args: &ReconnectArgs) -> Result<Report> {
     let b = ctx.probe.snapshot().await;
     shared.rate.send_replace(0.0);
     let drain = crowd
-        .catch_up(args.drain, args.idle, |i| (i < clients).then_some(0))
+        .catch_up(args.drain, args.idle, |i| {
+            (i < clients).then_some(i % n_rooms)
+        })
         .await;
+    let presence = if args.presence.distinct() {
+        let at = Instant::now()
+            + Duration::from_nanos(
+                (fault_ns + duration_ns(args.presence_settle)).saturating_sub(clock::now_ns()),
+            );
+        sleep_with_bar(at, "presence settling").await;
+        Some(check_presence(ctx, &crowd, clients, &rooms, &args.presence, dead).await)
+    } else {
+        None
+    };
+    let presence_events = shared.presence_events.load(Relaxed);
     let latency = LatencySummary::of(&shared.latencies.take());
     let tally = crowd.finish(Duration::from_secs(10)).await;
     let mut downtime = new_histogram();
@@ -243,7 +268,142 @@ pub async fn run(ctx: &Ctx, args: &ReconnectArgs) -> Result<Report> {
         ));
     }
     verdict.check(&tally.seq, args, &mut report);
+    if let Some(p) = presence {
+        report.line(p.human(args.presence_settle));
+        if !p.correct() {
+            report.fail(format!(
+                "presence wrong in {} of {} answers after the storm",
+                p.wrong, p.answers
+            ));
+        }
+        report.set("presence", p);
+        report.set("presence_events", presence_events);
+    }
     Ok(report)
+}
+
+/// The presence check after the storm.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PresenceCheck {
+    /// Answers compared (rooms x surviving nodes).
+    pub answers: usize,
+    /// Answers whose count or users differ from the clients connected.
+    pub wrong: usize,
+    /// Queries that failed (no answer, error frame, connection refused).
+    pub failed: usize,
+    /// Present users expected, summed over rooms.
+    pub expected_users: u64,
+    /// Present users answered, summed over the answers of the first node.
+    pub answered_users: u64,
+    /// Up to 5 wrong answers: room, node URL, expected and answered count.
+    pub samples: Vec<String>,
+}
+
+impl PresenceCheck {
+    /// Every answer was there and right.
+    pub fn correct(&self) -> bool {
+        self.answers > 0 && self.wrong == 0 && self.failed == 0
+    }
+
+    /// One human line.
+    pub fn human(&self, settle: Duration) -> String {
+        let mut line = format!(
+            "presence {settle:?} after the fault: {} answers (rooms x surviving nodes), {} wrong, {} failed; {} users expected present, {} answered{}",
+            self.answers,
+            self.wrong,
+            self.failed,
+            self.expected_users,
+            self.answered_users,
+            if self.correct() { ": correct" } else { "" }
+        );
+        for s in &self.samples {
+            line.push_str("; ");
+            line.push_str(s);
+        }
+        line
+    }
+}
+
+/// Ask every room's presence on every node but the dead one's address and
+/// compare each answer with the users of the clients connected in that room.
+async fn check_presence(
+    ctx: &Ctx,
+    crowd: &Crowd,
+    clients: usize,
+    rooms: &[Arc<str>],
+    presence: &PresenceArgs,
+    dead: std::net::SocketAddr,
+) -> PresenceCheck {
+    let mut expected: Vec<BTreeSet<String>> = vec![BTreeSet::new(); rooms.len()];
+    for (i, live) in crowd.lives.iter().enumerate().take(clients) {
+        if live.connected.load(Relaxed) {
+            expected[i % rooms.len()].insert(presence.user("bench-client", i));
+        }
+    }
+    let mut check = PresenceCheck {
+        expected_users: expected.iter().map(|e| e.len() as u64).sum(),
+        ..PresenceCheck::default()
+    };
+    let mut seen = BTreeSet::new();
+    let probe_token: Arc<str> = match ctx.tokens.for_user("bench-presence-probe") {
+        Ok(t) => t.into(),
+        Err(e) => {
+            check.failed += 1;
+            check.samples.push(format!("no token: {e}"));
+            return check;
+        }
+    };
+    let mut first = true;
+    for target in ctx.targets.iter().filter(|t| t.addr != dead) {
+        if !seen.insert(target.addr) {
+            continue;
+        }
+        let opened = ctx
+            .connector
+            .open_conn(target, &probe_token, Transport::Ws)
+            .await;
+        let mut ws = match opened {
+            Ok((ws, _)) => ws,
+            Err(e) => {
+                check.failed += rooms.len();
+                check.samples.push(format!("{}: {e}", target.url));
+                continue;
+            }
+        };
+        for (r, room) in rooms.iter().enumerate() {
+            match ctx.connector.presence(&mut ws, room, r as u64 + 1).await {
+                Ok(p) => {
+                    check.answers += 1;
+                    if first {
+                        check.answered_users += p.count;
+                    }
+                    let want = &expected[r];
+                    let listed: Vec<&String> = want.iter().take(MAX_PRESENCE_USERS).collect();
+                    let users: Vec<&String> = p.users.iter().collect();
+                    if p.count != want.len() as u64 || users != listed {
+                        check.wrong += 1;
+                        if check.samples.len() < 5 {
+                            check.samples.push(format!(
+                                "{room} on {}: {} present, {} expected",
+                                target.url,
+                                p.count,
+                                want.len()
+                            ));
+                        }
+                    }
+                }
+                Err(e) => {
+                    check.failed += 1;
+                    if check.samples.len() < 5 {
+                        check.samples.push(format!("{room} on {}: {e}", target.url));
+                    }
+                }
+            }
+        }
+        first = false;
+        net::close_conn(&mut ws, Duration::from_secs(2)).await;
+    }
+    check
 }
 
 fn duration_ns(d: Duration) -> u64 {

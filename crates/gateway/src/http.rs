@@ -98,7 +98,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/sse", get(crate::sse::open))
         .route(
             "/sse/{conn}",
-            post(crate::sse::post).layer(axum::extract::DefaultBodyLimit::max(max_body)),
+            post(crate::sse::post)
+                .options(crate::sse::preflight)
+                .layer(axum::extract::DefaultBodyLimit::max(max_body)),
         )
         .merge(api);
     if app.config.dev {

@@ -188,7 +188,7 @@ impl Metrics {
             ),
             handshake_rejections: counter_vec(
                 "handshake_rejections_total",
-                "Upgrade requests refused before the upgrade, by reason",
+                "Upgrade requests and SSE streams refused before they start, by reason",
                 &["reason"],
             ),
             messages_received: counter(

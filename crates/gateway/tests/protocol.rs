@@ -352,7 +352,10 @@ async fn two_hundred_malformed_frames_never_close_the_connection() {
     let v = ask(&mut ws, json!({"type":"ping","id":"still-here"})).await;
     assert_eq!(v, json!({"type":"pong","id":"still-here"}));
     let m = node.metrics().await;
-    assert_eq!(m.value("wsgate_connections_active", &[]), 1.0);
+    assert_eq!(
+        m.value("wsgate_connections_active", &[("transport", "ws")]),
+        1.0
+    );
 }
 
 #[tokio::test]

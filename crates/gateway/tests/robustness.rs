@@ -45,7 +45,7 @@ async fn a_killed_client_is_closed_by_client_not_a_1002() {
         let ops = ops.clone();
         async move {
             let m = metrics(&ops).await;
-            (m.value("wsgate_connections_active", &[]) == 0.0
+            (m.value("wsgate_connections_active", &[("transport", "ws")]) == 0.0
                 && m.value("wsgate_rooms_active", &[]) == 0.0)
                 .then_some(())
         }

@@ -298,44 +298,55 @@ async fn sigterm_closes_the_stream_with_1001() {
     );
 }
 
-#[tokio::test]
-async fn a_stream_that_is_not_read_is_closed_as_a_slow_consumer() {
-    let node = Node::start(&[
-        "--max-outbound-bytes",
-        "65536",
-        "--publish-rate",
-        "1000000",
-        "--publish-burst",
-        "1000000",
-    ])
-    .await;
+/// Flood room `flood` from a WebSocket on `ws_url` (bounded) until the node
+/// at `ops` counts a slow-consumer close.
+async fn flood_until_a_slow_consumer_close(ws_url: &str, ops: &str) {
+    let (mut ws, _) = Ws::open(ws_url, "pub").await;
+    let big = "x".repeat(8192);
+    for i in 0..10_000 {
+        let ack = ws.publish("flood", json!(big)).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        if i % 50 == 0
+            && wsgate_testkit::metrics(ops)
+                .await
+                .value("wsgate_slow_consumer_closes_total", &[])
+                >= 1.0
+        {
+            return;
+        }
+    }
+    panic!("the stream was never closed as a slow consumer");
+}
+
+/// A stream of `slow` that joined `flood`, with a small receive buffer;
+/// `kept_alive`: through the HTTP stack.
+async fn slow_stream(addr: std::net::SocketAddr, kept_alive: bool) -> Sse {
     let token = any_token("slow");
     let auth = format!("Authorization: Bearer {token}\r\n");
-    let mut slow = Sse::connect(node.addr, &auth, &token, Some(4096))
+    let mut slow = Sse::connect_after(addr, &auth, &token, Some(4096), kept_alive)
         .await
         .unwrap();
     let welcome = slow.json().await;
     slow.conn = welcome["conn"].as_str().unwrap().to_owned();
     slow.join("flood").await;
-    // A WebSocket publisher floods the room (bounded); the stream is not read.
-    let (mut ws, _) = Ws::open(&node.ws_url(), "pub").await;
-    let big = "x".repeat(8192);
+    slow
+}
+
+const FLOOD: [&str; 6] = [
+    "--max-outbound-bytes",
+    "65536",
+    "--publish-rate",
+    "1000000",
+    "--publish-burst",
+    "1000000",
+];
+
+#[tokio::test]
+async fn a_stream_that_is_not_read_is_closed_as_a_slow_consumer() {
+    let node = Node::start(&FLOOD).await;
+    let mut slow = slow_stream(node.addr, false).await;
     let ops = node.ops_url();
-    let mut closed = false;
-    for i in 0..5_000 {
-        let ack = ws.publish("flood", json!(big)).await;
-        assert_eq!(ack["type"], "ack", "{ack}");
-        if i % 50 == 0
-            && wsgate_testkit::metrics(&ops)
-                .await
-                .value("wsgate_slow_consumer_closes_total", &[])
-                >= 1.0
-        {
-            closed = true;
-            break;
-        }
-    }
-    assert!(closed, "the stream was never closed as a slow consumer");
+    flood_until_a_slow_consumer_close(&node.ws_url(), &ops).await;
     eventually("slow consumer closed", || {
         let ops = ops.clone();
         async move {
@@ -349,6 +360,28 @@ async fn a_stream_that_is_not_read_is_closed_as_a_slow_consumer() {
     // The client, reading at last, sees its stream end.
     while slow.next().await.is_some() {}
     node.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_through_http_that_is_not_read_loses_its_connection() {
+    // The binary: its own process, so its open descriptors are its own. A
+    // large outbound limit: the socket's buffers fill up before the queue
+    // overflows, so hyper is left with events it cannot write.
+    let node = BinNode::start(&[&["--max-outbound-bytes", "16777216"], &FLOOD[2..]].concat()).await;
+    let ops = node.ops_url();
+    let fds = |m: wsgate_testkit::Metrics| m.value("process_open_fds", &[]);
+    let (_publisher, _) = Ws::open(&node.ws_url(), "warm-up").await;
+    let before = fds(wsgate_testkit::metrics(&ops).await);
+    let _slow = slow_stream(node.addr, true).await;
+    flood_until_a_slow_consumer_close(&node.ws_url(), &ops).await;
+    // The slow client still holds its socket and reads nothing; the node
+    // dropped the connection anyway: back to its descriptors before, plus
+    // the flooding publisher's.
+    eventually("connection dropped", || {
+        let ops = ops.clone();
+        async move { (fds(wsgate_testkit::metrics(&ops).await) <= before + 1.0).then_some(()) }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -566,4 +599,44 @@ async fn a_post_that_cannot_reach_the_streams_node_is_503_while_redis_is_down() 
     for node in nodes {
         node.stop().await;
     }
+}
+
+#[tokio::test]
+async fn a_page_on_an_allowed_origin_may_read_the_stream_and_post() {
+    let node = Node::start(&["--allowed-origins", "https://app.example"]).await;
+    let token = any_token("alice");
+    let headers = format!("Authorization: Bearer {token}\r\nOrigin: https://app.example\r\n");
+    let mut sse = Sse::connect(node.addr, &headers, &token, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        sse.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    sse.conn = sse.json().await["conn"].as_str().unwrap().to_owned();
+    let url = format!("{}/sse/{}", node.http_url(), sse.conn);
+    let origin = ("origin", "https://app.example");
+    let preflight = http(
+        "OPTIONS",
+        &url,
+        &[origin, ("access-control-request-method", "POST")],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(preflight.0, 204, "{preflight:?}");
+    let allowed = wsgate_testkit::header(&preflight, "access-control-allow-headers").unwrap();
+    assert!(allowed.contains("authorization"), "{preflight:?}");
+    let auth = format!("Bearer {token}");
+    for (body, status) in [(&b"{\"type\":\"ping\"}"[..], 202), (b"x", 400)] {
+        let resp = http("POST", &url, &[origin, ("authorization", &auth)], body)
+            .await
+            .unwrap();
+        assert_eq!(resp.0, status, "{resp:?}");
+        assert_eq!(
+            wsgate_testkit::header(&resp, "access-control-allow-origin"),
+            Some("https://app.example")
+        );
+    }
+    node.stop().await;
 }

@@ -92,6 +92,11 @@ pub async fn serve(
     for (name, value) in super::HEADERS {
         ok.push_str(&format!("{name}: {value}\r\n"));
     }
+    if let Some(origin) = super::allowed_origin(&app, &headers).and_then(|o| o.to_str().ok()) {
+        ok.push_str(&format!(
+            "access-control-allow-origin: {origin}\r\nvary: origin\r\n"
+        ));
+    }
     ok.push_str("connection: close\r\n\r\n");
     match tokio::time::timeout(patience, tcp.write_all(ok.as_bytes())).await {
         Ok(Ok(())) => {}

@@ -364,6 +364,49 @@ pub async fn open(
             HeaderValue::from_static(value),
         );
     }
+    cors(&app, &parts.headers, &mut response);
+    response
+}
+
+/// The allowed `Origin` of a request, if it has one: a page on another
+/// origin reads a stream (EventSource) and POSTs to it only with CORS.
+pub(crate) fn allowed_origin<'a>(app: &App, headers: &'a HeaderMap) -> Option<&'a HeaderValue> {
+    headers.get(header::ORIGIN).filter(|o| {
+        o.to_str()
+            .is_ok_and(|o| app.config.origins.allows(o.trim_end_matches('/')))
+    })
+}
+
+/// Let the request's allowed origin read the answer.
+fn cors(app: &App, headers: &HeaderMap, response: &mut Response) {
+    if let Some(origin) = allowed_origin(app, headers) {
+        let h = response.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        h.insert(header::VARY, HeaderValue::from_static("origin"));
+    }
+}
+
+/// `OPTIONS /sse/{conn}`: the CORS preflight of a POST from a page on
+/// another (allowed) origin that sends `Authorization` or a JSON
+/// `Content-Type`.
+pub async fn preflight(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    if allowed_origin(&app, &headers).is_some() {
+        let h = response.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("POST"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+    }
+    cors(&app, &headers, &mut response);
     response
 }
 
@@ -462,6 +505,7 @@ fn slice(body: &Bytes, raw: &RawValue) -> Option<Utf8Bytes> {
 }
 
 /// `POST /sse/{conn}`: a client frame, or an array of them, for a stream.
+/// Every answer is readable by an allowed origin (CORS).
 pub async fn post(
     State(app): State<Arc<App>>,
     Path(conn): Path<String>,
@@ -469,11 +513,23 @@ pub async fn post(
     uri: Uri,
     body: Body,
 ) -> Response {
-    let claims = match public::authenticate(&app, &headers, &uri) {
+    let mut response = handle_post(&app, &conn, &headers, &uri, body).await;
+    cors(&app, &headers, &mut response);
+    response
+}
+
+async fn handle_post(
+    app: &Arc<App>,
+    conn: &str,
+    headers: &HeaderMap,
+    uri: &Uri,
+    body: Body,
+) -> Response {
+    let claims = match public::authenticate(app, headers, uri) {
         Ok(c) => c,
         Err(e) => return public::unauthorized(&e),
     };
-    let body = match public::read_body(&app, body).await {
+    let body = match public::read_body(app, body).await {
         Ok(b) => b,
         Err(refused) => return refused,
     };
@@ -484,10 +540,10 @@ pub async fn post(
             "body is not a JSON object or an array of them",
         );
     };
-    let delivery = if node_of(&conn).as_deref() == Some(&*app.config.node_id) {
-        app.conns.sse.deliver(&conn, &claims.sub, frames)
+    let delivery = if node_of(conn).as_deref() == Some(&*app.config.node_id) {
+        app.conns.sse.deliver(conn, &claims.sub, frames)
     } else {
-        handover::forward(&app, &conn, &claims.sub, &body).await
+        handover::forward(app, conn, &claims.sub, &body).await
     };
     debug!(conn, ?delivery, "sse post");
     answer(delivery)

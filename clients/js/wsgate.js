@@ -514,7 +514,9 @@ export class SseSocket {
     try {
       // 503: the stream's inbox is full; sent again after Retry-After, a few times.
       for (let busy = 0; ; busy++) {
-        const res = await this._fetch(u.toString(), { method: 'POST', headers: { 'Content-Type': 'application/json' }, body, signal: this._abort.signal });
+        // text/plain keeps the POST a CORS "simple request" (no preflight);
+        // the gateway reads the body as JSON whatever its type.
+        const res = await this._fetch(u.toString(), { method: 'POST', headers: { 'Content-Type': 'text/plain;charset=UTF-8' }, body, signal: this._abort.signal });
         status = res.status;
         res.body?.cancel?.().catch(() => {});
         if (status !== 503 || busy === POST_BUSY_RETRIES || this._ended) break;

@@ -137,3 +137,21 @@ test('WebSockets blocked by the proxy: the page falls back to SSE, chats with a 
   await alice.context().close();
   await bob.context().close();
 });
+
+test('a page on another allowed origin, forced to SSE with ?transport=sse, chats across origins (CORS)', { timeout: 30000 }, async () => {
+  const live = Object.keys(cluster.nodes).filter((id) => cluster.nodes[id].exitCode === null && cluster.nodes[id].signalCode === null);
+  assert.ok(live.length >= 2, `two live nodes: ${live}`);
+  const [pageNode, gatewayNode] = live.map((id) => cluster.nodes[id]);
+  // Served by one node, talking to another: a cross-origin stream and POSTs.
+  const carol = await openPage(pageNode.http, 'carol', `&transport=sse&nodes=${encodeURIComponent(gatewayNode.ws)}`);
+  assert.equal(await waitConnected(carol), gatewayNode.opts.id);
+  const shown = await transportOf(carol);
+  assert.equal(shown.client, 'sse');
+  assert.equal(shown.fallbacks, 0, 'forced, not a fallback');
+  const text = 'carol, cross-origin over SSE';
+  await send(carol, text);
+  const mine = (await messages(carol)).filter((m) => m.text === text);
+  assert.equal(mine.length, 1);
+  assert.deepEqual(carol.errors, [], 'no page errors (no CORS failure)');
+  await carol.context().close();
+});

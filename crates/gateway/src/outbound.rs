@@ -420,6 +420,7 @@ impl ConnHandle {
     pub fn end(&self) {
         self.ended.store(true, Ordering::Release);
         self.closing.notify_waiters();
+        self.wake.wake();
     }
 
     /// Why the server is closing this connection, if it is.
@@ -430,6 +431,20 @@ impl ConnHandle {
     /// Whether the connection is closing for any reason.
     pub fn is_closing(&self) -> bool {
         self.ended.load(Ordering::Acquire)
+    }
+
+    /// Ready once the connection is closing for any reason; registers the
+    /// connection's task to be woken when it starts closing. For the
+    /// connection's own task: no future to keep, where [`closed`](Self::closed)
+    /// is one.
+    pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.is_closing() {
+            self.wake.register(cx.waker());
+            if !self.is_closing() {
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(())
     }
 
     /// Resolves once the connection is closing for any reason. A `Notify`

@@ -41,14 +41,19 @@ use crate::ws::codec::{self, SharedText};
 
 const SHARDS: usize = 64;
 
-/// Frames buffered for a pending member: (epoch, seq, frame).
-type Pending = Vec<(Arc<str>, u64, Bytes)>;
+/// Frames buffered for a pending member. Boxed in [`Member`]: a live
+/// member, the usual case, holds a null pointer instead.
+#[derive(Default)]
+struct Pending {
+    /// (epoch, seq, frame)
+    frames: Vec<(Arc<str>, u64, Bytes)>,
+    /// Bytes buffered so far: bounded like the outbound queue.
+    bytes: usize,
+}
 
 struct Member {
     conn: Arc<ConnHandle>,
-    pending: Option<Pending>,
-    /// Bytes in `pending`: bounded like the outbound queue.
-    pending_bytes: usize,
+    pending: Option<Box<Pending>>,
     /// The epoch this member's client knows: from its `joined`, or from the
     /// last unsolicited `joined` that announced a new epoch. `None` only
     /// while a first join is pending.
@@ -373,13 +378,12 @@ impl Rooms {
             .iter_mut()
             .find(|m| Arc::ptr_eq(&m.conn, conn))
         {
-            m.pending.get_or_insert_with(Vec::new);
+            m.pending.get_or_insert_with(Box::default);
             false
         } else {
             state.members.push(Member {
                 conn: conn.clone(),
-                pending: Some(Vec::new()),
-                pending_bytes: 0,
+                pending: Some(Box::default()),
                 epoch: None,
                 after: 0,
             });
@@ -448,9 +452,9 @@ impl Rooms {
             m.epoch = Some(epoch);
             m.after = seq;
         }
-        m.pending_bytes = 0;
         let mut sent = 0;
-        for (epoch, seq, frame) in m.pending.take().unwrap_or_default() {
+        let pending = m.pending.take().map(|p| p.frames).unwrap_or_default();
+        for (epoch, seq, frame) in pending {
             sent += u64::from(m.send(room, &epoch, seq, frame));
         }
         self.metrics.messages_delivered.inc_by(sent);
@@ -511,13 +515,13 @@ impl Rooms {
             let frame = frame.for_conn(m.conn.compress_from());
             match &mut m.pending {
                 Some(p) => {
-                    m.pending_bytes += frame.len();
-                    if m.pending_bytes > m.conn.max_bytes() && !p.is_empty() {
+                    p.bytes += frame.len();
+                    if p.bytes > m.conn.max_bytes() && !p.frames.is_empty() {
                         // Joining into a room busier than the client can take.
-                        p.clear();
+                        p.frames.clear();
                         m.conn.slow_consumer();
                     } else {
-                        p.push((epoch.clone(), seq, frame));
+                        p.frames.push((epoch.clone(), seq, frame));
                     }
                 }
                 None => sent += u64::from(m.send(room, &epoch, seq, frame)),

@@ -648,6 +648,38 @@ mod tests {
         assert_eq!(h.metrics.slow_consumer_closes.get(), 1);
     }
 
+    #[tokio::test]
+    async fn queued_room_frames_keep_their_order_with_direct_sends_through_the_socket() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut client = client.unwrap();
+        let sock = accepted.unwrap().0;
+        let metrics = Arc::new(Metrics::new("t"));
+        let h = ConnHandle::with_socket("c-1", 100, metrics, Some(sock), usize::MAX);
+        // A fan-out queues under the room's lock; a send meanwhile (an ack)
+        // goes behind it, and so does the next room frame.
+        assert!(h.enqueue(frame("room-1 ")));
+        assert!(h.send(frame("ack ")));
+        assert!(h.enqueue(frame("room-2")));
+        assert_eq!(h.queued_bytes(), 17, "nothing written before the flush");
+        h.flush();
+        // Whatever the socket did not take at once, the connection's task
+        // writes (here: polled by the test).
+        let write = std::future::poll_fn(|cx| h.poll_write(cx, None));
+        tokio::time::timeout(Duration::from_secs(5), write)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut got = [0u8; 17];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got, b"room-1 ack room-2");
+    }
+
     #[test]
     fn first_close_reason_wins() {
         let (h, _rx) = handle(10);

@@ -311,11 +311,16 @@ async fn upgrade(
     );
     let response = ws::handshake::switching_protocols(headers, deflate);
     let compress_from = deflate.map(|_| compression.min_bytes);
-    let session_app = app.clone();
+    // One allocation, consumed at the upgrade: what an async block captures
+    // stays in its task for the connection's whole life.
+    let inputs = Box::new((app.clone(), claims, remote, slot, compress_from));
     let session = app.track_session(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                session::start(upgraded, session_app, claims, &remote, slot, compress_from).await
+                let (app, claims, remote, slot, compress_from) = *inputs;
+                let session = session::start(upgraded, app, claims, &remote, slot, compress_from);
+                drop(remote);
+                session.await
             }
             Err(e) => warn!(error = %e, "websocket upgrade failed"),
         }

@@ -3,10 +3,11 @@
 //! Rooms and the session send frames as their complete wire bytes with
 //! [`ConnHandle::send`], which never blocks and never waits for the client.
 //! On a plain TCP connection with nothing queued, the frame is written into
-//! the socket at once by the caller (for a room message, the fan-out loop:
-//! no task wake-up, no copy); only what the socket does not take is queued,
-//! and the connection's own task writes the queue when the socket has room,
-//! with vectored writes. The queue is bounded in bytes
+//! the socket at once by the caller (a room message is queued under the
+//! room's lock and written by the delivering task once the lock is
+//! released: no task wake-up, no copy); only what the socket does not take
+//! is left queued, and the connection's own task writes the queue when the
+//! socket has room, with vectored writes. The queue is bounded in bytes
 //! (`--max-outbound-bytes`): a frame is always accepted into an empty queue;
 //! a frame that would overflow a non-empty one closes the connection with
 //! 1008 ("slow consumer") instead, so that nobody else waits for a client
@@ -120,6 +121,33 @@ impl Queue {
         Poll::Pending
     }
 
+    /// Write what is queued into the TCP socket as far as it takes it
+    /// without waiting, registering nothing (the caller is not the
+    /// connection's task). Nothing written without a socket.
+    fn try_write_tcp(&mut self) -> io::Result<()> {
+        for _ in 0..64 {
+            let Some(sock) = &self.sock else {
+                return Ok(());
+            };
+            let written = match self.frames.len() {
+                0 => return Ok(()),
+                // The usual case (one room message): a plain write.
+                1 => sock.try_write(&self.frames[0]),
+                _ => {
+                    let (slices, n) = self.slices();
+                    sock.try_write_vectored(&slices[..n])
+                }
+            };
+            match written {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Write what is queued into a stream (TLS), then flush it.
     fn poll_write_stream(
         &mut self,
@@ -224,6 +252,44 @@ impl ConnHandle {
         self.push(frame, false)
     }
 
+    /// Queue a frame without writing it: its place in the connection's
+    /// order is fixed now (room fan-out calls this under the room's lock),
+    /// and [`flush`](Self::flush), called once the lock is released, writes
+    /// it. Bounded like [`send`](Self::send).
+    pub(crate) fn enqueue(&self, frame: Bytes) -> bool {
+        if self.ended.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut q = self.queue();
+        if !q.frames.is_empty() && q.bytes + frame.len() > self.max {
+            drop(q);
+            self.slow_consumer();
+            return false;
+        }
+        q.push(frame);
+        true
+    }
+
+    /// Write what [`enqueue`](Self::enqueue) queued into a plain TCP socket
+    /// now, from the caller, as far as the socket takes it without waiting;
+    /// the connection's task is woken for the rest (and for TLS).
+    pub(crate) fn flush(&self) {
+        let mut q = self.queue();
+        let before = q.bytes;
+        let written = q.try_write_tcp();
+        let progress = q.bytes < before;
+        let rest = !q.frames.is_empty();
+        drop(q);
+        if progress {
+            self.drained.notify_waiters();
+        }
+        match written {
+            Err(_) => self.end(),
+            Ok(()) if rest => self.wake.wake(),
+            Ok(()) => {}
+        }
+    }
+
     fn push(&self, mut frame: Bytes, bounded: bool) -> bool {
         if self.ended.load(Ordering::Acquire) {
             return false;
@@ -240,7 +306,16 @@ impl ConnHandle {
         }
         if let Some(sock) = &q.sock {
             match sock.try_write(&frame) {
-                Ok(n) if n == frame.len() => return true,
+                Ok(n) if n == frame.len() => {
+                    if q.frames.capacity() != 0 {
+                        // The queue is empty: give its buffer back (room
+                        // fan-out queues every message, and keeps the
+                        // buffer while messages flow; an idle connection
+                        // gives it back at its next heartbeat Ping).
+                        q.frames = VecDeque::new();
+                    }
+                    return true;
+                }
                 Ok(n) => {
                     frame.advance(n);
                     q.started = n > 0;
@@ -453,6 +528,7 @@ impl ConnHandle {
     pub fn end(&self) {
         self.ended.store(true, Ordering::Release);
         self.closing.notify_waiters();
+        self.wake.wake();
     }
 
     /// Why the server is closing this connection, if it is.
@@ -463,6 +539,20 @@ impl ConnHandle {
     /// Whether the connection is closing for any reason.
     pub fn is_closing(&self) -> bool {
         self.ended.load(Ordering::Acquire)
+    }
+
+    /// Ready once the connection is closing for any reason; registers the
+    /// connection's task to be woken when it starts closing. For the
+    /// connection's own task: no future to keep, where [`closed`](Self::closed)
+    /// is one.
+    pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.is_closing() {
+            self.wake.register(cx.waker());
+            if !self.is_closing() {
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(())
     }
 
     /// Resolves once the connection is closing for any reason. A `Notify`
@@ -589,6 +679,44 @@ mod tests {
             })
         );
         assert_eq!(h.metrics.slow_consumer_closes.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn queued_room_frames_keep_their_order_with_direct_sends_through_the_socket() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut client = client.unwrap();
+        let sock = accepted.unwrap().0;
+        let metrics = Arc::new(Metrics::new("t"));
+        let h = ConnHandle::with_socket(
+            "c-1",
+            100,
+            metrics,
+            Some(sock),
+            crate::ws::codec::Encoding::Ws(usize::MAX),
+        );
+        // A fan-out queues under the room's lock; a send meanwhile (an ack)
+        // goes behind it, and so does the next room frame.
+        assert!(h.enqueue(frame("room-1 ")));
+        assert!(h.send(frame("ack ")));
+        assert!(h.enqueue(frame("room-2")));
+        assert_eq!(h.queued_bytes(), 17, "nothing written before the flush");
+        h.flush();
+        // Whatever the socket did not take at once, the connection's task
+        // writes (here: polled by the test).
+        let write = std::future::poll_fn(|cx| h.poll_write(cx, None));
+        tokio::time::timeout(Duration::from_secs(5), write)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut got = [0u8; 17];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got, b"room-1 ack room-2");
     }
 
     #[test]

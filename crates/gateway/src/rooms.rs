@@ -15,10 +15,11 @@
 //! The broker pushes every message of a subscribed room into the
 //! [`Delivery`] sink these rooms gave it, as its JSON text; deliver encodes
 //! it once into its complete WebSocket frame (header and payload, one shared
-//! `Bytes`), and fan-out hands that same frame to every member's
-//! [`ConnHandle::send`], which writes it straight into the member's socket
-//! when nothing is queued for it (a reference count and one non-blocking
-//! write per member, never a re-encoding). While a member is
+//! `Bytes`), and fan-out queues that same frame to every live member under
+//! the room's lock ([`ConnHandle::enqueue`]), then, with the lock released,
+//! writes each member's queue straight into its socket
+//! ([`ConnHandle::flush`]: a reference count and one non-blocking write per
+//! member, never a re-encoding). While a member is
 //! pending, live messages are buffered for it; [`Rooms::go_live`] queues the
 //! buffered messages newer than the replay, under the room lock, so that
 //! replay and live traffic never interleave, duplicate or leave a gap.
@@ -41,14 +42,26 @@ use crate::ws::codec::SharedText;
 
 const SHARDS: usize = 64;
 
-/// Frames buffered for a pending member: (epoch, seq, frame).
-type Pending = Vec<(Arc<str>, u64, Bytes)>;
+thread_local! {
+    /// The members a delivery queued its frame to, written after the room's
+    /// lock is released; reused from one delivery to the next on a thread
+    /// (taken out while in use).
+    static FLUSH: std::cell::Cell<Vec<Arc<ConnHandle>>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Frames buffered for a pending member. Boxed in [`Member`]: a live
+/// member, the usual case, holds a null pointer instead.
+#[derive(Default)]
+struct Pending {
+    /// (epoch, seq, frame)
+    frames: Vec<(Arc<str>, u64, Bytes)>,
+    /// Bytes buffered so far: bounded like the outbound queue.
+    bytes: usize,
+}
 
 struct Member {
     conn: Arc<ConnHandle>,
-    pending: Option<Pending>,
-    /// Bytes in `pending`: bounded like the outbound queue.
-    pending_bytes: usize,
+    pending: Option<Box<Pending>>,
     /// The epoch this member's client knows: from its `joined`, or from the
     /// last unsolicited `joined` that announced a new epoch. `None` only
     /// while a first join is pending.
@@ -159,7 +172,9 @@ impl Member {
     /// Send one message of `epoch` to this live member, announcing the
     /// epoch first when the member's client knows another one, and never
     /// sending a seq it was already sent or told about. Returns whether the
-    /// message was queued.
+    /// message was queued: only queued, under the room's lock, which fixes
+    /// its place in the connection's order; the caller writes it with
+    /// [`ConnHandle::flush`] once the lock is released.
     /// `frame` is the message's encoding for this member's connection.
     fn send(&mut self, room: &str, epoch: &Arc<str>, seq: u64, frame: Bytes) -> bool {
         // Per member per message: the pointer check settles the usual case
@@ -182,11 +197,11 @@ impl Member {
                 Some(false),
                 None,
             );
-            self.conn.send(notice);
+            self.conn.enqueue(notice);
             self.epoch = Some(epoch.clone());
         }
         self.after = seq;
-        self.conn.send(frame)
+        self.conn.enqueue(frame)
     }
 }
 
@@ -379,13 +394,12 @@ impl Rooms {
             .iter_mut()
             .find(|m| Arc::ptr_eq(&m.conn, conn))
         {
-            m.pending.get_or_insert_with(Vec::new);
+            m.pending.get_or_insert_with(Box::default);
             false
         } else {
             state.members.push(Member {
                 conn: conn.clone(),
-                pending: Some(Vec::new()),
-                pending_bytes: 0,
+                pending: Some(Box::default()),
                 epoch: None,
                 after: 0,
             });
@@ -455,11 +469,13 @@ impl Rooms {
             m.epoch = Some(epoch);
             m.after = seq;
         }
-        m.pending_bytes = 0;
         let mut sent = 0;
-        for (epoch, seq, frame) in m.pending.take().unwrap_or_default() {
+        let pending = m.pending.take().map(|p| p.frames).unwrap_or_default();
+        for (epoch, seq, frame) in pending {
             sent += u64::from(m.send(room, &epoch, seq, frame));
         }
+        drop(guard);
+        conn.flush();
         self.metrics.messages_delivered.inc_by(sent);
     }
 
@@ -490,8 +506,33 @@ impl Rooms {
     /// the last delivered seq of the same epoch are dropped (a relay
     /// duplicate); a member whose client knows another epoch is told of the
     /// new one first with an unsolicited `joined` (`recovered: false`).
+    ///
+    /// The frame is queued to every live member under the room's lock (its
+    /// place in each connection's order, behind anything sent before and
+    /// ahead of a `left` or a repeated `joined`), and written into the
+    /// members' sockets after the lock is released: joins and leaves of
+    /// the room do not wait for the writes.
     pub fn deliver(&self, room: &str, epoch: &str, seq: u64, frame: &Utf8Bytes) {
         let Some(entry) = self.get(room) else { return };
+        let mut queued = FLUSH.take();
+        self.deliver_locked(&entry, room, epoch, seq, frame, &mut queued);
+        for conn in queued.drain(..) {
+            conn.flush();
+        }
+        FLUSH.set(queued);
+    }
+
+    /// [`deliver`](Self::deliver)'s work under the room's lock: the members
+    /// the frame was queued to are pushed onto `queued`.
+    fn deliver_locked(
+        &self,
+        entry: &Room,
+        room: &str,
+        epoch: &str,
+        seq: u64,
+        frame: &Utf8Bytes,
+        queued: &mut Vec<Arc<ConnHandle>>,
+    ) {
         let mut guard = lock(&entry.state);
         let state = &mut *guard;
         let epoch = match &state.epoch {
@@ -518,16 +559,21 @@ impl Rooms {
             let frame = frame.for_conn(m.conn.encoding());
             match &mut m.pending {
                 Some(p) => {
-                    m.pending_bytes += frame.len();
-                    if m.pending_bytes > m.conn.max_bytes() && !p.is_empty() {
+                    p.bytes += frame.len();
+                    if p.bytes > m.conn.max_bytes() && !p.frames.is_empty() {
                         // Joining into a room busier than the client can take.
-                        p.clear();
+                        p.frames.clear();
                         m.conn.slow_consumer();
                     } else {
-                        p.push((epoch.clone(), seq, frame));
+                        p.frames.push((epoch.clone(), seq, frame));
                     }
                 }
-                None => sent += u64::from(m.send(room, &epoch, seq, frame)),
+                None => {
+                    if m.send(room, &epoch, seq, frame) {
+                        sent += 1;
+                        queued.push(m.conn.clone());
+                    }
+                }
             }
         }
         self.metrics.messages_delivered.inc_by(sent);

@@ -215,7 +215,9 @@ impl Session {
         handle.end();
         self.leave_all();
         app.conns.remove(&self.claims.sub, &handle);
-        transport.finish().await;
+        // Boxed, like the closing below: the end of a connection needs its
+        // own timers, and an idle connection's task need not hold them.
+        Box::pin(transport.finish()).await;
         match handle.close_reason() {
             Some(r) => info!(
                 code = r.code,
@@ -259,12 +261,10 @@ impl Session {
         // When a Ping went out with nothing heard since.
         let mut awaiting: Option<Instant> = None;
         let mut closing_since: Option<Instant> = None;
-        // One timer for heartbeat, expiry and the closing linger, and one
-        // cancellation future, created once: an idle connection's state
-        // stays small.
+        // One timer for heartbeat, expiry and the closing linger, created
+        // once, and the handle's closing flag polled in place of a `Notify`
+        // future: an idle connection's state stays small.
         let handle = self.handle.clone();
-        let cancelled = handle.closed();
-        tokio::pin!(cancelled);
         let timer = sleep_until(next_ping);
         tokio::pin!(timer);
         loop {
@@ -279,11 +279,11 @@ impl Session {
             }
             tokio::select! {
                 biased;
-                _ = &mut cancelled, if closing_since.is_none() => {
+                _ = std::future::poll_fn(|cx| handle.poll_closed(cx)), if closing_since.is_none() => {
                     if self.handle.close_reason().is_none() {
                         return "write side ended";
                     }
-                    self.send_close(transport).await;
+                    Box::pin(self.send_close(transport)).await;
                     closing_since = Some(Instant::now());
                 }
                 _ = &mut timer => {
@@ -296,7 +296,7 @@ impl Session {
                     } else if awaiting.is_some_and(|sent| now >= later(sent, pong_timeout)) {
                         // Do not wait for a silent peer's reply.
                         self.close(close::POLICY, "heartbeat timeout");
-                        self.send_close(transport).await;
+                        Box::pin(self.send_close(transport)).await;
                         return "heartbeat timeout";
                     } else if now >= next_ping {
                         self.handle.ping();

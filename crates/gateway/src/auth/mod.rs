@@ -15,7 +15,6 @@
 //! itself; [`redact_query`] keeps `?token=` out of logged URIs.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -517,39 +516,51 @@ pub struct Claims {
 ///
 /// Patterns are trimmed; empty ones, and ones with a `*` anywhere but at the
 /// end, grant nothing.
+///
+/// Sorted boxed slices rather than a hash set and a vector: every
+/// connection keeps two of these for its whole life, and most hold one
+/// pattern or none (40 bytes instead of 80).
 #[derive(Debug, Clone, Default)]
 pub struct Grants {
     any_room: bool,
-    exact: HashSet<String>,
-    prefixes: Vec<String>,
+    exact: Box<[String]>,
+    prefixes: Box<[String]>,
 }
 
 impl Grants {
     /// Compile a list of patterns.
     pub fn from_patterns<I: IntoIterator<Item = S>, S: AsRef<str>>(patterns: I) -> Grants {
-        let mut grants = Grants::default();
+        let mut any_room = false;
+        let mut exact = Vec::new();
+        let mut prefixes = Vec::new();
         for pattern in patterns {
             let pattern = pattern.as_ref().trim();
             if pattern.is_empty() {
                 continue;
             }
             if pattern == "*" {
-                grants.any_room = true;
+                any_room = true;
             } else if let Some(prefix) = pattern.strip_suffix('*') {
                 if !prefix.contains('*') {
-                    grants.prefixes.push(prefix.to_owned());
+                    prefixes.push(prefix.to_owned());
                 }
             } else if !pattern.contains('*') {
-                grants.exact.insert(pattern.to_owned());
+                exact.push(pattern.to_owned());
             }
         }
-        if grants.any_room {
-            grants.exact.clear();
-            grants.prefixes.clear();
+        if any_room {
+            exact.clear();
+            prefixes.clear();
         }
-        grants.prefixes.sort();
-        grants.prefixes.dedup();
-        grants
+        for list in [&mut exact, &mut prefixes] {
+            list.sort_unstable();
+            list.dedup();
+        }
+        Grants {
+            any_room,
+            exact: exact.into_boxed_slice(),
+            prefixes: prefixes.into_boxed_slice(),
+        }
     }
 
     /// Grants for every room (the pattern `*`).
@@ -563,7 +574,10 @@ impl Grants {
     /// Whether these grants cover `room`.
     pub fn allows(&self, room: &str) -> bool {
         self.any_room
-            || self.exact.contains(room)
+            || self
+                .exact
+                .binary_search_by(|e| e.as_str().cmp(room))
+                .is_ok()
             || self.prefixes.iter().any(|p| room.starts_with(p.as_str()))
     }
 

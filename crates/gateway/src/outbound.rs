@@ -175,8 +175,14 @@ impl Queue {
 pub struct ConnHandle {
     id: Box<str>,
     queue: Mutex<Queue>,
-    /// The connection's task, woken when frames are queued for it.
+    /// The task that writes the queue (the connection's own task; for an
+    /// SSE stream served through hyper, its response body), woken when
+    /// frames are queued for it.
     wake: AtomicWaker,
+    /// The session's task while it waits for the closing
+    /// ([`poll_closed`](ConnHandle::poll_closed)): apart from `wake`, which
+    /// belongs to the writer of the queue, and may be another task.
+    close_wake: AtomicWaker,
     /// Woken whenever queued bytes are written (for paced sends).
     drained: Notify,
     max: usize,
@@ -218,6 +224,7 @@ impl ConnHandle {
                 ..Queue::default()
             }),
             wake: AtomicWaker::new(),
+            close_wake: AtomicWaker::new(),
             drained: Notify::new(),
             max: max_bytes,
             close: OnceLock::new(),
@@ -529,6 +536,7 @@ impl ConnHandle {
         self.ended.store(true, Ordering::Release);
         self.closing.notify_waiters();
         self.wake.wake();
+        self.close_wake.wake();
     }
 
     /// Why the server is closing this connection, if it is.
@@ -547,7 +555,7 @@ impl ConnHandle {
     /// is one.
     pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
         if !self.is_closing() {
-            self.wake.register(cx.waker());
+            self.close_wake.register(cx.waker());
             if !self.is_closing() {
                 return Poll::Pending;
             }

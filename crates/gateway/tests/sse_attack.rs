@@ -4,10 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use wsgate_testkit::{eventually, header, Node, Sse, WAIT};
+use wsgate_testkit::{any_token, eventually, header, http, Node, Sse, WAIT};
 
 /// Open a connection and write `bytes` (a request head, maybe part of a
 /// body) without reading.
@@ -84,5 +85,148 @@ async fn posts_share_the_nodes_body_budget_and_are_refused_from_their_head() {
         Some(sse.post_raw(r#"{"type":"ping"}"#).await).filter(|r| r.0 == 202)
     })
     .await;
+    node.stop().await;
+}
+
+/// POST `body` to `sse`'s stream with `headers` (the token is added as
+/// Bearer unless an `authorization` is given); the status.
+async fn post_with(sse: &Sse, path: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
+    let auth = format!("Bearer {}", sse.token);
+    let mut all = headers.to_vec();
+    if !headers.iter().any(|(n, _)| *n == "authorization") {
+        all.push(("authorization", &auth));
+    }
+    let url = format!("{}/sse/{path}", sse.base);
+    http("POST", &url, &all, body).await.expect("POST").0
+}
+
+#[tokio::test]
+async fn hostile_post_bodies_are_refused_and_the_stream_still_serves() {
+    let node = Node::start(&[]).await;
+    let (mut sse, _) = Sse::open(node.addr, "alice").await;
+    let conn = sse.conn.clone();
+    let json = [("content-type", "application/json")];
+    // Nesting 100,000 deep, as an element of the array and inside a
+    // frame: never a crash; refused as a whole (400) or answered
+    // `bad_request` on the stream.
+    let deep = |inner: &str| format!("{}{inner}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let bodies = [
+        format!("[{}]", deep("")),
+        format!(
+            r#"[{{"type":"publish","room":"r","id":"deep","data":{}}}]"#,
+            deep("1")
+        ),
+    ];
+    for body in bodies {
+        match post_with(&sse, &conn, &json, body.as_bytes()).await {
+            400 => {}
+            202 => {
+                let v = sse.json().await;
+                assert_eq!(v["type"], "error", "{v}");
+                assert_eq!(v["code"], "bad_request", "{v}");
+            }
+            other => panic!("deep body: {other}"),
+        }
+    }
+    // Not UTF-8, not JSON, empty: 400.
+    for bad in [
+        &b"\xff\xfe{}"[..],
+        b"{\"type\":\"ping\",\"id\":\"\xc3\x28\"}",
+        b"",
+        b"null",
+    ] {
+        assert_eq!(post_with(&sse, &conn, &json, bad).await, 400, "{bad:?}");
+    }
+    // Any Content-Type (a page may send text/plain to avoid a preflight).
+    let plain = [("content-type", "text/plain")];
+    assert_eq!(
+        post_with(&sse, &conn, &plain, br#"{"type":"ping","id":"p"}"#).await,
+        202
+    );
+    assert_eq!(
+        sse.json().await,
+        serde_json::json!({"type": "pong", "id": "p"})
+    );
+    // Bearer and ?token= both present and different: the Bearer counts,
+    // as for /ws.
+    let bob = format!("{conn}?token={}", any_token("bob"));
+    assert_eq!(
+        post_with(&sse, &bob, &json, br#"{"type":"ping","id":"b"}"#).await,
+        202
+    );
+    let as_bob = format!("Bearer {}", any_token("bob"));
+    let with_alice = format!("{conn}?token={}", sse.token);
+    let headers = [("authorization", as_bob.as_str())];
+    assert_eq!(post_with(&sse, &with_alice, &headers, b"{}").await, 403);
+    assert_eq!(
+        sse.json().await,
+        serde_json::json!({"type": "pong", "id": "b"})
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_conn_ids_are_404_at_once_on_one_node() {
+    let node = Node::start(&[]).await;
+    let (sse, _) = Sse::open(node.addr, "alice").await;
+    let json = [("content-type", "application/json")];
+    let huge = "A".repeat(16_000);
+    let other_node = format!("1.{}", "b3RoZXI"); // "other"
+    for conn in ["x", ".", "..", "1.!!", huge.as_str(), other_node.as_str()] {
+        let status = post_with(&sse, conn, &json, br#"{"type":"ping"}"#).await;
+        assert_eq!(status, 404, "{conn:.40}");
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_get_sse_head_sent_byte_by_byte_is_cut_off_by_the_handshake_timeout() {
+    let node = Node::start(&["--handshake-timeout", "1s"]).await;
+    let request = format!(
+        "GET /sse?token={} HTTP/1.1\r\nhost: x\r\nx-pad: {}\r\n\r\n",
+        any_token("alice"),
+        "p".repeat(200)
+    );
+    let s = send_raw(node.addr, b"GET /sse").await;
+    let (mut rd, mut wr) = s.into_split();
+    // One byte every 50 ms: the whole head would take about 30 s.
+    let trickle = async {
+        for b in request.as_bytes()[8..].iter() {
+            if wr.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let closed = async {
+        let mut buf = Vec::new();
+        // A reset counts as closed too.
+        let _ = tokio::time::timeout(WAIT, rd.read_to_end(&mut buf))
+            .await
+            .expect("the node kept the connection");
+        buf
+    };
+    let answer = tokio::select! {
+        a = closed => a,
+        _ = trickle => panic!("the whole trickled head was taken"),
+    };
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    // The node still serves streams.
+    let (_sse, welcome) = Sse::open(node.addr, "bob").await;
+    assert_eq!(welcome["type"], "welcome");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_get_sse_head_over_64_kib_gets_431() {
+    let node = Node::start(&[]).await;
+    let request = format!(
+        "GET /sse?token={} HTTP/1.1\r\nhost: x\r\nx-pad: {}\r\n\r\n",
+        any_token("alice"),
+        "p".repeat(70 * 1024)
+    );
+    let mut s = send_raw(node.addr, request.as_bytes()).await;
+    let a = answer(&mut s).await;
+    assert!(a.starts_with("HTTP/1.1 431"), "{a:.200}");
     node.stop().await;
 }

@@ -6,9 +6,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use wsgate_testkit::{any_token, eventually, header, http, Node, Sse, WAIT};
+use wsgate_testkit::{
+    any_token, eventually, header, http, http_get, BinNode, Node, Redis, Sse, WAIT,
+};
 
 /// Open a connection and write `bytes` (a request head, maybe part of a
 /// body) without reading.
@@ -229,4 +232,87 @@ async fn a_get_sse_head_over_64_kib_gets_431() {
     let a = answer(&mut s).await;
     assert!(a.starts_with("HTTP/1.1 431"), "{a:.200}");
     node.stop().await;
+}
+
+/// A node on `redis` once it is ready.
+async fn ready_node(redis: &Redis) -> Node {
+    let node = Node::start(&["--redis-url", &redis.url()]).await;
+    let ready = format!("{}/ready", node.ops_url());
+    eventually("node ready", || async {
+        matches!(http_get(&ready).await, Ok((200, _, _))).then_some(())
+    })
+    .await;
+    node
+}
+
+#[tokio::test]
+async fn posts_handed_to_a_stopped_or_killed_node_are_404_and_never_delivered_late() {
+    let redis = Redis::start();
+    let mut holder = BinNode::start(&["--redis-url", &redis.url()]).await;
+    let poster = ready_node(&redis).await;
+    let ready = format!("{}/ready", holder.ops_url());
+    eventually("holder ready", || async {
+        matches!(http_get(&ready).await, Ok((200, _, _))).then_some(())
+    })
+    .await;
+    let (mut sse, _) = Sse::open(holder.addr, "alice").await;
+    sse.base = poster.http_url();
+    sse.send(json!({"type": "ping", "id": "before"})).await;
+    assert_eq!(sse.json().await["id"], "before");
+
+    // The holder is stopped: POSTs through the poster are 404 (its 2 s
+    // bound), all of them at once.
+    holder.signal("STOP");
+    let posts = (0..20).map(|i| {
+        let sse = &sse;
+        async move {
+            sse.post_raw(&json!({"type": "ping", "id": i}).to_string())
+                .await
+                .0
+        }
+    });
+    let answers = tokio::time::timeout(WAIT, futures_util::future::join_all(posts))
+        .await
+        .expect("the poster answers within its bound");
+    assert!(answers.iter().all(|s| *s == 404), "{answers:?}");
+    // Resumed, the holder does not act on POSTs answered 404 meanwhile:
+    // the next answer on the stream is the next POST's.
+    holder.signal("CONT");
+    let resumed = eventually("the holder answers again", || async {
+        Some(sse.post_raw(r#"{"type":"ping","id":"after"}"#).await.0).filter(|s| *s == 202)
+    })
+    .await;
+    assert_eq!(resumed, 202);
+    assert_eq!(sse.json().await, json!({"type": "pong", "id": "after"}));
+
+    // Killed: 404, and the poster keeps serving.
+    holder.kill();
+    let resp = sse.post_raw(r#"{"type":"ping"}"#).await;
+    assert_eq!(resp.0, 404, "{resp:?}");
+    let (mut own, _) = Sse::open(poster.addr, "bob").await;
+    own.send(json!({"type": "ping", "id": "own"})).await;
+    assert_eq!(own.json().await["id"], "own");
+    poster.stop().await;
+}
+
+#[tokio::test]
+async fn the_handover_recovers_when_redis_comes_back() {
+    let mut redis = Redis::start();
+    let holder = ready_node(&redis).await;
+    let poster = ready_node(&redis).await;
+    let (mut sse, _) = Sse::open(holder.addr, "alice").await;
+    sse.base = poster.http_url();
+    sse.send(json!({"type": "ping", "id": 1})).await;
+    assert_eq!(sse.json().await["id"], 1);
+    redis.kill();
+    assert_eq!(sse.post_raw(r#"{"type":"ping","id":2}"#).await.0, 503);
+    redis.restart();
+    eventually("a handed-over POST after the restart", || async {
+        Some(sse.post_raw(r#"{"type":"ping","id":3}"#).await.0).filter(|s| *s == 202)
+    })
+    .await;
+    // Only the 202 POST is answered on the stream (a 404 one never is).
+    assert_eq!(sse.json().await, json!({"type": "pong", "id": 3}));
+    holder.stop().await;
+    poster.stop().await;
 }

@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wsgate_testkit::{
-    any_token, eventually, header, http, http_get, BinNode, Node, Redis, Sse, WAIT,
+    any_token, eventually, header, http, http_get, token, BinNode, Node, Redis, Sse, WAIT,
 };
 
 /// Open a connection and write `bytes` (a request head, maybe part of a
@@ -315,4 +315,120 @@ async fn the_handover_recovers_when_redis_comes_back() {
     assert_eq!(sse.json().await, json!({"type": "pong", "id": 3}));
     holder.stop().await;
     poster.stop().await;
+}
+
+/// Open a direct stream with `token` (none: refused) on a raw connection;
+/// what the node sent until `until` appeared (or it closed).
+async fn raw_stream(addr: SocketAddr, token: Option<&str>, until: &[u8]) -> (TcpStream, Vec<u8>) {
+    let query = token.map(|t| format!("?token={t}")).unwrap_or_default();
+    let request = format!("GET /sse{query} HTTP/1.1\r\nhost: x\r\n\r\n");
+    let mut s = send_raw(addr, request.as_bytes()).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(until.len()).any(|w| w == until) {
+        match tokio::time::timeout(WAIT, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    (s, got)
+}
+
+#[tokio::test]
+async fn floods_of_refused_streams_and_thousands_of_one_users_streams_stay_small() {
+    const N: usize = 2000;
+    let node = BinNode::start(&[]).await;
+    let addr = node.addr;
+    // Warm up: one stream opened and closed.
+    drop(raw_stream(addr, Some(&any_token("warm")), b"welcome").await);
+    let before = node.rss_kib();
+    // 2,000 GET /sse without a token, 200 at a time: each is 401.
+    for _ in 0..N / 200 {
+        let batch = (0..200).map(|_| raw_stream(addr, None, b"\r\n\r\n"));
+        for (_, got) in futures_util::future::join_all(batch).await {
+            assert!(
+                got.starts_with(b"HTTP/1.1 401"),
+                "{}",
+                String::from_utf8_lossy(&got)
+            );
+        }
+    }
+    let refused = node.rss_kib();
+    // 2,000 streams of one user, held open.
+    let token = any_token("alice");
+    let mut streams = Vec::with_capacity(N);
+    for _ in 0..N / 200 {
+        let batch = (0..200).map(|_| raw_stream(addr, Some(&token), b"welcome"));
+        for (s, got) in futures_util::future::join_all(batch).await {
+            assert!(
+                got.starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(&got)
+            );
+            streams.push(s);
+        }
+    }
+    let open = node.rss_kib();
+    let per_stream = (open.saturating_sub(refused) * 1024) / N as u64;
+    println!(
+        "VmRSS {before} KiB; after {N} refused GET /sse {refused} KiB; \
+         with {N} streams of one user {open} KiB ({per_stream} B per stream)"
+    );
+    assert!(
+        refused.saturating_sub(before) < 8 * 1024,
+        "{before} -> {refused} KiB"
+    );
+    assert!(per_stream < 32 * 1024, "{per_stream} B per stream");
+    // The node still serves: a new stream of the same user.
+    let (_s, got) = raw_stream(addr, Some(&token), b"welcome").await;
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    drop(streams);
+}
+
+#[tokio::test]
+async fn posts_in_flight_when_the_token_expires_get_answers_then_404() {
+    let node = Node::start(&["--jwt-leeway", "0s"]).await;
+    let short = token("alice", &["*"], &["*"], Duration::from_secs(2));
+    let (mut sse, _) = Sse::open_with(node.addr, &short).await;
+    // A fresh token for the POSTs: the stream's own expiry is the test.
+    sse.token = any_token("alice");
+    let poster = async {
+        let mut statuses = Vec::new();
+        // Bounded: about 200 POSTs over the 2 s before the expiry, then
+        // 404s.
+        for i in 0..2_000 {
+            let status = sse
+                .post_raw(&json!({"type": "ping", "id": i}).to_string())
+                .await
+                .0;
+            statuses.push(status);
+            if status == 404 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        statuses
+    };
+    let statuses = tokio::time::timeout(Duration::from_secs(60), poster)
+        .await
+        .expect("the POSTs end with a 404");
+    // 202 (or 503 when the inbox was full) until the stream closed, then 404.
+    let (last, before) = statuses.split_last().unwrap();
+    assert_eq!(*last, 404, "{statuses:?}");
+    assert!(
+        before.iter().all(|s| matches!(s, 202 | 503)),
+        "{statuses:?}"
+    );
+    // The stream ends with its close event: every POST taken before it is
+    // answered in order, none after it.
+    let rest = sse.rest().await;
+    let close = rest.last().expect("a close event");
+    assert_eq!(
+        (close["type"].as_str(), close["code"].as_u64()),
+        (Some("close"), Some(4001)),
+        "{rest:?}"
+    );
+    let ids: Vec<u64> = rest.iter().filter_map(|v| v["id"].as_u64()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    node.stop().await;
 }

@@ -432,3 +432,65 @@ async fn posts_in_flight_when_the_token_expires_get_answers_then_404() {
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     node.stop().await;
 }
+
+#[tokio::test]
+async fn extreme_exp_values_are_served_or_refused_never_crash() {
+    let node = Node::start(&[]).await;
+    let huge = [
+        json!(u64::MAX),
+        json!(1e300),
+        json!(-1),
+        json!("soon"),
+        json!(null),
+    ];
+    let mut served = Vec::new();
+    for exp in huge {
+        let mut claims = wsgate_testkit::claims("alice");
+        claims["exp"] = exp.clone();
+        let t = wsgate_testkit::sign_hs256(&claims);
+        let (_s, got) = raw_stream(node.addr, Some(&t), b"\n\n").await;
+        let status = &got[..got.len().min(12)];
+        assert!(
+            status == b"HTTP/1.1 200" || status == b"HTTP/1.1 401",
+            "exp {exp}: {}",
+            String::from_utf8_lossy(&got)
+        );
+        if status == b"HTTP/1.1 200" {
+            served.push(exp);
+        }
+    }
+    // u64::MAX is a valid (far) expiry: its stream is open and answers.
+    assert_eq!(served, [json!(u64::MAX)]);
+    let mut claims = wsgate_testkit::claims("alice");
+    claims["exp"] = json!(u64::MAX);
+    let (mut sse, _) = Sse::open_with(node.addr, &wsgate_testkit::sign_hs256(&claims)).await;
+    sse.send(json!({"type": "ping", "id": "far"})).await;
+    assert_eq!(sse.json().await, json!({"type": "pong", "id": "far"}));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn posts_for_streams_of_nodes_that_never_existed_are_404_within_the_bound() {
+    let redis = Redis::start();
+    let node = ready_node(&redis).await;
+    let (mut sse, _) = Sse::open(node.addr, "alice").await;
+    let long_node = "Z".repeat(8_000);
+    let posts = (0..50).map(|i| {
+        let conn = if i % 2 == 0 {
+            format!("c-{i}.Z2hvc3Q") // "ghost"
+        } else {
+            format!("c-{i}.{long_node}")
+        };
+        let sse = &sse;
+        let json = [("content-type", "application/json")];
+        async move { post_with(sse, &conn, &json, br#"{"type":"ping"}"#).await }
+    });
+    let answers = tokio::time::timeout(WAIT, futures_util::future::join_all(posts))
+        .await
+        .expect("answered within the 2 s bound");
+    assert!(answers.iter().all(|s| *s == 404), "{answers:?}");
+    // The node's own stream is not disturbed.
+    sse.send(json!({"type": "ping", "id": "mine"})).await;
+    assert_eq!(sse.json().await, json!({"type": "pong", "id": "mine"}));
+    node.stop().await;
+}

@@ -494,3 +494,45 @@ async fn posts_for_streams_of_nodes_that_never_existed_are_404_within_the_bound(
     assert_eq!(sse.json().await, json!({"type": "pong", "id": "mine"}));
     node.stop().await;
 }
+
+#[tokio::test]
+async fn unfinished_get_sse_heads_hold_about_64_kib_each_and_only_up_to_the_pending_cap() {
+    const CAP: usize = 300;
+    let node = BinNode::start(&[
+        "--max-pending-connections",
+        "300",
+        "--handshake-timeout",
+        "1m",
+    ])
+    .await;
+    drop(raw_stream(node.addr, Some(&any_token("warm")), b"welcome").await);
+    let before = node.rss_kib();
+    // 400 connections, each 60,000 bytes into a head it never finishes.
+    let mut head =
+        format!("GET /sse?token={} HTTP/1.1\r\nx-pad: ", any_token("alice")).into_bytes();
+    head.extend(std::iter::repeat_n(b'p', 60_000));
+    let mut held = Vec::new();
+    for _ in 0..400 {
+        held.push(send_raw(node.addr, &head).await);
+    }
+    // Everything sent has been read by then: a new connection is refused
+    // (the cap is full) or served by the time the node answers it.
+    let ops = node.ops_url();
+    eventually("the pending cap reached", || async {
+        let m = wsgate_testkit::metrics(&ops).await;
+        let n = m.value(
+            "wsgate_limit_refusals_total",
+            &[("limit", "pending_connections")],
+        );
+        (n >= 1.0).then_some(n)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = node.rss_kib();
+    let per_conn = during.saturating_sub(before) / CAP as u64;
+    println!(
+        "VmRSS {before} KiB; with {CAP} unfinished 60 KB heads {during} KiB ({per_conn} KiB each)"
+    );
+    assert!(per_conn <= 96, "{per_conn} KiB per unfinished head");
+    drop(held);
+}

@@ -59,7 +59,7 @@ impl PendingSlot {
 /// The node-wide budget of HTTP API body bytes being read or held
 /// (`--max-inflight-body-bytes`), one semaphore permit a byte.
 #[derive(Clone)]
-struct BodyBudget {
+pub(crate) struct BodyBudget {
     bytes: Arc<Semaphore>,
     total: usize,
     /// Slots for draining refused bodies ([`linger`]).
@@ -81,7 +81,7 @@ pub fn router(app: Arc<App>) -> Router {
     let api = Router::new()
         .route(
             "/api/rooms/{room}/messages",
-            post(api_publish).layer(Extension(budget)),
+            post(api_publish).layer(Extension(budget.clone())),
         )
         .route(
             "/api/users/{user}/disconnect",
@@ -100,6 +100,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/sse/{conn}",
             post(crate::sse::post)
                 .options(crate::sse::preflight)
+                .layer::<_, std::convert::Infallible>(Extension(budget.clone()))
                 .layer(axum::extract::DefaultBodyLimit::max(max_body)),
         )
         .merge(api);
@@ -424,7 +425,7 @@ fn broker_error(e: &BrokerError) -> Response {
 
 /// An answer given without reading (all of) the request body: the
 /// connection is closed after it rather than kept for another request.
-fn unread(mut response: Response) -> Response {
+pub(crate) fn unread(mut response: Response) -> Response {
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -464,6 +465,20 @@ fn check_head(
             "invalid Idempotency-Key: 1 to 64 characters of A-Z a-z 0-9 _ - . :",
         ));
     }
+    let held = reserve_body(app, budget, headers)?;
+    Ok((caller, held))
+}
+
+/// A share of the node's body budget for a request's body, from its head:
+/// its declared length (413 beyond `--max-message-bytes`), else the
+/// maximum; 503 with `Retry-After` when the budget has not that much left.
+// The error is the response itself, built once per refused request.
+#[allow(clippy::result_large_err)]
+pub(crate) fn reserve_body(
+    app: &App,
+    budget: &BodyBudget,
+    headers: &HeaderMap,
+) -> Result<OwnedSemaphorePermit, Response> {
     let max = app.config.limits.max_message_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -478,15 +493,14 @@ fn check_head(
         .and_then(|n| usize::try_from(n).ok())
         .unwrap_or(max)
         .min(budget.total);
-    let held = budget
+    budget
         .bytes
         .clone()
         .try_acquire_many_owned(u32::try_from(want).unwrap_or(u32::MAX))
         .map_err(|_| {
             app.metrics.refused(Limit::InflightBodyBytes);
             unavailable("1", "node is reading too many request bodies; retry")
-        })?;
-    Ok((caller, held))
+        })
 }
 
 /// Refused bodies drained at once at most (see [`linger`]).
@@ -503,7 +517,12 @@ const LINGER_TIME: Duration = Duration::from_secs(2);
 /// [`LINGERING`] connections at once, through hyper's bounded read buffer:
 /// no body is held). Beyond that, or when the client waits for
 /// `100 Continue`, the connection is simply closed.
-fn linger(budget: &BodyBudget, headers: &HeaderMap, body: Body, refused: Response) -> Response {
+pub(crate) fn linger(
+    budget: &BodyBudget,
+    headers: &HeaderMap,
+    body: Body,
+    refused: Response,
+) -> Response {
     let waits_for_continue = headers.contains_key(header::EXPECT);
     if !waits_for_continue {
         if let Ok(slot) = budget.lingering.clone().try_acquire_owned() {

@@ -82,10 +82,14 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken
             keep_alive: true,
         };
         let app = app.clone();
+        let started = tokio::time::Instant::now();
         tokio::spawn(async move {
             match tls {
                 None => match crate::sse::direct::is_sse(&tcp, handshake).await {
-                    Some(true) => crate::sse::direct::serve(tcp, peer, app, slot).await,
+                    Some(true) => {
+                        let deadline = started + handshake;
+                        crate::sse::direct::serve(tcp, peer, app, slot, deadline).await
+                    }
                     Some(false) => {
                         let slot = Some(PendingSlot::new(slot));
                         serve_http(tcp, peer, router, http, stop, slot).await

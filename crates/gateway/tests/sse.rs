@@ -428,7 +428,9 @@ async fn an_array_of_10000_frames_meets_the_limits_and_the_node_still_serves() {
     // Room for every answer (a client that sends a lot at once without
     // reading may otherwise be closed as a slow consumer, as over a
     // WebSocket).
-    let node = Node::start(&["--max-outbound-bytes", "4194304"]).await;
+    // A bucket that hardly refills: the acks do not depend on how fast a
+    // loaded machine handles the array.
+    let node = Node::start(&["--max-outbound-bytes", "4194304", "--publish-rate", "0.01"]).await;
     let (mut sse, _) = Sse::open(node.addr, "alice").await;
     let frames: Vec<_> = (0..10_000)
         .map(|i| json!({"type": "publish", "room": "r", "data": i, "id": i}))
@@ -454,7 +456,7 @@ async fn an_array_of_10000_frames_meets_the_limits_and_the_node_still_serves() {
         }
     }
     assert!(
-        (200..=260).contains(&acks),
+        (200..=201).contains(&acks),
         "{acks} acks, {limited} limited"
     );
     // The node still serves.

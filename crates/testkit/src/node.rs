@@ -276,6 +276,17 @@ impl BinNode {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The process's resident memory (`VmRSS` of `/proc/<pid>/status`), KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
     pub fn ws_url(&self) -> String {
         format!("ws://{}/ws", self.addr)
     }

@@ -102,6 +102,13 @@ pub enum ControlMsg {
         user: String,
         /// The POST's body, checked by `from` (a JSON object or array).
         body: String,
+        /// Unix time (ms) after which the holder must not deliver the POST
+        /// ([`DELIVER_WITHIN`] after it was sent): `from` has answered 404
+        /// by then or is about to, so a late delivery (the holder was
+        /// stopped, Redis held the message) would act on a POST its client
+        /// was told failed. Absent from older nodes: no limit.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deliver_by_ms: Option<u64>,
     },
     /// What became of a handed-over POST.
     SseAnswer {
@@ -128,6 +135,11 @@ impl ControlMsg {
 
 /// How long a node waits for the answer to a POST it handed over.
 pub const ANSWER_WAIT: Duration = Duration::from_secs(2);
+
+/// How long after it was sent a handed-over POST may still be delivered:
+/// half of [`ANSWER_WAIT`], the rest is for the answer's way back (and
+/// for clocks a little apart).
+pub const DELIVER_WITHIN: Duration = Duration::from_secs(1);
 
 /// This node's side of the control channel: the revocations it knows and
 /// the connections it closes.
@@ -218,11 +230,14 @@ impl Control {
                 conn,
                 user,
                 body,
+                deliver_by_ms,
                 ..
             } => {
-                let delivery = match crate::sse::frames(&axum::body::Bytes::from(body.clone())) {
-                    Some(frames) => self.conns.sse.deliver(conn, user, frames),
-                    None => Delivery::NotFound,
+                let late = deliver_by_ms.is_some_and(|by| crate::session::now_ms() > by);
+                let frames = crate::sse::frames(&axum::body::Bytes::from(body.clone()));
+                let delivery = match frames {
+                    Some(frames) if !late => self.conns.sse.deliver(conn, user, frames),
+                    _ => Delivery::NotFound,
                 };
                 let answer = ControlMsg::SseAnswer {
                     to: from.clone(),

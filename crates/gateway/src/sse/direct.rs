@@ -4,7 +4,8 @@
 //!
 //! The listener peeks at the first bytes ([`is_sse`]); the request head is
 //! read and parsed here (`httparse`, at most
-//! [`crate::listener::MAX_READ_BUFFER`], within `--handshake-timeout`), the
+//! [`crate::listener::MAX_READ_BUFFER`], else 431; the peek and the head
+//! together within `--handshake-timeout` of the connection's start), the
 //! checks are those of every connection ([`crate::http::admit`]), a
 //! refusal is written as the router would answer it, and on success the
 //! response head (`200`, no length: the body runs until the connection
@@ -21,6 +22,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::http::{self as public, PeerAddr};
@@ -62,17 +64,28 @@ pub async fn is_sse(tcp: &TcpStream, patience: Duration) -> Option<bool> {
 /// Serve a direct stream on `tcp` (its first request is `GET /sse`),
 /// holding `pending` (its place under `--max-pending-connections`) until
 /// the stream starts.
+/// The request head is due by `deadline` (the connection's start plus
+/// `--handshake-timeout`, the peek included).
 pub async fn serve(
     mut tcp: TcpStream,
     peer: SocketAddr,
     app: Arc<App>,
     pending: OwnedSemaphorePermit,
+    deadline: Instant,
 ) {
     let patience = app.config.limits.handshake_timeout;
-    let head = match tokio::time::timeout(patience, read_head(&mut tcp)).await {
-        Ok(Some(head)) => head,
-        _ => {
-            debug!(%peer, "sse: no valid request head");
+    let head = match tokio::time::timeout_at(deadline, read_head(&mut tcp)).await {
+        Ok(Head::Complete(head)) => head,
+        Ok(Head::TooLarge) => {
+            let refused = public::error(
+                axum::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too_large",
+                "request head too large",
+            );
+            return write_response(&mut tcp, refused, patience).await;
+        }
+        Ok(Head::Gone) | Err(_) => {
+            debug!(%peer, "sse: no request head within --handshake-timeout");
             return;
         }
     };
@@ -108,24 +121,33 @@ pub async fn serve(
     super::start(&app, claims, slot, &remote, Some(tcp));
 }
 
+/// What came of reading a request head.
+enum Head {
+    Complete(Vec<u8>),
+    /// Larger than [`MAX_READ_BUFFER`]: 431, as hyper answers.
+    TooLarge,
+    /// The connection ended or failed first.
+    Gone,
+}
+
 /// Read the request head. Anything after it (a stream's request has no
 /// body) is dropped, like what the client sends later.
-async fn read_head(tcp: &mut TcpStream) -> Option<Vec<u8>> {
+async fn read_head(tcp: &mut TcpStream) -> Head {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while head.len() < MAX_READ_BUFFER {
-        let n = tcp.read(&mut buf).await.ok()?;
-        if n == 0 {
-            return None;
-        }
+        let n = match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return Head::Gone,
+            Ok(n) => n,
+        };
         let from = head.len().saturating_sub(3);
         head.extend_from_slice(&buf[..n]);
         if let Some(end) = head[from..].windows(4).position(|w| w == b"\r\n\r\n") {
             head.truncate(from + end + 4);
-            return Some(head);
+            return Head::Complete(head);
         }
     }
-    None
+    Head::TooLarge
 }
 
 /// The URI and headers of a request head; `None` when it is not a valid

@@ -9,7 +9,10 @@
 //! the stream and answers on the sender's channel
 //! ([`ControlMsg::SseAnswer`]), so that the client gets the real 202, 403,
 //! 404 or 503. No answer within [`ANSWER_WAIT`] means no node holds the
-//! stream (its node is gone): 404. The in-process broker has one node, so
+//! stream (its node is gone or stopped): 404. The holder delivers a POST
+//! only within [`DELIVER_WITHIN`] of its sending, so that a POST answered
+//! 404 is never acted on later (a stopped node resumed, Redis delivered
+//! late). The in-process broker has one node, so
 //! a stream of another node does not exist: 404 at once.
 
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 
 use super::Delivery;
-use crate::broker::control::{ControlMsg, ANSWER_WAIT};
+use crate::broker::control::{ControlMsg, ANSWER_WAIT, DELIVER_WITHIN};
 use crate::config::BrokerChoice;
 use crate::state::App;
 
@@ -41,6 +44,7 @@ pub async fn forward(app: &Arc<App>, conn: &str, user: &str, body: &Bytes) -> De
         conn: conn.to_owned(),
         user: user.to_owned(),
         body: body.to_owned(),
+        deliver_by_ms: Some(crate::session::now_ms() + DELIVER_WITHIN.as_millis() as u64),
     };
     if app.broker.control(&msg).await.is_err() {
         app.control.forget(req);

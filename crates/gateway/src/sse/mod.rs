@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::ws::Utf8Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -45,7 +45,7 @@ use hyper::body::Frame;
 use serde_json::value::RawValue;
 use tracing::debug;
 
-use crate::http::{self as public, PeerAddr};
+use crate::http::{self as public, BodyBudget, PeerAddr};
 use crate::outbound::{CloseReason, ConnHandle};
 use crate::state::App;
 use crate::transport::{ClientEvent, Transport};
@@ -506,20 +506,26 @@ fn slice(body: &Bytes, raw: &RawValue) -> Option<Utf8Bytes> {
 
 /// `POST /sse/{conn}`: a client frame, or an array of them, for a stream.
 /// Every answer is readable by an allowed origin (CORS).
-pub async fn post(
+pub(crate) async fn post(
     State(app): State<Arc<App>>,
+    Extension(budget): Extension<BodyBudget>,
     Path(conn): Path<String>,
     headers: HeaderMap,
     uri: Uri,
     body: Body,
 ) -> Response {
-    let mut response = handle_post(&app, &conn, &headers, &uri, body).await;
+    let mut response = handle_post(&app, &budget, &conn, &headers, &uri, body).await;
     cors(&app, &headers, &mut response);
     response
 }
 
+/// As the HTTP publish API: the token (401) and the body's share of the
+/// node's `--max-inflight-body-bytes` (413 on a declared length beyond
+/// `--max-message-bytes`, 503) are checked from the head, before a byte of
+/// the body is read; the body is then read up to `--max-message-bytes`.
 async fn handle_post(
     app: &Arc<App>,
+    budget: &BodyBudget,
     conn: &str,
     headers: &HeaderMap,
     uri: &Uri,
@@ -527,11 +533,15 @@ async fn handle_post(
 ) -> Response {
     let claims = match public::authenticate(app, headers, uri) {
         Ok(c) => c,
-        Err(e) => return public::unauthorized(&e),
+        Err(e) => return public::linger(budget, headers, body, public::unauthorized(&e)),
+    };
+    let _held = match public::reserve_body(app, budget, headers) {
+        Ok(held) => held,
+        Err(refused) => return public::linger(budget, headers, body, refused),
     };
     let body = match public::read_body(app, body).await {
         Ok(b) => b,
-        Err(refused) => return refused,
+        Err(refused) => return public::unread(refused),
     };
     let Some(frames) = frames(&body) else {
         return public::error(

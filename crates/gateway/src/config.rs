@@ -5,8 +5,9 @@
 //! ([`BrokerArgs`], [`JwtArgs`], [`Limits`], [`HistoryArgs`], [`TlsArgs`],
 //! [`PresenceArgs`], [`crate::deflate::CompressionArgs`]),
 //! and [`ServeArgs::into_config`] turns them into a checked configuration
-//! (keys loaded, TLS prepared) or one clear error line, each group checked
-//! by its own method. [`CommandLine`] is generic over the subcommands so
+//! or one clear error line, each group checked by its own method. The
+//! configuration is data only: key and certificate files are named by
+//! path, and read at start-up by [`crate::server::Resources::load`]. [`CommandLine`] is generic over the subcommands so
 //! the binary adds `client` without repeating the command's attributes.
 
 use std::ffi::OsString;
@@ -20,7 +21,7 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand,
 
 use crate::api::ApiKey;
 use crate::auth::jwks::JwksSettings;
-use crate::auth::{Verifier, VerifierSettings};
+use crate::auth::VerifierSettings;
 
 /// The per-user publish bucket is this many connections' worth by default.
 const USER_RATE_FACTOR: f64 = 10.0;
@@ -480,8 +481,29 @@ pub struct RedisConfig {
     pub url: String,
     /// Replicas that must confirm a publish.
     pub min_replicas: u32,
-    /// PEM CA for `rediss://`, read at start.
-    pub ca_cert: Option<Vec<u8>>,
+    /// PEM CA file for `rediss://` (read by [`crate::server::Resources::load`]).
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// Where the token verification key comes from.
+#[derive(Debug, Clone)]
+pub enum JwtKey {
+    /// An HMAC secret, given inline or generated in dev mode (also in
+    /// [`Config::hmac_secret`]).
+    Hmac(HmacSecret),
+    /// A PEM public key file.
+    PublicKey(PathBuf),
+    /// A JWKS URL (checked), fetched by the running node.
+    Jwks(JwksSettings),
+}
+
+/// The public listener's certificate chain and private key files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
 }
 
 /// The validated configuration a node runs with.
@@ -491,8 +513,10 @@ pub struct Config {
     pub node_id: Arc<str>,
     /// The broker: in-process, or Redis.
     pub broker: BrokerChoice,
-    /// Token verifier.
-    pub verifier: Arc<Verifier>,
+    /// Where the token verification key comes from.
+    pub jwt_key: JwtKey,
+    /// Leeway on exp, nbf and iat.
+    pub jwt_leeway: Duration,
     /// HMAC secret (dev mode mints tokens with it).
     pub hmac_secret: Option<Arc<[u8]>>,
     /// Required `iss` (dev tokens carry it too).
@@ -514,7 +538,7 @@ pub struct Config {
     /// Room history kept for resume.
     pub history: HistoryArgs,
     /// TLS for the public listener.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<TlsFiles>,
     /// The server API's key; `None` disables the server API.
     pub api_key: Option<ApiKey>,
     /// Longest token lifetime accepted with the server API; revocations
@@ -537,6 +561,15 @@ impl Config {
     /// The per-connection join bucket's shape.
     pub fn join_limit(&self) -> crate::limits::Rate {
         crate::limits::Rate::new(self.limits.join_rate, self.limits.join_burst)
+    }
+
+    /// The claim checks tokens must pass, whatever the key.
+    pub fn verifier_settings(&self) -> VerifierSettings {
+        VerifierSettings {
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            leeway: self.jwt_leeway,
+        }
     }
 }
 
@@ -573,7 +606,7 @@ impl ServeArgs {
         }
     }
 
-    /// Check the flags and load keys and certificates.
+    /// Check the flags (no file is read).
     pub fn into_config(self) -> Result<(Config, DevNotes), ConfigError> {
         if self.presence.presence_ttl < Duration::from_secs(1) {
             return Err(ConfigError::Invalid {
@@ -582,7 +615,7 @@ impl ServeArgs {
             });
         }
         let mut notes = DevNotes::default();
-        let (verifier, hmac_secret) = self.jwt.verifier(self.dev, &mut notes)?;
+        let (jwt_key, hmac_secret) = self.jwt.key(self.dev, &mut notes)?;
         let origins = if self.allowed_origins.iter().any(|o| o.trim() == "*") {
             OriginPolicy::Any
         } else {
@@ -607,7 +640,7 @@ impl ServeArgs {
         }
         let (user_publish_rate, user_publish_burst, max_pending_connections) =
             self.limits.check()?;
-        let tls = self.tls.load()?;
+        let tls = self.tls.files();
         let node_id = match self.node_id {
             Some(id) if !id.trim().is_empty() => id,
             _ => hostname(),
@@ -616,7 +649,8 @@ impl ServeArgs {
             Config {
                 node_id: Arc::from(node_id),
                 broker,
-                verifier: Arc::new(verifier),
+                jwt_key,
+                jwt_leeway: self.jwt.jwt_leeway,
                 hmac_secret,
                 jwt_issuer: self.jwt.jwt_issuer.filter(|s| !s.is_empty()),
                 jwt_audience: self.jwt.jwt_audience.filter(|s| !s.is_empty()),
@@ -652,21 +686,16 @@ fn positive(flag: &'static str, v: usize) -> Result<(), ConfigError> {
 }
 
 /// An HMAC key as bytes (dev mode mints tokens with it).
-type HmacSecret = Arc<[u8]>;
+pub type HmacSecret = Arc<[u8]>;
 
 impl JwtArgs {
-    /// The verifier for the one key source given (dev mode: a random HMAC
-    /// secret when none is), and the HMAC secret if there is one.
-    fn verifier(
+    /// The one key source given (dev mode: a random HMAC secret when none
+    /// is), and the HMAC secret if there is one.
+    fn key(
         &self,
         dev: bool,
         notes: &mut DevNotes,
-    ) -> Result<(Verifier, Option<HmacSecret>), ConfigError> {
-        let settings = VerifierSettings {
-            issuer: self.jwt_issuer.clone(),
-            audience: self.jwt_audience.clone(),
-            leeway: self.jwt_leeway,
-        };
+    ) -> Result<(JwtKey, Option<HmacSecret>), ConfigError> {
         Ok(match (&self.jwt_secret, &self.jwt_public_key) {
             // Several key sources are refused by the flag parser already.
             (None, None) if self.jwt_jwks_url.is_some() => {
@@ -675,10 +704,8 @@ impl JwtArgs {
                     refresh: self.jwks_refresh,
                     ca_cert: self.jwks_ca_cert.clone(),
                 };
-                (
-                    Verifier::jwks(&source, settings).map_err(ConfigError::Jwks)?,
-                    None,
-                )
+                source.check().map_err(ConfigError::Jwks)?;
+                (JwtKey::Jwks(source), None)
             }
             (Some(secret), _) => {
                 if secret.is_empty() {
@@ -688,26 +715,14 @@ impl JwtArgs {
                     });
                 }
                 let bytes: Arc<[u8]> = Arc::from(secret.as_bytes());
-                (Verifier::hmac(&bytes, settings), Some(bytes))
+                (JwtKey::Hmac(bytes.clone()), Some(bytes))
             }
-            (None, Some(path)) => {
-                let pem = std::fs::read(path).map_err(|e| ConfigError::PublicKey {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-                let v = Verifier::public_key_pem(&pem, settings).map_err(|e| {
-                    ConfigError::PublicKey {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                (v, None)
-            }
+            (None, Some(path)) => (JwtKey::PublicKey(path.clone()), None),
             (None, None) if dev => {
                 notes.generated_secret = true;
                 let secret: [u8; 32] = rand::random();
                 let bytes: Arc<[u8]> = Arc::from(&secret[..]);
-                (Verifier::hmac(&bytes, settings), Some(bytes))
+                (JwtKey::Hmac(bytes.clone()), Some(bytes))
             }
             (None, None) => return Err(ConfigError::NoKey),
         })
@@ -715,8 +730,7 @@ impl JwtArgs {
 }
 
 impl BrokerArgs {
-    /// The broker these flags choose, with the Redis URL(s) checked and the
-    /// CA certificate read.
+    /// The broker these flags choose, with the Redis URL(s) checked.
     fn choice(self) -> Result<BrokerChoice, ConfigError> {
         let Some(url) = self.redis_url else {
             return Ok(BrokerChoice::Memory);
@@ -741,29 +755,10 @@ impl BrokerArgs {
                 }
             }
         }
-        let ca_cert = match &self.redis_ca_cert {
-            None => None,
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| ConfigError::Invalid {
-                    flag: "--redis-ca-cert",
-                    reason: format!("{}: {e}", path.display()),
-                })?;
-                let certs = rustls_pemfile::certs(&mut pem.as_slice())
-                    .filter_map(Result::ok)
-                    .count();
-                if certs == 0 {
-                    return Err(ConfigError::Invalid {
-                        flag: "--redis-ca-cert",
-                        reason: format!("{}: no PEM certificate found", path.display()),
-                    });
-                }
-                Some(pem)
-            }
-        };
         let redis = RedisConfig {
             url,
             min_replicas: self.redis_min_replicas,
-            ca_cert,
+            ca_cert: self.redis_ca_cert,
         };
         Ok(if self.redis_cluster {
             BrokerChoice::RedisCluster(redis)
@@ -840,13 +835,14 @@ impl Limits {
 }
 
 impl TlsArgs {
-    /// The public listener's TLS configuration, when both files are given.
-    fn load(&self) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+    /// The public listener's TLS files, when both are given.
+    fn files(&self) -> Option<TlsFiles> {
         match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => crate::tls::load_tls(cert, key)
-                .map(Some)
-                .map_err(|e| ConfigError::Tls(e.to_string())),
-            _ => Ok(None),
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
         }
     }
 }
@@ -861,7 +857,7 @@ fn hostname() -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use clap::CommandFactory;
 
@@ -870,13 +866,23 @@ mod tests {
         Cli::command().debug_assert();
     }
 
-    fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+    /// `wsgate serve` with `args`.
+    pub(crate) fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
         let mut all = vec!["wsgate", "serve"];
         all.extend_from_slice(args);
         let cli = Cli::try_parse_from(all)?;
         match cli.command {
             Some(Command::Serve(s)) => Ok(s),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// The checked configuration of `wsgate serve args`.
+    fn config(args: &[&str]) -> Config {
+        match serve(args).map(ServeArgs::into_config) {
+            Ok(Ok((config, _))) => config,
+            Ok(Err(e)) => panic!("{args:?}: {e}"),
+            Err(e) => panic!("{args:?}: {e}"),
         }
     }
 
@@ -1028,17 +1034,24 @@ mod tests {
     }
 
     #[test]
-    fn malformed_redis_url_and_missing_key_file_are_errors() {
+    fn malformed_redis_url_is_an_error_and_files_are_not_read() {
         let err = serve(&["--jwt-secret", "s", "--redis-url", "nope://x"])
             .unwrap()
             .into_config()
             .unwrap_err();
         assert!(matches!(err, ConfigError::RedisUrl(_)), "{err}");
-        let err = serve(&["--jwt-public-key", "/nonexistent/key.pem"])
-            .unwrap()
-            .into_config()
-            .unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/key.pem"), "{err}");
+        // Files are read by `Resources::load` (server.rs tests).
+        let missing = "/nonexistent/file.pem";
+        let cfg = config(&[
+            "--jwt-public-key",
+            missing,
+            "--tls-cert",
+            missing,
+            "--tls-key",
+            missing,
+        ]);
+        assert!(matches!(cfg.jwt_key, JwtKey::PublicKey(_)));
+        assert!(cfg.tls.is_some());
     }
 
     #[test]
@@ -1061,19 +1074,13 @@ mod tests {
             let e = serve(&pair).unwrap_err();
             assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
         }
-        let (cfg, _) = serve(&[
+        let cfg = config(&[
             "--jwt-jwks-url",
             "https://idp.example/jwks",
             "--jwks-refresh",
             "1m",
-        ])
-        .unwrap()
-        .into_config()
-        .unwrap();
-        assert!(
-            !cfg.verifier.keys_loaded(),
-            "nothing is fetched before run()"
-        );
+        ]);
+        assert!(matches!(cfg.jwt_key, JwtKey::Jwks(_)));
         assert!(cfg.hmac_secret.is_none());
         for bad in [
             [
@@ -1087,12 +1094,6 @@ mod tests {
                 "https://idp.example/jwks",
                 "--jwks-refresh",
                 "0s",
-            ],
-            [
-                "--jwt-jwks-url",
-                "https://idp.example/jwks",
-                "--jwks-ca-cert",
-                "/nonexistent/ca.pem",
             ],
         ] {
             let err = serve(&bad).unwrap().into_config().unwrap_err();

@@ -202,7 +202,7 @@ async fn authenticate_handshake(
 ) -> Result<Claims, AuthError> {
     match authenticate(app, headers, uri) {
         Err(AuthError::UnknownKey) => {
-            if let Some(jwks) = app.config.verifier.jwks_source() {
+            if let Some(jwks) = app.verifier.jwks_source() {
                 jwks.settle_unknown_kid().await;
             }
             authenticate(app, headers, uri)

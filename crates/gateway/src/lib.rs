@@ -2,15 +2,16 @@
 //! with JWTs, serves rooms, and relays room messages between nodes through a
 //! broker (Redis, or in-process for a single node).
 //!
-//! The binary (`src/main.rs`) parses flags, sets up logging, binds the two
-//! listeners and calls [`run`]; tests call [`run`] the same way.
+//! The binary (`src/main.rs`) parses flags, loads the keys and certificates
+//! ([`Resources::load`]), sets up logging, binds the two listeners and calls
+//! [`run`]; tests call [`run`] the same way.
 //!
 //! # Layout
 //! - [`config`]: flags, environment and the validated [`Config`].
 //! - [`auth`]: JWT verification (a static key, or a JWKS kept fresh), room grants, token minting.
 //! - [`http`]: the public router: WebSocket upgrade checks, HTTP publish API, dev pages.
 //! - [`api`]: the server API (`--api-key`): disconnect and revoke users, room history.
-//! - [`server`]: wiring: builds a node from its [`Config`] and runs it ([`run`]).
+//! - [`server`]: wiring: loads a node's keys and certificates ([`Resources`]), builds the node from its [`Config`] and runs it ([`run`]).
 //! - [`state`]: the state a node's parts share: [`state::App`], connection slots, the connection registry.
 //! - [`shutdown`]: signals, background tasks and the paced drain.
 //! - [`listener`]: accept loop, HTTP/1 connections.
@@ -53,5 +54,5 @@ pub mod transport;
 pub mod ws;
 
 pub use config::Config;
-pub use server::{run, Listeners, RunError};
+pub use server::{run, Listeners, Resources, RunError};
 pub use state::{App, Conns, Slot};

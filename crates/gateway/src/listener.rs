@@ -57,7 +57,7 @@ const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nCont
 /// free for upgraded clients and the operations listener.
 pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken) {
     let router = http::router(app.clone());
-    let tls = app.config.tls.clone().map(TlsAcceptor::from);
+    let tls = app.tls.clone().map(TlsAcceptor::from);
     let slots = Arc::new(Semaphore::new(app.config.max_pending_connections));
     let nofile = crate::config::nofile_limit();
     if app.config.max_pending_connections as u64 >= nofile {

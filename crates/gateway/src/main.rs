@@ -140,6 +140,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let (listen, ops_listen) = (args.listen, args.ops_listen);
     let (log_format, log_filter) = (args.log_format, args.log.clone());
     let (mut config, notes) = args.into_config().map_err(|e| e.to_string())?;
+    let resources = wsgate::Resources::load(&config).map_err(|e| e.to_string())?;
     logging::init(log_format, &log_filter)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -163,7 +164,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         }
         let stop = CancellationToken::new();
         tokio::spawn(wsgate::shutdown::on_signal(stop.clone()));
-        wsgate::run(Listeners { public, ops }, config, stop)
+        wsgate::run(Listeners { public, ops }, config, resources, stop)
             .await
             .map_err(|e| e.to_string())
     })

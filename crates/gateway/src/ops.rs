@@ -38,7 +38,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else if !app.broker.is_up() {
         (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n").into_response()
-    } else if !app.config.verifier.keys_loaded() {
+    } else if !app.verifier.keys_loaded() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "JWKS key set not loaded yet\n",

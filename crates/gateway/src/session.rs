@@ -176,7 +176,7 @@ impl Session {
         Box::new(Session {
             bucket: Bucket::new(app.config.publish_limit()),
             joins: Bucket::new(app.config.join_limit()),
-            expires: expiry_instant(claims.exp, app.config.verifier.leeway()),
+            expires: expiry_instant(claims.exp, app.verifier.leeway()),
             rooms: RoomSet::default(),
             handle,
             claims,
@@ -540,7 +540,7 @@ impl Session {
     async fn refresh(&mut self, token: &str, id: Option<Id>) {
         let mut verified = self.app.verify_token(token);
         if let (Err(crate::auth::AuthError::UnknownKey), Some(jwks)) =
-            (&verified, self.app.config.verifier.jwks_source())
+            (&verified, self.app.verifier.jwks_source())
         {
             // A key the provider has just published: verify again once the
             // fetch this token asked for is done.
@@ -549,7 +549,7 @@ impl Session {
         }
         match verified {
             Ok(claims) if claims.sub == self.claims.sub => {
-                self.expires = expiry_instant(claims.exp, self.app.config.verifier.leeway());
+                self.expires = expiry_instant(claims.exp, self.app.verifier.leeway());
                 let exp = claims.exp;
                 self.claims = claims;
                 self.leave_ungranted();
@@ -676,13 +676,21 @@ mod tests {
         let args = ["wsgate", "--jwt-secret", "s"].iter().chain(flags);
         let cli = crate::config::Cli::try_parse_from(args).unwrap();
         let (config, _) = cli.serve.into_config().unwrap();
+        let resources = crate::server::Resources::load(&config).unwrap();
         let metrics = Arc::new(crate::metrics::Metrics::new("n"));
         let conns = Arc::new(crate::state::Conns::default());
-        let control = Arc::new(crate::broker::control::Control::new(conns.clone(), &config));
+        let leeway = resources.verifier.leeway();
+        let control = Arc::new(crate::broker::control::Control::new(
+            conns.clone(),
+            &config,
+            leeway,
+        ));
         let delivery = crate::rooms::Delivery::default();
         let broker = broker(delivery.clone(), metrics.clone());
         let rooms = crate::rooms::Rooms::new(metrics.clone(), broker.clone(), &delivery);
-        Arc::new(App::new(config, metrics, rooms, broker, control, conns))
+        Arc::new(App::new(
+            config, &resources, metrics, rooms, broker, control, conns,
+        ))
     }
 
     #[tokio::test]

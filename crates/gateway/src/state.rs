@@ -63,6 +63,10 @@ impl Conns {
 pub struct App {
     /// Configuration.
     pub config: Config,
+    /// Token verifier (loaded at start-up).
+    pub verifier: Arc<crate::auth::Verifier>,
+    /// TLS for the public listener (loaded at start-up).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Local rooms.
@@ -98,6 +102,7 @@ impl App {
     /// A node's shared state, not draining, with no connection yet.
     pub fn new(
         config: Config,
+        resources: &crate::server::Resources,
         metrics: Arc<Metrics>,
         rooms: Arc<Rooms>,
         broker: Arc<dyn Broker>,
@@ -117,6 +122,8 @@ impl App {
             conn_seq: AtomicU64::new(0),
             conn_prefix: rand::random::<u32>() & 0xfff,
             sessions: TaskTracker::new(),
+            verifier: resources.verifier.clone(),
+            tls: resources.tls.clone(),
             config,
             metrics,
             rooms,
@@ -164,7 +171,7 @@ impl App {
     /// Verify a token: signature and claims, then the server API's rules
     /// (revocations, `--max-token-lifetime`).
     pub fn verify_token(&self, token: &str) -> Result<Claims, AuthError> {
-        let claims = self.config.verifier.verify(token)?;
+        let claims = self.verifier.verify(token)?;
         self.control.check(&claims)?;
         Ok(claims)
     }

@@ -68,15 +68,22 @@ impl Node {
         let (config, _) = serve
             .into_config()
             .unwrap_or_else(|e| panic!("config: {e}"));
+        let resources =
+            wsgate::Resources::load(&config).unwrap_or_else(|e| panic!("resources: {e}"));
         let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = public.local_addr().unwrap();
         let ops_addr = ops.local_addr().unwrap();
         let stop = CancellationToken::new();
         let run_stop = stop.clone();
         let task = tokio::spawn(async move {
-            wsgate::run(wsgate::Listeners { public, ops }, config, run_stop)
-                .await
-                .unwrap();
+            wsgate::run(
+                wsgate::Listeners { public, ops },
+                config,
+                resources,
+                run_stop,
+            )
+            .await
+            .unwrap();
         });
         let node = Node {
             addr,

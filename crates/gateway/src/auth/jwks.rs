@@ -82,6 +82,22 @@ pub struct JwksSettings {
     pub ca_cert: Option<std::path::PathBuf>,
 }
 
+impl JwksSettings {
+    /// The URL, if it is an http(s) URL with a host and the refresh period
+    /// is positive; the error is meant as the one start-up error line.
+    /// Reads no file (the CA certificate is read by [`Jwks::new`]).
+    pub fn check(&self) -> Result<reqwest::Url, String> {
+        let url = reqwest::Url::parse(&self.url).map_err(|e| format!("not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err("expected an http:// or https:// URL".to_owned());
+        }
+        if self.refresh.is_zero() {
+            return Err("--jwks-refresh must be greater than 0".to_owned());
+        }
+        Ok(url)
+    }
+}
+
 /// A key set fetched from a JWKS URL, kept fresh by [`Jwks::run`].
 pub struct Jwks {
     url: reqwest::Url,
@@ -122,13 +138,7 @@ impl Jwks {
     /// Check the URL and build the HTTP client; `base` carries the claim
     /// checks. The error is meant as the one start-up error line.
     pub fn new(settings: &JwksSettings, base: Validation) -> Result<Jwks, String> {
-        let url = reqwest::Url::parse(&settings.url).map_err(|e| format!("not a URL: {e}"))?;
-        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return Err("expected an http:// or https:// URL".to_owned());
-        }
-        if settings.refresh.is_zero() {
-            return Err("--jwks-refresh must be greater than 0".to_owned());
-        }
+        let url = settings.check()?;
         let mut builder = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)
             .connect_timeout(FETCH_TIMEOUT)

@@ -164,12 +164,13 @@ fn unix_now() -> u64 {
 }
 
 impl Control {
-    /// Control for a node with `config`, closing connections found in `conns`.
-    pub fn new(conns: Arc<Conns>, config: &Config) -> Control {
+    /// Control for a node with `config` and the verifier's `leeway`,
+    /// closing connections found in `conns`.
+    pub fn new(conns: Arc<Conns>, config: &Config, leeway: Duration) -> Control {
         Control {
             conns,
             revoked: Mutex::new(HashMap::new()),
-            retention: config.max_token_lifetime + config.verifier.leeway(),
+            retention: config.max_token_lifetime + leeway,
             max_lifetime: config
                 .api_key
                 .is_some()

@@ -69,6 +69,9 @@ test('two users on two nodes; bob\'s node is killed; his page fails over, resume
   const bob = await openPage('bob', { servedBy: 2, nodeList: [2, 3], extra: '&backoff_base_ms=200&backoff_cap_ms=1500' });
   await waitConnected(alice, { node: 'n1' });
   await waitConnected(bob, { node: 'n2' });
+  // Presence (issue 11): each page lists both users, across nodes, live.
+  await waitOnline(alice, ['alice', 'bob'], 'alice sees bob join');
+  await waitOnline(bob, ['alice', 'bob'], 'bob sees alice');
 
   const expected = [];
   const say = async (page, from, text) => {
@@ -131,9 +134,32 @@ test('two users on two nodes; bob\'s node is killed; his page fails over, resume
     mkdirSync(path.join(REPO, 'docs', 'img'), { recursive: true });
     copyFileSync(path.join(OUT, 'chat.png'), path.join(REPO, 'docs', 'img', 'chat.png'));
   }
-  await alice.context().close();
+  // bob is online again through n3; when his page closes, alice's list
+  // drops him (a closed connection leaves presence at once).
+  await waitOnline(alice, ['alice', 'bob'], 'alice sees bob after his resume');
   await bob.context().close();
+  await waitOnline(alice, ['alice'], 'alice sees bob leave');
+  await alice.context().close();
 });
+
+// Wait until the page's Online panel lists exactly `users` (sorted), with
+// its count.
+async function waitOnline(page, users, what) {
+  try {
+    await page.waitForFunction(
+      (want) => {
+        const list = [...document.querySelectorAll('[data-testid=online] li')].map((li) => li.textContent);
+        const count = document.querySelector('[data-testid=online-count]').textContent;
+        return JSON.stringify(list) === JSON.stringify(want) && count === String(want.length);
+      },
+      users,
+      { timeout: T },
+    );
+  } catch (e) {
+    const list = await page.evaluate(() => [...document.querySelectorAll('[data-testid=online] li')].map((li) => li.textContent));
+    throw new Error(`${what}: online list ${JSON.stringify(list)}, want ${JSON.stringify(users)} (${e.message})`);
+  }
+}
 
 test('without /dev/token (404) the page asks for a token and works with a pasted one', { timeout: 60000 }, async () => {
   const ctx = await browser.newContext({ viewport: { width: 1000, height: 600 } });

@@ -205,6 +205,10 @@ impl SseTransport {
             return Poll::Ready(ClientEvent::Gone);
         }
         if let Some(text) = self.current.next() {
+            if self.current.len() == 0 {
+                // An idle stream keeps no POST's buffer.
+                self.current = Post::new().into_iter();
+            }
             return Poll::Ready(ClientEvent::Text(text));
         }
         self.link.session.register(cx.waker());
@@ -214,6 +218,9 @@ impl SseTransport {
         }
         match s.posts.pop_front() {
             Some(post) => {
+                if s.posts.is_empty() {
+                    s.posts = VecDeque::new();
+                }
                 drop(s);
                 self.current = post.into_iter();
                 // An empty array: nothing to answer; look again.

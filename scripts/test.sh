@@ -24,6 +24,8 @@ apt_install() {
 
 command -v redis-server >/dev/null || apt_install redis-server
 command -v openssl >/dev/null || apt_install openssl   # the wss:// test makes its certificate
+command -v cc >/dev/null || apt_install gcc libc6-dev    # ring and the allocator (jemalloc) compile C
+command -v make >/dev/null || apt_install make          # tikv-jemalloc-sys builds jemalloc with make
 command -v cargo >/dev/null || { echo "cargo is required (rustup)"; exit 2; }
 
 failed=()

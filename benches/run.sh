@@ -14,7 +14,7 @@
 #   ONLY=sse RUNS=2 benches/run.sh         # issue 12: idle and fan-out, WebSocket and SSE (~6 min)
 #
 # Environment: RUNS, ONLY (comma list of: connect idle fanout rooms ramp
-# reconnect reconnect-overload, and the extras single cross scale floor wire
+# reconnect reconnect-overload, and the extras single cross scale floor rooms-floor wire
 # idle-deflate idle-users idle-presence reconnect-rooms reconnect-presence,
 # which are not in the default list; issue10-15 stands for
 # idle,idle-deflate,floor,rooms,wire, presence for idle-users,idle-presence,
@@ -24,7 +24,8 @@
 # presence events cost members x joins per room), FLOOR_RATES (default "100 500": the
 # rates `floor` measures the floor server and wsgate's fan-out at),
 # PAYLOAD_BYTES (default 2048: the dashboard payload of `wire`),
-# RECONNECT_RATE (default 5 msg/s: recovery),
+# RECONNECT_RATE (default 5 msg/s: recovery), CHAT_RATE (default 1: msg/s each
+# chat member publishes in rooms and rooms-floor),
 # OVERLOAD_RATE (default 100 msg/s: the overload case), KEYS=1 (every
 # fanout/rooms publish carries an idempotency key: its cost), OUT, SERVER_CPU (default 0), TOOL_CPU (default 1),
 # SKIP_BUILD=1 (use the binaries already in target/release), QUICK=1 (a
@@ -44,6 +45,7 @@ ONLY=${ONLY%,}
 FLOOR_RATES=${FLOOR_RATES:-100 500}
 PAYLOAD_BYTES=${PAYLOAD_BYTES:-2048}
 RECONNECT_RATE=${RECONNECT_RATE:-5}
+CHAT_RATE=${CHAT_RATE:-1}
 OVERLOAD_RATE=${OVERLOAD_RATE:-100}
 SERVER_CPU=${SERVER_CPU:-0}
 TOOL_CPU=${TOOL_CPU:-1}
@@ -225,19 +227,21 @@ rss() { local t=0 p; for p in "${NODE_PIDS[@]}"; do t=$((t + $(awk '/VmRSS/ {pri
 # Connections the nodes hold, every transport (the series has a transport label since SSE).
 active() { local t=0 o v; for o in "${OPS_PORTS[@]}"; do v=$(curl -sf "http://127.0.0.1:$o/metrics" | awk '/^wsgate_connections_active[ {]/ {s += $2} END {printf "%d", s}' || true); t=$((t + ${v:-0})); done; echo "$t"; }
 
-# floor NAME RUN RATE: the floor server (wsgate-bench floor-server, pinned
-# like the nodes) under the same fan-out as wsgate's: N_SUBS subscribers,
-# one publisher at RATE; its CPU is read from /proc like the nodes'.
+# floor NAME RUN SCENARIO ARGS...: the floor server (wsgate-bench
+# floor-server, pinned like the nodes) under the same load tool scenario as
+# wsgate's (fanout: N_SUBS subscribers, one publisher; rooms: the chat
+# shape); its CPU is read from /proc like the nodes'.
 floor() {
-    local name=$1 run=$2 rate=$3 port pid rc=0
+    local name=$1 run=$2 scenario=$3 port pid rc=0
+    shift 3
     "${PIN_SERVER[@]}" "$BENCH" floor-server --listen 127.0.0.1:0 >"$OUT/$name.$run.server" 2>&1 &
     pid=$!
     PIDS+=("$pid")
     wait_for "floor server" grep -q '^listening ' "$OUT/$name.$run.server"
     port=$(awk '/^listening / {n = split($2, a, ":"); print a[n]}' "$OUT/$name.$run.server")
-    log "$name run $run: wsgate-bench fanout against the floor server, -s $N_SUBS -r $rate"
-    "${PIN_TOOL[@]}" "$BENCH" fanout --url "ws://127.0.0.1:$port/ws" --pid "$pid" --jwt-secret "$SECRET" \
-        -s "$N_SUBS" -p 1 -r "$rate" -d "$D" --warmup "$WARMUP" >"$OUT/$name.$run.out" 2>"$OUT/$name.$run.err" || rc=$?
+    log "$name run $run: wsgate-bench $scenario against the floor server, $*"
+    "${PIN_TOOL[@]}" "$BENCH" "$scenario" --url "ws://127.0.0.1:$port/ws" --pid "$pid" --jwt-secret "$SECRET" \
+        "$@" -d "$D" --warmup "$WARMUP" >"$OUT/$name.$run.out" 2>"$OUT/$name.$run.err" || rc=$?
     tail -n 1 "$OUT/$name.$run.out" >"$OUT/$name.$run.json"
     grep -v '^{' "$OUT/$name.$run.out" >&2 || true
     [[ $rc -eq 0 ]] || log "warning: $name run $run exited $rc (see $OUT/$name.$run.*)"
@@ -308,7 +312,18 @@ for ((run = 1; run <= RUNS; run++)); do
     if wants rooms; then
         # The chat shape: 2,000 connections in rooms of 10, each publishing 1 msg/s.
         start_servers 2
-        bench rooms "$run" -n "$N_ROOMS" -k 10 -r 1 -d "$D" --warmup "$WARMUP" ${KEYS:+--keys}
+        bench rooms "$run" -n "$N_ROOMS" -k 10 -r "$CHAT_RATE" -d "$D" --warmup "$WARMUP" ${KEYS:+--keys}
+        stop_servers
+    fi
+
+    if wants rooms-floor; then
+        # The chat shape against the floor server (one process, no broker,
+        # one write() per delivery) and against one node on the in-process
+        # broker, in the same run as the two nodes + Redis of `rooms`: what
+        # of the chat p99 is this machine's, what the Redis hop's.
+        floor rooms-floor "$run" rooms -n "$N_ROOMS" -k 10 -r "$CHAT_RATE"
+        start_servers 1 memory
+        bench rooms-single "$run" rooms -n "$N_ROOMS" -k 10 -r "$CHAT_RATE" -d "$D" --warmup "$WARMUP"
         stop_servers
     fi
 
@@ -324,7 +339,7 @@ for ((run = 1; run <= RUNS; run++)); do
         # wsgate's fan-out (two nodes + Redis) and the floor, in the same run
         # and pinning, at each of FLOOR_RATES: the ratio is issue 10's target.
         for rate in $FLOOR_RATES; do
-            floor "floor-r$rate" "$run" "$rate"
+            floor "floor-r$rate" "$run" fanout -s "$N_SUBS" -p 1 -r "$rate"
             start_servers 2
             bench "fanout-r$rate" "$run" fanout -s "$N_SUBS" -p 1 -r "$rate" -d "$D" --warmup "$WARMUP"
             stop_servers

@@ -292,10 +292,7 @@ async fn sigterm_closes_the_stream_with_1001() {
     let node = BinNode::start(&[]).await;
     let (mut sse, _) = Sse::open(node.addr, "alice").await;
     node.signal("TERM");
-    assert_eq!(
-        closed_with(&mut sse).await,
-        (1001, "server shutting down".into())
-    );
+    assert_eq!(closed_with(&mut sse).await, (1001, "shutting down".into()));
 }
 
 /// Flood room `flood` from a WebSocket on `ws_url` (bounded) until the node
@@ -641,4 +638,89 @@ async fn a_page_on_an_allowed_origin_may_read_the_stream_and_post() {
         );
     }
     node.stop().await;
+}
+
+/// Read from `stream` into `raw` until it holds `what` after byte `from`
+/// (bounded).
+async fn read_until(
+    stream: &mut tokio::net::TcpStream,
+    raw: &mut Vec<u8>,
+    from: usize,
+    what: &str,
+) {
+    use tokio::io::AsyncReadExt;
+    let fut = async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&raw[from.min(raw.len())..]).contains(what) {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "stream ended before {what:?}");
+            raw.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .unwrap_or_else(|_| panic!("no {what:?} within 5 s"));
+}
+
+#[tokio::test]
+async fn a_pretty_printed_message_arrives_as_one_data_line() {
+    use tokio::io::AsyncWriteExt;
+    let node = Node::start(&[]).await;
+    let t = any_token("alice");
+    let mut stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let head = format!("GET /sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    read_until(&mut stream, &mut raw, 0, "\"welcome\"").await;
+    read_until(&mut stream, &mut raw, 0, "}\n\n").await;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let conn = text
+        .split("\"conn\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("conn in welcome")
+        .to_owned();
+    let auth = format!("Bearer {t}");
+    let post = format!("{}/sse/{conn}", node.http_url());
+    let join = br#"{"type":"join","room":"lobby"}"#;
+    let (status, _, body) = http("POST", &post, &[("authorization", &auth)], join)
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    read_until(&mut stream, &mut raw, 0, "\"joined\"").await;
+    // Pretty-printed data, with LF and CRLF line breaks of its own.
+    let pretty = "{\r\n  \"text\": \"hi\\nthere\",\n  \"n\": [1,\n 2]\n}";
+    let url = format!("{}/api/rooms/lobby/messages", node.http_url());
+    let (status, _, body) = http("POST", &url, &[("authorization", &auth)], pretty.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    read_until(&mut stream, &mut raw, 0, "\"message\"").await;
+    let from = String::from_utf8_lossy(&raw).find("\"message\"").unwrap();
+    read_until(&mut stream, &mut raw, from, "\n\n").await;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let event = text
+        .split("\n\n")
+        .find(|e| e.contains("\"message\""))
+        .expect("the message event");
+    let lines: Vec<&str> = event.lines().collect();
+    assert_eq!(lines.len(), 1, "one data line: {event:?}");
+    let frame: serde_json::Value =
+        serde_json::from_str(lines[0].strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(frame["data"], json!({"text": "hi\nthere", "n": [1, 2]}));
+}
+
+#[tokio::test]
+async fn a_post_to_a_conn_id_that_is_not_utf8_is_checked_like_any_other() {
+    let node = Node::start(&[]).await;
+    let url = format!("{}/sse/%ff", node.http_url());
+    let (status, _, body) = http("POST", &url, &[], b"{}").await.unwrap();
+    assert_eq!(status, 401, "{body}");
+    let auth = format!("Bearer {}", any_token("alice"));
+    let (status, _, body) = http("POST", &url, &[("authorization", &auth)], b"{}")
+        .await
+        .unwrap();
+    assert_eq!(status, 404, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "not_found");
 }

@@ -35,6 +35,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
 use axum::extract::ws::Utf8Bytes;
 use axum::extract::{Extension, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode, Uri};
@@ -59,18 +60,20 @@ pub const INBOX_POSTS: usize = 8;
 /// How long a closing stream may take to accept its last events.
 const WRITE_PATIENCE: Duration = Duration::from_secs(1);
 
-/// One server frame as an event: `data: <json>` and a blank line. A frame
-/// is one line of JSON; should a client's `data` keep line breaks of its
-/// own, each line gets its own `data:` field, which the client joins with
-/// `\n` back into the same JSON.
+/// One server frame as an event: `data: <json>` and a blank line, the
+/// frame's JSON on one line (PROTOCOL.md section 7). A client's `data` may
+/// carry line breaks of its own; in valid JSON a CR or LF can only be
+/// whitespace between tokens (inside strings they are escaped), so each
+/// becomes a space and the JSON means the same.
 pub fn event(payload: &str) -> Bytes {
     let mut out = Vec::with_capacity(payload.len() + 8);
-    for line in payload.split(['\n', '\r']) {
-        out.extend_from_slice(b"data: ");
-        out.extend_from_slice(line.as_bytes());
-        out.push(b'\n');
-    }
-    out.push(b'\n');
+    out.extend_from_slice(b"data: ");
+    out.extend(
+        payload
+            .bytes()
+            .map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
+    );
+    out.extend_from_slice(b"\n\n");
     Bytes::from(out)
 }
 
@@ -79,12 +82,22 @@ pub fn comment() -> Bytes {
     Bytes::from_static(b":\n\n")
 }
 
+/// The reason of the `close` event of a draining node's streams, as
+/// PROTOCOL.md section 7 gives it (a WebSocket's Close 1001 says "server
+/// shutting down", unchanged since v1).
+const GOING_AWAY_REASON: &str = "shutting down";
+
 /// The last event of a stream the server closes.
 fn close_event(reason: CloseReason) -> Bytes {
+    let text = if reason.code == wsgate_protocol::close::GOING_AWAY {
+        GOING_AWAY_REASON
+    } else {
+        reason.reason
+    };
     let frame = serde_json::json!({
         "type": "close",
         "code": reason.code,
-        "reason": reason.reason,
+        "reason": text,
     });
     event(&frame.to_string())
 }
@@ -516,11 +529,14 @@ fn slice(body: &Bytes, raw: &RawValue) -> Option<Utf8Bytes> {
 pub(crate) async fn post(
     State(app): State<Arc<App>>,
     Extension(budget): Extension<BodyBudget>,
-    Path(conn): Path<String>,
+    conn: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     uri: Uri,
     body: Body,
 ) -> Response {
+    // A conn id that is not even UTF-8 names no stream: the token is
+    // checked first as for any other, then 404.
+    let conn = conn.map(|Path(c)| c).unwrap_or_default();
     let mut response = handle_post(&app, &budget, &conn, &headers, &uri, body).await;
     cors(&app, &headers, &mut response);
     response
@@ -592,14 +608,31 @@ mod tests {
     use crate::ws::codec::SharedText;
 
     #[test]
-    fn a_frame_is_one_data_event_and_line_breaks_get_their_own_field() {
+    fn a_frame_is_one_data_line_even_when_its_json_has_line_breaks() {
         assert_eq!(&event(r#"{"a":1}"#)[..], b"data: {\"a\":1}\n\n");
-        // A client's data kept its own line breaks: joined back with \n.
+        // A client's data kept its own line breaks: whitespace, now spaces.
+        let pretty = "{\"a\":\r\n  \"x\\ny\",\n\"b\": 1}";
+        let one = event(pretty);
+        assert_eq!(&one[..], b"data: {\"a\":    \"x\\ny\", \"b\": 1}\n\n");
+        let line = std::str::from_utf8(&one[6..one.len() - 2]).unwrap();
         assert_eq!(
-            &event("{\"a\":\r\n1}")[..],
-            b"data: {\"a\":\ndata: \ndata: 1}\n\n"
+            serde_json::from_str::<serde_json::Value>(line).unwrap(),
+            serde_json::from_str::<serde_json::Value>(pretty).unwrap(),
+            "the same JSON"
         );
         assert_eq!(&comment()[..], b":\n\n");
+    }
+
+    #[test]
+    fn a_draining_node_closes_a_stream_with_the_contracts_reason() {
+        let ev = close_event(CloseReason {
+            code: wsgate_protocol::close::GOING_AWAY,
+            reason: "server shutting down",
+        });
+        assert_eq!(
+            &ev[..],
+            b"data: {\"code\":1001,\"reason\":\"shutting down\",\"type\":\"close\"}\n\n"
+        );
     }
 
     #[test]

@@ -365,6 +365,33 @@ async fn a_killed_nodes_users_leave_within_the_ttl_and_a_drained_nodes_at_once()
 }
 
 #[tokio::test]
+async fn nodes_with_different_ttls_keep_each_others_users_present() {
+    let redis = Redis::start();
+    // A short lease beside the default 15 s one, renewed every 5 s: the
+    // short-lived node must not take those renewals for a death.
+    let short = redis_node(&redis, &[]).await;
+    let long = bin_node(&redis, "15s").await;
+    let (mut watcher, _) = Ws::open(&short.ws_url(), "w").await;
+    join(&mut watcher, "lobby", true).await;
+    let (mut healthy, _) = Ws::open(&long.ws_url(), "healthy").await;
+    join(&mut healthy, "lobby", false).await;
+    assert_eq!(
+        event(&mut watcher, Duration::from_secs(2)).await["user"],
+        "healthy"
+    );
+    // Three of the short TTL's reaps after the long node's last renewal.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    nothing_pending(&mut watcher).await;
+    let v = query(&mut watcher, "lobby").await;
+    assert_eq!(v["users"], json!(["healthy", "w"]), "{v}");
+    drop(healthy);
+    assert_eq!(
+        event(&mut watcher, Duration::from_secs(3)).await,
+        json!({"type":"presence_leave","room":"lobby","user":"healthy"})
+    );
+}
+
+#[tokio::test]
 async fn presence_recovers_after_redis_restarts_empty() {
     let mut redis = Redis::start();
     let n1 = redis_node(&redis, &[]).await;

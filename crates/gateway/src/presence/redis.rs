@@ -8,8 +8,11 @@
 //! - `wsgate:{R}:pr`: hash user -> how many node incarnations hold the user.
 //! - `wsgate:{R}:pn:<inc>`: set of the users node incarnation `<inc>` holds.
 //! - `wsgate:presence:{<inc>}:rooms`: set of the rooms `<inc>` holds users in.
-//! - `wsgate:presence:nodes`: sorted set incarnation -> last lease renewal
-//!   (Redis clock, ms).
+//! - `wsgate:presence:leases`: sorted set incarnation -> when its lease
+//!   runs out (Redis clock, ms): its last renewal plus *its own*
+//!   `--presence-ttl`, so nodes with different TTLs judge each other right.
+//! - `wsgate:presence:ttls`: hash incarnation -> its TTL (ms), for the
+//!   removal metric.
 //!
 //! A node's incarnation is its node id plus a random suffix, renewed each
 //! time its lease is found missing. Every join or leave only marks
@@ -20,8 +23,8 @@
 //! multiplexed connection, so a reconnect storm is a few pipelined batches,
 //! not a round trip per client.
 //!
-//! Every `ttl / 3` a node renews its lease and reaps leases older than
-//! `ttl`: for each dead incarnation (claimed atomically by one reaper) each
+//! Every `ttl / 3` a node renews its lease and reaps leases that ran out:
+//! for each dead incarnation (claimed atomically by one reaper) each
 //! of its rooms is cleaned by a script that decrements its users and
 //! announces those who left. A lease found missing at renewal (Redis
 //! restarted empty, or the node was cut off long enough to be reaped)
@@ -44,7 +47,11 @@ use super::{lock, Presence, PresenceMetrics, Snapshot};
 use crate::broker::redis::{Conn, Link};
 use crate::broker::BrokerError;
 
-const NODES: &str = "wsgate:presence:nodes";
+/// The leases (v1.0 of presence used `wsgate:presence:nodes`, scored by
+/// the last renewal, which a node judged by its own TTL).
+const NODES: &str = "wsgate:presence:leases";
+/// Each lease's TTL.
+const TTLS: &str = "wsgate:presence:ttls";
 /// Scripts in flight at once during a flush.
 const IN_FLIGHT: usize = 256;
 /// Dead incarnations one reap claims.
@@ -89,27 +96,37 @@ redis.call('DEL', KEYS[1])
 return #users
 ";
 
-/// KEYS: nodes. ARGV: incarnation. Renews the lease; 1 if it existed.
+/// KEYS: leases, ttls. ARGV: incarnation, ttl (ms). Renews the lease
+/// until now + ttl; 1 if it existed.
 const RENEW_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 if old then return 1 end
 return 0
 ";
 
-/// KEYS: nodes. ARGV: ttl (ms), limit. Claims (removes) up to `limit`
-/// leases older than the ttl; returns {inc, age ms, ...}.
+/// KEYS: leases, ttls. ARGV: limit. Claims (removes) up to `limit` leases
+/// that ran out; returns {inc, ms since its last renewal, ...}, -1 for a
+/// lease put back to be reaped again (score 0).
 const REAP_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]), 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[1]))
 local out = {}
 for i = 1, #dead, 2 do
+  local until_ms = tonumber(dead[i + 1])
+  local ttl = tonumber(redis.call('HGET', KEYS[2], dead[i]) or '0')
   redis.call('ZREM', KEYS[1], dead[i])
+  redis.call('HDEL', KEYS[2], dead[i])
   table.insert(out, dead[i])
-  table.insert(out, tostring(now - tonumber(dead[i + 1])))
+  if until_ms > 0 then
+    table.insert(out, tostring(now - until_ms + ttl))
+  else
+    table.insert(out, '-1')
+  end
 end
 return out
 ";
@@ -281,9 +298,15 @@ impl RedisPresence {
         let inc = self.inc();
         let done = tokio::time::timeout(Duration::from_secs(2), async {
             self.clean(&conn, &inc).await?;
-            redis::cmd("ZREM")
+            redis::pipe()
+                .cmd("ZREM")
                 .arg(NODES)
                 .arg(&inc)
+                .ignore()
+                .cmd("HDEL")
+                .arg(TTLS)
+                .arg(&inc)
+                .ignore()
                 .query_async::<()>(&mut conn.clone())
                 .await
                 .map_err(failed)
@@ -405,7 +428,9 @@ async fn lease_loop(p: Arc<Presence>, stop: CancellationToken) {
         let renewed: redis::RedisResult<u8> = r
             .renew
             .key(NODES)
+            .key(TTLS)
             .arg(&inc)
+            .arg(r.ttl.as_millis() as u64)
             .invoke_async(&mut conn.clone())
             .await;
         match renewed {
@@ -423,7 +448,9 @@ async fn lease_loop(p: Arc<Presence>, stop: CancellationToken) {
                 let renewed: redis::RedisResult<u8> = r
                     .renew
                     .key(NODES)
+                    .key(TTLS)
                     .arg(&fresh)
+                    .arg(r.ttl.as_millis() as u64)
                     .invoke_async(&mut conn.clone())
                     .await;
                 // Anything still written under the old incarnation is reaped.
@@ -444,12 +471,12 @@ async fn lease_loop(p: Arc<Presence>, stop: CancellationToken) {
     }
 }
 
-/// Remove the users of leases older than the ttl.
+/// Remove the users of leases that ran out.
 async fn reap(p: &Presence, r: &RedisPresence, conn: &Conn) {
     let dead: redis::RedisResult<Vec<String>> = r
         .reap
         .key(NODES)
-        .arg(r.ttl.as_millis() as u64)
+        .key(TTLS)
         .arg(REAP_BATCH)
         .invoke_async(&mut conn.clone())
         .await;
@@ -457,11 +484,17 @@ async fn reap(p: &Presence, r: &RedisPresence, conn: &Conn) {
     for pair in dead.chunks(2) {
         let [inc, age] = pair else { continue };
         match r.clean(conn, inc).await {
-            Ok(()) => {
-                let age = age.parse::<f64>().unwrap_or(0.0) / 1000.0;
-                p.metrics.dead_node_removal.observe(age);
-                info!(incarnation = %inc, age_s = age, "presence: dead node's users removed");
-            }
+            Ok(()) => match age.parse::<f64>() {
+                // A lease that ran out: from its last renewal until now.
+                Ok(ms) if ms >= 0.0 => {
+                    let age = ms / 1000.0;
+                    p.metrics.dead_node_removal.observe(age);
+                    info!(incarnation = %inc, age_s = age, "presence: dead node's users removed");
+                }
+                // Put back to be reaped (this node's own lost incarnation,
+                // or a clean-up that failed): no renewal to measure from.
+                _ => info!(incarnation = %inc, "presence: old incarnation's users removed"),
+            },
             // Claimed but not cleaned: put the lease back (old, so that the
             // next reap takes it again).
             Err(e) => {

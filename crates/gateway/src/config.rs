@@ -733,6 +733,21 @@ impl BrokerArgs {
     /// The broker these flags choose, with the Redis URL(s) checked.
     fn choice(self) -> Result<BrokerChoice, ConfigError> {
         let Some(url) = self.redis_url else {
+            // Settings of the Redis broker are an error without it, rather
+            // than silently ignored (an in-process publish has no replica
+            // to wait for: PROTOCOL.md section 10 would not hold).
+            if self.redis_min_replicas > 0 {
+                return Err(ConfigError::Invalid {
+                    flag: "--redis-min-replicas",
+                    reason: "needs --redis-url (the in-process broker has no replicas)".into(),
+                });
+            }
+            if self.redis_ca_cert.is_some() {
+                return Err(ConfigError::Invalid {
+                    flag: "--redis-ca-cert",
+                    reason: "needs --redis-url".into(),
+                });
+            }
             return Ok(BrokerChoice::Memory);
         };
         let urls: Vec<&str> = if self.redis_cluster {
@@ -913,6 +928,33 @@ pub(crate) mod tests {
             parse(&["wsgate", "serve", "--jwt-secret", "s"]),
             ("0.0.0.0:8080".to_owned(), "0.0.0.0:9090".to_owned())
         );
+    }
+
+    #[test]
+    fn redis_settings_without_redis_are_a_start_error() {
+        for args in [
+            &["--jwt-secret", "s", "--redis-min-replicas", "1"][..],
+            &["--jwt-secret", "s", "--redis-ca-cert", "/tmp/ca.pem"][..],
+        ] {
+            let err = match serve(args).map(ServeArgs::into_config) {
+                Ok(Err(e)) => e.to_string(),
+                other => panic!("{args:?} started: {:?}", other.map(|r| r.is_ok())),
+            };
+            assert!(err.contains("needs --redis-url"), "{args:?}: {err}");
+        }
+        let with = config(&[
+            "--jwt-secret",
+            "s",
+            "--redis-url",
+            "redis://127.0.0.1:1/",
+            "--redis-min-replicas",
+            "1",
+        ]);
+        assert!(matches!(with.broker, BrokerChoice::Redis(ref r) if r.min_replicas == 1));
+        assert!(matches!(
+            config(&["--jwt-secret", "s", "--redis-min-replicas", "0"]).broker,
+            BrokerChoice::Memory
+        ));
     }
 
     #[test]

@@ -409,12 +409,14 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ()> {
     }
 }
 
-/// A publish the broker did not take: 503 when it was not delivered, 504
-/// when its fate is unknown (delivered at most once; retry only with the
+/// A publish the broker did not take: 503 when it was not delivered (or,
+/// unconfirmed by `--redis-min-replicas` replicas, may be), 504 when its
+/// fate is unknown (delivered at most once; retry only with the
 /// same idempotency key).
 fn broker_error(e: &BrokerError) -> Response {
     match e {
         BrokerError::Unavailable(_) => unavailable("1", &format!("{e}; message not delivered")),
+        BrokerError::Unconfirmed(_) => unavailable("1", &e.to_string()),
         BrokerError::Timeout(_) => error(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",

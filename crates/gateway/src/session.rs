@@ -529,6 +529,9 @@ impl Session {
                     id,
                 )
             }
+            Err(e @ BrokerError::Unconfirmed(_)) => {
+                self.error(ErrorCode::Unavailable, e.to_string(), id)
+            }
             Err(e @ BrokerError::Timeout(_)) => self.error(
                 ErrorCode::Timeout,
                 format!("{e}; the message may or may not be delivered (at most once)"),

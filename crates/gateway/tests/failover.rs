@@ -347,7 +347,38 @@ async fn min_replicas_answers_unavailable_when_the_replica_does_not_confirm() {
         answer["message"].as_str().unwrap().contains("replicas"),
         "{answer}"
     );
+    // A retry with the key of an unconfirmed publish is no ack either:
+    // nothing is acknowledged before a replica has it (section 10).
+    let keyed = |id: &str| json!({"type":"publish","room":"mr","data":4,"key":"k-1","id":id});
+    for _ in 0..2 {
+        let id = ws.id();
+        ws.send(keyed(&id)).await;
+        let answer = ws.json().await;
+        assert_eq!(answer["id"], id.as_str(), "{answer}");
+        assert_eq!(answer["code"], "unavailable", "{answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(
+            message.contains("may still be delivered") && !message.contains("not delivered"),
+            "{answer}"
+        );
+    }
     replica.signal("CONT");
+    // Once the replica has it, the same key is acknowledged with its seq.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let seq = loop {
+        let id = ws.id();
+        ws.send(keyed(&id)).await;
+        let answer = ws.json().await;
+        if answer["type"] == "ack" {
+            break answer["seq"].as_u64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "never confirmed: {answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        seq, 3,
+        "the first publish with the key (after seqs 1 and 2)"
+    );
     // Confirmed again once the replica catches up.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -35,6 +35,11 @@ pub enum BrokerError {
     /// `timeout`): the publish script refuses to run after its deadline.
     #[error("broker did not confirm in time: {0}")]
     Timeout(String),
+    /// The broker has the message, but fewer replicas than
+    /// `--redis-min-replicas` confirmed it in time: answered `unavailable`
+    /// (PROTOCOL.md section 10), and it may still be delivered.
+    #[error("broker unavailable: {0}")]
+    Unconfirmed(String),
 }
 
 /// A room's position and, for a resume, the messages after it.

@@ -9,7 +9,8 @@
 //! - channel `wsgate:room:R`: `<epoch> <seq> <frame>` for every message.
 //!
 //! A publish is one Lua script (EVALSHA, re-loaded on NOSCRIPT by
-//! `redis::Script`): INCR, XADD (trimmed with `MAXLEN ~`), EXPIRE, PUBLISH,
+//! `redis::Script`): INCR, XADD (trimmed with `MAXLEN ~`), EXPIRE (at most
+//! every half second per room), PUBLISH,
 //! so seq order, history order and delivery order cannot disagree. The
 //! frame is encoded once by the publishing node; the script only splices
 //! in the seq.
@@ -102,12 +103,22 @@ fn connection_manager(client: redis::Client) -> Result<ConnectionManager, Broker
 ///   once, and never late.
 /// - Idempotency: a key already used in the room within the window returns
 ///   the first seq and publishes nothing; checked and stored here, so it is
-///   atomic across nodes.
+///   atomic across nodes. It rewrites the key (same value and TTL): that
+///   write puts the node's connection past the first publish in the
+///   replication stream, so `--redis-min-replicas`' `WAIT` covers it.
 /// - Failover: the room's epoch is tied to the replication id of the
 ///   primary that wrote it. A replica promoted after an asynchronous
 ///   replication may lack the room's last INCRs; it also has a new
 ///   replication id, so the first publish it takes starts a new epoch and
 ///   never hands out a seq again in the old one.
+/// - Expiry: the four room keys get `--history-ttl` together, and only
+///   when the log's TTL (whole seconds, rounded) is below it: a log that
+///   `XADD` just created (a new epoch) or one last renewed more than half
+///   a second ago. A busy room's publishes skip the four `EXPIRE`s; its
+///   keys may expire up to half a second earlier than `--history-ttl`
+///   after its last publish. Every `redis.call` costs about as much as the
+///   command it runs (`INFO commandstats`: docs/benchmarks.md), hence also
+///   the one `MGET` for the epoch and its replication id.
 const PUBLISH_LUA: &str = r"
 local now = redis.call('TIME')
 if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[8]) then
@@ -115,11 +126,16 @@ if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV
 end
 if ARGV[9] == '1' then
   local first = redis.call('GET', KEYS[4])
-  if first then return {tonumber(first), 1} end
+  if first then
+    -- A write, so that the node's WAIT covers the first publish too.
+    redis.call('SET', KEYS[4], first, 'KEEPTTL')
+    return {tonumber(first), 1}
+  end
 end
 local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or ''
-local epoch = redis.call('GET', KEYS[2])
-if epoch and redis.call('GET', KEYS[5]) ~= rid then epoch = false end
+local known = redis.call('MGET', KEYS[2], KEYS[5])
+local epoch = known[1]
+if epoch and known[2] ~= rid then epoch = false end
 if not epoch then
   epoch = ARGV[4]
   redis.call('DEL', KEYS[1], KEYS[3])
@@ -129,10 +145,12 @@ end
 local seq = redis.call('INCR', KEYS[1])
 local frame = ARGV[1] .. seq .. ARGV[2]
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'f', frame)
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('EXPIRE', KEYS[3], ARGV[5])
-redis.call('EXPIRE', KEYS[5], ARGV[5])
+if redis.call('TTL', KEYS[3]) < tonumber(ARGV[5]) then
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
+  redis.call('EXPIRE', KEYS[5], ARGV[5])
+end
 if ARGV[9] == '1' then redis.call('SET', KEYS[4], seq, 'EX', ARGV[10]) end
 redis.call(ARGV[7], ARGV[6], epoch .. ' ' .. seq .. ' ' .. frame)
 return {seq, 0}
@@ -524,7 +542,7 @@ impl Inner {
         wait.arg(n).arg(REPLICA_WAIT.as_millis() as u64);
         match tokio::time::timeout(COMMAND_TIMEOUT, wait.query_async::<i64>(&mut conn)).await {
             Ok(Ok(acked)) if acked >= i64::from(n) => Ok(()),
-            Ok(Ok(acked)) => Err(unavailable(format!(
+            Ok(Ok(acked)) => Err(BrokerError::Unconfirmed(format!(
                 "{acked} of {n} replicas confirmed the message within {} ms; it may still be delivered",
                 REPLICA_WAIT.as_millis()
             ))),
@@ -985,9 +1003,10 @@ impl Broker for RedisBroker {
                     .map_err(publish_error)?;
             let seq = u64::try_from(seq)
                 .map_err(|_| unavailable("redis ran the publish after its deadline"))?;
-            if duplicate == 0 {
-                inner.confirm_replicas().await?;
-            }
+            // A duplicate too: the script wrote its key again, so the WAIT
+            // covers everything up to the first publish (section 10: no
+            // ack before N replicas have the message).
+            inner.confirm_replicas().await?;
             Ok(Published {
                 seq,
                 duplicate: duplicate != 0,

@@ -9,9 +9,9 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{MatchedPath, Path, RawQuery, Request, State};
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Extension, MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -25,7 +25,10 @@ use wsgate_protocol::is_valid_room;
 
 use crate::auth::{token_from_request, AuthError, Claims};
 use crate::broker::control::ControlMsg;
-use crate::http::{authenticate, error, unauthorized, unavailable};
+use crate::http::{
+    authenticate, error, linger, read_body, reserve_body, unauthorized, unavailable, unread,
+    BodyBudget,
+};
 use crate::state::App;
 
 /// Messages a history page returns when `limit` is not given.
@@ -233,24 +236,41 @@ fn unix_now() -> u64 {
 }
 
 /// `POST /api/users/{user}/disconnect`, body optionally `{"revoke":true}`.
-pub async fn disconnect(
+/// The key is checked from the head, before any body byte is read (no
+/// `100 Continue` for a wrong key); the body then goes through the same
+/// budget, size and `--body-timeout` rules as a publish.
+pub(crate) async fn disconnect(
     State(app): State<Arc<App>>,
-    Path(user): Path<String>,
+    Extension(budget): Extension<BodyBudget>,
+    user: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     if let Err(r) = server_only(&app, &headers) {
-        return r.into_response();
+        return linger(&budget, &headers, body, r.into_response());
     }
-    let revoke = match body.map_err(|r| (r.status(), r.body_text())) {
-        Ok(b) => match parse_revoke(&b) {
-            Ok(revoke) => revoke,
-            Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
-        },
-        Err((status, text)) if status == StatusCode::PAYLOAD_TOO_LARGE => {
-            return error(status, "too_large", text)
+    let user = match user {
+        Ok(Path(user)) if !user.is_empty() => user,
+        _ => {
+            let refused = error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the user must be a non-empty UTF-8 string",
+            );
+            return linger(&budget, &headers, body, refused);
         }
-        Err((status, text)) => return error(status, "bad_request", text),
+    };
+    let _held = match reserve_body(&app, &budget, &headers) {
+        Ok(permit) => permit,
+        Err(refused) => return linger(&budget, &headers, body, refused),
+    };
+    let body = match read_body(&app, body).await {
+        Ok(body) => body,
+        Err(refused) => return unread(refused),
+    };
+    let revoke = match parse_revoke(&body) {
+        Ok(revoke) => revoke,
+        Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
     };
     let msg = ControlMsg::Disconnect {
         user: user.clone(),
@@ -283,7 +303,11 @@ fn history_query(query: Option<&str>) -> Result<(u64, usize), String> {
     let mut limit = DEFAULT_HISTORY_LIMIT;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
+        // Percent-encoded as any query may be (`since=%31` is `since=1`).
+        let key = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+        let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+        let value = value.as_ref();
+        match key.as_ref() {
             "since" => {
                 since = value
                     .parse()
@@ -394,6 +418,7 @@ mod tests {
             Ok((0, 1000))
         );
         assert_eq!(history_query(Some("other=x&limit=1000")), Ok((0, 1000)));
+        assert_eq!(history_query(Some("since=%31%32&%6cimit=%33")), Ok((12, 3)));
         for bad in [
             "since=-1",
             "since=abc",

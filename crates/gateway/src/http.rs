@@ -85,7 +85,7 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route(
             "/api/users/{user}/disconnect",
-            post(api::disconnect).layer(axum::extract::DefaultBodyLimit::max(max_body)),
+            post(api::disconnect).layer(Extension(budget.clone())),
         )
         .route("/api/rooms/{room}/history", get(api::history))
         .route("/api/rooms/{room}/presence", get(crate::presence::http_get))
@@ -242,6 +242,12 @@ pub(crate) async fn admit(
             return Err(error(StatusCode::FORBIDDEN, "forbidden", "origin required"));
         }
         None => {}
+    }
+    if !app.verifier.keys_loaded() {
+        // PROTOCOL.md section 9: until a JWKS has been loaded, upgrades get
+        // 503, whatever token they carry (or none).
+        app.metrics.reject(Rejection::Auth);
+        return Err(unauthorized(&AuthError::KeysNotLoaded));
     }
     let claims = match authenticate_handshake(app, headers, uri).await {
         Ok(c) => c,

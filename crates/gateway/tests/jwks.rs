@@ -448,6 +448,15 @@ async fn unanswered_jwks_at_start_means_not_ready_then_ready() {
     assert_eq!(upgrade_status(&node, &token).await, 503);
     assert_eq!(api_status(&node, &token).await, 503);
     assert_eq!(fetches(&node, "ok").await, 0.0);
+    // Whatever the upgrade carries: no token, an HS256 token, garbage.
+    let hs256 = wsgate_testkit::any_token("alice");
+    for other in [None, Some(hs256.as_str()), Some("not-a-jwt")] {
+        let status = match Ws::connect(&node.ws_url(), other, None).await {
+            Ok(_) => 101,
+            Err(refused) => refused.status,
+        };
+        assert_eq!(status, 503, "{other:?}");
+    }
 
     idp.set_mode(Mode::Serve);
     wait_ready(&node).await;

@@ -566,3 +566,80 @@ async fn history_limit_above_1000_is_capped() {
         "default limit 100"
     );
 }
+
+/// The raw answer to `head` (and `body`, if any) sent on a fresh
+/// connection: the bytes read until the peer closes or 5 s pass.
+async fn raw_exchange(node: &Node, head: &str, body: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    out.extend_from_slice(&buf[..n]);
+                    if String::from_utf8_lossy(&out).contains("\r\n\r\n{") {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn disconnect_checks_the_key_and_the_body_from_the_head() {
+    let node = Node::start(&["--api-key", KEY, "--body-timeout", "1s"]).await;
+    // A wrong key is refused before the body: no 100 Continue.
+    let answer = raw_exchange(
+        &node,
+        "POST /api/users/x/disconnect HTTP/1.1\r\nHost: a\r\nX-API-Key: nope\r\n\
+         Content-Length: 500000\r\nExpect: 100-continue\r\n\r\n",
+        b"",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer:?}");
+    assert!(!answer.contains("100 Continue"), "{answer:?}");
+    // A declared length beyond --max-message-bytes: 413 from the head.
+    let head = format!(
+        "POST /api/users/x/disconnect HTTP/1.1\r\nHost: a\r\nX-API-Key: {KEY}\r\n\
+         Content-Length: 99999999999\r\n\r\n"
+    );
+    let answer = raw_exchange(&node, &head, b"").await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+    // A body that never completes: 408 after --body-timeout, as for a publish.
+    let head = format!(
+        "POST /api/users/x/disconnect HTTP/1.1\r\nHost: a\r\nX-API-Key: {KEY}\r\n\
+         Content-Length: 20\r\n\r\n"
+    );
+    let answer = raw_exchange(&node, &head, br#"{"rev"#).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.contains("request_timeout"), "{answer:?}");
+    // An empty user names nobody.
+    let resp = expect(
+        400,
+        &node,
+        "POST",
+        "/api/users//disconnect",
+        Auth::Key(KEY),
+        "",
+    )
+    .await;
+    assert_eq!(resp["error"], "bad_request");
+    // And a whole, right request still works.
+    expect(
+        202,
+        &node,
+        "POST",
+        "/api/users/x/disconnect",
+        Auth::Key(KEY),
+        r#"{"revoke":false}"#,
+    )
+    .await;
+}

@@ -438,6 +438,15 @@ async fn presence_works_on_a_redis_cluster() {
         wait_ready(&node.ops_url()).await;
         nodes.push(node);
     }
+    // Both nodes' leases are renewed (the lease scripts' keys share a slot).
+    eventually("both leases renewed", || async {
+        let leases: Option<i64> =
+            cluster.query_any(redis::cmd("ZCARD").arg("wsgate:presence:{leases}"));
+        let ttls: Option<i64> =
+            cluster.query_any(redis::cmd("HLEN").arg("wsgate:presence:{leases}:ttls"));
+        (leases == Some(2) && ttls == Some(2)).then_some(())
+    })
+    .await;
     let (mut watcher, _) = Ws::open(&nodes[1].ws_url(), "w").await;
     // Rooms on different slots: each room's keys and events stay on its own.
     for room in ["lobby", "r2", "r3"] {

@@ -217,6 +217,14 @@ impl RedisCluster {
             .collect::<Vec<_>>()
             .join(",")
     }
+
+    /// `cmd` on the server that answers it (the one owning its key; the
+    /// others answer `MOVED`), or `None` when none does.
+    pub fn query_any<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Option<T> {
+        self.ports
+            .iter()
+            .find_map(|&port| Self::query(port, std::slice::from_ref(cmd)))
+    }
 }
 
 impl Drop for RedisCluster {

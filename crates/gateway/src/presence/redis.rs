@@ -8,11 +8,11 @@
 //! - `wsgate:{R}:pr`: hash user -> how many node incarnations hold the user.
 //! - `wsgate:{R}:pn:<inc>`: set of the users node incarnation `<inc>` holds.
 //! - `wsgate:presence:{<inc>}:rooms`: set of the rooms `<inc>` holds users in.
-//! - `wsgate:presence:leases`: sorted set incarnation -> when its lease
+//! - `wsgate:presence:{leases}`: sorted set incarnation -> when its lease
 //!   runs out (Redis clock, ms): its last renewal plus *its own*
 //!   `--presence-ttl`, so nodes with different TTLs judge each other right.
-//! - `wsgate:presence:ttls`: hash incarnation -> its TTL (ms), for the
-//!   removal metric.
+//! - `wsgate:presence:{leases}:ttls`: hash incarnation -> its TTL (ms), for
+//!   the removal metric (same hash tag: one cluster slot).
 //!
 //! A node's incarnation is its node id plus a random suffix, renewed each
 //! time its lease is found missing. Every join or leave only marks
@@ -49,9 +49,10 @@ use crate::broker::BrokerError;
 
 /// The leases (v1.0 of presence used `wsgate:presence:nodes`, scored by
 /// the last renewal, which a node judged by its own TTL).
-const NODES: &str = "wsgate:presence:leases";
-/// Each lease's TTL.
-const TTLS: &str = "wsgate:presence:ttls";
+const NODES: &str = "wsgate:presence:{leases}";
+/// Each lease's TTL (the same hash tag: one Redis Cluster slot for the
+/// lease scripts' two keys).
+const TTLS: &str = "wsgate:presence:{leases}:ttls";
 /// Scripts in flight at once during a flush.
 const IN_FLIGHT: usize = 256;
 /// Dead incarnations one reap claims.

@@ -25,10 +25,7 @@ use wsgate_protocol::is_valid_room;
 
 use crate::auth::{token_from_request, AuthError, Claims};
 use crate::broker::control::ControlMsg;
-use crate::http::{
-    authenticate, error, linger, read_body, reserve_body, unauthorized, unavailable, unread,
-    BodyBudget,
-};
+use crate::http::{authenticate, error, linger, take_body, unauthorized, unavailable, BodyBudget};
 use crate::state::App;
 
 /// Messages a history page returns when `limit` is not given.
@@ -260,13 +257,9 @@ pub(crate) async fn disconnect(
             return linger(&budget, &headers, body, refused);
         }
     };
-    let _held = match reserve_body(&app, &budget, &headers) {
-        Ok(permit) => permit,
-        Err(refused) => return linger(&budget, &headers, body, refused),
-    };
-    let body = match read_body(&app, body).await {
-        Ok(body) => body,
-        Err(refused) => return unread(refused),
+    let (body, _held) = match take_body(&app, &budget, &headers, body).await {
+        Ok(taken) => taken,
+        Err(refused) => return refused,
     };
     let revoke = match parse_revoke(&body) {
         Ok(revoke) => revoke,

@@ -356,15 +356,15 @@ async fn api_publish(
     uri: Uri,
     body: Body,
 ) -> Response {
-    let (caller, _held) = match check_head(&app, &budget, &room, &headers, &uri) {
-        Ok(admitted) => admitted,
+    let caller = match check_head(&app, &room, &headers, &uri) {
+        Ok(caller) => caller,
         Err(refused) => return linger(&budget, &headers, body, refused),
     };
     // Checked with the head (check_head); invalid keys never get here.
     let key = idempotency_key(&headers).ok().flatten();
-    let body = match read_body(&app, body).await {
-        Ok(body) => body,
-        Err(refused) => return unread(refused),
+    let (body, _held) = match take_body(&app, &budget, &headers, body).await {
+        Ok(taken) => taken,
+        Err(refused) => return refused,
     };
     let data: &RawValue = match std::str::from_utf8(&body)
         .ok()
@@ -448,20 +448,17 @@ fn too_large(max: usize) -> Response {
     )
 }
 
-/// Everything about an API request that needs no body, from its head
-/// alone: token (401), room (400), grant (403), declared length (413), and a
-/// share of the node's body budget (503 with `Retry-After`), returned as a
-/// permit that holds it until dropped. A refused request costs no body
-/// byte (and no `100 Continue` is sent).
+/// What a publish needs checked from its head besides its body's size:
+/// token (401), room (400), grant (403), `Idempotency-Key` (400). A
+/// refused request costs no body byte (and no `100 Continue` is sent).
 // The error is the response itself, built once per refused request.
 #[allow(clippy::result_large_err)]
 fn check_head(
     app: &App,
-    budget: &BodyBudget,
     room: &str,
     headers: &HeaderMap,
     uri: &Uri,
-) -> Result<(api::Caller, OwnedSemaphorePermit), Response> {
+) -> Result<api::Caller, Response> {
     // The API key or a Bearer token (401/404), the room name (400), the
     // `publish` grant (403).
     let caller = api::room_caller(app, headers, uri, room, api::RoomAction::Publish)
@@ -473,8 +470,27 @@ fn check_head(
             "invalid Idempotency-Key: 1 to 64 characters of A-Z a-z 0-9 _ - . :",
         ));
     }
-    let held = reserve_body(app, budget, headers)?;
-    Ok((caller, held))
+    Ok(caller)
+}
+
+/// The body of an API request whose head passed its checks: its share of
+/// the node's budget reserved from the head ([`reserve_body`]; a refusal
+/// drains it aside, [`linger`]), then read ([`read_body`]). The permit
+/// holds the share until dropped.
+pub(crate) async fn take_body(
+    app: &App,
+    budget: &BodyBudget,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Bytes, OwnedSemaphorePermit), Response> {
+    let held = match reserve_body(app, budget, headers) {
+        Ok(held) => held,
+        Err(refused) => return Err(linger(budget, headers, body, refused)),
+    };
+    match read_body(app, body).await {
+        Ok(body) => Ok((body, held)),
+        Err(refused) => Err(unread(refused)),
+    }
 }
 
 /// A share of the node's body budget for a request's body, from its head:
@@ -482,7 +498,7 @@ fn check_head(
 /// maximum; 503 with `Retry-After` when the budget has not that much left.
 // The error is the response itself, built once per refused request.
 #[allow(clippy::result_large_err)]
-pub(crate) fn reserve_body(
+fn reserve_body(
     app: &App,
     budget: &BodyBudget,
     headers: &HeaderMap,
@@ -556,7 +572,7 @@ pub(crate) fn linger(
 
 /// Read an API body: at most `--max-message-bytes` (413), within
 /// `--body-timeout` (408).
-pub(crate) async fn read_body(app: &App, body: Body) -> Result<Bytes, Response> {
+async fn read_body(app: &App, body: Body) -> Result<Bytes, Response> {
     let max = app.config.limits.max_message_bytes;
     let read = Limited::new(body, max).collect();
     match tokio::time::timeout(app.config.limits.body_timeout, read).await {

@@ -558,13 +558,9 @@ async fn handle_post(
         Ok(c) => c,
         Err(e) => return public::linger(budget, headers, body, public::unauthorized(&e)),
     };
-    let _held = match public::reserve_body(app, budget, headers) {
-        Ok(held) => held,
-        Err(refused) => return public::linger(budget, headers, body, refused),
-    };
-    let body = match public::read_body(app, body).await {
-        Ok(b) => b,
-        Err(refused) => return public::unread(refused),
+    let (body, _held) = match public::take_body(app, budget, headers, body).await {
+        Ok(taken) => taken,
+        Err(refused) => return refused,
     };
     let Some(frames) = frames(&body) else {
         return public::error(

@@ -426,14 +426,7 @@ async fn lease_loop(p: Arc<Presence>, stop: CancellationToken) {
         }
         let Ok(conn) = r.link.conn() else { continue };
         let inc = r.inc();
-        let renewed: redis::RedisResult<u8> = r
-            .renew
-            .key(NODES)
-            .key(TTLS)
-            .arg(&inc)
-            .arg(r.ttl.as_millis() as u64)
-            .invoke_async(&mut conn.clone())
-            .await;
+        let renewed = renew(r, &conn, &inc).await;
         match renewed {
             Ok(1) => registered = true,
             Ok(_) if !registered => registered = true,
@@ -446,14 +439,7 @@ async fn lease_loop(p: Arc<Presence>, stop: CancellationToken) {
                 let fresh = new_incarnation(&r.node);
                 warn!(old = %inc, new = %fresh, "presence: lease lost; re-announcing local members");
                 *lock(&r.inc) = fresh.clone();
-                let renewed: redis::RedisResult<u8> = r
-                    .renew
-                    .key(NODES)
-                    .key(TTLS)
-                    .arg(&fresh)
-                    .arg(r.ttl.as_millis() as u64)
-                    .invoke_async(&mut conn.clone())
-                    .await;
+                let renewed = renew(r, &conn, &fresh).await;
                 // Anything still written under the old incarnation is reaped.
                 let _ = redis::cmd("ZADD")
                     .arg(NODES)
@@ -470,6 +456,17 @@ async fn lease_loop(p: Arc<Presence>, stop: CancellationToken) {
         }
         reap(&p, r, &conn).await;
     }
+}
+
+/// Renew incarnation `inc`'s lease for this node's ttl: 1 if it existed.
+async fn renew(r: &RedisPresence, conn: &Conn, inc: &str) -> redis::RedisResult<u8> {
+    r.renew
+        .key(NODES)
+        .key(TTLS)
+        .arg(inc)
+        .arg(r.ttl.as_millis() as u64)
+        .invoke_async(&mut conn.clone())
+        .await
 }
 
 /// Remove the users of leases that ran out.

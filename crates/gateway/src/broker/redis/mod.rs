@@ -116,9 +116,10 @@ fn connection_manager(client: redis::Client) -> Result<ConnectionManager, Broker
 ///   `XADD` just created (a new epoch) or one last renewed more than half
 ///   a second ago. A busy room's publishes skip the four `EXPIRE`s; its
 ///   keys may expire up to half a second earlier than `--history-ttl`
-///   after its last publish. Every `redis.call` costs about as much as the
-///   command it runs (`INFO commandstats`: docs/benchmarks.md), hence also
-///   the one `MGET` for the epoch and its replication id.
+///   after its last publish. Each `redis.call` costs Redis some time of
+///   its own on top of its command's (docs/benchmarks.md, measured with
+///   `INFO commandstats`), hence also the one `MGET` for the epoch and its
+///   replication id.
 const PUBLISH_LUA: &str = r"
 local now = redis.call('TIME')
 if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[8]) then

@@ -164,9 +164,10 @@ pub struct ServeArgs {
     /// Enables the server API (/api/users/..., history, publish as "server").
     #[arg(long, env = "WSGATE_API_KEY", hide_env_values = true, value_parser = ApiKey::parse)]
     pub api_key: Option<ApiKey>,
-    /// With --api-key: longest token lifetime (exp - iat) accepted; revocations are kept this long.
-    #[arg(long, env = "WSGATE_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = duration)]
-    pub max_token_lifetime: Duration,
+    /// With --api-key: longest token lifetime (exp - iat) accepted, and how long revocations are
+    /// kept; unset, any lifetime is accepted and revocations are kept for good.
+    #[arg(long, env = "WSGATE_MAX_TOKEN_LIFETIME", value_parser = duration)]
+    pub max_token_lifetime: Option<Duration>,
     /// Development mode: random key when none is set, printed token, chat
     /// page at /, loopback listeners unless --listen/--ops-listen are given.
     #[arg(long, env = "WSGATE_DEV")]
@@ -542,8 +543,9 @@ pub struct Config {
     /// The server API's key; `None` disables the server API.
     pub api_key: Option<ApiKey>,
     /// Longest token lifetime accepted with the server API; revocations
-    /// are kept this long (plus the leeway).
-    pub max_token_lifetime: Duration,
+    /// are kept this long (plus the leeway). `None`: no cap, revocations
+    /// are kept for good.
+    pub max_token_lifetime: Option<Duration>,
     /// Dev mode.
     pub dev: bool,
     /// Presence lease.
@@ -632,7 +634,7 @@ impl ServeArgs {
         positive("--max-outbound-bytes", self.limits.max_outbound_bytes)?;
         positive("--history", self.history.history)?;
         positive("--max-rooms", self.limits.max_rooms)?;
-        if self.max_token_lifetime.is_zero() {
+        if self.max_token_lifetime.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::Invalid {
                 flag: "--max-token-lifetime",
                 reason: "must be greater than 0".into(),
@@ -985,7 +987,7 @@ pub(crate) mod tests {
         assert_eq!(s.jwt.jwks_refresh, Duration::from_secs(300));
         assert!(!s.dev);
         assert!(s.api_key.is_none());
-        assert_eq!(s.max_token_lifetime, Duration::from_secs(24 * 3600));
+        assert_eq!(s.max_token_lifetime, None);
     }
 
     #[test]

@@ -447,6 +447,23 @@ async fn tokens_longer_than_the_maximum_lifetime_are_refused_with_the_server_api
     Ws::open_with(&plain.ws_url(), &long).await;
 }
 
+#[tokio::test]
+async fn without_a_maximum_lifetime_any_token_lifetime_is_accepted_and_revocations_kept() {
+    let redis = Redis::start();
+    let node = redis_node(&redis).await;
+    let year = Duration::from_secs(365 * 24 * 3600);
+    let long = token("bob", &["*"], &[], year);
+    let (mut bob, _) = Ws::open_with(&node.ws_url(), &long).await;
+    disconnect(&node, "bob", true).await;
+    assert_eq!(bob.ended().await, Ended::Close(4003));
+    assert_eq!(refused(&node, &long).await, Some(401));
+    // Kept in Redis for good: the token lives a year, the revocation as long.
+    let ttl: i64 = redis.query(redis::cmd("TTL").arg("wsgate:revoked"));
+    assert_eq!(ttl, -1, "the revocations hash has no expiry");
+    let late = redis_node(&redis).await;
+    assert_eq!(refused(&late, &long).await, Some(401));
+}
+
 /// Publishes `n` messages to `room` with the key; the last seq.
 async fn publish_n(node: &Node, room: &str, n: usize) {
     let (mut ws, _) = Ws::open(&node.ws_url(), "writer").await;

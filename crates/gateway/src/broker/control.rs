@@ -16,9 +16,11 @@
 //! subscribes once, wherever it is connected.
 //!
 //! Each node keeps the revocations in memory ([`Control`]): a handshake, a
-//! `refresh` or an HTTP call checks them without a Redis round trip. A
-//! revocation is kept for `--max-token-lifetime` plus `--jwt-leeway`; with
-//! `--api-key` set, tokens living longer than `--max-token-lifetime` are
+//! `refresh` or an HTTP call checks them without a Redis round trip.
+//! Without `--max-token-lifetime` a revocation is kept for good (one entry
+//! per revoked user): a token may live any time, and stays refused until
+//! it expires. With it, a revocation is kept for that long plus
+//! `--jwt-leeway`, and with `--api-key` set tokens living longer are
 //! refused, so that no revoked token outlives its revocation.
 
 use std::collections::HashMap;
@@ -53,14 +55,20 @@ pub fn node_channel(node: &str) -> String {
 }
 /// The Redis hash of revocations: user -> Unix seconds.
 pub const REVOKED_KEY: &str = "wsgate:revoked";
-/// Record a revocation (keeping the later time), drop the ones older than
-/// the retention, and renew the hash's TTL: the hash holds one retention
-/// period of revocations at most.
+/// Record a revocation (keeping the later time). With a retention
+/// (ARGV[4] seconds, > 0): drop the ones older than ARGV[3] and renew the
+/// hash's TTL, so the hash holds one retention period of revocations at
+/// most. Without (0): keep every one, and no TTL (a retention set before
+/// is lifted).
 static REVOKE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if tonumber(ARGV[2]) > old then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+if tonumber(ARGV[4]) == 0 then
+  redis.call('PERSIST', KEYS[1])
+  return 0
+end
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
   if tonumber(all[i + 1]) < tonumber(ARGV[3]) then redis.call('HDEL', KEYS[1], all[i]) end
@@ -146,8 +154,8 @@ pub const DELIVER_WITHIN: Duration = Duration::from_secs(1);
 pub struct Control {
     conns: Arc<Conns>,
     revoked: Mutex<HashMap<Box<str>, u64>>,
-    /// How long a revocation is kept.
-    retention: Duration,
+    /// How long a revocation is kept; `None`: for good.
+    retention: Option<Duration>,
     /// Longest token lifetime accepted, when the server API is enabled.
     max_lifetime: Option<Duration>,
     /// This node's own channel ([`node_channel`]).
@@ -170,11 +178,10 @@ impl Control {
         Control {
             conns,
             revoked: Mutex::new(HashMap::new()),
-            retention: config.max_token_lifetime + leeway,
+            retention: config.max_token_lifetime.map(|max| max + leeway),
             max_lifetime: config
-                .api_key
-                .is_some()
-                .then_some(config.max_token_lifetime),
+                .max_token_lifetime
+                .filter(|_| config.api_key.is_some()),
             own: node_channel(&config.node_id),
             pending: Mutex::new(HashMap::new()),
             next_req: AtomicU64::new(0),
@@ -206,11 +213,6 @@ impl Control {
 
     fn pending(&self) -> MutexGuard<'_, HashMap<u64, tokio::sync::oneshot::Sender<Delivery>>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// How long a revocation is kept (locally and in Redis).
-    pub fn retention(&self) -> Duration {
-        self.retention
     }
 
     fn revoked(&self) -> MutexGuard<'_, HashMap<Box<str>, u64>> {
@@ -283,12 +285,21 @@ impl Control {
         }
     }
 
+    /// The Unix second of the oldest revocation still kept (0: all are).
+    fn oldest_kept(&self) -> u64 {
+        self.retention
+            .map_or(0, |r| unix_now().saturating_sub(r.as_secs()))
+    }
+
     fn revoke(&self, user: &str, at: u64) {
         let mut revoked = self.revoked();
         // Forget what has outlived its retention: memory stays bounded by
-        // the revocations of one retention period.
-        let oldest = unix_now().saturating_sub(self.retention.as_secs());
-        revoked.retain(|_, t| *t >= oldest);
+        // the revocations of one retention period (without a retention, by
+        // the number of users ever revoked).
+        let oldest = self.oldest_kept();
+        if oldest > 0 {
+            revoked.retain(|_, t| *t >= oldest);
+        }
         if at >= oldest {
             let entry = revoked.entry(Box::from(user)).or_insert(at);
             *entry = (*entry).max(at);
@@ -306,10 +317,7 @@ impl Control {
         }
         let revoked_at = self.revoked().get(claims.sub.as_str()).copied();
         match revoked_at {
-            Some(at)
-                if claims.iat.unwrap_or(0) <= at
-                    && at.saturating_add(self.retention.as_secs()) >= unix_now() =>
-            {
+            Some(at) if claims.iat.unwrap_or(0) <= at && at >= self.oldest_kept() => {
                 Err(AuthError::Revoked)
             }
             _ => Ok(()),
@@ -342,7 +350,7 @@ impl Control {
     }
 
     /// Send `msg` to every node through Redis; a revocation is stored first
-    /// (kept for the retention period), so that it also reaches nodes that
+    /// (kept for the retention period, or for good), so that it also reaches nodes that
     /// start later or miss the message.
     pub async fn broadcast<C: ConnectionLike + Send>(
         &self,
@@ -358,12 +366,13 @@ impl Control {
                 revoked_at: Some(at),
             } = msg
             {
-                let retention = self.retention.as_secs().max(1);
+                // 0: kept for good (the script's convention).
+                let retention = self.retention.map_or(0, |r| r.as_secs().max(1));
                 REVOKE_SCRIPT
                     .key(REVOKED_KEY)
                     .arg(user)
                     .arg(*at)
-                    .arg(unix_now().saturating_sub(retention))
+                    .arg(self.oldest_kept())
                     .arg(retention)
                     .invoke_async::<()>(&mut conn)
                     .await?;
@@ -404,7 +413,7 @@ mod tests {
         Control {
             conns: Arc::new(Conns::default()),
             revoked: Mutex::new(HashMap::new()),
-            retention: Duration::from_secs(3600),
+            retention: Some(Duration::from_secs(3600)),
             max_lifetime: api_key.then_some(Duration::from_secs(600)),
             own: node_channel("n"),
             pending: Mutex::new(HashMap::new()),
@@ -478,6 +487,27 @@ mod tests {
         c.revoke("bob", old);
         assert!(c.check(&claims("bob", Some(old), unix_now() + 60)).is_ok());
         assert!(c.revoked().is_empty());
+    }
+
+    #[test]
+    fn without_a_maximum_lifetime_revocations_are_kept_and_any_lifetime_accepted() {
+        let mut c = control(true);
+        c.retention = None;
+        c.max_lifetime = None;
+        let now = unix_now();
+        let year = 365 * 24 * 3600;
+        assert!(c.check(&claims("bob", Some(now), now + year)).is_ok());
+        let long_ago = now - 2 * year;
+        c.revoke("bob", long_ago);
+        c.revoke("alice", now);
+        assert!(matches!(
+            c.check(&claims("bob", Some(long_ago - 1), now + year)),
+            Err(AuthError::Revoked)
+        ));
+        assert!(c
+            .check(&claims("bob", Some(long_ago + 1), now + year))
+            .is_ok());
+        assert_eq!(c.revoked().len(), 2, "nothing is forgotten");
     }
 
     #[test]

@@ -350,8 +350,8 @@ impl Control {
     }
 
     /// Send `msg` to every node through Redis; a revocation is stored first
-    /// (kept for the retention period, or for good), so that it also reaches nodes that
-    /// start later or miss the message.
+    /// (kept for the retention period, or for good), so that it also
+    /// reaches nodes that start later or miss the message.
     pub async fn broadcast<C: ConnectionLike + Send>(
         &self,
         mut conn: C,
